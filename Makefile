@@ -1,0 +1,53 @@
+# One entry point for a fresh Debian 12 / Ubuntu host, as root:
+#   make top    set up, then run `flowscope top`
+#   make test   set up (with test dependencies), then run the whole test suite
+#   make setup  set up only (idempotent; quick when everything is there)
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+SYSTEM_PYTHON := /usr/bin/python3
+# What the agent needs on the host: BCC (compiler + Python bindings), bpftool, kernel headers, tc/ip.
+RUNTIME_PACKAGES := python3-bpfcc bpfcc-tools bpftool iproute2 python3-venv ethtool
+# What the tests add: traffic generators, packet capture for ground truth, firewall rules.
+TEST_PACKAGES := iptables iperf3 tshark tcpreplay procps
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-test system-packages test-packages top test bench lint clean
+
+# System packages are checked every time (dpkg-query is quick); the venv is rebuilt when
+# pyproject.toml changes.
+setup: system-packages .stamp-venv
+
+setup-test: setup test-packages .stamp-venv-test
+
+# Kernel headers: the package for the running kernel when the distribution has it, else the
+# distribution's default headers (flowscope prepares the nearest ones for BCC at start).
+system-packages:
+	@scripts/install-packages $(RUNTIME_PACKAGES)
+	@scripts/install-kernel-headers
+
+test-packages: system-packages
+	@scripts/install-packages $(TEST_PACKAGES)
+
+.stamp-venv: pyproject.toml
+	@scripts/make-venv $(VENV) $(SYSTEM_PYTHON)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	@touch $@
+
+.stamp-venv-test: .stamp-venv pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+top: setup
+	$(VENV)/bin/flowscope top $(ARGS)
+
+test: setup-test
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup-test
+	$(VENV)/bin/ruff check flowscope exporters ui tests bench
+	$(VENV)/bin/ruff format --check flowscope exporters ui tests bench
+
+clean:
+	rm -rf $(VENV) .stamp-*

@@ -1,0 +1,122 @@
+"""The one schema of flowscope's record streams: flow rows (a FlowBatch) and event rows.
+
+Every output (TUI, Prometheus, ClickHouse, gRPC, Parquet, pandas) consumes these columns, so they are
+defined once here. Column names are the JSON field names. Missing values are null (pandas NA), never a
+made-up default: a counter whose probe did not run is null, a counter whose probe ran and saw nothing is 0.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+UTC_TIME = "datetime64[ns, UTC]"
+TEXT = "string"
+
+IDENTITY_FIELDS: dict[str, str] = {
+    "namespace": TEXT,
+    "pod": TEXT,
+    "workload": TEXT,
+    "workload_kind": TEXT,
+    "container": TEXT,
+    "pid": "Int64",
+    "comm": TEXT,
+    "node": TEXT,
+    "labels": "object",  # dict[str, str] or None
+    "identity_source": TEXT,  # cgroup | netns | ip | static | none
+}
+
+
+def _identity_columns() -> dict[str, str]:
+    return {f"{side}_{name}": dtype for side in ("src", "dst") for name, dtype in IDENTITY_FIELDS.items()}
+
+
+FLOW_COLUMNS: dict[str, str] = {
+    "time_start": UTC_TIME,
+    "time_end": UTC_TIME,
+    "node": TEXT,
+    "ifname": TEXT,
+    "ifindex": "UInt32",
+    "direction": TEXT,  # ingress | egress
+    "ip_version": "UInt8",
+    "protocol": TEXT,  # TCP | UDP | ICMP | ICMPv6 | SCTP | the IP protocol number as text
+    "src_ip": TEXT,
+    "src_port": "UInt16",
+    "dst_ip": TEXT,
+    "dst_port": "UInt16",
+    "icmp_type": "UInt8",
+    "icmp_code": "UInt8",
+    "packets": "UInt64",
+    "bytes": "UInt64",  # L2 length as the hook saw it (skb->len)
+    "tcp_flags": "UInt16",  # OR of the flags seen in the interval
+    "drop_packets": "UInt64",
+    "drop_bytes": "UInt64",
+    "drop_reason": TEXT,  # the running kernel's name, e.g. NO_SOCKET
+    "retransmits": "UInt64",
+    "resets": "UInt64",
+    "rtt_us": "UInt32",  # smoothed RTT of the latest sample in the interval
+    **_identity_columns(),
+}
+
+EVENT_KINDS = ("connect", "accept", "close", "drop", "retransmit", "reset")
+
+EVENT_COLUMNS: dict[str, str] = {
+    "time": UTC_TIME,
+    "kind": TEXT,
+    "node": TEXT,
+    "ifname": TEXT,
+    "ifindex": "UInt32",
+    "netns": "UInt32",  # inode number of the network namespace
+    "ip_version": "UInt8",
+    "protocol": TEXT,
+    "src_ip": TEXT,
+    "src_port": "UInt16",
+    "dst_ip": TEXT,
+    "dst_port": "UInt16",
+    "bytes": "UInt64",  # length of the dropped packet (drop events)
+    "drop_reason": TEXT,
+    "location": TEXT,  # kernel symbol (drops)
+    "state": TEXT,  # TCP state where relevant (reset, retransmit)
+    "duration_us": "UInt64",  # connection lifetime (close events)
+    "pid": "Int64",
+    "comm": TEXT,
+    "cgroup_id": "UInt64",
+    **_identity_columns(),
+}
+
+# Counter columns whose null means "no probe measured this" (see module docstring).
+FLOW_COUNTERS = ("packets", "bytes", "drop_packets", "drop_bytes", "retransmits", "resets")
+
+
+def empty_frame(columns: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in columns.items()})
+
+
+def conform(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    """Returns `frame` with exactly the schema's columns, in order and dtype; absent columns are null.
+
+    Columns that are not in the schema are kept after the schema's own (add columns, never rename).
+    """
+    n = len(frame)
+    out: dict[str, pd.Series] = {}
+    for name, dtype in columns.items():
+        if name in frame.columns:
+            series = frame[name]
+            if dtype == UTC_TIME:
+                series = pd.to_datetime(series, utc=True).astype(UTC_TIME)
+            elif str(series.dtype) != dtype:
+                series = series.astype(dtype)
+            out[name] = series.reset_index(drop=True)
+        else:
+            out[name] = pd.Series([pd.NA if dtype != "object" else None] * n, dtype=dtype)
+    for name in frame.columns:
+        if name not in columns:
+            out[name] = frame[name].reset_index(drop=True)
+    return pd.DataFrame(out, index=pd.RangeIndex(n))
+
+
+def flows_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    return conform(frame, FLOW_COLUMNS)
+
+
+def events_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    return conform(frame, EVENT_COLUMNS)
