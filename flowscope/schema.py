@@ -7,7 +7,11 @@ made-up default: a counter whose probe did not run is null, a counter whose prob
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pandas as pd
+
+from flowscope.coverage import Coverage
 
 UTC_TIME = "datetime64[ns, UTC]"
 TEXT = "string"
@@ -120,3 +124,18 @@ def flows_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 def events_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return conform(frame, EVENT_COLUMNS)
+
+
+@dataclass
+class FlowBatch:
+    """One interval of the stream: its flows (the FlowBatch proper), its events, and its loss accounting."""
+
+    time_start: pd.Timestamp
+    time_end: pd.Timestamp
+    flows: pd.DataFrame
+    events: pd.DataFrame
+    coverage: Coverage = field(default_factory=Coverage)
+
+    @classmethod
+    def empty(cls, time_start: pd.Timestamp, time_end: pd.Timestamp) -> FlowBatch:
+        return cls(time_start, time_end, empty_frame(FLOW_COLUMNS), empty_frame(EVENT_COLUMNS))

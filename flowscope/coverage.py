@@ -1,0 +1,62 @@
+"""Loss accounting: for every source, produced = delivered + lost.
+
+Each stage of the data path (kernel flow map, spill ring, event ring or perf buffer, drop sampling,
+sink queues) reports what it produced, what it passed on and what it could not pass on, under its own
+source name, so that a reader can check that nothing disappears uncounted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SourceCount:
+    produced: int = 0
+    delivered: int = 0
+    lost: int = 0
+
+    @property
+    def balanced(self) -> bool:
+        return self.produced == self.delivered + self.lost
+
+
+@dataclass
+class Coverage:
+    sources: dict[str, SourceCount] = field(default_factory=dict)
+
+    def add(self, source: str, produced: int = 0, delivered: int = 0, lost: int = 0) -> None:
+        count = self.sources.setdefault(source, SourceCount())
+        count.produced += int(produced)
+        count.delivered += int(delivered)
+        count.lost += int(lost)
+
+    def merge(self, other: Coverage) -> None:
+        for source, count in other.sources.items():
+            self.add(source, count.produced, count.delivered, count.lost)
+
+    @property
+    def produced(self) -> int:
+        return sum(c.produced for c in self.sources.values())
+
+    @property
+    def lost(self) -> int:
+        return sum(c.lost for c in self.sources.values())
+
+    def unbalanced(self) -> list[str]:
+        """Sources whose produced count differs from delivered + lost (a bug in accounting)."""
+        return [name for name, count in self.sources.items() if not count.balanced]
+
+    def to_dict(self) -> dict[str, dict[str, int]]:
+        return {
+            name: {"produced": c.produced, "delivered": c.delivered, "lost": c.lost}
+            for name, c in sorted(self.sources.items())
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Mapping[str, int]]) -> Coverage:
+        coverage = cls()
+        for name, counts in data.items():
+            coverage.add(name, counts.get("produced", 0), counts.get("delivered", 0), counts.get("lost", 0))
+        return coverage
