@@ -58,6 +58,7 @@ FLOW_COLUMNS: dict[str, str] = {
     "retransmits": "UInt64",
     "resets": "UInt64",
     "rtt_us": "UInt32",  # smoothed RTT of the latest sample in the interval
+    "cgroup_id": "UInt64",  # cgroup v2 id of the local socket that sent the packet (egress), if any
     **_identity_columns(),
 }
 
