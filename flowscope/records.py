@@ -112,7 +112,7 @@ def read_batches(lines: Iterable[str], source: str = "replay") -> Iterator[FlowB
         except json.JSONDecodeError as err:
             raise ReplayError(f"{source}:{number}: not JSON ({err.msg}).") from None
         if not isinstance(record, dict) or "type" not in record:
-            raise ReplayError(f"{source}:{number}: not a flowscope record (no \"type\" field).")
+            raise ReplayError(f'{source}:{number}: not a flowscope record (no "type" field).')
         kind = record["type"]
         if kind == "flow":
             flows.append(record)
@@ -135,9 +135,7 @@ def read_batches(lines: Iterable[str], source: str = "replay") -> Iterator[FlowB
         times = [pd.Timestamp(r[k]) for r in flows for k in ("time_start", "time_end") if r.get(k)]
         times += [pd.Timestamp(r["time"]) for r in events if r.get("time")]
         start, end = (min(times), max(times)) if times else (pd.NaT, pd.NaT)
-        yield FlowBatch(
-            start, end, frame_from_records(flows, FLOW_COLUMNS), frame_from_records(events, EVENT_COLUMNS)
-        )
+        yield FlowBatch(start, end, frame_from_records(flows, FLOW_COLUMNS), frame_from_records(events, EVENT_COLUMNS))
 
 
 def open_replay(path: str) -> Iterator[FlowBatch]:

@@ -1,0 +1,61 @@
+"""Where FlowBatches come from: live probes or a replay file. Consumers (capture, top, agent) take a
+BatchSource and never care which one it is."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from flowscope.records import open_replay
+from flowscope.schema import FlowBatch
+
+
+@dataclass(frozen=True)
+class ProbeStatus:
+    name: str  # e.g. "tc_flows", "sock_state", "skb_drop"
+    active: bool
+    hook: str  # what it attaches to, e.g. "tracepoint skb:kfree_skb"
+    reason: str = ""  # why it is unavailable (empty when active)
+    remedy: str = ""  # what would make it available
+
+
+class BatchSource(Protocol):
+    node: str
+    interval: float
+
+    def probes(self) -> list[ProbeStatus]: ...
+
+    def __iter__(self) -> Iterator[FlowBatch]: ...
+
+    def close(self) -> None: ...
+
+
+class ReplaySource:
+    """Batches from capture JSON lines, paced as recorded (speed 2 = twice as fast; 0 = no waiting)."""
+
+    def __init__(self, path: str, speed: float = 0.0, node: str | None = None) -> None:
+        self.path = path
+        self.speed = speed
+        self.node = node or socket.gethostname()
+        self.interval = 0.0
+
+    def probes(self) -> list[ProbeStatus]:
+        return [ProbeStatus("replay", True, f"file {self.path}")]
+
+    def __iter__(self) -> Iterator[FlowBatch]:
+        previous_end = None
+        for batch in open_replay(self.path):
+            if previous_end is not None and self.speed > 0 and batch.time_end is not None:
+                gap = (batch.time_end - previous_end).total_seconds()
+                if gap > 0:
+                    time.sleep(gap / self.speed)
+            if batch.time_start is not None and batch.time_end is not None and self.interval == 0.0:
+                self.interval = max((batch.time_end - batch.time_start).total_seconds(), 0.0)
+            previous_end = batch.time_end
+            yield batch
+
+    def close(self) -> None:
+        return None
