@@ -1,0 +1,145 @@
+/* flowscope: types, maps and helpers shared by every probe family.
+ *
+ * Layouts here are mirrored by numpy dtypes in flowscope/kernel_records.py; change both together.
+ *
+ * Double buffering: every counting map exists twice (<name>_0, <name>_1). Programs read the current
+ * generation from fs_generation and update that generation's map. The reader flips the generation,
+ * waits for running programs to finish (an RCU grace period, forced by a map-in-map update), then
+ * drains the previous generation's maps, which no program touches any more: no update can race the
+ * drain, so no count is lost at an interval boundary.
+ */
+#ifndef FLOWSCOPE_H
+#define FLOWSCOPE_H
+
+#ifndef FLOWSCOPE_FLOW_MAP_SIZE
+#define FLOWSCOPE_FLOW_MAP_SIZE 65536
+#endif
+#ifndef FLOWSCOPE_RING_PAGES
+#define FLOWSCOPE_RING_PAGES 256 /* 1 MiB with 4 KiB pages; must be a power of two */
+#endif
+
+#define FS_DIRECTION_INGRESS 0
+#define FS_DIRECTION_EGRESS 1
+
+/* One flow key for both address families: IPv4 as IPv4-mapped IPv6. 44 bytes, no implicit padding. */
+struct flow_key {
+    __u8 saddr[16];
+    __u8 daddr[16];
+    __u16 sport; /* host byte order; ICMP/ICMPv6: type */
+    __u16 dport; /* host byte order; ICMP/ICMPv6: code */
+    __u32 ifindex;
+    __u8 proto;
+    __u8 direction;
+    __u8 ip_version; /* 4 or 6 */
+    __u8 pad;
+};
+
+struct flow_stats {
+    __u64 packets;
+    __u64 bytes;
+    __u64 first_seen_ns; /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+    __u64 last_seen_ns;
+    __u64 cgroup_id; /* cgroup v2 id of the sending local socket (egress), 0 when none */
+    __u64 tcp_flags; /* OR of the TCP flags seen (FIN=0x01 ... CWR=0x80, AE=0x100); 64 bits for atomic OR */
+};
+
+enum fs_event_kind {
+    FS_EV_CONNECT = 1,
+    FS_EV_ACCEPT = 2,
+    FS_EV_CLOSE = 3,
+    FS_EV_DROP = 4,
+    FS_EV_RETRANSMIT = 5,
+    FS_EV_RESET = 6,
+    FS_EV_FLOW_SPILL = 7, /* a packet the full flow map could not hold */
+    FS_EV_KIND_MAX = 8,
+};
+
+/* Every record on the event ring has this one fixed size (120 bytes + the ring's 8-byte header), so
+ * user space decodes a whole ring's worth with one numpy view. */
+struct fs_event {
+    __u64 ts_ns;
+    __u8 saddr[16];
+    __u8 daddr[16];
+    __u16 sport;
+    __u16 dport;
+    __u8 kind;
+    __u8 proto;
+    __u8 ip_version;
+    __u8 direction;
+    __u32 ifindex;
+    __u32 netns;
+    __u32 pid; /* tgid */
+    __u32 reason; /* drop reason, reset reason */
+    __u64 cgroup_id;
+    __u64 location; /* kernel address (drops) */
+    __u64 value; /* duration_ns (close), skb length (drop, spill), srtt_us */
+    __s32 old_state;
+    __s32 new_state;
+    char comm[16];
+    __u16 tcp_flags; /* spill records */
+    __u8 generation; /* which interval produced it, for exact per-interval accounting */
+    __u8 pad[5];
+};
+
+/* Counters: per-CPU, one block of FS_CNT_MAX per generation. */
+enum fs_counter {
+    FS_CNT_TC_PACKETS = 0, /* packets seen by the tc programs */
+    FS_CNT_TC_BYTES,
+    FS_CNT_FLOW_MAP_FULL, /* packets that found the flow map full (then spilled to the ring) */
+    FS_CNT_SPILL_LOST_BYTES, /* bytes of spills the ring could not take (packets: event lost[SPILL]) */
+    FS_CNT_DROP_MAP_FULL, /* drops that found the drop-count map full */
+    FS_CNT_DROP_EVENTS_SAMPLED_OUT, /* drops counted in the map but not sent as events */
+    FS_CNT_TCP_MAP_FULL, /* retransmit/reset/rtt updates that found their map full */
+    FS_CNT_EVENT_SENT_BASE = 16, /* + kind: events written to the ring */
+    FS_CNT_EVENT_LOST_BASE = FS_CNT_EVENT_SENT_BASE + FS_EV_KIND_MAX, /* + kind: ring full */
+    FS_CNT_MAX = FS_CNT_EVENT_LOST_BASE + FS_EV_KIND_MAX,
+};
+
+BPF_ARRAY(fs_generation, __u32, 1);
+BPF_PERCPU_ARRAY(fs_counters, __u64, 2 * FS_CNT_MAX);
+
+#ifdef FLOWSCOPE_PERF_EVENTS
+BPF_PERF_OUTPUT(fs_events);
+#else
+BPF_RINGBUF_OUTPUT(fs_events, FLOWSCOPE_RING_PAGES);
+#endif
+
+static __always_inline __u32 fs_current_generation(void)
+{
+    __u32 zero = 0;
+    __u32 *generation = fs_generation.lookup(&zero);
+    return generation ? (*generation & 1) : 0;
+}
+
+static __always_inline void fs_count(__u32 generation, __u32 counter, __u64 n)
+{
+    __u32 index = generation * FS_CNT_MAX + counter;
+    __u64 *value = fs_counters.lookup(&index);
+    if (value)
+        __sync_fetch_and_add(value, n);
+}
+
+/* Sends an event and counts it as sent or lost (the ring does not count its own losses); 0 when sent. */
+static __always_inline int fs_emit(void *ctx, struct fs_event *event, __u32 generation)
+{
+    int err;
+    event->generation = generation;
+#ifdef FLOWSCOPE_PERF_EVENTS
+    err = fs_events.perf_submit(ctx, event, sizeof(*event));
+#else
+    err = fs_events.ringbuf_output(event, sizeof(*event), 0);
+#endif
+    __u32 kind = event->kind < FS_EV_KIND_MAX ? event->kind : 0;
+    fs_count(generation, (err ? FS_CNT_EVENT_LOST_BASE : FS_CNT_EVENT_SENT_BASE) + kind, 1);
+    return err;
+}
+
+static __always_inline void fs_set_ipv4(__u8 *dst, __u32 addr_be)
+{
+    __builtin_memset(dst, 0, 10);
+    dst[10] = 0xff;
+    dst[11] = 0xff;
+    __builtin_memcpy(dst + 12, &addr_be, 4);
+}
+
+#endif /* FLOWSCOPE_H */
