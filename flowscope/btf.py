@@ -110,7 +110,7 @@ class Btf:
 
     def find(self, name: str, kinds: tuple[int, ...]) -> int:
         for type_id in self._index().get(name, []):
-            if self._kind[type_id] in kinds and not (self._kind[type_id] == KIND_FWD):
+            if self._kind[type_id] in kinds and self._kind[type_id] != KIND_FWD:
                 return type_id
         raise BtfError(f"the running kernel's BTF has no {name!r}.")
 
