@@ -1,0 +1,424 @@
+"""The filter language shared by `top`, `observe`, the gRPC API and the pandas helpers.
+
+    port=80,443 not namespace=kube-system from-pod=shop/checkout verdict=dropped
+
+Terms `field=value` separated by spaces are ANDed; a comma list of values is ORed; `not` or `!` before a
+term (or `field!=value`) negates it; `from-`/`to-` pin the source or destination side, and without them a
+sided term matches either side (like Hubble). `pod=ns/name` matches pods of that namespace whose name
+starts with `name` (`pod=ns/` is the whole namespace), as Hubble's `--pod` does.
+
+A filter is parsed once (`parse_filter`) into terms whose values are already normalised; evaluating it on a
+flows or events DataFrame is columnar: comparisons over whole columns, and where a value needs parsing
+(CIDR, name prefix) the work is done once per distinct value of the column, never once per row.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from flowscope.schema import EVENT_KINDS
+
+FrameKind = Literal["flows", "events"]
+Side = Literal["src", "dst"]
+
+SIDED_FIELDS = ("pod", "namespace", "workload", "ip", "port", "node")
+UNSIDED_FIELDS = ("protocol", "direction", "verdict", "reason", "ifname", "type")
+FIELDS = SIDED_FIELDS + UNSIDED_FIELDS
+
+DIRECTIONS = ("ingress", "egress")
+VERDICTS = ("forwarded", "dropped")
+TYPES = ("flow", *EVENT_KINDS)
+# IANA protocol numbers of the protocols the schema names (RFC 5237 registry); others stay numbers.
+PROTOCOL_NUMBERS = {"ICMP": 1, "TCP": 6, "UDP": 17, "ICMPv6": 58, "SCTP": 132}
+_PROTOCOL_BY_TEXT = {name.upper(): name for name in PROTOCOL_NUMBERS} | {
+    str(number): name for name, number in PROTOCOL_NUMBERS.items()
+}
+_REASON = re.compile(r"^[A-Z0-9_]+$")
+_DROP_REASON_PREFIX = "SKB_DROP_REASON_"
+
+Mask = np.ndarray  # one bool per row
+
+
+class FilterError(ValueError):
+    """A filter that does not parse; the message names the bad term."""
+
+    def __init__(self, term: str, problem: str) -> None:
+        super().__init__(f'bad filter term "{term}": {problem}')
+        self.term = term
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class IPNetwork:
+    """An address or CIDR, as 128-bit masks split into two 64-bit words so numpy can compare them."""
+
+    version: int
+    network: tuple[int, int]
+    mask: tuple[int, int]
+
+    @classmethod
+    def of(cls, version: int, value: int, prefix: int) -> IPNetwork:
+        bits = 32 if version == 4 else 128
+        mask = ((1 << bits) - 1) ^ ((1 << (bits - prefix)) - 1)
+        return cls(version, _words(value & mask), _words(mask))
+
+    def contains(self, versions: np.ndarray, high: np.ndarray, low: np.ndarray) -> Mask:
+        return (
+            (versions == self.version)
+            & ((high & np.uint64(self.mask[0])) == np.uint64(self.network[0]))
+            & ((low & np.uint64(self.mask[1])) == np.uint64(self.network[1]))
+        )
+
+
+def _words(value: int) -> tuple[int, int]:
+    return value >> 64, value & 0xFFFF_FFFF_FFFF_FFFF
+
+
+@dataclass(frozen=True)
+class Term:
+    """One `[not] [from-|to-]field=v1,v2` term with its values normalised for matching."""
+
+    text: str
+    field: str
+    side: Side | None
+    values: tuple
+    negated: bool
+
+    def mask(self, frame: pd.DataFrame, kind: FrameKind) -> Mask:
+        if self.field in SIDED_FIELDS:
+            sides: tuple[Side, ...] = (self.side,) if self.side else ("src", "dst")
+            matched = np.zeros(len(frame), dtype=bool)
+            for side in sides:
+                matched |= _SIDED_MATCHERS[self.field](frame, side, self.values)
+            if self.field == "node" and self.side is None:
+                matched |= _text_isin(frame, "node", self.values)  # the node that observed it
+        else:
+            matched = _UNSIDED_MATCHERS[self.field](frame, kind, self.values)
+        return ~matched if self.negated else matched
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A parsed filter. An empty filter matches everything."""
+
+    text: str
+    terms: tuple[Term, ...] = ()
+
+    def flows_mask(self, flows: pd.DataFrame) -> Mask:
+        return self._mask(flows, "flows")
+
+    def events_mask(self, events: pd.DataFrame) -> Mask:
+        return self._mask(events, "events")
+
+    def flows(self, flows: pd.DataFrame) -> pd.DataFrame:
+        return flows if not self.terms else flows[self.flows_mask(flows)]
+
+    def events(self, events: pd.DataFrame) -> pd.DataFrame:
+        return events if not self.terms else events[self.events_mask(events)]
+
+    def _mask(self, frame: pd.DataFrame, kind: FrameKind) -> Mask:
+        mask = np.ones(len(frame), dtype=bool)
+        for term in self.terms:
+            mask &= term.mask(frame, kind)
+        return mask
+
+    def __bool__(self) -> bool:
+        return bool(self.terms)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+MATCH_ALL = Filter("")
+
+
+def parse_filter(text: str | Iterable[str]) -> Filter:
+    """Parses filter text (or its already split words, as from a command line) into a Filter.
+
+    Raises FilterError, whose message names the bad term, when the text is not a valid filter.
+    """
+    words = text.split() if isinstance(text, str) else [w for part in text for w in part.split()]
+    terms: list[Term] = []
+    negated = False
+    pending_not = ""
+    for word in words:
+        if word.lower() in ("not", "!"):
+            negated = not negated
+            pending_not = word
+            continue
+        terms.append(_parse_term(word, negated))
+        negated, pending_not = False, ""
+    if pending_not:
+        raise FilterError(pending_not, "it must be followed by a term to negate")
+    return Filter(" ".join(words), tuple(terms))
+
+
+def _parse_term(word: str, negated: bool) -> Term:
+    body = word
+    while body.startswith("!"):
+        negated = not negated
+        body = body[1:]
+    if "=" not in body:
+        raise FilterError(word, "expected field=value, e.g. port=443 or pod=shop/checkout")
+    name, _, raw = body.partition("=")
+    if name.endswith("!"):
+        negated = not negated
+        name = name[:-1]
+    name = name.lower()
+    side: Side | None = None
+    for prefix, pinned in (("from-", "src"), ("to-", "dst")):
+        if name.startswith(prefix):
+            name, side = name[len(prefix) :], pinned
+    if name not in FIELDS:
+        raise FilterError(word, f"unknown field {name!r}; fields are {', '.join(FIELDS)}")
+    if side is not None and name not in SIDED_FIELDS:
+        raise FilterError(word, f"{name} has no side; drop the from-/to- prefix")
+    items = raw.split(",")
+    if not raw or any(not item for item in items):
+        raise FilterError(word, "a value is empty")
+    try:
+        values = tuple(_VALUE_PARSERS[name](item) for item in items)
+    except ValueError as err:
+        raise FilterError(word, str(err)) from None
+    return Term(word, name, side, values, negated)
+
+
+# --- value parsers: text -> normalised value, ValueError with a short reason -------------------------------
+
+
+def _parse_pod(item: str) -> tuple[str | None, str]:
+    namespace, slash, name = item.rpartition("/")
+    if slash and not namespace:
+        raise ValueError("the namespace before '/' is empty")
+    return (namespace or None, name)
+
+
+def _parse_workload(item: str) -> tuple[str | None, str]:
+    namespace, name = _parse_pod(item)
+    if not name:
+        raise ValueError("the workload name after '/' is empty")
+    return (namespace, name)
+
+
+def _parse_ip(item: str) -> IPNetwork:
+    address, slash, length = item.partition("/")
+    version, value = _ip_value(address)
+    if value is None:
+        raise ValueError(f"{address!r} is not an IPv4 or IPv6 address")
+    bits = 32 if version == 4 else 128
+    if slash and (not length.isdigit() or int(length) > bits):
+        raise ValueError(f"the prefix length must be 0-{bits}")
+    return IPNetwork.of(version, value, int(length) if slash else bits)
+
+
+def _parse_port(item: str) -> tuple[int, int]:
+    low, dash, high = item.partition("-")
+    try:
+        bounds = (int(low), int(high) if dash else int(low))
+    except ValueError:
+        raise ValueError("a port is a number 0-65535 or a range like 8000-8080") from None
+    if not 0 <= bounds[0] <= bounds[1] <= 65535:
+        raise ValueError("a port is a number 0-65535 or a range like 8000-8080")
+    return bounds
+
+
+def _parse_protocol(item: str) -> str:
+    known = _PROTOCOL_BY_TEXT.get(item.upper())
+    if known:
+        return known
+    if item.isdigit() and int(item) <= 255:
+        return str(int(item))
+    raise ValueError(f"protocol is one of {', '.join(PROTOCOL_NUMBERS)} or an IP protocol number 0-255")
+
+
+def _choice(choices: tuple[str, ...], what: str) -> Callable[[str], str]:
+    def parse(item: str) -> str:
+        if item.lower() not in choices:
+            raise ValueError(f"{what} is one of {', '.join(choices)}")
+        return item.lower()
+
+    return parse
+
+
+def _parse_reason(item: str) -> str:
+    reason = item.upper().removeprefix(_DROP_REASON_PREFIX)
+    if not _REASON.match(reason):
+        raise ValueError("a drop reason is a kernel name like NO_SOCKET")
+    return reason
+
+
+def _parse_name(item: str) -> str:
+    return item
+
+
+_VALUE_PARSERS: dict[str, Callable[[str], object]] = {
+    "pod": _parse_pod,
+    "namespace": _parse_name,
+    "workload": _parse_workload,
+    "ip": _parse_ip,
+    "port": _parse_port,
+    "node": _parse_name,
+    "protocol": _parse_protocol,
+    "direction": _choice(DIRECTIONS, "direction"),
+    "verdict": _choice(VERDICTS, "verdict"),
+    "reason": _parse_reason,
+    "ifname": _parse_name,
+    "type": _choice(TYPES, "type"),
+}
+
+
+# --- column matchers: whole-column operations returning a bool mask -----------------------------------------
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series | None:
+    return frame[name] if name in frame.columns else None
+
+
+def _text_isin(frame: pd.DataFrame, name: str, values: Iterable[str]) -> Mask:
+    column = _column(frame, name)
+    if column is None:
+        return np.zeros(len(frame), dtype=bool)
+    return column.isin(list(values)).to_numpy(dtype=bool, na_value=False)
+
+
+def _by_distinct(column: pd.Series, matches: Callable[[np.ndarray], Mask]) -> Mask:
+    """Evaluates `matches` once per distinct non-null value of the column and spreads it over the rows."""
+    codes, uniques = pd.factorize(column, use_na_sentinel=True)
+    if len(uniques) == 0:
+        return np.zeros(len(column), dtype=bool)
+    per_unique = np.append(matches(np.asarray(uniques, dtype=object)), False)  # code -1 (null) -> False
+    return per_unique[codes]
+
+
+def _counter(frame: pd.DataFrame, name: str) -> np.ndarray:
+    column = _column(frame, name)
+    if column is None:
+        return np.zeros(len(frame), dtype=np.int64)
+    return column.to_numpy(dtype=np.int64, na_value=0)
+
+
+def _match_pod(frame: pd.DataFrame, side: Side, values: tuple) -> Mask:
+    pods = _column(frame, f"{side}_pod")
+    result = np.zeros(len(frame), dtype=bool)
+    if pods is None:
+        return result
+    for namespace, prefix in values:
+        matched = _by_distinct(pods, lambda names, p=prefix: np.array([name.startswith(p) for name in names]))
+        if namespace is not None:
+            matched &= _text_isin(frame, f"{side}_namespace", [namespace])
+        result |= matched
+    return result
+
+
+def _match_workload(frame: pd.DataFrame, side: Side, values: tuple) -> Mask:
+    result = np.zeros(len(frame), dtype=bool)
+    for namespace, name in values:
+        matched = _text_isin(frame, f"{side}_workload", [name])
+        if namespace is not None:
+            matched &= _text_isin(frame, f"{side}_namespace", [namespace])
+        result |= matched
+    return result
+
+
+def _match_ip(frame: pd.DataFrame, side: Side, values: tuple) -> Mask:
+    column = _column(frame, f"{side}_ip")
+    if column is None:
+        return np.zeros(len(frame), dtype=bool)
+
+    def matches(addresses: np.ndarray) -> Mask:
+        parsed = [_ip_value(address) for address in addresses]  # once per distinct address
+        versions = np.array([version if value is not None else 0 for version, value in parsed], dtype=np.uint8)
+        words = np.array([_words(value or 0) for _, value in parsed], dtype=np.uint64).reshape(-1, 2)
+        result = np.zeros(len(addresses), dtype=bool)
+        for network in values:
+            result |= network.contains(versions, words[:, 0], words[:, 1])
+        return result
+
+    return _by_distinct(column, matches)
+
+
+def _ip_value(text: str) -> tuple[int, int | None]:
+    family, version = (socket.AF_INET6, 6) if ":" in text else (socket.AF_INET, 4)
+    try:
+        return version, int.from_bytes(socket.inet_pton(family, text), "big")
+    except (OSError, ValueError):
+        return version, None
+
+
+def _match_port(frame: pd.DataFrame, side: Side, values: tuple) -> Mask:
+    column = _column(frame, f"{side}_port")
+    if column is None:
+        return np.zeros(len(frame), dtype=bool)
+    ports = column.to_numpy(dtype=np.int64, na_value=-1)
+    result = np.zeros(len(frame), dtype=bool)
+    for low, high in values:
+        result |= (ports >= low) & (ports <= high)
+    return result
+
+
+def _match_side_text(name: str) -> Callable[[pd.DataFrame, Side, tuple], Mask]:
+    def match(frame: pd.DataFrame, side: Side, values: tuple) -> Mask:
+        return _text_isin(frame, f"{side}_{name}", values)
+
+    return match
+
+
+_SIDED_MATCHERS: dict[str, Callable[[pd.DataFrame, Side, tuple], Mask]] = {
+    "pod": _match_pod,
+    "namespace": _match_side_text("namespace"),
+    "workload": _match_workload,
+    "ip": _match_ip,
+    "port": _match_port,
+    "node": _match_side_text("node"),
+}
+
+
+def _match_verdict(frame: pd.DataFrame, kind: FrameKind, values: tuple) -> Mask:
+    if kind == "events":
+        dropped = _text_isin(frame, "kind", ["drop"])
+        forwarded = ~dropped
+    else:
+        drops = _counter(frame, "drop_packets")
+        dropped = drops > 0
+        forwarded = _counter(frame, "packets") > drops
+    result = np.zeros(len(frame), dtype=bool)
+    if "dropped" in values:
+        result |= dropped
+    if "forwarded" in values:
+        result |= forwarded
+    return result
+
+
+def _match_type(frame: pd.DataFrame, kind: FrameKind, values: tuple) -> Mask:
+    if kind == "events":
+        return _text_isin(frame, "kind", values)
+    # A flow row is a "flow" record and also carries the drops, retransmits and resets of its interval.
+    result = np.full(len(frame), "flow" in values, dtype=bool)
+    for event_kind, counter in (("drop", "drop_packets"), ("retransmit", "retransmits"), ("reset", "resets")):
+        if event_kind in values:
+            result |= _counter(frame, counter) > 0
+    return result
+
+
+def _match_unsided_text(name: str) -> Callable[[pd.DataFrame, FrameKind, tuple], Mask]:
+    def match(frame: pd.DataFrame, kind: FrameKind, values: tuple) -> Mask:
+        return _text_isin(frame, name, values)
+
+    return match
+
+
+_UNSIDED_MATCHERS: dict[str, Callable[[pd.DataFrame, FrameKind, tuple], Mask]] = {
+    "protocol": _match_unsided_text("protocol"),
+    "direction": _match_unsided_text("direction"),
+    "verdict": _match_verdict,
+    "reason": _match_unsided_text("drop_reason"),
+    "ifname": _match_unsided_text("ifname"),
+    "type": _match_type,
+}
