@@ -285,7 +285,7 @@ def _text_isin(frame: pd.DataFrame, name: str, values: Iterable[str]) -> Mask:
     column = _column(frame, name)
     if column is None:
         return np.zeros(len(frame), dtype=bool)
-    return column.isin(list(values)).to_numpy(dtype=bool, na_value=False)
+    return column.isin(list(values)).to_numpy(dtype=bool, na_value=False, copy=True)
 
 
 def _by_distinct(column: pd.Series, matches: Callable[[np.ndarray], Mask]) -> Mask:
