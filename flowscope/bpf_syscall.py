@@ -28,6 +28,7 @@ BPF_ENABLE_STATS = 32
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
 BPF_MAP_TYPE_RINGBUF = 27
 
 BPF_STATS_RUN_TIME = 0
@@ -53,8 +54,12 @@ def bpf(cmd: int, attr: bytes | bytearray) -> int:
     return result
 
 
-def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str = "") -> int:
-    attr = struct.pack("<IIIIIII16s", map_type, key_size, value_size, max_entries, 0, 0, 0, name.encode()[:15])
+def map_create(
+    map_type: int, key_size: int, value_size: int, max_entries: int, name: str = "", inner_map_fd: int = 0
+) -> int:
+    attr = struct.pack(
+        "<IIIIIII16s", map_type, key_size, value_size, max_entries, 0, inner_map_fd, 0, name.encode()[:15]
+    )
     return bpf(BPF_MAP_CREATE, attr)
 
 
@@ -139,6 +144,28 @@ def ringbuf_supported() -> bool:
         return False
     os.close(fd)
     return True
+
+
+class GracePeriod:
+    """Waits until every BPF program that was running has finished.
+
+    Updating a map-in-map makes the kernel wait for an RCU grace period before the syscall returns
+    (maybe_wait_bpf_programs), and every non-sleepable BPF program runs inside an RCU read-side section;
+    so after `wait()`, no program still uses a value it read before the call.
+    """
+
+    def __init__(self) -> None:
+        self._inner = map_create(BPF_MAP_TYPE_ARRAY, 4, 4, 1, "fs_rcu_inner")
+        self._outer = map_create(BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, 1, "fs_rcu_sync", inner_map_fd=self._inner)
+        self._key = struct.pack("<I", 0)
+        self._value = struct.pack("<I", self._inner)
+
+    def wait(self) -> None:
+        map_update(self._outer, self._key, self._value)
+
+    def close(self) -> None:
+        for fd in (self._outer, self._inner):
+            os.close(fd)
 
 
 def enable_run_time_stats() -> int:

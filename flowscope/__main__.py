@@ -1,0 +1,5 @@
+import sys
+
+from flowscope.cli import main
+
+sys.exit(main())

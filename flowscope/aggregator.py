@@ -1,0 +1,99 @@
+"""Turns one interval's kernel drain into a FlowBatch: flows from the map (plus spilled packets), the
+other families' counters joined into them, events decoded, and the interval's loss accounting."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from flowscope.coverage import Coverage
+from flowscope.kernel_reader import KernelDrain
+from flowscope.kernel_records import (
+    COUNTER_EVENT_LOST_BASE,
+    COUNTER_EVENT_SENT_BASE,
+    COUNTERS,
+    EVENT_KINDS,
+    FLOW_KEY,
+    FLOW_STATS,
+    KIND_FLOW_SPILL,
+    flows_from_map,
+    merge_map_entries,
+    spills_as_map_entries,
+)
+from flowscope.probe_catalog import ProbeFamily
+from flowscope.schema import EVENT_COLUMNS, FLOW_COLUMNS, FlowBatch, conform, empty_frame
+
+
+@dataclass
+class AggregationContext:
+    node: str
+    offset_ns: int  # CLOCK_MONOTONIC -> UTC
+    ifnames: Mapping[int, str]
+    active: list[ProbeFamily]
+    symbolize: Callable[[int], str | None] = lambda _address: None
+    extra: dict[str, object] = field(default_factory=dict)  # per-family state (e.g. kernel names)
+
+
+def counter(drain: KernelDrain, name: str) -> int:
+    return int(drain.counters[COUNTERS.index(name)])
+
+
+def event_counts(drain: KernelDrain, coverage: Coverage) -> None:
+    """Per event kind: produced in the kernel = sent + lost; delivered = what reached this process."""
+    kinds, delivered = np.unique(drain.events["kind"], return_counts=True)
+    delivered_by_kind = dict(zip(kinds.tolist(), delivered.tolist(), strict=True))
+    for kind, name in EVENT_KINDS.items():
+        sent = int(drain.counters[COUNTER_EVENT_SENT_BASE + kind])
+        lost = int(drain.counters[COUNTER_EVENT_LOST_BASE + kind])
+        got = delivered_by_kind.get(kind, 0)
+        if sent or lost or got:
+            coverage.add(f"events:{name}", produced=sent + lost, delivered=got, lost=lost)
+
+
+def flow_rows(drain: KernelDrain, context: AggregationContext, coverage: Coverage) -> pd.DataFrame:
+    keys, stats = drain.maps.get("flows", (np.zeros(0, FLOW_KEY), np.zeros(0, FLOW_STATS)))
+    spill_keys, spill_stats = spills_as_map_entries(drain.events)
+    produced = counter(drain, "tc_packets")
+    spill_lost = int(drain.counters[COUNTER_EVENT_LOST_BASE + KIND_FLOW_SPILL])
+    coverage.add(
+        "flow_map",
+        produced=produced,
+        delivered=int(stats["packets"].sum()) + int(spill_stats["packets"].sum()),
+        lost=spill_lost,
+    )
+    keys, stats = merge_map_entries(keys, stats, spill_keys, spill_stats)
+    return flows_from_map(keys, stats, context.offset_ns, context.ifnames, context.node)
+
+
+def build_batch(
+    drain: KernelDrain,
+    context: AggregationContext,
+    window: tuple[pd.Timestamp, pd.Timestamp],
+) -> FlowBatch:
+    coverage = Coverage()
+    active = {family.name for family in context.active}
+    flows = flow_rows(drain, context, coverage) if "tc_flows" in active else empty_frame(FLOW_COLUMNS)
+    event_counts(drain, coverage)
+    events = [empty_frame(EVENT_COLUMNS)]
+    for family in context.active:
+        if family.contribute is not None:
+            flows, family_events = family.contribute(flows, drain, context, coverage)
+            events.append(family_events)
+    # Counters of probes that ran are facts (0 when nothing happened); of probes that did not, unknown.
+    filled = {column for family in context.active for column in family.fills}
+    for column in ("drop_packets", "drop_bytes", "retransmits", "resets"):
+        if column in filled:
+            flows[column] = flows[column].fillna(0)
+    event_frame = pd.concat([e for e in events if not e.empty], ignore_index=True) if len(events) > 1 else events[0]
+    if not event_frame.empty:
+        event_frame = event_frame.sort_values("time", kind="stable", ignore_index=True)
+    return FlowBatch(
+        window[0],
+        window[1],
+        conform(flows, FLOW_COLUMNS),
+        conform(event_frame, EVENT_COLUMNS),
+        coverage,
+    )

@@ -1,0 +1,353 @@
+"""flowscope's command line: doctor, capture (and the commands other modules register)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import IO, Any, NoReturn
+
+import pandas as pd
+
+from flowscope.coverage import Coverage
+from flowscope.records import ReplayError, format_time, write_batch, write_summary
+from flowscope.schema import FlowBatch
+from flowscope.source import BatchSource, ProbeStatus, ReplaySource
+
+log = logging.getLogger("flowscope")
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; its message is one sentence saying what to do."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad flags in one sentence and exits 2, without the usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}; see `{self.prog} --help`.\n")
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def power_of_two(text: str) -> int:
+    value = positive_int(text)
+    if value & (value - 1):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a power of two")
+    return value
+
+
+def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that choose what the live probes watch and how (shared by capture, top and agent)."""
+    group = parser.add_argument_group("probes")
+    group.add_argument(
+        "-i", "--interface", action="append", dest="interfaces", metavar="IFACE",
+        help="interface to watch with tc (repeatable; lo allowed); default: every interface that is up except lo",
+    )  # fmt: skip
+    group.add_argument("--interval", type=positive_float, default=1.0, metavar="S", help="seconds per interval")
+    group.add_argument(
+        "--perf-buffer", action="store_true", help="send events through perf buffers even where a ring buffer exists"
+    )
+    group.add_argument("--flow-map-size", type=positive_int, default=65536, metavar="N", help="flow map entries")
+    group.add_argument("--ring-pages", type=power_of_two, default=256, metavar="N", help="event ring buffer pages")
+    group.add_argument(
+        "--drop-events-rate", type=positive_int, default=1000, metavar="N",
+        help="drop events sent per second per CPU (all drops are still counted)",
+    )  # fmt: skip
+    group.add_argument("--replay", metavar="FILE", help="read capture JSON lines instead of running probes")
+    group.add_argument(
+        "--speed", type=positive_float, default=None, metavar="X", help="replay pace (2 = twice as fast)"
+    )
+    group.add_argument("--node-name", metavar="NAME", help="this node's name (default: the host name)")
+
+
+def open_source(args: argparse.Namespace, default_speed: float = 0.0) -> BatchSource:
+    """The BatchSource the flags ask for: a replay file or the live probes."""
+    if args.replay:
+        speed = args.speed if args.speed is not None else default_speed
+        return ReplaySource(args.replay, speed=speed, node=getattr(args, "node_name", None))
+    from flowscope.live import LiveSource
+    from flowscope.loader import LoadOptions
+
+    options = LoadOptions(
+        interfaces=args.interfaces,
+        flow_map_size=args.flow_map_size,
+        perf_events=args.perf_buffer,
+        ring_pages=args.ring_pages,
+        drop_events_per_second=args.drop_events_rate,
+    )
+    return LiveSource(options, interval=args.interval, node=getattr(args, "node_name", None))
+
+
+def _terminate_on_sigterm() -> None:
+    def handler(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+# ---- capture -------------------------------------------------------------------------------------------
+
+
+def _table(batch: FlowBatch, out: IO[str]) -> None:
+    out.write(f"--- {format_time(batch.time_start)} .. {format_time(batch.time_end)}\n")
+    flows = batch.flows.sort_values("bytes", ascending=False, na_position="last")
+    header = f"{'IFACE':<12} {'DIR':<7} {'PROTO':<6} {'SOURCE':<40} {'DESTINATION':<40} {'PKTS':>8} {'BYTES':>10}"
+    out.write(header + f" {'DROPS':>6} {'REASON':<18} {'RETX':>5} {'RST':>4} {'RTT_US':>7}\n")
+    for row in flows.itertuples(index=False):
+        src = _endpoint(row.src_ip, row.src_port)
+        dst = _endpoint(row.dst_ip, row.dst_port)
+        out.write(
+            f"{_text(row.ifname):<12} {_text(row.direction):<7} {_text(row.protocol):<6} {src:<40} {dst:<40} "
+            f"{_text(row.packets):>8} {_text(row.bytes):>10} {_text(row.drop_packets):>6} "
+            f"{_text(row.drop_reason):<18} {_text(row.retransmits):>5} {_text(row.resets):>4} {_text(row.rtt_us):>7}\n"
+        )
+    for row in batch.events.itertuples(index=False):
+        src = _endpoint(row.src_ip, row.src_port)
+        dst = _endpoint(row.dst_ip, row.dst_port)
+        detail = " ".join(
+            f"{name}={_text(getattr(row, name))}"
+            for name in ("drop_reason", "location", "state", "duration_us", "pid", "comm")
+            if not pd.isna(getattr(row, name))
+        )
+        out.write(f"  event {_text(row.kind):<10} {src} -> {dst} {detail}\n")
+    out.flush()
+
+
+def _text(value: object) -> str:
+    return "-" if value is None or (not isinstance(value, dict) and pd.isna(value)) else str(value)
+
+
+def _endpoint(ip: object, port: object) -> str:
+    if ip is None or pd.isna(ip):
+        return "-"
+    address = f"[{ip}]" if ":" in str(ip) else str(ip)
+    return address if port is None or pd.isna(port) else f"{address}:{port}"
+
+
+def _intervals(source: BatchSource, duration: float | None, interval: float) -> Iterator[FlowBatch]:
+    """Batches until `duration` seconds have passed (the last interval is cut short to fit)."""
+    next_batch: Callable[[float], FlowBatch] | None = getattr(source, "next_batch", None)
+    if next_batch is None or duration is None:
+        started = time.monotonic()
+        for batch in source:
+            yield batch
+            if duration is not None and next_batch is not None and time.monotonic() - started >= duration:
+                return
+        return
+    remaining = duration
+    while remaining > 1e-6:
+        step = min(interval, remaining)
+        yield next_batch(step)
+        remaining -= step
+
+
+def probes_summary(probes: list[ProbeStatus]) -> list[dict[str, object]]:
+    return [
+        {"name": p.name, "active": p.active, "hook": p.hook, "reason": p.reason or None, "remedy": p.remedy or None}
+        for p in probes
+    ]
+
+
+def run_capture(args: argparse.Namespace) -> int:
+    out = open(args.file, "w", encoding="utf-8") if args.file else sys.stdout  # noqa: SIM115
+    total = Coverage()
+    intervals = 0
+    first: pd.Timestamp | None = None
+    last: pd.Timestamp | None = None
+    source = open_source(args)
+    interrupted = False
+    try:
+        for batch in _intervals(source, args.duration, args.interval):
+            intervals += 1
+            total.merge(batch.coverage)
+            first = batch.time_start if first is None else first
+            last = batch.time_end
+            if args.output == "jsonl":
+                write_batch(batch, out)
+            else:
+                _table(batch, out)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        probes = source.probes()
+        transport = getattr(source, "events_transport", None)
+        source.close()
+    summary = {
+        "time_start": format_time(first),
+        "time_end": format_time(last),
+        "intervals": intervals,
+        "interrupted": interrupted,
+        "node": source.node,
+        "events_transport": transport,
+        "coverage": total.to_dict(),
+        "unbalanced_sources": total.unbalanced(),
+        "probes": probes_summary(probes),
+    }
+    if args.output == "jsonl":
+        write_summary(out, summary)
+    else:
+        lost = total.lost
+        out.write(f"=== {intervals} intervals; lost {lost} of {total.produced} produced\n")
+    if args.file:
+        out.close()
+    return 0
+
+
+# ---- doctor --------------------------------------------------------------------------------------------
+
+
+def doctor_report() -> dict[str, Any]:
+    import os
+    import platform
+
+    from flowscope.features import probe_features
+    from flowscope.kernel_headers import HeadersError, find_headers
+    from flowscope.loader import LoaderError, LoadOptions, import_bcc, plan_families
+
+    root = os.geteuid() == 0
+    features = probe_features(with_program_types=root)
+    report: dict[str, Any] = {"kernel": platform.release(), "root": root, "features": features.to_dict()}
+    try:
+        headers = find_headers()
+        report["headers"] = {"path": str(headers.path), "exact": headers.exact, "description": headers.description}
+    except HeadersError as err:
+        report["headers"] = {"error": str(err)}
+    try:
+        bcc = import_bcc()
+        report["bcc"] = getattr(bcc, "__version__", "installed")
+    except LoaderError as err:
+        report["bcc"] = None
+        report["bcc_error"] = str(err)
+    options = LoadOptions()
+    statuses = plan_families(features, options)
+    report["events_transport"] = "ring buffer" if features.ringbuf else "perf buffer"
+    report["probes"] = [
+        {
+            "name": s.family.name,
+            "hook": s.family.hook,
+            "active": s.active,
+            "reason": s.reason or None,
+            "remedy": s.remedy or None,
+        }
+        for s in statuses
+    ]
+    if root and report.get("bcc") and "error" not in report["headers"]:
+        report["load_check"] = _load_check(options, features)
+    elif not root:
+        report["load_check"] = "skipped: not root (run `sudo flowscope doctor` to compile and load the probes)"
+    return report
+
+
+def _load_check(options: Any, features: Any) -> str:
+    """Compiles and loads the runnable probes (without attaching tc) to prove they work here."""
+    from flowscope.loader import LoaderError, load
+
+    try:
+        loaded = load(options, features)
+    except LoaderError as err:
+        return f"failed: {err}"
+    loaded.close()
+    return "ok: the runnable probes compile and load"
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    report = doctor_report()
+    if args.output == "json":
+        print(json.dumps(report, indent=2))
+        return 0
+    features = report["features"]
+    lines = [
+        f"kernel        {report['kernel']}",
+        f"root          {'yes' if report['root'] else 'no'}",
+        f"BTF           {features['btf'] or features['btf_error']}",
+        f"tracefs       {features['tracefs'] or features['tracefs_note']}",
+        f"bpffs         {'mounted' if features['bpffs'] else features['bpffs_note']}",
+        f"headers       {report['headers'].get('description') or report['headers'].get('error')}",
+        f"BCC           {report['bcc'] or report.get('bcc_error')}",
+        f"events        {report['events_transport']}; batch map ops: {'yes' if features['batch_map_ops'] else 'no'}",
+        f"kprobes       {'yes' if features['kprobes'] else 'no: ' + (features['kprobes_reason'] or '')}",
+    ]
+    if features["program_types"]:
+        missing = sorted(name for name, ok in features["program_types"].items() if not ok)
+        lines.append(f"prog types    unavailable: {', '.join(missing) or 'none'}")
+    lines.append("probes")
+    for probe in report["probes"]:
+        state = "active" if probe["active"] else "unavailable"
+        line = f"  {probe['name']:<22} {state:<12} {probe['hook']}"
+        if not probe["active"]:
+            line += f"\n  {'':<22} why: {probe['reason']}" + (f"; remedy: {probe['remedy']}" if probe["remedy"] else "")
+        lines.append(line)
+    lines.append(f"load check    {report.get('load_check')}")
+    print("\n".join(lines))
+    return 0
+
+
+# ---- entry point ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="flowscope", description="eBPF network visibility for Linux nodes and clusters.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more on stderr")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    commands.required = True
+
+    doctor = commands.add_parser("doctor", help="what this kernel supports and which probes run (and why not)")
+    doctor.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    doctor.set_defaults(run=run_doctor)
+
+    capture = commands.add_parser("capture", help="run the probes and print flows and events per interval")
+    add_probe_arguments(capture)
+    capture.add_argument("--duration", type=positive_float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
+    capture.add_argument("-o", "--output", choices=("jsonl", "table"), default="table")
+    capture.add_argument("--file", metavar="PATH", help="write to PATH instead of stdout")
+    capture.set_defaults(run=run_capture)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="flowscope: %(message)s", stream=sys.stderr
+    )
+    _terminate_on_sigterm()
+    from flowscope.loader import LoaderError
+    from flowscope.tc import TcError
+
+    try:
+        return args.run(args)
+    except (UsageError, LoaderError, TcError, ReplayError) as err:
+        print(f"flowscope {args.command}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""numpy mirrors of the kernel records in probes/include/flowscope.h, and their columnar decoding.
+
+Everything here takes plain buffers, so it runs (and is tested) without root or BCC.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+
+from flowscope.schema import FLOW_COLUMNS, conform
+
+FLOW_KEY = np.dtype(
+    [
+        ("saddr", "V16"),
+        ("daddr", "V16"),
+        ("sport", "<u2"),
+        ("dport", "<u2"),
+        ("ifindex", "<u4"),
+        ("proto", "u1"),
+        ("direction", "u1"),
+        ("ip_version", "u1"),
+        ("pad", "u1"),
+    ]
+)
+FLOW_STATS = np.dtype(
+    [
+        ("packets", "<u8"),
+        ("bytes", "<u8"),
+        ("first_seen_ns", "<u8"),
+        ("last_seen_ns", "<u8"),
+        ("cgroup_id", "<u8"),
+        ("tcp_flags", "<u8"),
+    ]
+)
+EVENT = np.dtype(
+    [
+        ("ts_ns", "<u8"),
+        ("saddr", "V16"),
+        ("daddr", "V16"),
+        ("sport", "<u2"),
+        ("dport", "<u2"),
+        ("kind", "u1"),
+        ("proto", "u1"),
+        ("ip_version", "u1"),
+        ("direction", "u1"),
+        ("ifindex", "<u4"),
+        ("netns", "<u4"),
+        ("pid", "<u4"),
+        ("reason", "<u4"),
+        ("cgroup_id", "<u8"),
+        ("location", "<u8"),
+        ("value", "<u8"),
+        ("old_state", "<i4"),
+        ("new_state", "<i4"),
+        ("comm", "S16"),
+        ("tcp_flags", "<u2"),
+        ("generation", "u1"),
+        ("pad", "V5"),
+    ]
+)
+assert FLOW_KEY.itemsize == 44 and FLOW_STATS.itemsize == 48 and EVENT.itemsize == 120
+
+# enum fs_event_kind
+EVENT_KINDS = {1: "connect", 2: "accept", 3: "close", 4: "drop", 5: "retransmit", 6: "reset", 7: "flow_spill"}
+KIND_FLOW_SPILL = 7
+EVENT_KIND_MAX = 8
+
+# enum fs_counter
+COUNTERS = (
+    "tc_packets",
+    "tc_bytes",
+    "flow_map_full",
+    "spill_lost_bytes",
+    "drop_map_full",
+    "drop_events_sampled_out",
+    "tcp_map_full",
+)
+COUNTER_EVENT_SENT_BASE = 16
+COUNTER_EVENT_LOST_BASE = COUNTER_EVENT_SENT_BASE + EVENT_KIND_MAX
+COUNTER_MAX = COUNTER_EVENT_LOST_BASE + EVENT_KIND_MAX
+
+DIRECTIONS = np.array(["ingress", "egress"], dtype=object)
+
+# IANA protocol numbers (a network standard, not a kernel enum).
+PROTOCOL_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP", 136: "UDPLite"}
+ICMP_PROTOCOLS = (1, 58)
+
+
+def protocol_names(numbers: np.ndarray) -> np.ndarray:
+    unique, inverse = np.unique(numbers, return_inverse=True)
+    names = np.array([PROTOCOL_NAMES.get(int(n), str(int(n))) for n in unique], dtype=object)
+    return names[inverse]
+
+
+def addresses_to_text(addresses: np.ndarray, ip_version: np.ndarray) -> np.ndarray:
+    """16-byte addresses (IPv4 as IPv4-mapped IPv6) to text in their own family; None when not IP."""
+    if len(addresses) == 0:
+        return np.array([], dtype=object)
+    raw = np.ascontiguousarray(addresses).view("V16").reshape(-1)
+    keyed = np.empty(len(raw), dtype=[("addr", "V16"), ("version", "u1")])
+    keyed["addr"] = raw
+    keyed["version"] = ip_version
+    unique, inverse = np.unique(keyed, return_inverse=True)
+    texts = []
+    for item in unique:
+        data = bytes(item["addr"])
+        version = int(item["version"])
+        if version == 4:
+            texts.append(str(ipaddress.IPv4Address(data[12:])))
+        elif version == 6:
+            texts.append(str(ipaddress.IPv6Address(data)))
+        else:
+            texts.append(None)
+    return np.array(texts, dtype=object)[inverse]
+
+
+def monotonic_to_utc_offset_ns() -> int:
+    """Add to bpf_ktime_get_ns() (CLOCK_MONOTONIC) to get UTC nanoseconds."""
+    return time.time_ns() - time.monotonic_ns()
+
+
+def utc_times(monotonic_ns: np.ndarray, offset_ns: int) -> pd.DatetimeIndex:
+    return pd.to_datetime(monotonic_ns.astype(np.int64) + offset_ns, unit="ns", utc=True)
+
+
+def _ports(keys: np.ndarray, icmp: np.ndarray, has_ports: np.ndarray) -> tuple[pd.Series, ...]:
+    def masked(values: np.ndarray, keep: np.ndarray, dtype: str) -> pd.Series:
+        return pd.Series(pd.array(values, dtype=dtype)).where(keep, pd.NA)
+
+    return (
+        masked(keys["sport"], has_ports, "UInt16"),
+        masked(keys["dport"], has_ports, "UInt16"),
+        masked(keys["sport"].astype(np.uint8), icmp, "UInt8"),
+        masked(keys["dport"].astype(np.uint8), icmp, "UInt8"),
+    )
+
+
+def flows_from_map(
+    keys: np.ndarray,
+    stats: np.ndarray,
+    offset_ns: int,
+    ifnames: Mapping[int, str],
+    node: str,
+) -> pd.DataFrame:
+    """One flow row per map entry (FLOW_COLUMNS); keys/stats are FLOW_KEY/FLOW_STATS arrays."""
+    if len(keys) == 0:
+        return conform(pd.DataFrame(), FLOW_COLUMNS)
+    proto = keys["proto"]
+    ip = keys["ip_version"] > 0
+    icmp = ip & np.isin(proto, ICMP_PROTOCOLS)
+    has_ports = ip & np.isin(proto, (6, 17, 132, 136))
+    sport, dport, icmp_type, icmp_code = _ports(keys, icmp, has_ports)
+    tcp = proto == 6
+    ifindex = keys["ifindex"]
+    unique_if, if_inverse = np.unique(ifindex, return_inverse=True)
+    names = np.array([ifnames.get(int(i)) for i in unique_if], dtype=object)[if_inverse]
+    frame = pd.DataFrame(
+        {
+            "time_start": utc_times(stats["first_seen_ns"], offset_ns),
+            "time_end": utc_times(stats["last_seen_ns"], offset_ns),
+            "node": node,
+            "ifname": names,
+            "ifindex": ifindex,
+            "direction": DIRECTIONS[keys["direction"] & 1],
+            "ip_version": pd.Series(keys["ip_version"]).where(ip, pd.NA),
+            "protocol": pd.Series(protocol_names(proto)).where(ip, pd.NA),
+            "src_ip": addresses_to_text(keys["saddr"], keys["ip_version"]),
+            "src_port": sport,
+            "dst_ip": addresses_to_text(keys["daddr"], keys["ip_version"]),
+            "dst_port": dport,
+            "icmp_type": icmp_type,
+            "icmp_code": icmp_code,
+            "packets": stats["packets"],
+            "bytes": stats["bytes"],
+            "tcp_flags": pd.Series(stats["tcp_flags"].astype(np.uint16)).where(tcp, pd.NA),
+            "cgroup_id": pd.Series(stats["cgroup_id"]).where(stats["cgroup_id"] != 0, pd.NA),
+        }
+    )
+    return conform(frame, FLOW_COLUMNS)
+
+
+def spills_as_map_entries(events: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flow-spill events (one packet each) folded into FLOW_KEY/FLOW_STATS entries, one per key."""
+    spills = events[events["kind"] == KIND_FLOW_SPILL]
+    keys = np.zeros(len(spills), dtype=FLOW_KEY)
+    for name in ("saddr", "daddr", "sport", "dport", "ifindex", "proto", "direction", "ip_version"):
+        keys[name] = spills[name]
+    if len(keys) == 0:
+        return keys, np.zeros(0, dtype=FLOW_STATS)
+    unique, inverse = np.unique(keys, return_inverse=True)
+    stats = np.zeros(len(unique), dtype=FLOW_STATS)
+    stats["packets"] = np.bincount(inverse, minlength=len(unique))
+    stats["bytes"] = np.bincount(inverse, weights=spills["value"], minlength=len(unique)).astype(np.uint64)
+    first = np.full(len(unique), np.iinfo(np.uint64).max, dtype=np.uint64)
+    np.minimum.at(first, inverse, spills["ts_ns"])
+    last = np.zeros(len(unique), dtype=np.uint64)
+    np.maximum.at(last, inverse, spills["ts_ns"])
+    stats["first_seen_ns"], stats["last_seen_ns"] = first, last
+    flags = np.zeros(len(unique), dtype=np.uint64)
+    np.bitwise_or.at(flags, inverse, spills["tcp_flags"].astype(np.uint64))
+    stats["tcp_flags"] = flags
+    cgroup = np.zeros(len(unique), dtype=np.uint64)
+    np.maximum.at(cgroup, inverse, spills["cgroup_id"])
+    stats["cgroup_id"] = cgroup
+    return unique, stats
+
+
+def merge_map_entries(
+    keys_a: np.ndarray, stats_a: np.ndarray, keys_b: np.ndarray, stats_b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sums two sets of flow entries that may share keys (the map's and the spill's)."""
+    if len(keys_b) == 0:
+        return keys_a, stats_a
+    keys = np.concatenate([keys_a, keys_b])
+    stats = np.concatenate([stats_a, stats_b])
+    unique, inverse = np.unique(keys, return_inverse=True)
+    merged = np.zeros(len(unique), dtype=FLOW_STATS)
+    for name in ("packets", "bytes"):
+        merged[name] = np.bincount(inverse, weights=stats[name], minlength=len(unique)).astype(np.uint64)
+    merged["first_seen_ns"] = np.iinfo(np.uint64).max
+    np.minimum.at(merged["first_seen_ns"], inverse, stats["first_seen_ns"])
+    np.maximum.at(merged["last_seen_ns"], inverse, stats["last_seen_ns"])
+    np.bitwise_or.at(merged["tcp_flags"], inverse, stats["tcp_flags"])
+    np.maximum.at(merged["cgroup_id"], inverse, stats["cgroup_id"])
+    return unique, merged

@@ -1,0 +1,102 @@
+"""The live BatchSource: loads the probes, attaches tc, and yields one FlowBatch per interval."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+
+from flowscope import tc
+from flowscope.aggregator import AggregationContext, build_batch
+from flowscope.kernel_reader import KernelReader
+from flowscope.kernel_records import monotonic_to_utc_offset_ns
+from flowscope.loader import LoadedProbes, LoaderError, LoadOptions, load, probe_statuses
+from flowscope.schema import FlowBatch
+from flowscope.source import ProbeStatus
+
+log = logging.getLogger(__name__)
+
+POLL_SLICE_MS = 100  # events are collected at least this often, so the ring does not fill between drains
+
+
+class LiveSource:
+    def __init__(self, options: LoadOptions, interval: float = 1.0, node: str | None = None) -> None:
+        self.options = options
+        self.interval = interval
+        self.node = node or socket.gethostname()
+        self._attachments = tc.TcAttachments()
+        self._reader: KernelReader | None = None
+        interfaces = options.interfaces if options.interfaces is not None else tc.default_interfaces()
+        missing = tc.missing_interfaces(interfaces)
+        if missing:
+            raise LoaderError(
+                f"interface {', '.join(missing)} does not exist in this network namespace; `ip link` lists them."
+            )
+        self.interfaces = interfaces
+        removed = tc.remove_stale()
+        if removed:
+            log.info("removed %d tc filters left by an earlier flowscope process", removed)
+        self.loaded: LoadedProbes = load(options)
+        try:
+            if self.loaded.is_active("tc_flows"):
+                for name in interfaces:
+                    self._attachments.attach(
+                        name, self.loaded.tc_programs["ingress"], self.loaded.tc_programs["egress"]
+                    )
+            self._reader = KernelReader(self.loaded)
+        except Exception:
+            self.close()
+            raise
+        self._context = AggregationContext(
+            node=self.node,
+            offset_ns=monotonic_to_utc_offset_ns(),
+            ifnames=tc.interface_names(),
+            active=self.loaded.active,
+            symbolize=self._symbolize,
+        )
+        self._window_start = pd.Timestamp.now(tz="UTC")
+
+    def _symbolize(self, address: int) -> str | None:
+        if not address:
+            return None
+        name = self.loaded.bpf.ksym(address, show_offset=True)
+        return name.decode(errors="replace") if name and name != b"[unknown]" else None
+
+    def probes(self) -> list[ProbeStatus]:
+        return probe_statuses(self.loaded.statuses)
+
+    @property
+    def events_transport(self) -> str:
+        return "perf buffer" if self.loaded.perf_events else "ring buffer"
+
+    def next_batch(self, seconds: float) -> FlowBatch:
+        """Collects events for `seconds`, then drains the interval and returns its FlowBatch."""
+        assert self._reader is not None
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            self._reader.poll(max(1, min(int(remaining * 1000), POLL_SLICE_MS)))
+        drain = self._reader.flip_and_drain()
+        start, self._window_start = self._window_start, pd.Timestamp.now(tz="UTC")
+        flow_keys = drain.maps.get("flows", (None, None))[0]
+        if flow_keys is not None and not set(np.unique(flow_keys["ifindex"]).tolist()) <= self._context.ifnames.keys():
+            self._context.ifnames = tc.interface_names()  # an interface appeared since the last look
+        return build_batch(drain, self._context, (start, self._window_start))
+
+    def __iter__(self) -> Iterator[FlowBatch]:
+        while True:
+            yield self.next_batch(self.interval)
+
+    def close(self) -> None:
+        try:
+            self._attachments.detach()
+        finally:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+            loaded = getattr(self, "loaded", None)
+            if loaded is not None:
+                loaded.close()

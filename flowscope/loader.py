@@ -1,0 +1,201 @@
+"""Compiles and loads the probe families the running kernel supports, with BCC.
+
+BCC only treats functions of the main source text as programs (and only rewrites map-method syntax
+there), so the module's text is the shared header followed by each enabled family's file, read from
+probes/ as they are; every option reaches the C code as a -D flag.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flowscope.features import KernelFeatures, probe_features
+from flowscope.kernel_headers import Headers, HeadersError, export_for_bcc, find_headers
+from flowscope.probe_catalog import CATALOG, FamilyStatus, ProbeFamily, Requirement
+from flowscope.source import ProbeStatus
+
+log = logging.getLogger(__name__)
+
+
+class LoaderError(RuntimeError):
+    """The probes cannot be loaded; the message says what to do."""
+
+
+@dataclass
+class LoadOptions:
+    interfaces: list[str] | None = None  # None: every interface that is up, except lo
+    flow_map_size: int = 65536
+    drop_map_size: int = 16384
+    tcp_map_size: int = 16384
+    perf_events: bool = False  # force the perf-buffer path even where the ring buffer exists
+    ring_pages: int = 256  # event ring size in pages (power of two)
+    perf_pages: int = 64  # per-CPU perf buffer pages (power of two)
+    drop_events_per_second: int = 1000  # drop events sent to user space per CPU; the rest only counted
+    families: set[str] | None = None  # restrict to these families (None: all that can run)
+
+
+def probes_dir() -> Path:
+    return Path(str(importlib.resources.files("flowscope.probes")))
+
+
+def _requirement_unmet(requirement: Requirement, features: KernelFeatures) -> tuple[str, str] | None:
+    """(reason, remedy) when the kernel lacks what the requirement names, else None."""
+    kind, target = requirement.kind, requirement.target
+    if kind == "tracepoint":
+        category, _, name = target.partition(":")
+        if features.tracefs is None:
+            return features.tracefs_note, "mount tracefs at /sys/kernel/tracing"
+        if not features.tracepoint(category, name):
+            return f"the kernel has no tracepoint {target}", "a newer kernel has it; a kprobe variant may stand in"
+    elif kind == "raw_tracepoint":
+        if features.btf is None:
+            return features.btf_error or "BTF unreadable", "a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+        if not features.raw_tracepoint(target):
+            return f"the kernel has no raw tracepoint {target}", "a newer kernel has it"
+    elif kind == "kprobe":
+        if not features.kprobes:
+            return features.kprobes_reason, "a kernel built with CONFIG_KPROBES=y (most distribution kernels)"
+        if not _kernel_symbol_exists(target):
+            return f"the kernel has no function {target} to probe", "a kernel that has it"
+    elif kind == "btf" and features.btf is None:
+        return features.btf_error or "BTF unreadable", "a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+    return None
+
+
+def _kernel_symbol_exists(name: str) -> bool:
+    pattern = re.compile(rf" {re.escape(name)}$")
+    try:
+        with open("/proc/kallsyms", encoding="utf-8") as symbols:
+            return any(pattern.search(line.rstrip("\n").split("\t")[0]) for line in symbols)
+    except OSError:
+        return False
+
+
+def plan_families(
+    features: KernelFeatures, options: LoadOptions, catalog: list[ProbeFamily] = CATALOG
+) -> list[FamilyStatus]:
+    """Which families run on this kernel, and why the others do not."""
+    statuses: dict[str, FamilyStatus] = {}
+    for family in catalog:
+        if options.families is not None and family.name not in options.families and family.replaces is None:
+            statuses[family.name] = FamilyStatus(family, False, "not selected", "")
+            continue
+        unmet = next((u for u in (_requirement_unmet(r, features) for r in family.requires) if u is not None), None)
+        statuses[family.name] = (
+            FamilyStatus(family, True) if unmet is None else FamilyStatus(family, False, unmet[0], unmet[1])
+        )
+    for status in statuses.values():
+        replaced = statuses.get(status.family.replaces or "")
+        if replaced is None:
+            continue
+        if replaced.active:
+            status.active = False
+            status.reason = f"not needed: {replaced.family.name} runs on this kernel"
+            status.remedy = ""
+        elif options.families is not None and replaced.family.name not in options.families:
+            status.active = False
+            status.reason = "not selected"
+    return list(statuses.values())
+
+
+def probe_statuses(statuses: list[FamilyStatus]) -> list[ProbeStatus]:
+    return [ProbeStatus(s.family.name, s.active, s.family.hook, s.reason, s.remedy) for s in statuses]
+
+
+def cflags_for(active: list[ProbeFamily], features: KernelFeatures, options: LoadOptions) -> list[str]:
+    flags = [
+        f"-I{probes_dir() / 'include'}",
+        f"-DFLOWSCOPE_RING_PAGES={options.ring_pages}",
+        f"-DFLOWSCOPE_DROP_EVENTS_PER_SECOND={options.drop_events_per_second}",
+        "-Wno-macro-redefined",
+    ]
+    if options.perf_events or not features.ringbuf:
+        flags.append("-DFLOWSCOPE_PERF_EVENTS")
+    for family in active:
+        for drained in family.drained_maps:
+            flags.append(f"-D{drained.size_define}={getattr(options, drained.size_option)}")
+        if family.cflags is not None:
+            flags.extend(family.cflags(features.btf, options))
+    return flags
+
+
+def module_text(active: list[ProbeFamily]) -> str:
+    directory = probes_dir()
+    parts = [(directory / "include" / "flowscope.h").read_text()]
+    parts += [(directory / family.source).read_text() for family in active]
+    return "\n".join(parts)
+
+
+@dataclass
+class LoadedProbes:
+    bpf: object  # bcc.BPF
+    features: KernelFeatures
+    headers: Headers
+    statuses: list[FamilyStatus]
+    perf_events: bool
+    options: LoadOptions
+    tc_programs: dict[str, int] = field(default_factory=dict)  # "ingress"/"egress" -> program fd
+
+    @property
+    def active(self) -> list[ProbeFamily]:
+        return [s.family for s in self.statuses if s.active]
+
+    def is_active(self, name: str) -> bool:
+        return any(f.name == name for f in self.active)
+
+    def close(self) -> None:
+        cleanup = getattr(self.bpf, "cleanup", None)
+        if cleanup is not None:
+            cleanup()
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LoaderError(
+            "flowscope needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) to load probes; run it with sudo."
+        )
+
+
+def import_bcc():
+    try:
+        import bcc
+    except ImportError:
+        raise LoaderError(
+            "the BCC Python module is missing; install python3-bpfcc (make setup does) and run flowscope "
+            "from the .venv that make setup creates."
+        ) from None
+    return bcc
+
+
+def load(options: LoadOptions, features: KernelFeatures | None = None) -> LoadedProbes:
+    require_root()
+    bcc = import_bcc()
+    features = features or probe_features()
+    try:
+        headers = find_headers()
+    except HeadersError as err:
+        raise LoaderError(str(err)) from None
+    export_for_bcc(headers)
+    statuses = plan_families(features, options)
+    active = [s.family for s in statuses if s.active]
+    if not active:
+        raise LoaderError("no probe can run on this kernel; run `flowscope doctor` to see why.")
+    perf_events = options.perf_events or not features.ringbuf
+    try:
+        bpf = bcc.BPF(text=module_text(active), cflags=cflags_for(active, features, options))
+    except Exception as err:  # BCC raises a bare Exception on compile or load failure
+        raise LoaderError(
+            f"the probes failed to compile or load ({err}); run `flowscope doctor` and report the output."
+        ) from None
+    loaded = LoadedProbes(bpf, features, headers, statuses, perf_events, options)
+    if loaded.is_active("tc_flows"):
+        loaded.tc_programs = {
+            "ingress": bpf.load_func(b"fs_tc_ingress", bcc.BPF.SCHED_CLS).fd,
+            "egress": bpf.load_func(b"fs_tc_egress", bcc.BPF.SCHED_CLS).fd,
+        }
+    return loaded

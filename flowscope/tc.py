@@ -1,0 +1,215 @@
+"""tc clsact attachment of the flow programs, and the removal of what flowscope left behind.
+
+flowscope's filters carry a name starting with "flowscope:" (TCA_BPF_NAME), so they are recognisable
+after a SIGKILL and removed at the next start. A clsact qdisc is created only where none exists and
+recorded in a state file; flowscope removes such a qdisc only when it holds no filter of anyone else.
+Filters and qdiscs that someone else created are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
+
+FILTER_PREFIX = "flowscope:"
+INGRESS_PARENT = 0xFFFFFFF2
+EGRESS_PARENT = 0xFFFFFFF3
+CLSACT_PARENT = 0xFFFFFFF1
+PREFERRED_PRIORITY = 1  # run before other filters so flowscope sees packets others may drop
+STATE_DIR = Path("/run/flowscope")
+
+
+class TcError(RuntimeError):
+    pass
+
+
+def _state_file(state_dir: Path) -> Path:
+    # One file per network namespace (the same inode for every process in it).
+    netns = os.stat("/proc/self/ns/net").st_ino
+    return state_dir / f"tc-qdiscs-{netns}.json"
+
+
+def _load_created(state_dir: Path) -> dict[str, int]:
+    try:
+        return json.loads(_state_file(state_dir).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_created(state_dir: Path, created: dict[str, int]) -> None:
+    path = _state_file(state_dir)
+    if not created:
+        path.unlink(missing_ok=True)
+        return
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(created))
+
+
+def _bpf_name(message) -> str:
+    options = message.get_attr("TCA_OPTIONS")
+    if not options:
+        return ""
+    for name, value in options.get("attrs", []):
+        if name == "TCA_BPF_NAME":
+            return value
+    return ""
+
+
+@dataclass
+class FilterInfo:
+    ifindex: int
+    parent: int
+    priority: int
+    handle: int
+    name: str
+
+
+def list_bpf_filters(ipr: IPRoute, ifindex: int) -> list[FilterInfo]:
+    found = []
+    for parent in (INGRESS_PARENT, EGRESS_PARENT):
+        try:
+            messages = ipr.get_filters(ifindex, parent=parent)
+        except NetlinkError:
+            continue
+        for message in messages:
+            if message.get_attr("TCA_KIND") != "bpf" or not message["handle"]:
+                continue
+            found.append(FilterInfo(ifindex, parent, message["info"] >> 16, message["handle"], _bpf_name(message)))
+    return found
+
+
+def _has_clsact(ipr: IPRoute, ifindex: int) -> bool:
+    return any(q.get_attr("TCA_KIND") == "clsact" and q["parent"] == CLSACT_PARENT for q in ipr.get_qdiscs(ifindex))
+
+
+def _all_filters(ipr: IPRoute, ifindex: int) -> int:
+    count = 0
+    for parent in (INGRESS_PARENT, EGRESS_PARENT):
+        try:
+            count += sum(1 for m in ipr.get_filters(ifindex, parent=parent) if m["handle"])
+        except NetlinkError:
+            continue
+    return count
+
+
+def _delete_filter(ipr: IPRoute, info: FilterInfo) -> None:
+    try:
+        ipr.tc("del-filter", "bpf", info.ifindex, info.handle, parent=info.parent, prio=info.priority)
+    except NetlinkError as err:
+        log.warning("could not remove tc filter %s on ifindex %d: %s", info.name, info.ifindex, err)
+
+
+def _remove_created_qdisc(ipr: IPRoute, ifindex: int) -> bool:
+    """Removes a clsact that flowscope created, unless someone else's filters now live on it."""
+    try:
+        if not _has_clsact(ipr, ifindex):
+            return True
+        if _all_filters(ipr, ifindex):
+            return False
+        ipr.tc("del", "clsact", ifindex)
+        return True
+    except NetlinkError:
+        return True  # the interface is gone
+
+
+def remove_stale(state_dir: Path = STATE_DIR) -> int:
+    """Removes flowscope filters (and the clsact qdiscs it created) left by an earlier process; returns
+    the number of filters removed. Only this network namespace is visited."""
+    removed = 0
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            for info in list_bpf_filters(ipr, link["index"]):
+                if info.name.startswith(FILTER_PREFIX):
+                    _delete_filter(ipr, info)
+                    removed += 1
+        created = _load_created(state_dir)
+        kept = {name: index for name, index in created.items() if not _remove_created_qdisc(ipr, index)}
+        _save_created(state_dir, kept)
+    return removed
+
+
+@dataclass
+class TcAttachments:
+    """The filters this process attached; `detach()` removes them (and qdiscs it created)."""
+
+    state_dir: Path = STATE_DIR
+    filters: list[FilterInfo] = field(default_factory=list)
+    created_qdiscs: dict[str, int] = field(default_factory=dict)
+
+    def attach(self, ifname: str, ingress_fd: int, egress_fd: int) -> None:
+        with IPRoute() as ipr:
+            indexes = ipr.link_lookup(ifname=ifname)
+            if not indexes:
+                raise TcError(f"interface {ifname} does not exist in this network namespace.")
+            ifindex = indexes[0]
+            if not _has_clsact(ipr, ifindex):
+                try:
+                    ipr.tc("add", "clsact", ifindex)
+                except NetlinkError as err:
+                    raise TcError(f"cannot add a clsact qdisc to {ifname}: {os.strerror(err.code)}.") from None
+                self.created_qdiscs[ifname] = ifindex
+                _save_created(self.state_dir, {**_load_created(self.state_dir), ifname: ifindex})
+            for parent, fd, hook in ((INGRESS_PARENT, ingress_fd, "ingress"), (EGRESS_PARENT, egress_fd, "egress")):
+                priority = self._free_priority(ipr, ifindex, parent)
+                name = f"{FILTER_PREFIX}{hook}:{os.getpid()}"
+                try:
+                    ipr.tc(
+                        "add-filter", "bpf", ifindex, 1, fd=fd, name=name, parent=parent,
+                        classid=1, direct_action=True, prio=priority,
+                    )  # fmt: skip
+                except NetlinkError as err:
+                    raise TcError(
+                        f"cannot attach the {hook} flow program to {ifname}: {os.strerror(err.code)}."
+                    ) from None
+                self.filters.append(FilterInfo(ifindex, parent, priority, 1, name))
+
+    @staticmethod
+    def _free_priority(ipr: IPRoute, ifindex: int, parent: int) -> int:
+        try:
+            taken = {m["info"] >> 16 for m in ipr.get_filters(ifindex, parent=parent)}
+        except NetlinkError:
+            taken = set()
+        priority = PREFERRED_PRIORITY
+        while priority in taken:
+            priority += 1
+        return priority
+
+    def detach(self) -> None:
+        with IPRoute() as ipr:
+            for info in self.filters:
+                _delete_filter(ipr, info)
+            self.filters.clear()
+            kept = {n: i for n, i in self.created_qdiscs.items() if not _remove_created_qdisc(ipr, i)}
+            remaining = {n: i for n, i in _load_created(self.state_dir).items() if n not in self.created_qdiscs}
+            _save_created(self.state_dir, {**remaining, **kept})
+            self.created_qdiscs = kept
+
+
+def default_interfaces() -> list[str]:
+    """Every interface that is up, except loopback."""
+    with IPRoute() as ipr:
+        names = []
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            if name != "lo" and link["flags"] & 1:  # IFF_UP
+                names.append(name)
+    return names
+
+
+def interface_names() -> dict[int, str]:
+    with IPRoute() as ipr:
+        return {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+
+
+def missing_interfaces(names: Iterable[str]) -> list[str]:
+    existing = set(interface_names().values())
+    return [name for name in names if name not in existing]
