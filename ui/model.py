@@ -1,0 +1,613 @@
+"""The data side of `flowscope top`: a window of recent intervals, grouped, filtered and ranked.
+
+Everything here is pandas and runs off the UI thread; the Textual app and the plain `-o table` output only
+receive the ready results (`TopRows`, `DropsTable`, `Detail`, `Totals`). Nothing here imports textual.
+
+Grouping by pod, workload, namespace, process or node counts a flow for both of its ends (a pod's row is
+what it sent plus what it received). Pods and workloads without identity fall back to their IP address,
+so a node without Kubernetes still shows who talks. For the other groupings an end without identity is
+left out unless neither end has one; those flows show as "(unknown)".
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from flowscope.coverage import Coverage
+from flowscope.filters import MATCH_ALL, Filter
+from flowscope.schema import FlowBatch
+
+GROUPINGS = ("flow", "pod", "workload", "namespace", "process", "node")
+UNKNOWN = "(unknown)"
+
+# Per-interval sums of these flow columns, per group.
+SUMMED = ("bytes", "packets", "drop_packets", "drop_bytes", "retransmits", "resets")
+CONNECT_KINDS = ("connect", "accept")
+DROP_COUNTERS = ("drop_packets", "drop_bytes")
+PEER_COUNTERS = ("bytes", "packets", "drop_packets")
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # column of TopRows.frame
+    title: str  # heading in the TUI and in -o table
+    unit: str  # rate | count | duration
+
+
+METRICS = (
+    Metric("bytes_per_s", "BYTES/S", "bytes_rate"),
+    Metric("packets_per_s", "PKTS/S", "rate"),
+    Metric("drops", "DROPS", "count"),
+    Metric("retransmits", "RETX", "count"),
+    Metric("resets", "RST", "count"),
+    Metric("rtt_us", "RTT", "duration"),
+    Metric("connections", "CONN", "count"),
+    Metric("closes", "CLOSE", "count"),
+)
+SORT_KEYS = ("key", *(m.name for m in METRICS))
+
+# The flow columns top needs: the filter's fields, the grouping keys and the counters. Trimming on
+# arrival keeps a window of many intervals of 100k flows affordable.
+KEPT_FLOW_COLUMNS = (
+    "node",
+    "ifname",
+    "direction",
+    "protocol",
+    "src_ip",
+    "src_port",
+    "dst_ip",
+    "dst_port",
+    *SUMMED,
+    "drop_reason",
+    "rtt_us",
+    *(f"{side}_{name}" for side in ("src", "dst") for name in ("namespace", "pod", "workload", "pid", "comm", "node")),
+)
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+# --- group keys -------------------------------------------------------------------------------------------
+
+
+def _text(frame: pd.DataFrame, name: str) -> np.ndarray:
+    """A text column as an object array with "" for null (keys must not be null to group and align)."""
+    if name not in frame.columns:
+        return np.full(len(frame), "", dtype=object)
+    return frame[name].astype("string").fillna("").to_numpy(dtype=object)
+
+
+def _number(frame: pd.DataFrame, name: str) -> np.ndarray:
+    if name not in frame.columns:
+        return np.full(len(frame), -1, dtype=np.int64)
+    return frame[name].to_numpy(dtype=np.int64, na_value=-1)
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """How rows are keyed: the identity fields of one end of a flow, and how a key reads."""
+
+    name: str
+    fields: tuple[str, ...]  # identity fields of one side (src_/dst_ prefixed in the frames)
+    ip_fallback: bool  # an end without identity is keyed by its address
+
+    @property
+    def key_names(self) -> tuple[str, ...]:
+        if self.name == "flow":
+            return ("protocol", "src_ip", "src_port", "dst_ip", "dst_port")
+        return (*self.fields, "ip") if self.ip_fallback else self.fields
+
+    def side_keys(self, frame: pd.DataFrame, side: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The key columns of one end and whether that end has identity."""
+        keys: dict[str, np.ndarray] = {}
+        for name in self.fields:
+            column = f"{side}_{name}"
+            keys[name] = _number(frame, column) if name == "pid" else _text(frame, column)
+        known = np.zeros(len(frame), dtype=bool)
+        for name, values in keys.items():
+            known |= values != (-1 if name == "pid" else "")
+        if self.ip_fallback:
+            keys["ip"] = np.where(known, "", _text(frame, f"{side}_ip"))
+        return keys, known
+
+    def keyed(self, frame: pd.DataFrame, values: Sequence[str]) -> pd.DataFrame:
+        """`frame`'s `values` columns with this grouping's key columns; a row per counted end of a flow.
+
+        Column "row" is the position of the row in `frame` that the key came from.
+        """
+        if self.name == "flow":
+            keys = {
+                "protocol": _text(frame, "protocol"),
+                "src_ip": _text(frame, "src_ip"),
+                "src_port": _number(frame, "src_port"),
+                "dst_ip": _text(frame, "dst_ip"),
+                "dst_port": _number(frame, "dst_port"),
+            }
+            return _keyed_part(frame, keys, np.ones(len(frame), dtype=bool), values)
+        src_keys, src_known = self.side_keys(frame, "src")
+        dst_keys, dst_known = self.side_keys(frame, "dst")
+        if self.ip_fallback:
+            src_rows = dst_rows = np.ones(len(frame), dtype=bool)
+        else:
+            src_rows, dst_rows = src_known | ~dst_known, dst_known
+        parts = [_keyed_part(frame, src_keys, src_rows, values), _keyed_part(frame, dst_keys, dst_rows, values)]
+        return pd.concat(parts, ignore_index=True)
+
+    def label(self, key: tuple, arrow: str = "→") -> str:
+        parts = dict(zip(self.key_names, key, strict=True))
+        if self.name == "flow":
+            source = _endpoint(parts["src_ip"], parts["src_port"])
+            return f"{parts['protocol'] or '?'} {source} {arrow} {_endpoint(parts['dst_ip'], parts['dst_port'])}"
+        if self.name == "process":
+            comm, pid = parts["comm"], parts["pid"]
+            identity = (f"{comm or '?'}[{pid}]" if pid >= 0 else comm) if comm or pid >= 0 else ""
+        elif parts[self.fields[-1]]:
+            namespace = parts["namespace"] if len(self.fields) > 1 else ""
+            identity = f"{namespace}/{parts[self.fields[-1]]}" if namespace else parts[self.fields[-1]]
+        else:
+            identity = ""
+        return identity or parts.get("ip") or UNKNOWN
+
+    def with_ip_fallback(self) -> Grouping:
+        return Grouping(self.name, self.fields, True)
+
+
+def _keyed_part(frame: pd.DataFrame, keys: dict[str, np.ndarray], rows: np.ndarray, values: Sequence[str]):
+    part = {name: column[rows] for name, column in keys.items()}
+    part["row"] = np.flatnonzero(rows)
+    part.update({v: frame[v].to_numpy()[rows] for v in values})
+    return pd.DataFrame(part)
+
+
+def _endpoint(ip: str, port: int) -> str:
+    address = f"[{ip}]" if ":" in ip else (ip or "?")
+    return f"{address}:{port}" if port >= 0 else address
+
+
+GROUPING_BY_NAME = {
+    "flow": Grouping("flow", (), False),
+    "pod": Grouping("pod", ("namespace", "pod"), True),
+    "workload": Grouping("workload", ("namespace", "workload"), True),
+    "namespace": Grouping("namespace", ("namespace",), False),
+    "process": Grouping("process", ("comm", "pid"), False),
+    "node": Grouping("node", ("node",), False),
+}
+
+
+# --- the window ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Interval:
+    time_start: pd.Timestamp
+    time_end: pd.Timestamp
+    seconds: float
+    flows: pd.DataFrame
+    events: pd.DataFrame
+    # Per view (grouping + filter), computed when first needed and dropped when the view changes.
+    groups: pd.DataFrame | None = None  # per key: sums, rtt mean, connection counts
+    drops: pd.DataFrame | None = None  # per key and drop reason: drop packets and bytes
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Figures for the header: the last interval, unfiltered, and the accounting so far."""
+
+    time_end: pd.Timestamp | None
+    seconds: float
+    flows: int
+    flows_per_s: float
+    bytes_per_s: float
+    packets_per_s: float
+    filtered_flows: int  # flows of the last interval that pass the filter
+    intervals: int  # intervals received so far
+    coverage: Coverage
+
+
+@dataclass(frozen=True)
+class TopRows:
+    """The ranked rows of the last interval: frame columns are the METRICS names plus "label" and "trend"."""
+
+    grouping: str
+    sort: str
+    descending: bool
+    frame: pd.DataFrame  # index: position; column "key" holds the key tuple
+    groups: int  # how many groups the last interval has (the frame holds the top ones)
+
+
+@dataclass(frozen=True)
+class DropsTable:
+    """Drop reasons of the window ranked by dropped packets, with their top victims in the current grouping."""
+
+    frame: pd.DataFrame  # reason, last, window, window_bytes, share, victims (list of (label, packets))
+    intervals: int
+
+
+@dataclass(frozen=True)
+class Detail:
+    grouping: str
+    key: tuple
+    label: str
+    series: pd.DataFrame  # per interval: time_end, bytes_per_s, packets_per_s, drops, retransmits, resets, rtt_us
+    peers: pd.DataFrame  # peer, direction (→ to the peer, ← from it), bytes, packets, drop_packets
+    drops: pd.DataFrame  # reason, packets, bytes
+    events: pd.DataFrame  # newest first: time, kind, flow, reason
+    peer_intervals: int  # how many recent intervals the peers and events cover
+
+
+@dataclass
+class TopModel:
+    """The last intervals of a BatchSource, and the rows of `top` for the current view.
+
+    Not thread-safe: the app calls it from one worker at a time.
+    """
+
+    history: int = 60  # intervals kept for trends, detail series and the drops view
+    row_budget: int = 2_000_000  # flow rows kept in the window; older intervals go first beyond it
+    detail_intervals: int = 10  # recent intervals searched for a detail's peers and events
+    fallback_seconds: float = 1.0  # interval length when a batch has no usable times
+    grouping: str = "flow"
+    filter: Filter = MATCH_ALL
+    sort: str = "bytes_per_s"
+    descending: bool = True
+    window: deque[_Interval] = field(default_factory=deque)
+    coverage: Coverage = field(default_factory=Coverage)
+    intervals: int = 0
+
+    # --- input ---------------------------------------------------------------------------------------
+
+    def add(self, batch: FlowBatch) -> None:
+        seconds = self.fallback_seconds
+        if batch.time_start is not None and batch.time_end is not None and not pd.isna(batch.time_start):
+            span = (batch.time_end - batch.time_start).total_seconds()
+            if span > 0:
+                seconds = span
+        flows = batch.flows[[c for c in KEPT_FLOW_COLUMNS if c in batch.flows.columns]]
+        self.window.append(_Interval(batch.time_start, batch.time_end, seconds, flows, batch.events))
+        self.coverage.merge(batch.coverage)
+        self.intervals += 1
+        rows = sum(len(i.flows) for i in self.window)
+        while len(self.window) > 1 and (len(self.window) > self.history or rows > self.row_budget):
+            rows -= len(self.window.popleft().flows)
+
+    # --- view ----------------------------------------------------------------------------------------
+
+    def set_view(
+        self,
+        *,
+        grouping: str | None = None,
+        filter: Filter | None = None,
+        sort: str | None = None,
+        descending: bool | None = None,
+    ) -> None:
+        if grouping is not None and grouping not in GROUPING_BY_NAME:
+            raise ValueError(f"unknown grouping {grouping!r}; groupings are {', '.join(GROUPINGS)}")
+        if sort is not None and sort not in SORT_KEYS:
+            raise ValueError(f"unknown sort column {sort!r}; columns are {', '.join(SORT_KEYS)}")
+        view_changes = (grouping is not None and grouping != self.grouping) or (
+            filter is not None and filter != self.filter
+        )
+        self.grouping = grouping or self.grouping
+        self.filter = filter if filter is not None else self.filter
+        self.sort = sort or self.sort
+        self.descending = self.descending if descending is None else descending
+        if view_changes:
+            for interval in self.window:
+                interval.groups = interval.drops = None
+
+    @property
+    def group(self) -> Grouping:
+        return GROUPING_BY_NAME[self.grouping]
+
+    # --- results -------------------------------------------------------------------------------------
+
+    def totals(self) -> Totals:
+        if not self.window:
+            return Totals(None, 0.0, 0, 0.0, 0.0, 0.0, 0, self.intervals, self.coverage)
+        last = self.window[-1]
+        flows = last.flows
+        filtered = int(self.filter.flows_mask(flows).sum()) if self.filter else len(flows)
+        return Totals(
+            last.time_end,
+            last.seconds,
+            len(flows),
+            len(flows) / last.seconds,
+            _total(flows, "bytes") / last.seconds,
+            _total(flows, "packets") / last.seconds,
+            filtered,
+            self.intervals,
+            self.coverage,
+        )
+
+    def rows(self, limit: int, trend_width: int = 12) -> TopRows:
+        """The top `limit` groups of the last interval in the current sort order, with a bytes/s trend."""
+        if not self.window:
+            return TopRows(self.grouping, self.sort, self.descending, _empty_rows(), 0)
+        last = self.window[-1]
+        groups = self._groups(last)
+        table = pd.DataFrame(
+            {
+                "bytes_per_s": groups["bytes"] / last.seconds,
+                "packets_per_s": groups["packets"] / last.seconds,
+                "drops": groups["drop_packets"],
+                "retransmits": groups["retransmits"],
+                "resets": groups["resets"],
+                "rtt_us": groups["rtt_us"],
+                "connections": groups["connections"],
+                "closes": groups["closes"],
+            },
+            index=groups.index,
+        )
+        if self.sort == "key":
+            ranked = table.sort_index(ascending=not self.descending)
+        else:
+            ranked = table.sort_values(
+                [self.sort, "bytes_per_s"], ascending=[not self.descending, False], na_position="last", kind="stable"
+            )
+        top = ranked.head(max(limit, 0))
+        keys = list(top.index)
+        frame = top.reset_index(drop=True)
+        frame.insert(0, "key", pd.Series(keys, dtype=object))
+        frame.insert(1, "label", [self.group.label(k) for k in keys])
+        frame["trend"] = self._trends(top.index, trend_width)
+        return TopRows(self.grouping, self.sort, self.descending, frame, len(table))
+
+    def drops(self, victims: int = 3) -> DropsTable:
+        """Drop reasons over the window, most dropped packets first, with the groups that lost the most."""
+        window_drops = [self._drops(i) for i in self.window]
+        present = [d for d in window_drops if not d.empty]
+        columns = ["reason", "last", "window", "window_bytes", "share", "victims"]
+        if not present:
+            return DropsTable(pd.DataFrame(columns=columns), len(self.window))
+        every = pd.concat(present)
+        names = list(self.group.key_names)
+        by_reason = every.groupby("reason", sort=False)[["packets", "bytes"]].sum()
+        last = window_drops[-1].groupby("reason", sort=False)["packets"].sum()
+        by_victim = every.groupby(["reason", *names], sort=False)["packets"].sum().reset_index()
+        by_victim = by_victim.sort_values(["reason", "packets"], ascending=[True, False], kind="stable")
+        top_victims = by_victim.groupby("reason", sort=False).head(victims)
+        victim_lists: dict[str, list[tuple[str, int]]] = {}
+        for record in top_victims.itertuples(index=False):
+            key = tuple(getattr(record, n) for n in names)
+            victim_lists.setdefault(record.reason, []).append((self.group.label(key), int(record.packets)))
+        ranked = by_reason.sort_values(["packets"], ascending=False, kind="stable")
+        total = max(int(ranked["packets"].sum()), 1)
+        frame = pd.DataFrame(
+            {
+                "reason": ranked.index.to_numpy(dtype=object),
+                "last": [int(last.get(r, 0)) for r in ranked.index],
+                "window": ranked["packets"].to_numpy(dtype=np.int64),
+                "window_bytes": ranked["bytes"].to_numpy(dtype=np.int64),
+                "share": ranked["packets"].to_numpy(dtype=float) / total,
+                "victims": [victim_lists.get(r, []) for r in ranked.index],
+            }
+        )
+        return DropsTable(frame, len(self.window))
+
+    def detail(self, key: tuple, events: int = 50) -> Detail:
+        """Everything the window knows about one group: its series, peers, drops by reason and recent events."""
+        group = self.group
+        names = list(group.key_names)
+        series_rows = []
+        drops = []
+        for interval in self.window:
+            row = _row(self._groups(interval), key)
+            series_rows.append(
+                {
+                    "time_end": interval.time_end,
+                    "bytes_per_s": (row["bytes"] if row is not None else 0) / interval.seconds,
+                    "packets_per_s": (row["packets"] if row is not None else 0) / interval.seconds,
+                    "drops": row["drop_packets"] if row is not None else 0,
+                    "retransmits": row["retransmits"] if row is not None else 0,
+                    "resets": row["resets"] if row is not None else 0,
+                    "rtt_us": row["rtt_us"] if row is not None else np.nan,
+                }
+            )
+            interval_drops = self._drops(interval)
+            if not interval_drops.empty:
+                drops.append(interval_drops[_matches(interval_drops, names, key)])
+        series = pd.DataFrame(series_rows)
+        if drops and any(not d.empty for d in drops):
+            by_reason = pd.concat(drops).groupby("reason", sort=False)[["packets", "bytes"]].sum()
+            by_reason = by_reason.sort_values("packets", ascending=False, kind="stable").reset_index()
+        else:
+            by_reason = pd.DataFrame({"reason": [], "packets": [], "bytes": []})
+        recent = list(self.window)[-self.detail_intervals :]
+        return Detail(
+            self.grouping,
+            key,
+            group.label(key),
+            series,
+            self._peers(recent, key),
+            by_reason,
+            self._events(recent, key, events),
+            len(recent),
+        )
+
+    # --- per-interval work, cached per view ----------------------------------------------------------
+
+    def _groups(self, interval: _Interval) -> pd.DataFrame:
+        if interval.groups is None:
+            interval.groups = self._aggregate(interval)
+        return interval.groups
+
+    def _aggregate(self, interval: _Interval) -> pd.DataFrame:
+        group = self.group
+        names = list(group.key_names)
+        flows = self.filter.flows(interval.flows)
+        keyed = group.keyed(flows, [c for c in (*SUMMED, "rtt_us") if c in flows.columns])
+        by_key = keyed.groupby(names, sort=False)
+        result = by_key[[c for c in SUMMED if c in keyed.columns]].sum(min_count=1).reindex(columns=list(SUMMED))
+        result["rtt_us"] = by_key["rtt_us"].mean() if "rtt_us" in keyed.columns else np.nan
+        events = self.filter.events(interval.events)
+        if len(events) and "kind" in events.columns:
+            flagged = events.assign(
+                connections=_first_per_connection(events, CONNECT_KINDS),
+                closes=_first_per_connection(events, ("close",)),
+            )
+            per_key = group.keyed(flagged, ["connections", "closes"]).groupby(names, sort=False)
+            result = result.join(per_key[["connections", "closes"]].sum(), how="outer")
+        else:
+            result = result.assign(connections=0, closes=0)
+        result[["connections", "closes"]] = result[["connections", "closes"]].fillna(0).astype(np.int64)
+        if not isinstance(result.index, pd.MultiIndex):  # one key column: keep keys as tuples all the same
+            result.index = pd.MultiIndex.from_arrays([result.index], names=names)
+        return result
+
+    def _drops(self, interval: _Interval) -> pd.DataFrame:
+        """Dropped packets and bytes per key and reason (only rows with drops, so this stays small)."""
+        if interval.drops is None:
+            flows = self.filter.flows(interval.flows)
+            names = list(self.group.key_names)
+            if "drop_packets" in flows.columns:
+                flows = flows[flows["drop_packets"].to_numpy(dtype=np.int64, na_value=0) > 0]
+            else:
+                flows = flows.iloc[0:0]
+            keyed = self.group.keyed(flows.assign(reason=_text(flows, "drop_reason")), ["reason", *DROP_COUNTERS])
+            keyed["reason"] = keyed["reason"].replace("", UNKNOWN)
+            interval.drops = (
+                keyed.groupby(["reason", *names], sort=False)[list(DROP_COUNTERS)]
+                .sum()
+                .set_axis(["packets", "bytes"], axis=1)
+                .reset_index()
+            )
+        return interval.drops
+
+    def _trends(self, keys: pd.Index, width: int) -> list[str]:
+        if len(keys) == 0 or width <= 0:
+            return []
+        recent = list(self.window)[-width:]
+        matrix = np.zeros((len(keys), len(recent)))
+        for column, interval in enumerate(recent):
+            rates = self._groups(interval)["bytes"].reindex(keys)
+            matrix[:, column] = rates.to_numpy(dtype=float, na_value=0.0) / interval.seconds
+        return sparklines(matrix)
+
+    def _peers(self, intervals: list[_Interval], key: tuple) -> pd.DataFrame:
+        """Who the group talked to: the other end of its flows, by identity or else by address.
+
+        A flow's peer is its reply: the same endpoints the other way round.
+        """
+        group = self.group
+        if group.name == "flow":
+            return self._flow_peers(intervals, key)
+        names = list(group.key_names)
+        peer_group = group.with_ip_fallback()
+        parts = []
+        for interval in intervals:
+            flows = self.filter.flows(interval.flows)
+            for end, other, direction in (("src", "dst", "→"), ("dst", "src", "←")):
+                mine, _ = group.side_keys(flows, end)
+                here = _matches(pd.DataFrame(mine), names, key)
+                if here.any():
+                    theirs, _ = peer_group.side_keys(flows[here], other)
+                    part = pd.DataFrame(theirs).assign(direction=direction)
+                    for counter in PEER_COUNTERS:
+                        part[counter] = _number(flows, counter)[here].clip(min=0)
+                    parts.append(part)
+        if not parts:
+            return pd.DataFrame({"peer": [], "direction": [], **{c: [] for c in PEER_COUNTERS}})
+        peer_names = list(peer_group.key_names)
+        summed = pd.concat(parts, ignore_index=True).groupby([*peer_names, "direction"], sort=False).sum()
+        summed = summed.sort_values("bytes", ascending=False, kind="stable").reset_index()
+        return pd.DataFrame(
+            {
+                "peer": [peer_group.label(k) for k in summed[peer_names].itertuples(index=False, name=None)],
+                "direction": summed["direction"].to_numpy(dtype=object),
+                **{c: summed[c].to_numpy() for c in PEER_COUNTERS},
+            }
+        )
+
+    def _flow_peers(self, intervals: list[_Interval], key: tuple) -> pd.DataFrame:
+        protocol, src_ip, src_port, dst_ip, dst_port = key
+        reply = (protocol, dst_ip, dst_port, src_ip, src_port)
+        rows = []
+        for flow_key, direction in ((key, "→"), (reply, "←")):
+            sums = dict.fromkeys(PEER_COUNTERS, 0)
+            for interval in intervals:
+                row = _row(self._groups(interval), flow_key)
+                for counter in PEER_COUNTERS:
+                    if row is not None and not pd.isna(row[counter]):
+                        sums[counter] += int(row[counter])
+            rows.append({"peer": _endpoint(dst_ip, dst_port), "direction": direction, **sums})
+        return pd.DataFrame(rows)
+
+    def _events(self, intervals: list[_Interval], key: tuple, limit: int) -> pd.DataFrame:
+        names = list(self.group.key_names)
+        parts = []
+        for interval in intervals:
+            events = self.filter.events(interval.events)
+            if len(events):
+                keyed = self.group.keyed(events, [])
+                rows = np.unique(keyed["row"].to_numpy()[_matches(keyed, names, key)])  # once if both ends match
+                parts.append(events.iloc[rows])
+        if not parts:
+            return pd.DataFrame({"time": [], "kind": [], "flow": [], "reason": []})
+        recent = pd.concat(parts, ignore_index=True).sort_values("time", ascending=False, kind="stable").head(limit)
+        flows = GROUPING_BY_NAME["flow"]
+        flow_keys = flows.keyed(recent, [])[list(flows.key_names)]
+        return pd.DataFrame(
+            {
+                "time": recent["time"].to_numpy(),
+                "kind": _text(recent, "kind"),
+                "flow": [flows.label(k) for k in flow_keys.itertuples(index=False, name=None)],
+                "reason": _text(recent, "drop_reason"),
+            }
+        )
+
+
+def _first_per_connection(events: pd.DataFrame, kinds: tuple[str, ...]) -> np.ndarray:
+    """1 for the first event of `kinds` of each connection, else 0.
+
+    A connection between two local sockets is seen at both ends (connect and accept, two closes) and
+    still counts once; its ends are compared without regard to which one the event calls the source.
+    """
+    chosen = events["kind"].isin(kinds).to_numpy(dtype=bool, na_value=False)
+    ends = [
+        pd.Series(_text(events, f"{side}_ip")) + " " + pd.Series(_number(events, f"{side}_port")).astype(str)
+        for side in ("src", "dst")
+    ]
+    one = ends[0].to_numpy(dtype=object)
+    other = ends[1].to_numpy(dtype=object)
+    connection = pd.DataFrame(
+        {
+            "chosen": chosen,
+            "protocol": _text(events, "protocol"),
+            "low": np.where(one <= other, one, other),
+            "high": np.where(one <= other, other, one),
+        }
+    )
+    return (chosen & ~connection.duplicated().to_numpy()).astype(np.int64)
+
+
+def _row(groups: pd.DataFrame, key: tuple) -> pd.Series | None:
+    if key not in groups.index:
+        return None
+    return groups.iloc[groups.index.get_loc(key)]
+
+
+def _matches(frame: pd.DataFrame, names: list[str], key: tuple) -> np.ndarray:
+    mask = np.ones(len(frame), dtype=bool)
+    for name, value in zip(names, key, strict=True):
+        mask &= frame[name].to_numpy() == value
+    return mask
+
+
+def _total(frame: pd.DataFrame, name: str) -> float:
+    return float(frame[name].sum()) if name in frame.columns else 0.0
+
+
+def _empty_rows() -> pd.DataFrame:
+    return pd.DataFrame(columns=["key", "label", *(m.name for m in METRICS), "trend"])
+
+
+def sparklines(matrix: np.ndarray) -> list[str]:
+    """One bar string per row, each scaled to its own maximum (a trend, not a comparison between rows)."""
+    peak = matrix.max(axis=1, keepdims=True)
+    scaled = np.divide(matrix, peak, out=np.zeros_like(matrix), where=peak > 0)
+    levels = np.clip(np.ceil(scaled * (len(SPARK) - 1)).astype(int), 0, len(SPARK) - 1)
+    return ["".join(SPARK[level] for level in row) for row in levels]
