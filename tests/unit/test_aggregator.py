@@ -1,0 +1,117 @@
+import ipaddress
+
+import numpy as np
+import pandas as pd
+
+from flowscope.aggregator import AggregationContext, build_batch
+from flowscope.kernel_reader import KernelDrain
+from flowscope.kernel_records import (
+    COUNTER_EVENT_LOST_BASE,
+    COUNTER_EVENT_SENT_BASE,
+    COUNTER_MAX,
+    COUNTERS,
+    EVENT,
+    FLOW_KEY,
+    FLOW_STATS,
+    KIND_FLOW_SPILL,
+)
+from flowscope.probe_catalog import TC_FLOWS
+
+OFFSET_NS = 1_800_000_000 * 10**9  # monotonic 0 = 2027-01-15T08:00:00Z
+
+
+def v4(text: str) -> bytes:
+    return b"\0" * 10 + b"\xff\xff" + ipaddress.IPv4Address(text).packed
+
+
+def key(src: str, sport: int, dst: str, dport: int, proto: int = 17, ifindex: int = 2, direction: int = 1):
+    k = np.zeros(1, dtype=FLOW_KEY)
+    k["saddr"], k["daddr"] = np.void(v4(src)), np.void(v4(dst))
+    k["sport"], k["dport"], k["proto"], k["ifindex"], k["direction"], k["ip_version"] = (
+        sport, dport, proto, ifindex, direction, 4,
+    )  # fmt: skip
+    return k
+
+
+def stats(packets: int, nbytes: int, first: int, last: int):
+    s = np.zeros(1, dtype=FLOW_STATS)
+    s["packets"], s["bytes"], s["first_seen_ns"], s["last_seen_ns"] = packets, nbytes, first, last
+    return s
+
+
+def spill(src: str, sport: int, dst: str, dport: int, length: int, ts: int):
+    e = np.zeros(1, dtype=EVENT)
+    e["kind"], e["saddr"], e["daddr"], e["sport"], e["dport"] = (
+        KIND_FLOW_SPILL,
+        np.void(v4(src)),
+        np.void(v4(dst)),
+        sport,
+        dport,
+    )
+    e["proto"], e["ip_version"], e["direction"], e["ifindex"], e["value"], e["ts_ns"] = 17, 4, 1, 2, length, ts
+    return e
+
+
+def counters(**values: int) -> np.ndarray:
+    array = np.zeros(COUNTER_MAX, dtype=np.uint64)
+    for name, value in values.items():
+        array[COUNTERS.index(name)] = value
+    return array
+
+
+def context() -> AggregationContext:
+    return AggregationContext(node="node-a", offset_ns=OFFSET_NS, ifnames={2: "veth0"}, active=[TC_FLOWS])
+
+
+def window():
+    return pd.Timestamp("2027-01-15T08:00:00Z"), pd.Timestamp("2027-01-15T08:00:01Z")
+
+
+def test_map_entries_and_spills_of_the_same_flow_are_summed_and_accounted() -> None:
+    keys = np.concatenate([key("10.0.0.1", 1000, "10.0.0.2", 53), key("10.0.0.1", 1001, "10.0.0.2", 53)])
+    values = np.concatenate([stats(3, 300, 10, 20), stats(1, 100, 15, 15)])
+    events = np.concatenate(
+        [spill("10.0.0.1", 1000, "10.0.0.2", 53, 100, 25), spill("10.0.0.3", 7, "10.0.0.2", 53, 60, 5)]
+    )
+    c = counters(tc_packets=7, flow_map_full=3)
+    c[COUNTER_EVENT_SENT_BASE + KIND_FLOW_SPILL] = 2
+    c[COUNTER_EVENT_LOST_BASE + KIND_FLOW_SPILL] = 1
+    batch = build_batch(KernelDrain(0, {"flows": (keys, values)}, events, c), context(), window())
+
+    flows = batch.flows.sort_values(["src_ip", "src_port"]).reset_index(drop=True)
+    assert flows[["src_ip", "src_port", "dst_ip", "dst_port", "packets", "bytes"]].values.tolist() == [
+        ["10.0.0.1", 1000, "10.0.0.2", 53, 4, 400],
+        ["10.0.0.1", 1001, "10.0.0.2", 53, 1, 100],
+        ["10.0.0.3", 7, "10.0.0.2", 53, 1, 60],
+    ]
+    assert flows.loc[0, "time_start"] == pd.Timestamp(OFFSET_NS + 10, unit="ns", tz="UTC")
+    assert flows.loc[0, "time_end"] == pd.Timestamp(OFFSET_NS + 25, unit="ns", tz="UTC")
+    assert set(flows["ifname"]) == {"veth0"} and set(flows["direction"]) == {"egress"}
+    assert set(flows["protocol"]) == {"UDP"} and set(flows["node"]) == {"node-a"}
+    # 7 packets seen: 4 in the map, 2 spilled and delivered, 1 spill refused by the ring.
+    assert batch.coverage.to_dict()["flow_map"] == {"produced": 7, "delivered": 6, "lost": 1}
+    assert batch.coverage.to_dict()["events:flow_spill"] == {"produced": 3, "delivered": 2, "lost": 1}
+    assert batch.coverage.unbalanced() == []
+
+
+def test_counters_of_probes_that_did_not_run_stay_null() -> None:
+    drain = KernelDrain(
+        0,
+        {"flows": (key("10.0.0.1", 1, "10.0.0.2", 2), stats(1, 60, 1, 1))},
+        np.zeros(0, EVENT),
+        counters(tc_packets=1),
+    )
+    flows = build_batch(drain, context(), window()).flows
+    assert flows["drop_packets"].isna().all() and flows["retransmits"].isna().all() and flows["rtt_us"].isna().all()
+    assert flows.loc[0, "packets"] == 1
+
+
+def test_a_lost_delivery_shows_as_unbalanced() -> None:
+    # The kernel says it sent 2 spill events but only 1 arrived: accounting must not hide it.
+    c = counters(tc_packets=2)
+    c[COUNTER_EVENT_SENT_BASE + KIND_FLOW_SPILL] = 2
+    drain = KernelDrain(
+        0, {"flows": (np.zeros(0, FLOW_KEY), np.zeros(0, FLOW_STATS))}, spill("10.0.0.1", 1, "10.0.0.2", 2, 60, 1), c
+    )
+    coverage = build_batch(drain, context(), window()).coverage
+    assert sorted(coverage.unbalanced()) == ["events:flow_spill", "flow_map"]

@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import pytest
+
+from flowscope.features import KernelFeatures
+from flowscope.loader import LoadOptions, cflags_for, module_text, plan_families
+from flowscope.probe_catalog import CATALOG, ProbeFamily, Requirement
+
+
+def features(tmp_path: Path, tracepoints: list[str], kprobes: bool = False, ringbuf: bool = True) -> KernelFeatures:
+    for name in tracepoints:
+        category, _, event = name.partition(":")
+        fmt = tmp_path / "events" / category / event / "format"
+        fmt.parent.mkdir(parents=True, exist_ok=True)
+        fmt.write_text("name: x\n")
+    return KernelFeatures(
+        release="6.18.0",
+        tracefs=tmp_path,
+        tracefs_note="",
+        bpffs=True,
+        bpffs_note="",
+        btf_path=None,
+        btf_error="no BTF here",
+        kprobes=kprobes,
+        kprobes_reason="" if kprobes else "the kernel is built without kprobes (CONFIG_KPROBES is not set)",
+        ringbuf=ringbuf,
+        batch_ops=True,
+    )
+
+
+CATALOG_UNDER_TEST = [
+    ProbeFamily("flows", "tc_flow.c", "tc", (Requirement("tc"),)),
+    ProbeFamily("drops", "skb_drop.c", "tracepoint skb:kfree_skb", (Requirement("tracepoint", "skb:kfree_skb"),)),
+    ProbeFamily(
+        "drops_kprobe",
+        "kprobe_drop.c",
+        "kprobe kfree_skb_reason",
+        (Requirement("kprobe", "kfree_skb_reason"),),
+        replaces="drops",
+    ),
+    ProbeFamily("btf_user", "x.c", "raw tracepoint", (Requirement("btf"),)),
+]
+
+
+def by_name(statuses):
+    return {s.family.name: s for s in statuses}
+
+
+def test_tracepoint_family_runs_and_its_kprobe_fallback_is_not_needed(tmp_path: Path) -> None:
+    statuses = by_name(plan_families(features(tmp_path, ["skb:kfree_skb"]), LoadOptions(), CATALOG_UNDER_TEST))
+    assert statuses["flows"].active and statuses["drops"].active
+    assert not statuses["drops_kprobe"].active
+    assert statuses["drops_kprobe"].reason == "not needed: drops runs on this kernel"
+
+
+def test_missing_tracepoint_and_missing_kprobes_are_both_explained(tmp_path: Path) -> None:
+    statuses = by_name(plan_families(features(tmp_path, []), LoadOptions(), CATALOG_UNDER_TEST))
+    assert not statuses["drops"].active
+    assert statuses["drops"].reason == "the kernel has no tracepoint skb:kfree_skb"
+    assert not statuses["drops_kprobe"].active
+    assert statuses["drops_kprobe"].reason == "the kernel is built without kprobes (CONFIG_KPROBES is not set)"
+    assert "CONFIG_KPROBES=y" in statuses["drops_kprobe"].remedy
+    assert statuses["btf_user"].reason == "no BTF here"
+
+
+def test_family_selection(tmp_path: Path) -> None:
+    options = LoadOptions(families={"flows"})
+    statuses = by_name(plan_families(features(tmp_path, ["skb:kfree_skb"]), options, CATALOG_UNDER_TEST))
+    assert statuses["flows"].active
+    assert not statuses["drops"].active and statuses["drops"].reason == "not selected"
+    assert not statuses["drops_kprobe"].active
+
+
+@pytest.mark.parametrize(
+    ("ringbuf", "forced", "perf"), [(True, False, False), (True, True, True), (False, False, True)]
+)
+def test_perf_buffer_when_forced_or_without_ring_buffer(
+    tmp_path: Path, ringbuf: bool, forced: bool, perf: bool
+) -> None:
+    flags = cflags_for(CATALOG[:1], features(tmp_path, [], ringbuf=ringbuf), LoadOptions(perf_events=forced))
+    assert ("-DFLOWSCOPE_PERF_EVENTS" in flags) is perf
+    assert "-DFLOWSCOPE_FLOW_MAP_SIZE=65536" in flags
+
+
+def test_module_text_is_the_header_then_each_family_file() -> None:
+    text = module_text(CATALOG[:1])
+    assert text.index("#define FLOWSCOPE_H") < text.index("int fs_tc_ingress(")
