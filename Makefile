@@ -45,6 +45,10 @@ top: setup
 test: setup-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Benchmarks (root, under 10 minutes): prints figures and ratios, rewrites docs/benchmarks.md.
+bench: setup-test
+	$(PY) -m bench.run $(ARGS)
+
 lint: setup-test
 	$(VENV)/bin/ruff check flowscope exporters ui tests bench
 	$(VENV)/bin/ruff format --check flowscope exporters ui tests bench
