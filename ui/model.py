@@ -261,6 +261,16 @@ class TopModel:
     # --- input ---------------------------------------------------------------------------------------
 
     def add(self, batch: FlowBatch) -> None:
+        self.account(batch)
+        self.keep(batch)
+
+    def account(self, batch: FlowBatch) -> None:
+        """Counts the batch's interval and its loss accounting (even while the display is paused)."""
+        self.coverage.merge(batch.coverage)
+        self.intervals += 1
+
+    def keep(self, batch: FlowBatch) -> None:
+        """Adds the batch to the window that rows, trends, drops and details are computed from."""
         seconds = self.fallback_seconds
         if batch.time_start is not None and batch.time_end is not None and not pd.isna(batch.time_start):
             span = (batch.time_end - batch.time_start).total_seconds()
@@ -268,8 +278,6 @@ class TopModel:
                 seconds = span
         flows = batch.flows[[c for c in KEPT_FLOW_COLUMNS if c in batch.flows.columns]]
         self.window.append(_Interval(batch.time_start, batch.time_end, seconds, flows, batch.events))
-        self.coverage.merge(batch.coverage)
-        self.intervals += 1
         rows = sum(len(i.flows) for i in self.window)
         while len(self.window) > 1 and (len(self.window) > self.history or rows > self.row_budget):
             rows -= len(self.window.popleft().flows)
@@ -323,7 +331,7 @@ class TopModel:
             self.coverage,
         )
 
-    def rows(self, limit: int, trend_width: int = 12) -> TopRows:
+    def rows(self, limit: int, trend_width: int = 12, arrow: str = "→") -> TopRows:
         """The top `limit` groups of the last interval in the current sort order, with a bytes/s trend."""
         if not self.window:
             return TopRows(self.grouping, self.sort, self.descending, _empty_rows(), 0)
@@ -352,7 +360,7 @@ class TopModel:
         keys = list(top.index)
         frame = top.reset_index(drop=True)
         frame.insert(0, "key", pd.Series(keys, dtype=object))
-        frame.insert(1, "label", [self.group.label(k) for k in keys])
+        frame.insert(1, "label", [self.group.label(k, arrow) for k in keys])
         frame["trend"] = self._trends(top.index, trend_width)
         return TopRows(self.grouping, self.sort, self.descending, frame, len(table))
 
@@ -478,8 +486,8 @@ class TopModel:
         return interval.drops
 
     def _trends(self, keys: pd.Index, width: int) -> list[str]:
-        if len(keys) == 0 or width <= 0:
-            return []
+        if width <= 0:
+            return [""] * len(keys)
         recent = list(self.window)[-width:]
         matrix = np.zeros((len(keys), len(recent)))
         for column, interval in enumerate(recent):

@@ -1,0 +1,79 @@
+"""Numbers as people read them in the TUI (the plain `-o table` output prints raw numbers for scripts)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from flowscope.coverage import Coverage
+
+MISSING = "-"
+
+
+def _missing(value: object) -> bool:
+    return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
+
+
+def _scaled(value: float, units: tuple[str, ...], step: float = 1000.0) -> str:
+    """3 significant figures at most: 999, 1.23k, 12.3k, 123k, 1.23M ..."""
+    for unit in units:
+        if abs(value) < step or unit == units[-1]:
+            if unit == units[0] and float(value).is_integer():
+                return f"{int(value)}{unit}"
+            digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
+            return f"{value:.{digits}f}{unit}"
+        value /= step
+    raise AssertionError("unreachable")
+
+
+def bytes_rate(value: object) -> str:
+    if _missing(value):
+        return MISSING
+    return _scaled(float(value), (" B/s", " kB/s", " MB/s", " GB/s", " TB/s"))
+
+
+def rate(value: object) -> str:
+    if _missing(value):
+        return MISSING
+    return _scaled(float(value), ("/s", "k/s", "M/s", "G/s"))
+
+
+def count(value: object) -> str:
+    if _missing(value):
+        return MISSING
+    return _scaled(float(value), ("", "k", "M", "G"))
+
+
+def byte_count(value: object) -> str:
+    if _missing(value):
+        return MISSING
+    return _scaled(float(value), (" B", " kB", " MB", " GB", " TB"))
+
+
+def duration_us(value: object) -> str:
+    if _missing(value) or math.isnan(float(value)):
+        return MISSING
+    micros = float(value)
+    if micros < 1000:
+        return f"{micros:.0f}µs"
+    if micros < 1_000_000:
+        return f"{micros / 1000:.3g}ms"
+    return f"{micros / 1_000_000:.3g}s"
+
+
+FORMATTERS = {"bytes_rate": bytes_rate, "rate": rate, "count": count, "duration": duration_us}
+
+
+def coverage_text(coverage: Coverage) -> str:
+    produced, lost = coverage.produced, coverage.lost
+    if produced == 0:
+        return "coverage -"
+    share = 100.0 * (produced - lost) / produced
+    return f"coverage {share:.1f}% (lost {lost:,} of {produced:,})"
+
+
+def clock(time: pd.Timestamp | None) -> str:
+    if time is None or pd.isna(time):
+        return "--:--:--"
+    return pd.Timestamp(time).tz_convert("UTC").strftime("%H:%M:%S")
