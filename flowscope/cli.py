@@ -325,6 +325,13 @@ def build_parser() -> ArgumentParser:
     capture.add_argument("-o", "--output", choices=("jsonl", "table"), default="table")
     capture.add_argument("--file", metavar="PATH", help="write to PATH instead of stdout")
     capture.set_defaults(run=run_capture)
+
+    from flowscope.ui.command import add_top_arguments, run_top
+
+    top = commands.add_parser("top", help="live top talkers, drops and TCP health (Textual UI; -o table for scripts)")
+    add_probe_arguments(top)
+    add_top_arguments(top)
+    top.set_defaults(run=run_top)
     return parser
 
 
