@@ -72,7 +72,7 @@ def add_top_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--group", choices=GROUPINGS, default="flow", help="what a row is (g cycles it in the TUI)")
     parser.add_argument(
-        "--sort", type=_sort, default="bytes_per_s", metavar="COLUMN", help="bytes, packets, drops, rtt, ... or key"
+        "--sort", type=_sort, default="bytes", metavar="COLUMN", help="bytes, packets, drops, rtt, ... or key"
     )
     parser.add_argument("--filter", default="", metavar="TEXT", help="only flows and events matching TEXT")
     parser.add_argument(
