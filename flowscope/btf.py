@@ -197,8 +197,9 @@ class Btf:
         return values
 
     def func_proto_params(self, typedef_name: str) -> list[str]:
-        """Parameter type names of a function-pointer typedef such as btf_trace_kfree_skb."""
-        type_id = self.find(typedef_name, (KIND_TYPEDEF,))
+        """Parameter type names of a function-pointer typedef such as btf_trace_kfree_skb, or of a kernel
+        function such as sk_skb_reason_drop (kprobe argument positions)."""
+        type_id = self.find(typedef_name, (KIND_TYPEDEF, KIND_FUNC))
         target = self._resolve(self._size_type[type_id])
         if self._kind[target] == KIND_PTR:
             target = self._resolve(self._size_type[target])
