@@ -54,6 +54,7 @@ class TopFeed:
         self._waiting: deque[FlowBatch] = deque(maxlen=model.history)
         self._lock = threading.Lock()
         self._sequence = 0
+        self.published = 0  # sequence of the newest snapshot handed to on_snapshot
         self._probes: tuple[ProbeStatus, ...] = ()
         self._stop = threading.Event()
         self._reader = threading.Thread(target=self._read, name="flowscope-top-reader", daemon=True)
@@ -138,4 +139,6 @@ class TopFeed:
 
     def publish(self) -> None:
         if not self._stop.is_set():
-            self.on_snapshot(self.snapshot())
+            snapshot = self.snapshot()
+            self.published = max(self.published, snapshot.sequence)
+            self.on_snapshot(snapshot)

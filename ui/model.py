@@ -615,6 +615,7 @@ def _empty_rows() -> pd.DataFrame:
 
 def sparklines(matrix: np.ndarray) -> list[str]:
     """One bar string per row, each scaled to its own maximum (a trend, not a comparison between rows)."""
+    matrix = matrix.astype(float)
     peak = matrix.max(axis=1, keepdims=True)
     scaled = np.divide(matrix, peak, out=np.zeros_like(matrix), where=peak > 0)
     levels = np.clip(np.ceil(scaled * (len(SPARK) - 1)).astype(int), 0, len(SPARK) - 1)

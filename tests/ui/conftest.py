@@ -122,7 +122,16 @@ def shop_batches() -> list[FlowBatch]:
     for i in range(5):
         flows = [
             _flow(
-                i, checkout, payments, "veth-checkout", "egress", "TCP", 43210, 8443, 100 + 10 * i, 1000,
+                i,
+                checkout,
+                payments,
+                "veth-checkout",
+                "egress",
+                "TCP",
+                43210,
+                8443,
+                100 + 10 * i,
+                1000,
                 rtt_us=1200 + 100 * i,
                 retransmits=3 if i == 2 else 0,
                 drop_packets=2 if i == 3 else 0,
@@ -143,41 +152,88 @@ def shop_batches() -> list[FlowBatch]:
         if i == 1:
             flows += [
                 _flow(
-                    i, curl, payments, "veth-payments", "ingress", "TCP", 39000, 9999, 1, 74,
-                    drop_packets=1, drop_bytes=74, drop_reason="NO_SOCKET",
+                    i,
+                    curl,
+                    payments,
+                    "veth-payments",
+                    "ingress",
+                    "TCP",
+                    39000,
+                    9999,
+                    1,
+                    74,
+                    drop_packets=1,
+                    drop_bytes=74,
+                    drop_reason="NO_SOCKET",
                 ),
                 _flow(i, payments, curl, "veth-payments", "egress", "TCP", 9999, 39000, 1, 54, resets=1),
             ]
             events += [
                 _event(i, 200, "connect", curl, payments, "TCP", 39000, 9999, pid=777, comm="curl"),
                 _event(
-                    i, 201, "drop", curl, payments, "TCP", 39000, 9999,
-                    drop_reason="NO_SOCKET", location="tcp_v4_rcv", bytes=74,
+                    i,
+                    201,
+                    "drop",
+                    curl,
+                    payments,
+                    "TCP",
+                    39000,
+                    9999,
+                    drop_reason="NO_SOCKET",
+                    location="tcp_v4_rcv",
+                    bytes=74,
                 ),
                 _event(i, 202, "reset", payments, curl, "TCP", 9999, 39000, state="CLOSE"),
             ]
         if i == 2:
-            events.append(
-                _event(i, 300, "retransmit", checkout, payments, "TCP", 43210, 8443, state="ESTABLISHED")
-            )
+            events.append(_event(i, 300, "retransmit", checkout, payments, "TCP", 43210, 8443, state="ESTABLISHED"))
         if i in (3, 4):
             flows.append(
                 _flow(
-                    i, outside, checkout, "eth0", "ingress", "TCP", 51000, 8080, 6, 60,
-                    drop_packets=6, drop_bytes=360, drop_reason="NETFILTER_DROP",
+                    i,
+                    outside,
+                    checkout,
+                    "eth0",
+                    "ingress",
+                    "TCP",
+                    51000,
+                    8080,
+                    6,
+                    60,
+                    drop_packets=6,
+                    drop_bytes=360,
+                    drop_reason="NETFILTER_DROP",
                 )
             )
             events.append(
                 _event(
-                    i, 400, "drop", outside, checkout, "TCP", 51000, 8080,
-                    drop_reason="NETFILTER_DROP", location="nf_hook_slow", bytes=60,
+                    i,
+                    400,
+                    "drop",
+                    outside,
+                    checkout,
+                    "TCP",
+                    51000,
+                    8080,
+                    drop_reason="NETFILTER_DROP",
+                    location="nf_hook_slow",
+                    bytes=60,
                 )
             )
         if i == 3:
             events.append(
                 _event(
-                    i, 500, "drop", payments, checkout, "TCP", 8443, 43210,
-                    drop_reason="TCP_INVALID_SEQUENCE", location="tcp_validate_incoming", bytes=1000,
+                    i,
+                    500,
+                    "drop",
+                    payments,
+                    checkout,
+                    "TCP",
+                    8443,
+                    43210,
+                    drop_reason="TCP_INVALID_SEQUENCE",
+                    location="tcp_validate_incoming",
+                    bytes=1000,
                 )
             )
         if i == 4:
@@ -212,3 +268,70 @@ def write_replay(path: Path, batches: list[FlowBatch]) -> Path:
 @pytest.fixture
 def shop_replay(tmp_path) -> Path:
     return write_replay(tmp_path / "shop.jsonl", shop_batches())
+
+
+class QueueSource:
+    """A BatchSource fed by the test, one batch at a time, to drive the app through live-like arrivals."""
+
+    def __init__(self, node: str = NODE, interval: float = SECONDS) -> None:
+        import queue
+
+        self.node = node
+        self.interval = interval
+        self.closed = False
+        self._queue: queue.Queue = queue.Queue()
+
+    def put(self, batch: FlowBatch | None) -> None:
+        """Queues a batch; None ends the stream."""
+        self._queue.put(batch)
+
+    def probes(self):
+        from flowscope.source import ProbeStatus
+
+        return [
+            ProbeStatus("tc_flows", True, "tc clsact ingress+egress"),
+            ProbeStatus("tcp_rtt", False, "kprobe tcp_rcv_established", "kprobes are off"),
+        ]
+
+    def __iter__(self):
+        while (batch := self._queue.get()) is not None:
+            yield batch
+
+    def close(self) -> None:
+        self.closed = True
+        self._queue.put(None)
+
+
+async def settle(app, pilot, after: int | None = None, timeout: float = 20.0) -> None:
+    """Waits until the app shows the newest snapshot its feed computed (and one newer than `after`)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await pilot.pause(0.02)
+        shown = app.last_snapshot.sequence if app.last_snapshot else 0
+        if shown and shown == app.feed.published and (after is None or shown > after):
+            await pilot.pause(0.05)
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the app did not settle within {timeout}s")
+
+
+async def press_and_settle(app, pilot, *keys: str) -> None:
+    for key in keys:
+        before = app.feed.published
+        await pilot.press(key)
+        await settle(app, pilot, after=before)
+
+
+async def replay_finished(app, pilot) -> None:
+    """Waits until a replay has been read to its end and its last snapshot is shown."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + 20
+    while not app.feed.finished.is_set() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert app.feed.finished.is_set(), "the replay did not finish"
+    await settle(app, pilot)
