@@ -114,7 +114,7 @@ def test_filter_applies_to_rows_totals_and_drops(model):
     model.set_view(filter=parse_filter("not namespace=shop"))  # every flow has shop at one end
     assert table(model) == []
     model.set_view(filter=parse_filter("verdict=dropped"))
-    assert table(model) == [("shop/checkout-7d9f", 180.0, 6, 0, 0), ("192.0.2.80", 180.0, 6, 0, 0)]
+    assert table(model) == [("192.0.2.80", 180.0, 6, 0, 0), ("shop/checkout-7d9f", 180.0, 6, 0, 0)]
     assert model.totals().filtered_flows == 1
     assert model.totals().flows == 5
     assert model.drops().frame["reason"].tolist() == ["NETFILTER_DROP", "TCP_INVALID_SEQUENCE", "NO_SOCKET"]
