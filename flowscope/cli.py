@@ -8,7 +8,7 @@ import logging
 import math
 import signal
 import sys
-import time
+import threading
 from collections.abc import Callable, Iterator
 from typing import IO, Any, NoReturn
 
@@ -148,21 +148,34 @@ def _endpoint(ip: object, port: object) -> str:
     return address if port is None or pd.isna(port) else f"{address}:{port}"
 
 
-def _intervals(source: BatchSource, duration: float | None, interval: float) -> Iterator[FlowBatch]:
-    """Batches until `duration` seconds have passed (the last interval is cut short to fit)."""
-    next_batch: Callable[[float], FlowBatch] | None = getattr(source, "next_batch", None)
-    if next_batch is None or duration is None:
-        started = time.monotonic()
+def _intervals(
+    source: BatchSource, duration: float | None, interval: float, stop: threading.Event
+) -> Iterator[FlowBatch]:
+    """Batches until `duration` seconds have passed (the last interval is cut short to fit) or `stop` is set;
+    a live source then cuts the interval under way short, so what it counted is still reported."""
+    next_batch: Callable[..., FlowBatch] | None = getattr(source, "next_batch", None)
+    if next_batch is None:
         for batch in source:
             yield batch
-            if duration is not None and next_batch is not None and time.monotonic() - started >= duration:
+            if stop.is_set():
                 return
         return
-    remaining = duration
-    while remaining > 1e-6:
+    remaining = math.inf if duration is None else duration
+    while remaining > 1e-6 and not stop.is_set():
         step = min(interval, remaining)
-        yield next_batch(step)
+        yield next_batch(step, stop)
         remaining -= step
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    """The first SIGINT or SIGTERM sets `stop`; a second one interrupts at once (KeyboardInterrupt)."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        stop.set()
+        signal.signal(signum, signal.default_int_handler)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
 
 
 def probes_summary(probes: list[ProbeStatus]) -> list[dict[str, object]]:
@@ -173,15 +186,20 @@ def probes_summary(probes: list[ProbeStatus]) -> list[dict[str, object]]:
 
 
 def run_capture(args: argparse.Namespace) -> int:
-    out = open(args.file, "w", encoding="utf-8") if args.file else sys.stdout  # noqa: SIM115
+    try:
+        out = open(args.file, "w", encoding="utf-8") if args.file else sys.stdout  # noqa: SIM115
+    except OSError as err:
+        raise UsageError(f"cannot write {args.file} ({err.strerror}); choose another --file.") from None
     total = Coverage()
     intervals = 0
     first: pd.Timestamp | None = None
     last: pd.Timestamp | None = None
     source = open_source(args)
+    stop = threading.Event()
+    _stop_on_signals(stop)
     interrupted = False
     try:
-        for batch in _intervals(source, args.duration, args.interval):
+        for batch in _intervals(source, args.duration, args.interval, stop):
             intervals += 1
             total.merge(batch.coverage)
             first = batch.time_start if first is None else first
@@ -193,6 +211,7 @@ def run_capture(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        interrupted = interrupted or stop.is_set()
         probes = source.probes()
         transport = getattr(source, "events_transport", None)
         source.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -37,18 +38,18 @@ class LiveSource:
                 f"interface {', '.join(missing)} does not exist in this network namespace; `ip link` lists them."
             )
         self.interfaces = interfaces
-        removed = tc.remove_stale()
-        if removed:
-            log.info("removed %d tc filters left by an earlier flowscope process", removed)
-        self.loaded: LoadedProbes = load(options)
+        self.loaded: LoadedProbes = load(options)  # first: it says what is missing (bcc, privileges)
         try:
+            removed = tc.remove_stale()
+            if removed:
+                log.info("removed %d tc filters left by an earlier flowscope process", removed)
             if self.loaded.is_active("tc_flows"):
                 for name in interfaces:
                     self._attachments.attach(
                         name, self.loaded.tc_programs["ingress"], self.loaded.tc_programs["egress"]
                     )
             self._reader = KernelReader(self.loaded)
-        except Exception:
+        except BaseException:  # Ctrl-C during attach too: never leave filters behind
             self.close()
             raise
         self._context = AggregationContext(
@@ -73,11 +74,12 @@ class LiveSource:
     def events_transport(self) -> str:
         return "perf buffer" if self.loaded.perf_events else "ring buffer"
 
-    def next_batch(self, seconds: float) -> FlowBatch:
-        """Collects events for `seconds`, then drains the interval and returns its FlowBatch."""
+    def next_batch(self, seconds: float, stop: threading.Event | None = None) -> FlowBatch:
+        """Collects events for `seconds` (less once `stop` is set), then drains the interval and returns its
+        FlowBatch."""
         assert self._reader is not None
         deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
+        while (remaining := deadline - time.monotonic()) > 0 and not (stop is not None and stop.is_set()):
             self._reader.poll(max(1, min(int(remaining * 1000), POLL_SLICE_MS)))
         drain = self._reader.flip_and_drain()
         start, self._window_start = self._window_start, pd.Timestamp.now(tz="UTC")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,8 +153,25 @@ class LoadedProbes:
             cleanup()
 
 
-def require_root() -> None:
-    if os.geteuid() != 0:
+# include/uapi/linux/capability.h
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
+
+
+def effective_capabilities() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def require_privileges() -> None:
+    """Loading and attaching needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN before 5.8) and CAP_NET_ADMIN:
+    checked up front, since a root user without them (a container, a user namespace) is not enough."""
+    caps = effective_capabilities()
+    has = {cap: bool(caps >> cap & 1) for cap in (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF)}
+    admin = has[CAP_SYS_ADMIN]
+    if not (has[CAP_NET_ADMIN] and (has[CAP_BPF] or admin) and (has[CAP_PERFMON] or admin)):
         raise LoaderError(
             "flowscope needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) to load probes; run it with sudo."
         )
@@ -173,8 +189,8 @@ def import_bcc():
 
 
 def load(options: LoadOptions, features: KernelFeatures | None = None) -> LoadedProbes:
-    require_root()
     bcc = import_bcc()
+    require_privileges()
     features = features or probe_features()
     try:
         headers = find_headers()
