@@ -1,0 +1,194 @@
+"""What one identity source knows (pods, services, nodes, workload controllers, IP claims), under one lock.
+
+The Kubernetes watch threads write into a catalog; the enricher reads it, holding the lock only while it
+resolves the unique keys of one batch. Deleted objects stay readable for the grace period, so late flows
+are still named.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+from flowscope.enrich.ipindex import IpIndex, Owner
+from flowscope.enrich.model import Controller, ControllerMeta, NodeMeta, PodMeta, ServiceMeta
+
+KINDS = ("pods", "services", "nodes", "replicasets", "jobs")
+
+_KEYS: dict[str, Callable[[Any], Hashable]] = {
+    "pods": lambda pod: pod.uid,
+    "services": lambda service: (service.namespace, service.name),
+    "nodes": lambda node: node.name,
+    "replicasets": lambda controller: (controller.namespace, controller.name),
+    "jobs": lambda controller: (controller.namespace, controller.name),
+}
+# Controllers whose own controller is the workload people name: ReplicaSet -> Deployment, Job -> CronJob.
+_INTERMEDIATE = {"ReplicaSet": "replicasets", "Job": "jobs"}
+
+
+def key_of(kind: str, obj: Any) -> Hashable:
+    return _KEYS[kind](obj)
+
+
+def _claims_of(kind: str, obj: Any) -> list[tuple[str, Owner, bool, str | None]]:
+    """(ip, owner, shared, node) for every address the object holds."""
+    if kind == "pods":
+        pod: PodMeta = obj
+        if pod.terminated:
+            return []
+        return [(ip, ("pod", pod.uid), pod.host_network, pod.node) for ip in pod.ips]
+    if kind == "services":
+        return [(ip, ("service", obj.namespace, obj.name), False, None) for ip in obj.ips]
+    if kind == "nodes":
+        return [(ip, ("node", obj.name), True, obj.name) for ip in obj.ips]
+    return []
+
+
+class Catalog:
+    def __init__(self, name: str, grace: float, clock: Callable[[], float] = time.time) -> None:
+        self.name = name  # "kubernetes" | "static"
+        self.grace = grace
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.objects: dict[str, dict[Hashable, Any]] = {kind: {} for kind in KINDS}
+        self.deleted_at: dict[tuple[str, Hashable], float] = {}
+        self.ips = IpIndex(grace)
+        self._by_container: dict[str, str] = {}  # container id -> pod uid
+        self._by_config_hash: dict[str, str] = {}  # static pod's node-local UID -> mirror pod uid
+        self.version = 0  # bumped on every change (lets readers cache derived answers)
+
+    # ---- writers ----------------------------------------------------------------------------------------
+
+    def put(self, kind: str, obj: Any, now: float | None = None, listed: bool = False) -> None:
+        """Adds or replaces an object. `listed`: it comes from a list, so its addresses may predate `now`."""
+        now = self.clock() if now is None else now
+        key = key_of(kind, obj)
+        with self.lock:
+            old = self.objects[kind].get(key)
+            if old is not None and (kind, key) in self.deleted_at:
+                old = None  # recreated (a service or node of the same name): the old claims were released
+            self.deleted_at.pop((kind, key), None)
+            self.objects[kind][key] = obj
+            old_claims = {(ip, owner) for ip, owner, _, _ in _claims_of(kind, old)} if old is not None else set()
+            new_claims = _claims_of(kind, obj)
+            for ip, owner in old_claims - {(ip, owner) for ip, owner, _, _ in new_claims}:
+                self.ips.release(ip, owner, now)
+            start = self._claim_start(kind, obj, now, listed)
+            for ip, owner, shared, node in new_claims:
+                if (ip, owner) not in old_claims:
+                    self.ips.claim(ip, owner, start, shared, node)
+            if kind == "pods":
+                self._index_pod(obj, old)
+            self.version += 1
+
+    @staticmethod
+    def _claim_start(kind: str, obj: Any, now: float, listed: bool) -> float:
+        # A pod gets its IP after kubelet acknowledged it (status.startTime), never before; objects seen in
+        # a list were there before we looked; objects seen in a watch event got their address just now.
+        if kind == "pods" and obj.start_time is not None:
+            return min(obj.start_time, now)
+        return -math.inf if listed else now
+
+    def _index_pod(self, pod: PodMeta, old: PodMeta | None) -> None:
+        if old is not None:
+            for cid in old.containers:
+                self._by_container.pop(cid, None)
+        for cid in pod.containers:
+            self._by_container[cid] = pod.uid
+        if pod.config_hash:
+            self._by_config_hash[pod.config_hash] = pod.uid
+
+    def remove(self, kind: str, key: Hashable, now: float | None = None) -> None:
+        """The object is gone; it stays readable for the grace period, its addresses are released now."""
+        now = self.clock() if now is None else now
+        with self.lock:
+            obj = self.objects[kind].get(key)
+            if obj is None or (kind, key) in self.deleted_at:
+                return
+            self.deleted_at[(kind, key)] = now
+            for ip, owner, _, _ in _claims_of(kind, obj):
+                self.ips.release(ip, owner, now)
+            self.version += 1
+
+    def replace(self, kind: str, objects: Iterable[Any], now: float | None = None) -> None:
+        """A fresh list: objects it lacks were deleted (now), the others are put as listed."""
+        now = self.clock() if now is None else now
+        fresh = {key_of(kind, obj): obj for obj in objects}
+        with self.lock:
+            for key in list(self.objects[kind]):
+                if key not in fresh:
+                    self.remove(kind, key, now)
+            for obj in fresh.values():
+                self.put(kind, obj, now, listed=True)
+
+    def add_network(self, cidr: str, owner: Owner) -> None:
+        with self.lock:
+            self.ips.add_network(cidr, owner)
+            self.version += 1
+
+    def purge(self, now: float | None = None) -> int:
+        """Forgets objects deleted more than the grace period ago, and IP claims past their grace."""
+        now = self.clock() if now is None else now
+        with self.lock:
+            expired = [item for item, at in self.deleted_at.items() if at + self.grace < now]
+            for kind, key in expired:
+                del self.deleted_at[(kind, key)]
+                obj = self.objects[kind].pop(key)
+                if kind == "pods":
+                    for cid in obj.containers:
+                        if self._by_container.get(cid) == obj.uid:
+                            del self._by_container[cid]
+                    if obj.config_hash and self._by_config_hash.get(obj.config_hash) == obj.uid:
+                        del self._by_config_hash[obj.config_hash]
+            removed = self.ips.purge(now)
+            if expired or removed:
+                self.version += 1
+            return len(expired)
+
+    # ---- readers (hold self.lock around a batch of calls) -----------------------------------------------------
+
+    def pod(self, uid: str) -> PodMeta | None:
+        """A pod by its UID, or by the node-local UID of a static pod (which names its cgroup)."""
+        pods = self.objects["pods"]
+        found = pods.get(uid)
+        if found is None and uid in self._by_config_hash:
+            found = pods.get(self._by_config_hash[uid])
+        return found
+
+    def pod_of_container(self, container_id: str) -> PodMeta | None:
+        uid = self._by_container.get(container_id)
+        return None if uid is None else self.objects["pods"].get(uid)
+
+    def service(self, namespace: str, name: str) -> ServiceMeta | None:
+        return self.objects["services"].get((namespace, name))
+
+    def node(self, name: str) -> NodeMeta | None:
+        return self.objects["nodes"].get(name)
+
+    def workload(self, pod: PodMeta) -> Controller:
+        """The workload a pod belongs to: Deployment, StatefulSet, DaemonSet, CronJob, Job, ... or the pod."""
+        if pod.workload is not None:
+            return pod.workload
+        owner = pod.controller
+        # A bare pod is its own workload; so is a static pod, whose mirror's "owner" is the Node.
+        if owner is None or owner.kind == "Node":
+            return Controller("Pod", pod.name)
+        kind = _INTERMEDIATE.get(owner.kind)
+        if kind is not None:
+            parent: ControllerMeta | None = self.objects[kind].get((pod.namespace, owner.name))
+            if parent is not None and parent.controller is not None:
+                return parent.controller
+        return owner
+
+    def counts(self) -> dict[str, int]:
+        with self.lock:
+            counts = {kind: len(objects) for kind, objects in self.objects.items()}
+            counts["deleted_in_grace"] = len(self.deleted_at)
+            counts["ip_addresses"] = len(self.ips)
+            if self.ips.networks:
+                counts["networks"] = self.ips.networks
+            counts["containers"] = len(self._by_container)
+            return counts
