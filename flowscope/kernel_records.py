@@ -79,6 +79,11 @@ COUNTERS = (
     "drop_map_full",
     "drop_events_sampled_out",
     "tcp_map_full",
+    "tcp_events_sampled_out",
+    "sock_map_full",
+    "drops",
+    "tcp_counts",
+    "rtt_map_full",
 )
 COUNTER_EVENT_SENT_BASE = 16
 COUNTER_EVENT_LOST_BASE = COUNTER_EVENT_SENT_BASE + EVENT_KIND_MAX

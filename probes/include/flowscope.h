@@ -89,7 +89,12 @@ enum fs_counter {
     FS_CNT_SPILL_LOST_BYTES, /* bytes of spills the ring could not take (packets: event lost[SPILL]) */
     FS_CNT_DROP_MAP_FULL, /* drops that found the drop-count map full */
     FS_CNT_DROP_EVENTS_SAMPLED_OUT, /* drops counted in the map but not sent as events */
-    FS_CNT_TCP_MAP_FULL, /* retransmit/reset/rtt updates that found their map full */
+    FS_CNT_TCP_MAP_FULL, /* retransmits/resets that found the tcp map full */
+    FS_CNT_TCP_EVENTS_SAMPLED_OUT, /* retransmits/resets counted in the tcp map but not sent as events */
+    FS_CNT_SOCK_MAP_FULL, /* connections the socket table could not hold (their events lack pid/duration) */
+    FS_CNT_DROPS, /* drops seen (normal frees are filtered out before counting) */
+    FS_CNT_TCP_COUNTS, /* retransmits + resets seen (a reset seen at both ends of a local connection: once) */
+    FS_CNT_RTT_MAP_FULL, /* RTT samples that found the tcp map full */
     FS_CNT_EVENT_SENT_BASE = 16, /* + kind: events written to the ring */
     FS_CNT_EVENT_LOST_BASE = FS_CNT_EVENT_SENT_BASE + FS_EV_KIND_MAX, /* + kind: ring full */
     FS_CNT_MAX = FS_CNT_EVENT_LOST_BASE + FS_EV_KIND_MAX,
@@ -132,6 +137,42 @@ static __always_inline int fs_emit(void *ctx, struct fs_event *event, __u32 gene
     __u32 kind = event->kind < FS_EV_KIND_MAX ? event->kind : 0;
     fs_count(generation, (err ? FS_CNT_EVENT_LOST_BASE : FS_CNT_EVENT_SENT_BASE) + kind, 1);
     return err;
+}
+
+/* Per-CPU token buckets that rate-limit events whose occurrences are already counted in a map: up to
+ * `per_second` events per second per CPU, in bursts of up to one second's worth. */
+#define FS_BUCKET_DROP_EVENTS 0
+#define FS_BUCKET_TCP_EVENTS 1
+#define FS_BUCKET_MAX 2
+#define FS_NS_PER_SECOND 1000000000ULL
+
+struct fs_token_bucket {
+    __u64 credit; /* in billionths of an event */
+    __u64 last_ns;
+};
+
+BPF_PERCPU_ARRAY(fs_event_buckets, struct fs_token_bucket, FS_BUCKET_MAX);
+
+/* 1 when an event may be sent now (and takes its token), else 0. */
+static __always_inline int fs_take_token(__u32 bucket, __u64 per_second)
+{
+    struct fs_token_bucket *state = fs_event_buckets.lookup(&bucket);
+    if (!state || per_second == 0)
+        return 0;
+    __u64 now = bpf_ktime_get_ns();
+    __u64 elapsed = now - state->last_ns;
+    if (elapsed > FS_NS_PER_SECOND)
+        elapsed = FS_NS_PER_SECOND;
+    __u64 credit = state->credit + elapsed * per_second;
+    if (credit > per_second * FS_NS_PER_SECOND)
+        credit = per_second * FS_NS_PER_SECOND;
+    state->last_ns = now;
+    if (credit < FS_NS_PER_SECOND) {
+        state->credit = credit;
+        return 0;
+    }
+    state->credit = credit - FS_NS_PER_SECOND;
+    return 1;
 }
 
 static __always_inline void fs_set_ipv4(__u8 *dst, __u32 addr_be)
