@@ -24,7 +24,7 @@ FLOW_KEY = np.dtype(
         ("proto", "u1"),
         ("direction", "u1"),
         ("ip_version", "u1"),
-        ("pad", "u1"),
+        ("flags", "u1"),
     ]
 )
 FLOW_STATS = np.dtype(
@@ -60,7 +60,8 @@ EVENT = np.dtype(
         ("comm", "S16"),
         ("tcp_flags", "<u2"),
         ("generation", "u1"),
-        ("pad", "V5"),
+        ("key_flags", "u1"),
+        ("pad", "V4"),
     ]
 )
 assert FLOW_KEY.itemsize == 44 and FLOW_STATS.itemsize == 48 and EVENT.itemsize == 120
@@ -89,11 +90,15 @@ COUNTER_EVENT_SENT_BASE = 16
 COUNTER_EVENT_LOST_BASE = COUNTER_EVENT_SENT_BASE + EVENT_KIND_MAX
 COUNTER_MAX = COUNTER_EVENT_LOST_BASE + EVENT_KIND_MAX
 
+# flow_key.flags
+KEY_NO_PORTS = 0x01  # no transport header was read: ports and ICMP type/code are unknown
+
 DIRECTIONS = np.array(["ingress", "egress"], dtype=object)
 
 # IANA protocol numbers (a network standard, not a kernel enum).
 PROTOCOL_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP", 136: "UDPLite"}
 ICMP_PROTOCOLS = (1, 58)
+PORT_PROTOCOLS = (6, 17, 132, 136)  # TCP, UDP, SCTP, UDP-Lite
 
 
 def protocol_names(numbers: np.ndarray) -> np.ndarray:
@@ -157,8 +162,9 @@ def flows_from_map(
         return conform(pd.DataFrame(), FLOW_COLUMNS)
     proto = keys["proto"]
     ip = keys["ip_version"] > 0
-    icmp = ip & np.isin(proto, ICMP_PROTOCOLS)
-    has_ports = ip & np.isin(proto, (6, 17, 132, 136))
+    read = ip & (keys["flags"] & KEY_NO_PORTS == 0)
+    icmp = read & np.isin(proto, ICMP_PROTOCOLS)
+    has_ports = read & np.isin(proto, PORT_PROTOCOLS)
     sport, dport, icmp_type, icmp_code = _ports(keys, icmp, has_ports)
     tcp = proto == 6
     ifindex = keys["ifindex"]
@@ -189,29 +195,40 @@ def flows_from_map(
     return conform(frame, FLOW_COLUMNS)
 
 
+def _fold(inverse: np.ndarray, groups: int, **columns: np.ndarray) -> np.ndarray:
+    """FLOW_STATS per group: packets and bytes summed (exactly, in uint64), first/last seen min/max, TCP
+    flags ORed, the cgroup id of any member (the largest)."""
+    folded = np.zeros(groups, dtype=FLOW_STATS)
+    folded["first_seen_ns"] = np.iinfo(np.uint64).max
+    np.add.at(folded["packets"], inverse, columns["packets"])
+    np.add.at(folded["bytes"], inverse, columns["bytes"])
+    np.minimum.at(folded["first_seen_ns"], inverse, columns["first_seen_ns"])
+    np.maximum.at(folded["last_seen_ns"], inverse, columns["last_seen_ns"])
+    np.bitwise_or.at(folded["tcp_flags"], inverse, columns["tcp_flags"])
+    np.maximum.at(folded["cgroup_id"], inverse, columns["cgroup_id"])
+    return folded
+
+
 def spills_as_map_entries(events: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flow-spill events (one packet each) folded into FLOW_KEY/FLOW_STATS entries, one per key."""
     spills = events[events["kind"] == KIND_FLOW_SPILL]
     keys = np.zeros(len(spills), dtype=FLOW_KEY)
     for name in ("saddr", "daddr", "sport", "dport", "ifindex", "proto", "direction", "ip_version"):
         keys[name] = spills[name]
+    keys["flags"] = spills["key_flags"]
     if len(keys) == 0:
         return keys, np.zeros(0, dtype=FLOW_STATS)
     unique, inverse = np.unique(keys, return_inverse=True)
-    stats = np.zeros(len(unique), dtype=FLOW_STATS)
-    stats["packets"] = np.bincount(inverse, minlength=len(unique))
-    stats["bytes"] = np.bincount(inverse, weights=spills["value"], minlength=len(unique)).astype(np.uint64)
-    first = np.full(len(unique), np.iinfo(np.uint64).max, dtype=np.uint64)
-    np.minimum.at(first, inverse, spills["ts_ns"])
-    last = np.zeros(len(unique), dtype=np.uint64)
-    np.maximum.at(last, inverse, spills["ts_ns"])
-    stats["first_seen_ns"], stats["last_seen_ns"] = first, last
-    flags = np.zeros(len(unique), dtype=np.uint64)
-    np.bitwise_or.at(flags, inverse, spills["tcp_flags"].astype(np.uint64))
-    stats["tcp_flags"] = flags
-    cgroup = np.zeros(len(unique), dtype=np.uint64)
-    np.maximum.at(cgroup, inverse, spills["cgroup_id"])
-    stats["cgroup_id"] = cgroup
+    stats = _fold(
+        inverse,
+        len(unique),
+        packets=np.ones(len(spills), dtype=np.uint64),
+        bytes=spills["value"],
+        first_seen_ns=spills["ts_ns"],
+        last_seen_ns=spills["ts_ns"],
+        tcp_flags=spills["tcp_flags"].astype(np.uint64),
+        cgroup_id=spills["cgroup_id"],
+    )
     return unique, stats
 
 
@@ -224,12 +241,4 @@ def merge_map_entries(
     keys = np.concatenate([keys_a, keys_b])
     stats = np.concatenate([stats_a, stats_b])
     unique, inverse = np.unique(keys, return_inverse=True)
-    merged = np.zeros(len(unique), dtype=FLOW_STATS)
-    for name in ("packets", "bytes"):
-        merged[name] = np.bincount(inverse, weights=stats[name], minlength=len(unique)).astype(np.uint64)
-    merged["first_seen_ns"] = np.iinfo(np.uint64).max
-    np.minimum.at(merged["first_seen_ns"], inverse, stats["first_seen_ns"])
-    np.maximum.at(merged["last_seen_ns"], inverse, stats["last_seen_ns"])
-    np.bitwise_or.at(merged["tcp_flags"], inverse, stats["tcp_flags"])
-    np.maximum.at(merged["cgroup_id"], inverse, stats["cgroup_id"])
-    return unique, merged
+    return unique, _fold(inverse, len(unique), **{name: stats[name] for name in FLOW_STATS.names})

@@ -22,7 +22,14 @@ struct fs_vlan_hdr {
     __be16 encapsulated_proto;
 };
 
-/* Fills the key's addresses, protocol and ports (or ICMP type/code) from the packet; 0 when it is not IP. */
+#define FS_PARSE_NOT_IP 0
+#define FS_PARSE_DONE 1
+#define FS_PARSE_SHORT 2 /* a header runs past the linear data; the key holds what was read before it */
+#define FS_PULL_BYTES 256 /* enough for Ethernet, two VLAN tags, IPv6 with options, and TCP */
+
+/* Fills the key's addresses, protocol and ports (or ICMP type/code) from the packet.
+ * A packet whose transport header cannot be read (a non-first fragment, a protocol without ports, a short
+ * packet) keeps FS_KEY_NO_PORTS, so user space shows no ports rather than made-up zeros. */
 static __always_inline int fs_parse(struct __sk_buff *skb, struct flow_key *key, __u64 *tcp_flags)
 {
     void *data = (void *)(long)skb->data;
@@ -30,7 +37,7 @@ static __always_inline int fs_parse(struct __sk_buff *skb, struct flow_key *key,
     struct ethhdr *eth = data;
     __u32 offset = sizeof(*eth);
     if (data + offset > data_end)
-        return 0;
+        return FS_PARSE_SHORT;
     __u16 proto = eth->h_proto;
 #pragma unroll
     for (int i = 0; i < 2; i++) {
@@ -38,7 +45,7 @@ static __always_inline int fs_parse(struct __sk_buff *skb, struct flow_key *key,
             break;
         struct fs_vlan_hdr *vlan = data + offset;
         if ((void *)(vlan + 1) > data_end)
-            return 0;
+            return FS_PARSE_SHORT;
         proto = vlan->encapsulated_proto;
         offset += sizeof(*vlan);
     }
@@ -48,65 +55,74 @@ static __always_inline int fs_parse(struct __sk_buff *skb, struct flow_key *key,
     if (proto == htons(ETH_P_IP)) {
         struct iphdr *ip = data + offset;
         if ((void *)(ip + 1) > data_end)
-            return 0;
+            return FS_PARSE_SHORT;
         key->ip_version = 4;
         fs_set_ipv4(key->saddr, ip->saddr);
         fs_set_ipv4(key->daddr, ip->daddr);
+        key->proto = ip->protocol;
+        key->flags = FS_KEY_NO_PORTS; /* until a transport header is read */
         l4proto = ip->protocol;
-        fragment = (ip->frag_off & htons(0x1FFF)) != 0; /* not the first fragment: no L4 header */
+        /* Not the first fragment (no transport header), or a malformed header length. */
+        fragment = (ip->frag_off & htons(0x1FFF)) != 0 || ip->ihl < 5;
         offset += ip->ihl * 4;
     } else if (proto == htons(ETH_P_IPV6)) {
         struct ipv6hdr *ip6 = data + offset;
         if ((void *)(ip6 + 1) > data_end)
-            return 0;
+            return FS_PARSE_SHORT;
         key->ip_version = 6;
         __builtin_memcpy(key->saddr, &ip6->saddr, 16);
         __builtin_memcpy(key->daddr, &ip6->daddr, 16);
+        key->flags = FS_KEY_NO_PORTS;
         l4proto = ip6->nexthdr;
         offset += sizeof(*ip6);
 #pragma unroll
         for (int i = 0; i < FS_IPV6_MAX_EXT_HEADERS; i++) {
             if (l4proto != IPPROTO_HOPOPTS && l4proto != IPPROTO_ROUTING && l4proto != IPPROTO_DSTOPTS &&
-                l4proto != IPPROTO_FRAGMENT)
+                l4proto != IPPROTO_FRAGMENT && l4proto != IPPROTO_AH)
                 break;
+            key->proto = l4proto; /* if the walk stops here, the flow is keyed by the header it stopped at */
             __u8 *ext = data + offset;
             if ((void *)(ext + 8) > data_end)
-                return 0;
+                return FS_PARSE_SHORT;
             if (l4proto == IPPROTO_FRAGMENT) {
                 fragment = ((ext[2] << 8 | ext[3]) & 0xFFF8) != 0;
-                l4proto = ext[0];
                 offset += 8;
+            } else if (l4proto == IPPROTO_AH) {
+                offset += (ext[1] + 2) * 4; /* AH counts 4-byte words, minus 2 */
             } else {
-                l4proto = ext[0];
                 offset += (ext[1] + 1) * 8;
             }
+            l4proto = ext[0];
         }
+        key->proto = l4proto;
     } else {
-        return 0;
+        return FS_PARSE_NOT_IP;
     }
-    key->proto = l4proto;
     if (fragment)
-        return 1;
+        return FS_PARSE_DONE;
 
     __u8 *l4 = data + offset;
     if (l4proto == IPPROTO_TCP) {
         if ((void *)(l4 + 14) > data_end)
-            return 1;
+            return FS_PARSE_SHORT;
         key->sport = (l4[0] << 8) | l4[1];
         key->dport = (l4[2] << 8) | l4[3];
         *tcp_flags = l4[13] | ((l4[12] & 0x01) << 8);
     } else if (l4proto == IPPROTO_UDP || l4proto == IPPROTO_SCTP || l4proto == IPPROTO_UDPLITE) {
         if ((void *)(l4 + 4) > data_end)
-            return 1;
+            return FS_PARSE_SHORT;
         key->sport = (l4[0] << 8) | l4[1];
         key->dport = (l4[2] << 8) | l4[3];
     } else if (l4proto == IPPROTO_ICMP || l4proto == IPPROTO_ICMPV6) {
         if ((void *)(l4 + 2) > data_end)
-            return 1;
+            return FS_PARSE_SHORT;
         key->sport = l4[0];
         key->dport = l4[1];
+    } else {
+        return FS_PARSE_DONE; /* a protocol without ports */
     }
-    return 1;
+    key->flags = 0;
+    return FS_PARSE_DONE;
 }
 
 static __always_inline int fs_account(struct __sk_buff *skb, __u8 direction)
@@ -118,10 +134,17 @@ static __always_inline int fs_account(struct __sk_buff *skb, __u8 direction)
 
     fs_count(generation, FS_CNT_TC_PACKETS, 1);
     fs_count(generation, FS_CNT_TC_BYTES, len);
-    if (!fs_parse(skb, &key, &tcp_flags)) {
-        /* Not IP: accounted per interface under protocol 0 with empty addresses. */
-        key.ip_version = 0;
+    int parsed = fs_parse(skb, &key, &tcp_flags);
+    if (parsed == FS_PARSE_SHORT && len > (__u64)((long)skb->data_end - (long)skb->data)) {
+        /* Some drivers leave part of the headers in page fragments: pull them into the linear data and
+         * parse again, so that the flow is keyed by its real 5-tuple. */
+        __builtin_memset(&key, 0, sizeof(key));
+        tcp_flags = 0;
+        bpf_skb_pull_data(skb, len < FS_PULL_BYTES ? len : FS_PULL_BYTES);
+        parsed = fs_parse(skb, &key, &tcp_flags);
     }
+    if (parsed == FS_PARSE_NOT_IP)
+        __builtin_memset(&key, 0, sizeof(key)); /* not IP: counted per interface and direction only */
     key.ifindex = skb->ifindex;
     key.direction = direction;
 
@@ -157,6 +180,7 @@ static __always_inline int fs_account(struct __sk_buff *skb, __u8 direction)
             spill.cgroup_id = cgroup_id;
             spill.value = len;
             spill.tcp_flags = tcp_flags;
+            spill.key_flags = key.flags;
             fs_count(generation, FS_CNT_FLOW_MAP_FULL, 1);
             if (fs_emit(skb, &spill, generation))
                 fs_count(generation, FS_CNT_SPILL_LOST_BYTES, len);

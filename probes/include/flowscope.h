@@ -30,9 +30,12 @@ struct flow_key {
     __u32 ifindex;
     __u8 proto;
     __u8 direction;
-    __u8 ip_version; /* 4 or 6 */
-    __u8 pad;
+    __u8 ip_version; /* 4 or 6; 0 when not IP (only ifindex and direction are set) */
+    __u8 flags; /* FS_KEY_* */
 };
+
+/* No transport header to read ports (or ICMP type/code) from: a non-first fragment, a truncated packet. */
+#define FS_KEY_NO_PORTS 0x01
 
 struct flow_stats {
     __u64 packets;
@@ -78,7 +81,8 @@ struct fs_event {
     char comm[16];
     __u16 tcp_flags; /* spill records */
     __u8 generation; /* which interval produced it, for exact per-interval accounting */
-    __u8 pad[5];
+    __u8 key_flags; /* spill records: the flow key's FS_KEY_* flags */
+    __u8 pad[4];
 };
 
 /* Counters: per-CPU, one block of FS_CNT_MAX per generation. */
