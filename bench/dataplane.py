@@ -1,0 +1,281 @@
+"""Data-plane overhead: what attaching flowscope costs the traffic it watches.
+
+1. Throughput: iperf3 between the lab's namespaces (veth) and on the client namespace's loopback, TCP
+   bulk and 64-byte UDP packets, with the agent running (probes attached to fsb0a and lo, drained every
+   second) and without it. Runs are interleaved (off/on, then on/off, ...) so drift hits both sides;
+   the figure is the ratio of the medians.
+2. Per-packet cost of every program flowscope loaded, from the kernel's own run statistics
+   (run_time_ns / run_cnt, bpf_stats_enabled on only for this phase), under each workload, plus a
+   stream of packets that are all new flows (tcpreplay of distinct 5-tuples).
+3. The tc programs alone on one crafted 64-byte UDP packet, BPF_PROG_TEST_RUN with 1e6 repeats: the
+   existing-flow path with hot caches, without any stack around it; an empty tc program measured the
+   same way gives the harness's own cost. The same run on variants of probes/tc_flow.c, changed here
+   in memory only (the file is not touched), attributes the cost to its parts (see VARIANTS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import platform
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+from bench import lab
+
+WORKLOADS = {
+    # name: (host, iperf3 flags, figure reader, unit)
+    "veth_tcp": (lab.SERVER_V4, (), lab.tcp_bits_per_second, "bit/s"),
+    "loopback_tcp": ("127.0.0.1", (), lab.tcp_bits_per_second, "bit/s"),
+    "veth_udp_64B": (lab.SERVER_V4, ("-u", "-l", "64", "-b", "0"), lab.udp_packets_per_second, "packets/s"),
+}
+BPF_PROG_TEST_RUN = 10
+TEST_RUN_REPEAT = 1_000_000
+VARIANT_ROUNDS = 7
+# Reference points for the test runs: an empty tc program (the harness's own cost), and the floor of what
+# the flow program does per packet on an existing flow: one lookup in a shared hash map with a key of the
+# flow key's size (44 bytes), then two atomic adds.
+REFERENCE_TC_PROGRAMS = """
+#include <uapi/linux/pkt_cls.h>
+struct fs_floor_key { u8 bytes[44]; };
+struct fs_floor_value { u64 packets; u64 bytes; };
+BPF_HASH(fs_floor, struct fs_floor_key, struct fs_floor_value, 65536);
+int fs_empty(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }
+int fs_hash_floor(struct __sk_buff *skb) {
+    struct fs_floor_key key = {};
+    key.bytes[0] = skb->protocol;
+    struct fs_floor_value *value = fs_floor.lookup(&key);
+    if (!value) {
+        struct fs_floor_value fresh = {1, skb->len};
+        fs_floor.insert(&key, &fresh);
+        return TC_ACT_UNSPEC;
+    }
+    __sync_fetch_and_add(&value->packets, 1);
+    __sync_fetch_and_add(&value->bytes, skb->len);
+    return TC_ACT_UNSPEC;
+}
+"""
+# What-if variants of the tc program: (name, what it changes, [(text in the probe source, replacement)]).
+VARIANTS = (
+    ("as_is", "probes/tc_flow.c as committed", ()),
+    (
+        "coarse_clock",
+        "bpf_ktime_get_coarse_ns() (tick resolution, no TSC read) instead of bpf_ktime_get_ns()",
+        (("bpf_ktime_get_ns()", "bpf_ktime_get_coarse_ns()"),),
+    ),
+    (
+        "plain_percpu_add",
+        "per-CPU counters added with a plain add instead of a locked atomic add",
+        (("__sync_fetch_and_add(value, n);", "*value += n;"),),
+    ),
+    (
+        "no_cgroup_id",
+        "no bpf_skb_cgroup_id() on egress",
+        (("bpf_skb_cgroup_id(skb)", "0"),),
+    ),
+    (
+        "coarse_clock_plain_percpu_add",
+        "both of the first two",
+        (("bpf_ktime_get_ns()", "bpf_ktime_get_coarse_ns()"), ("__sync_fetch_and_add(value, n);", "*value += n;")),
+    ),
+)
+
+
+def agent_options(flow_map_size: int = 65536):
+    from flowscope.loader import LoadOptions
+
+    return LoadOptions(interfaces=[lab.VETH_CLIENT, "lo"], flow_map_size=flow_map_size)
+
+
+def throughput(rounds: int, seconds: float) -> dict:
+    samples: dict[str, dict[str, list[float]]] = {name: {"off": [], "on": []} for name in WORKLOADS}
+
+    def measure(mode: str) -> None:
+        for name, (host, flags, figure, _unit) in WORKLOADS.items():
+            value = figure(lab.iperf3(host, seconds, *flags))
+            samples[name][mode].append(value)
+            lab.log(f"  {name:<14} probes {mode:<3} {value:,.0f}")
+
+    for round_number in range(rounds):
+        order = ("off", "on") if round_number % 2 == 0 else ("on", "off")
+        for mode in order:
+            if mode == "on":
+                with lab.Agent(agent_options()):
+                    measure(mode)
+            else:
+                measure(mode)
+    result = {}
+    for name, by_mode in samples.items():
+        off, on = lab.median(by_mode["off"]), lab.median(by_mode["on"])
+        result[name] = {
+            "unit": WORKLOADS[name][3],
+            "off": by_mode["off"],
+            "on": by_mode["on"],
+            "median_off": off,
+            "median_on": on,
+            "ratio": round(on / off, 4),
+        }
+        lab.log(f"{name}: with probes / without = {on / off:.3f} (median of {rounds} each)")
+    return result
+
+
+def per_packet_cost(seconds: float, new_flows: int) -> dict:
+    from flowscope import bpf_syscall
+
+    result = {}
+    stats_fd = bpf_syscall.enable_run_time_stats()
+    try:
+        with lab.Agent(agent_options(flow_map_size=2 * new_flows)) as agent:
+            fds = lab.program_fds(agent.source.loaded)
+            for name, (host, flags, _figure, _unit) in WORKLOADS.items():
+                before = lab.run_stats(fds)
+                lab.iperf3(host, seconds, *flags)
+                result[name] = lab.run_stats_delta(before, lab.run_stats(fds))
+            with tempfile.TemporaryDirectory(prefix="fsbench-") as directory:
+                pcap = lab.write_udp_flows_pcap(Path(directory) / "flows.pcap", new_flows)
+                before = lab.run_stats(fds)
+                replay = lab.tcpreplay(pcap)
+                output = replay.communicate()[0]
+                result["new_flows"] = lab.run_stats_delta(before, lab.run_stats(fds))
+                result["new_flows"]["tcpreplay"] = dict(
+                    zip(("packets", "pps"), lab.tcpreplay_rate(output), strict=True)
+                )
+            result["test_run"] = {
+                hook: prog_test_run(fd, udp_packet(), repeat=TEST_RUN_REPEAT)
+                for hook, fd in agent.source.loaded.tc_programs.items()
+            }
+    finally:
+        os.close(stats_fd)
+    for workload, programs in result.items():
+        for program, figures in programs.items():
+            if isinstance(figures, dict) and figures.get("ns_per_run") is not None:
+                runs = figures.get("runs", figures.get("repeat"))
+                lab.log(f"{workload:<14} {program:<28} {runs:>10,} runs {figures['ns_per_run']:>8} ns/run")
+    return result
+
+
+def udp_packet() -> bytes:
+    """One 64-byte IPv4/UDP frame of the lab's client to its server (checksums are not checked by tc)."""
+    eth = bytes.fromhex(lab.SERVER_MAC.replace(":", "") + lab.CLIENT_MAC.replace(":", "")) + b"\x08\x00"
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 50, 0, 0, 64, 17, 0, bytes([10, 205, 0, 1]), bytes([10, 205, 0, 2]))
+    udp = struct.pack("!HHHH", 40000, 5201, 30, 0)
+    return eth + ip + udp + bytes(22)
+
+
+def prog_test_run(prog_fd: int, packet: bytes, repeat: int) -> dict:
+    """BPF_PROG_TEST_RUN: the kernel runs the program `repeat` times on `packet` and reports the mean ns."""
+    from flowscope import bpf_syscall
+
+    data_in = ctypes.create_string_buffer(packet, len(packet))
+    data_out = ctypes.create_string_buffer(len(packet) + 256)
+    attr = ctypes.create_string_buffer(
+        struct.pack(
+            "<IIIIQQII",
+            prog_fd,
+            0,
+            len(packet),
+            len(data_out),
+            ctypes.addressof(data_in),
+            ctypes.addressof(data_out),
+            repeat,
+            0,
+        ).ljust(bpf_syscall.ATTR_SIZE, b"\0"),
+        bpf_syscall.ATTR_SIZE,
+    )
+    libc = ctypes.CDLL(None, use_errno=True)
+    # bpf_syscall.bpf() copies the attributes and returns only the result; this command writes its
+    # figures (retval, duration) back into them, so it is issued here directly.
+    if libc.syscall(bpf_syscall._SYSCALL_NR[platform.machine()], BPF_PROG_TEST_RUN, attr, bpf_syscall.ATTR_SIZE) < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    retval, duration = struct.unpack_from("<I", attr, 4)[0], struct.unpack_from("<I", attr, 36)[0]
+    return {"repeat": repeat, "ns_per_run": duration, "retval": retval}
+
+
+def tc_variants() -> dict:
+    """BPF_PROG_TEST_RUN of the tc egress program and of its variants, and of an empty program."""
+    import bcc
+
+    from flowscope.features import probe_features
+    from flowscope.kernel_headers import export_for_bcc, find_headers
+    from flowscope.loader import LoadOptions, cflags_for, module_text, plan_families
+
+    options = LoadOptions(families={"tc_flows"})
+    features = probe_features()
+    export_for_bcc(find_headers())
+    active = [status.family for status in plan_families(features, options) if status.active]
+    source, cflags = module_text(active), cflags_for(active, features, options)
+    packet = udp_packet()
+    reference = bcc.BPF(text=REFERENCE_TC_PROGRAMS)
+    try:
+        harness = prog_test_run(reference.load_func(b"fs_empty", bcc.BPF.SCHED_CLS).fd, packet, TEST_RUN_REPEAT)
+        floor_fd = reference.load_func(b"fs_hash_floor", bcc.BPF.SCHED_CLS).fd
+        prog_test_run(floor_fd, packet, 1)
+        floor = prog_test_run(floor_fd, packet, TEST_RUN_REPEAT)
+    finally:
+        reference.cleanup()
+    floor["ns_without_harness"] = floor["ns_per_run"] - harness["ns_per_run"]
+    result = {"empty_program": harness, "hash_floor": floor, "variants": {}}
+    lab.log(f"test_run empty tc program: {harness['ns_per_run']} ns/run (the harness)")
+    lab.log(
+        f"test_run 44-byte-key hash lookup + 2 atomic adds: {floor['ns_without_harness']} ns/run without the harness"
+    )
+    loaded = {}
+    try:
+        for name, description, edits in VARIANTS:
+            text = source
+            missing = [old for old, _new in edits if old not in text]
+            if missing:
+                result["variants"][name] = {
+                    "description": description,
+                    "not_applicable": f"{missing[0]!r} not in source",
+                }
+                continue
+            for old, new in edits:
+                text = text.replace(old, new)
+            loaded[name] = bcc.BPF(text=text, cflags=cflags)
+            fd = loaded[name].load_func(b"fs_tc_egress", bcc.BPF.SCHED_CLS).fd
+            prog_test_run(fd, packet, TEST_RUN_REPEAT // 10)  # warm up; the flow exists from here on
+            result["variants"][name] = {"description": description, "fd": fd, "runs": []}
+        for _round in range(VARIANT_ROUNDS):  # round-robin, so drift on the machine hits every variant alike
+            for name in loaded:
+                figures = result["variants"][name]
+                figures["runs"].append(prog_test_run(figures["fd"], packet, TEST_RUN_REPEAT)["ns_per_run"])
+    finally:
+        for bpf in loaded.values():
+            bpf.cleanup()
+    for name in loaded:
+        figures = result["variants"][name]
+        del figures["fd"]
+        figures["ns_per_run"] = lab.median(figures["runs"])
+        figures["ns_without_harness"] = figures["ns_per_run"] - harness["ns_per_run"]
+        lab.log(
+            f"test_run egress {name:<30} {figures['ns_per_run']:>6.0f} ns/run "
+            f"({figures['ns_without_harness']:.0f} without the harness)"
+        )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (each: every workload off and on)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="seconds per iperf3 run")
+    parser.add_argument("--new-flows", type=int, default=100_000, help="distinct flows for the new-flow cost")
+    args = parser.parse_args()
+    lab.require_tools("iperf3", "tcpreplay")
+    started = time.monotonic()
+    with lab.lab(), lab.iperf3_server(lab.NETNS_SERVER), lab.iperf3_server(lab.NETNS_CLIENT):
+        result = {
+            "config": {"rounds": args.rounds, "seconds": args.seconds, "new_flows": args.new_flows},
+            "throughput": throughput(args.rounds, args.seconds),
+            "per_packet": per_packet_cost(args.seconds, args.new_flows),
+            "test_run": tc_variants(),
+        }
+    result["elapsed_s"] = round(time.monotonic() - started, 1)
+    lab.save("dataplane", result)
+
+
+if __name__ == "__main__":
+    main()

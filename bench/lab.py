@@ -1,0 +1,385 @@
+"""What every benchmark shares: the network-namespace lab, traffic generators, BPF run statistics, results.
+
+The lab is two namespaces joined by a veth pair, with static neighbour entries and no IPv6 link-local
+addresses, so the link carries only the traffic a benchmark sends (no ARP, ND, DAD or MLD chatter):
+
+    fsbench-a: fsb0a 10.205.0.1 fd00:205::1  <-- veth -->  fsbench-b: fsb0b 10.205.0.2 fd00:205::2
+
+A benchmark process enters fsbench-a (setns on its own thread only, so /sys and the mount namespace stay
+the host's) and attaches flowscope there; nothing outside the lab sees its filters or its packets.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+NETNS_CLIENT = "fsbench-a"
+NETNS_SERVER = "fsbench-b"
+VETH_CLIENT = "fsb0a"
+VETH_SERVER = "fsb0b"
+CLIENT_V4, SERVER_V4 = "10.205.0.1", "10.205.0.2"
+CLIENT_V6, SERVER_V6 = "fd00:205::1", "fd00:205::2"
+CLIENT_MAC, SERVER_MAC = "02:05:00:00:00:01", "02:05:00:00:00:02"
+CLIENT_CPU, SERVER_CPU = 0, 1  # iperf3 client and server each get a core of their own
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CLONE_NEWNET = 0x40000000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(*command: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, check=check)
+
+
+def in_server(*command: str) -> list[str]:
+    return ["ip", "netns", "exec", NETNS_SERVER, *command]
+
+
+def require_tools(*names: str) -> None:
+    missing = [name for name in names if shutil.which(name) is None]
+    if missing:
+        raise SystemExit(f"{', '.join(missing)} missing; run `make setup-test` (it installs the test packages).")
+
+
+def delete_lab() -> None:
+    for name in (NETNS_CLIENT, NETNS_SERVER):
+        if Path("/run/netns", name).exists():
+            run("ip", "netns", "del", name, check=False)
+
+
+def create_lab() -> None:
+    delete_lab()
+    run("ip", "netns", "add", NETNS_CLIENT)
+    run("ip", "netns", "add", NETNS_SERVER)
+    run("ip", "link", "add", VETH_CLIENT, "netns", NETNS_CLIENT, "type", "veth", "peer", "name", VETH_SERVER,
+        "netns", NETNS_SERVER)  # fmt: skip
+    sides = (
+        (NETNS_CLIENT, VETH_CLIENT, CLIENT_MAC, CLIENT_V4, CLIENT_V6, SERVER_MAC, SERVER_V4, SERVER_V6),
+        (NETNS_SERVER, VETH_SERVER, SERVER_MAC, SERVER_V4, SERVER_V6, CLIENT_MAC, CLIENT_V4, CLIENT_V6),
+    )
+    for netns, veth, mac, v4, v6, peer_mac, peer_v4, peer_v6 in sides:
+        ip = ("ip", "-n", netns)
+        run(*ip, "link", "set", "lo", "up")
+        run(*ip, "link", "set", veth, "address", mac, "addrgenmode", "none")
+        run(*ip, "addr", "add", f"{v4}/24", "dev", veth)
+        run(*ip, "addr", "add", f"{v6}/64", "dev", veth, "nodad")
+        run(*ip, "link", "set", veth, "up")
+        run(*ip, "neigh", "replace", peer_v4, "lladdr", peer_mac, "dev", veth, "nud", "permanent")
+        run(*ip, "neigh", "replace", peer_v6, "lladdr", peer_mac, "dev", veth, "nud", "permanent")
+
+
+def enter_client_netns() -> None:
+    """Moves this thread (and the processes it starts from now on) into fsbench-a."""
+    fd = os.open(f"/run/netns/{NETNS_CLIENT}", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {NETNS_CLIENT} failed")
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def lab() -> Iterator[None]:
+    """Creates the lab, enters its client namespace, and removes it afterwards (even on failure)."""
+    if os.geteuid() != 0:
+        raise SystemExit("the benchmarks load BPF programs and create network namespaces; run them as root.")
+    create_lab()
+    try:
+        enter_client_netns()
+        yield
+    finally:
+        delete_lab()
+
+
+# ---- traffic -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextmanager
+def iperf3_server(netns: str = NETNS_SERVER, cpu: int = SERVER_CPU) -> Iterator[Server]:
+    """An iperf3 server in `netns` (fsbench-b, or fsbench-a for the loopback runs)."""
+    process = subprocess.Popen(
+        ["ip", "netns", "exec", netns, "iperf3", "-s", "-A", str(cpu)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = Server(process)
+    try:
+        time.sleep(0.3)
+        yield server
+    finally:
+        server.stop()
+
+
+ECHO_PORT = 7007
+# A small TCP echo server (IPv4 and IPv6) for the many-short-connections workload, run in fsbench-b.
+ECHO_SERVER = f"""
+import socket, socketserver
+class Handler(socketserver.BaseRequestHandler):
+    def handle(self):
+        data = self.request.recv(4096)
+        if data:
+            self.request.sendall(data)
+class Server(socketserver.ThreadingTCPServer):
+    address_family = socket.AF_INET6
+    allow_reuse_address = True
+    daemon_threads = True
+    request_queue_size = 512
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+Server(("::", {ECHO_PORT}), Handler).serve_forever()
+"""
+
+
+@contextmanager
+def echo_server() -> Iterator[None]:
+    process = subprocess.Popen(in_server(sys.executable, "-c", ECHO_SERVER), stderr=subprocess.DEVNULL)
+    server = Server(process)
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        server.stop()
+
+
+def short_connections(host: str, count: int, payload: bytes = b"x" * 200) -> int:
+    """Opens `count` TCP connections to the echo server, one after the other; returns how many echoed."""
+    import socket
+
+    echoed = 0
+    for _ in range(count):
+        with socket.create_connection((host, ECHO_PORT), timeout=5) as connection:
+            connection.sendall(payload)
+            received = b""
+            while len(received) < len(payload):
+                chunk = connection.recv(4096)
+                if not chunk:
+                    break
+                received += chunk
+            echoed += received == payload
+    return echoed
+
+
+def iperf3(host: str, seconds: float, *extra: str) -> dict:
+    """Runs an iperf3 client (in this thread's namespace) and returns its JSON report."""
+    for _attempt in range(20):
+        result = run("iperf3", "-c", host, "-t", str(seconds), "-A", str(CLIENT_CPU), "-J", *extra, check=False)
+        report = json.loads(result.stdout or "{}")
+        if "error" not in report and result.returncode == 0:
+            return report
+        time.sleep(0.2)  # the server was not listening yet, or still busy with the previous test
+    raise RuntimeError(f"iperf3 to {host} failed: {report.get('error', result.stderr.strip())}")
+
+
+def tcp_bits_per_second(report: dict) -> float:
+    return float(report["end"]["sum_received"]["bits_per_second"])
+
+
+def udp_packets_per_second(report: dict) -> float:
+    total = report["end"]["sum"]
+    return (total["packets"] - total["lost_packets"]) / total["seconds"]
+
+
+PCAP_HEADER = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)  # Ethernet, microseconds
+
+
+def write_udp_flows_pcap(path: Path, flows: int, src: str = CLIENT_V4, dst: str = SERVER_V4) -> Path:
+    """A pcap of `flows` 60-byte IPv4/UDP frames, one per distinct (source port, destination port).
+
+    Built with numpy from one template frame; the IPv4 checksum is the same for every frame (only the
+    ports differ) and the UDP checksum is left 0 (none), which IPv4 allows."""
+    frame_len = 60
+    eth = bytes.fromhex(SERVER_MAC.replace(":", "") + CLIENT_MAC.replace(":", "")) + b"\x08\x00"
+    ip_header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, frame_len - 14, 0, 0, 64, 17, 0, _v4(src), _v4(dst)))
+    words = struct.unpack("!10H", ip_header)
+    checksum = sum(words)
+    while checksum >> 16:
+        checksum = (checksum & 0xFFFF) + (checksum >> 16)
+    struct.pack_into("!H", ip_header, 10, ~checksum & 0xFFFF)
+    udp = struct.pack("!HHHH", 0, 0, frame_len - 34, 0)
+    template = np.frombuffer(eth + bytes(ip_header) + udp + bytes(frame_len - 42), dtype=np.uint8)
+    records = np.zeros((flows, 16 + frame_len), dtype=np.uint8)
+    records[:, 16:] = template
+    records[:, :16] = np.frombuffer(struct.pack("<IIII", 0, 0, frame_len, frame_len), dtype=np.uint8)
+    index = np.arange(flows, dtype=np.uint32)
+    sport = (1024 + index % 64000).astype(">u2")
+    dport = (10000 + index // 64000).astype(">u2")
+    records[:, 16 + 34 : 16 + 36] = sport.view(np.uint8).reshape(-1, 2)
+    records[:, 16 + 36 : 16 + 38] = dport.view(np.uint8).reshape(-1, 2)
+    with open(path, "wb") as out:
+        out.write(PCAP_HEADER)
+        out.write(records.tobytes())
+    return path
+
+
+def _v4(text: str) -> bytes:
+    return bytes(int(part) for part in text.split("."))
+
+
+def tcpreplay(pcap: Path, pps: int | None = None, loops: int = 1, interface: str = VETH_CLIENT) -> subprocess.Popen:
+    """Starts tcpreplay (rate `pps`, or as fast as it can) on an interface of this namespace."""
+    rate = ["--pps", str(pps)] if pps else ["--topspeed"]
+    return subprocess.Popen(
+        ["tcpreplay", "-i", interface, "--preload-pcap", *rate, "--loop", str(loops), str(pcap)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def tcpreplay_rate(output: str) -> tuple[int, float]:
+    """(packets sent, packets per second) from tcpreplay's summary."""
+    packets, seconds = 0, 0.0
+    for line in output.splitlines():
+        words = line.split()
+        if words[:1] == ["Actual:"]:
+            packets, seconds = int(words[1]), float(words[words.index("sent") + 2])
+    return packets, packets / seconds if seconds else 0.0
+
+
+# ---- the agent ----------------------------------------------------------------------------------------
+
+
+class Agent:
+    """flowscope's live pipeline (LiveSource) drained every interval on a background thread, as the agent
+    does, with every batch handed to `on_batch` and the loss accounting summed over the run."""
+
+    def __init__(self, options, interval: float = 1.0, on_batch: Callable | None = None) -> None:
+        from flowscope.coverage import Coverage
+        from flowscope.live import LiveSource
+
+        self.source = LiveSource(options, interval=interval)
+        self.interval = interval
+        self.on_batch = on_batch
+        self.coverage = Coverage()
+        self.batches = 0
+        self.rows = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="flowscope-agent", daemon=True)
+
+    def __enter__(self) -> Agent:
+        self._thread.start()
+        return self
+
+    def _take(self, batch) -> None:
+        self.batches += 1
+        self.rows += len(batch.flows)
+        self.coverage.merge(batch.coverage)
+        if self.on_batch is not None:
+            self.on_batch(batch)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._take(self.source.next_batch(self.interval))
+        except BaseException as err:  # reported by stop(), on the main thread
+            self.error = err
+
+    def stop(self) -> None:
+        """Stops the thread, then drains what the last interval left in the kernel."""
+        self._stop.set()
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        self._take(self.source.next_batch(0.05))
+
+    def __exit__(self, *_exc) -> None:
+        try:
+            if self._thread.is_alive():
+                self.stop()
+        finally:
+            self.source.close()
+
+
+# ---- BPF run statistics --------------------------------------------------------------------------------
+
+
+def program_fds(loaded) -> dict[str, int]:
+    """Every program flowscope loaded (tc, tracepoints, ...): name -> fd."""
+    return {name.decode(): function.fd for name, function in loaded.bpf.funcs.items()}
+
+
+def run_stats(fds: dict[str, int]) -> dict[str, tuple[int, int]]:
+    from flowscope.bpf_syscall import prog_run_stats
+
+    return {name: prog_run_stats(fd) for name, fd in fds.items()}
+
+
+def run_stats_delta(before: dict, after: dict) -> dict[str, dict[str, float | int | None]]:
+    """Per program: runs, nanoseconds in total and per run between two run_stats snapshots."""
+    delta = {}
+    for name, (time_after, count_after) in after.items():
+        time_before, count_before = before.get(name, (0, 0))
+        runs = count_after - count_before
+        nanoseconds = time_after - time_before
+        delta[name] = {"runs": runs, "ns": nanoseconds, "ns_per_run": round(nanoseconds / runs, 1) if runs else None}
+    return delta
+
+
+# ---- process measurements ------------------------------------------------------------------------------
+
+
+def process_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of a process, in bytes."""
+    found = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(value.split()[0]) * 1024
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+# ---- results -------------------------------------------------------------------------------------------
+
+
+def median(values: list[float]) -> float:
+    return float(np.median(values)) if values else float("nan")
+
+
+def save(name: str, result: dict) -> Path:
+    """Writes bench/results/<name>.json (read by bench/report.py) and prints it."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    log(f"{name}: wrote {path}")
+    return path
