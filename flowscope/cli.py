@@ -53,6 +53,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+MAX_FLOW_MAP_SIZE = 1 << 22  # two maps of this many entries take ~1 GiB of kernel memory
+
+
+def flow_map_size(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_FLOW_MAP_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than {MAX_FLOW_MAP_SIZE}")
+    return value
+
+
 def power_of_two(text: str) -> int:
     value = positive_int(text)
     if value & (value - 1):
@@ -71,7 +81,7 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--perf-buffer", action="store_true", help="send events through perf buffers even where a ring buffer exists"
     )
-    group.add_argument("--flow-map-size", type=positive_int, default=65536, metavar="N", help="flow map entries")
+    group.add_argument("--flow-map-size", type=flow_map_size, default=65536, metavar="N", help="flow map entries")
     group.add_argument("--ring-pages", type=power_of_two, default=256, metavar="N", help="event ring buffer pages")
     group.add_argument(
         "--drop-events-rate", type=positive_int, default=1000, metavar="N",
