@@ -87,7 +87,8 @@ def build_batch(
     for column in ("drop_packets", "drop_bytes", "retransmits", "resets"):
         if column in filled:
             flows[column] = flows[column].fillna(0)
-    event_frame = pd.concat([e for e in events if not e.empty], ignore_index=True) if len(events) > 1 else events[0]
+    non_empty = [e for e in events if not e.empty]
+    event_frame = pd.concat(non_empty, ignore_index=True) if non_empty else events[0]
     if not event_frame.empty:
         event_frame = event_frame.sort_values("time", kind="stable", ignore_index=True)
     return FlowBatch(
