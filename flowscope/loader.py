@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flowscope.btf import BtfError
 from flowscope.features import KernelFeatures, probe_features
 from flowscope.kernel_headers import Headers, HeadersError, export_for_bcc, find_headers
 from flowscope.probe_catalog import CATALOG, FamilyStatus, ProbeFamily, Requirement
@@ -35,6 +36,9 @@ class LoadOptions:
     ring_pages: int = 256  # event ring size in pages (power of two)
     perf_pages: int = 64  # per-CPU perf buffer pages (power of two)
     drop_events_per_second: int = 1000  # drop events sent to user space per CPU; the rest only counted
+    tcp_events_per_second: int = 1000  # retransmit/reset events sent per CPU; the rest only counted
+    rtt_sample_ms: int = 100  # RTT sampled at most this often per socket
+    socket_map_size: int = 65536  # connections whose owner (pid, comm, cgroup) and start time are kept
     families: set[str] | None = None  # restrict to these families (None: all that can run)
 
 
@@ -59,10 +63,21 @@ def _requirement_unmet(requirement: Requirement, features: KernelFeatures) -> tu
     elif kind == "kprobe":
         if not features.kprobes:
             return features.kprobes_reason, "a kernel built with CONFIG_KPROBES=y (most distribution kernels)"
-        if not _kernel_symbol_exists(target):
-            return f"the kernel has no function {target} to probe", "a kernel that has it"
+        if not any(_kernel_symbol_exists(name) for name in target.split("|")):
+            return f"the kernel has no function {' or '.join(target.split('|'))} to probe", "a kernel that has it"
     elif kind == "btf" and features.btf is None:
         return features.btf_error or "BTF unreadable", "a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+    return None
+
+
+def _cflags_unmet(family: ProbeFamily, features: KernelFeatures, options: LoadOptions) -> tuple[str, str] | None:
+    """(reason, remedy) when the family's -D flags cannot be made for this kernel (a BTF member it needs)."""
+    if family.cflags is None:
+        return None
+    try:
+        family.cflags(features.btf, options)
+    except BtfError as err:
+        return str(err), "a kernel whose BTF describes it (report the kernel version to flowscope)"
     return None
 
 
@@ -85,6 +100,8 @@ def plan_families(
             statuses[family.name] = FamilyStatus(family, False, "not selected", "")
             continue
         unmet = next((u for u in (_requirement_unmet(r, features) for r in family.requires) if u is not None), None)
+        if unmet is None:
+            unmet = _cflags_unmet(family, features, options)
         statuses[family.name] = (
             FamilyStatus(family, True) if unmet is None else FamilyStatus(family, False, unmet[0], unmet[1])
         )
@@ -126,7 +143,8 @@ def cflags_for(active: list[ProbeFamily], features: KernelFeatures, options: Loa
 def module_text(active: list[ProbeFamily]) -> str:
     directory = probes_dir()
     parts = [(directory / "include" / "flowscope.h").read_text()]
-    parts += [(directory / family.source).read_text() for family in active]
+    files = dict.fromkeys(name for family in active for name in (*family.shared, family.source))
+    parts += [(directory / name).read_text() for name in files]
     return "\n".join(parts)
 
 

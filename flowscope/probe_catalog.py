@@ -12,14 +12,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from flowscope import kernel_offsets
 from flowscope.btf import Btf
+from flowscope.kernel_events import (
+    DROP_KEY,
+    DROP_STATS,
+    TCP_KEY,
+    TCP_STATS,
+    contribute_drops,
+    contribute_sockets,
+    contribute_tcp,
+)
 from flowscope.kernel_records import FLOW_KEY, FLOW_STATS
 
 
 @dataclass(frozen=True)
 class Requirement:
     kind: str  # tracepoint | raw_tracepoint | kprobe | btf | tc
-    target: str = ""  # "skb:kfree_skb" for tracepoints, a kernel function for kprobes, "" otherwise
+    target: str = ""  # "skb:kfree_skb" for tracepoints, a kernel function for kprobes ("a|b": either), "" otherwise
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,9 @@ class ProbeFamily:
     # Joins the family's drained counters into the flow rows and decodes its events:
     # (flows, drain, context, coverage) -> (flows, event rows). See flowscope/aggregator.py.
     contribute: Callable[..., tuple[pd.DataFrame, pd.DataFrame]] | None = None
+    # Files under probes/ placed before `source` in the module text: a kprobe variant reuses the maps and
+    # logic of the family it replaces (whose own programs its cflags switch off).
+    shared: tuple[str, ...] = ()
 
 
 TC_FLOWS = ProbeFamily(
@@ -58,7 +71,92 @@ TC_FLOWS = ProbeFamily(
     fills=("packets", "bytes", "tcp_flags"),
 )
 
-CATALOG: list[ProbeFamily] = [TC_FLOWS]
+DROPS_MAP = DrainedMap("drops", DROP_KEY, DROP_STATS, "drop_map_size", "FLOWSCOPE_DROP_MAP_SIZE")
+TCP_MAP = DrainedMap("tcp", TCP_KEY, TCP_STATS, "tcp_map_size", "FLOWSCOPE_TCP_MAP_SIZE")
+DROP_COLUMNS = ("drop_packets", "drop_bytes", "drop_reason")
+TCP_COLUMNS = ("retransmits", "resets", "rtt_us")
+BTF = Requirement("btf")
+
+SKB_DROP = ProbeFamily(
+    name="skb_drop",
+    source="skb_drop.c",
+    hook="raw tracepoint skb:kfree_skb",
+    requires=(Requirement("raw_tracepoint", "kfree_skb"),),
+    drained_maps=(DROPS_MAP,),
+    cflags=kernel_offsets.drop_flags,
+    fills=DROP_COLUMNS,
+    contribute=contribute_drops,
+)
+TCP_EVENTS = ProbeFamily(
+    name="tcp_events",
+    source="tcp_events.c",
+    hook="raw tracepoints tcp:tcp_retransmit_skb, tcp:tcp_probe, tcp:tcp_send_reset, tcp:tcp_receive_reset",
+    requires=tuple(
+        Requirement("raw_tracepoint", name)
+        for name in ("tcp_retransmit_skb", "tcp_probe", "tcp_send_reset", "tcp_receive_reset")
+    ),
+    drained_maps=(TCP_MAP,),
+    cflags=kernel_offsets.tcp_flags,
+    fills=TCP_COLUMNS,
+    contribute=contribute_tcp,
+)
+SOCK_STATE = ProbeFamily(
+    name="sock_state",
+    source="sock_state.c",
+    hook="raw tracepoint sock:inet_sock_set_state",
+    requires=(Requirement("raw_tracepoint", "inet_sock_set_state"),),
+    cflags=kernel_offsets.sock_flags,
+    contribute=contribute_sockets,
+)
+SKB_DROP_KPROBE = ProbeFamily(
+    name="skb_drop_kprobe",
+    source="kprobe_skb_drop.c",
+    shared=("skb_drop.c",),
+    hook="kprobe sk_skb_reason_drop (kfree_skb_reason before Linux 6.11)",
+    requires=(Requirement("kprobe", "sk_skb_reason_drop|kfree_skb_reason"), BTF),
+    drained_maps=(DROPS_MAP,),
+    cflags=kernel_offsets.drop_kprobe_flags,
+    replaces="skb_drop",
+    fills=DROP_COLUMNS,
+    contribute=contribute_drops,
+)
+TCP_EVENTS_KPROBE = ProbeFamily(
+    name="tcp_events_kprobe",
+    source="kprobe_tcp_events.c",
+    shared=("tcp_events.c",),
+    hook="kprobes tcp_retransmit_skb, tcp_rcv_established, tcp_reset, tcp_v4/v6_send_reset, tcp_send_active_reset",
+    requires=(
+        Requirement("kprobe", "tcp_retransmit_skb"),
+        Requirement("kprobe", "tcp_rcv_established"),
+        Requirement("kprobe", "tcp_reset"),
+        BTF,
+    ),
+    drained_maps=(TCP_MAP,),
+    cflags=kernel_offsets.tcp_kprobe_flags,
+    replaces="tcp_events",
+    fills=TCP_COLUMNS,
+    contribute=contribute_tcp,
+)
+SOCK_STATE_KPROBE = ProbeFamily(
+    name="sock_state_kprobe",
+    source="kprobe_sock_state.c",
+    shared=("sock_state.c",),
+    hook="kprobes tcp_set_state, inet_sk_set_state",
+    requires=(Requirement("kprobe", "tcp_set_state"), BTF),
+    cflags=kernel_offsets.sock_kprobe_flags,
+    replaces="sock_state",
+    contribute=contribute_sockets,
+)
+
+CATALOG: list[ProbeFamily] = [
+    TC_FLOWS,
+    SKB_DROP,
+    TCP_EVENTS,
+    SOCK_STATE,
+    SKB_DROP_KPROBE,
+    TCP_EVENTS_KPROBE,
+    SOCK_STATE_KPROBE,
+]
 
 
 @dataclass

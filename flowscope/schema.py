@@ -80,7 +80,8 @@ EVENT_COLUMNS: dict[str, str] = {
     "bytes": "UInt64",  # length of the dropped packet (drop events)
     "drop_reason": TEXT,
     "location": TEXT,  # kernel symbol (drops)
-    "state": TEXT,  # TCP state where relevant (reset, retransmit)
+    "state": TEXT,  # TCP state where relevant (reset, retransmit; close: the state it closed from)
+    "reset_reason": TEXT,  # the kernel's reason for a RST it sent (reset events), e.g. NO_SOCKET
     "duration_us": "UInt64",  # connection lifetime (close events)
     "pid": "Int64",
     "comm": TEXT,

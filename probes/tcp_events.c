@@ -1,0 +1,252 @@
+/* TCP health per flow: retransmits, resets and smoothed RTT samples, counted in the kernel.
+ *
+ * Raw tracepoints tcp:tcp_retransmit_skb, tcp:tcp_probe, tcp:tcp_send_reset and tcp:tcp_receive_reset
+ * (cheaper per hit than classic tracepoints: no trace record is built; argument positions and structure
+ * offsets come from the running kernel's BTF as -D flags, see flowscope/kernel_offsets.py).
+ *
+ * Orientation of the double-buffered tcp map's keys: retransmits and RTT belong to the data direction
+ * (the socket's local -> remote end, egress); a reset to the RST segment's direction (sender -> receiver:
+ * egress where it was sent, ingress where only its reception was seen). When both ends of a connection
+ * live on this node, tcp_send_reset and tcp_receive_reset both fire for one RST: the sender notes the RST
+ * in fs_resets_sent and the receiver consumes the note instead of counting the RST again.
+ *
+ * RTT: tcp_probe fires for every segment an established socket receives; each socket is sampled at most
+ * once per FLOWSCOPE_RTT_SAMPLE_NS (an LRU keyed by the socket's address), so its cost stays one lookup.
+ */
+#include "flowscope.h"
+#include "fs_kernel.h"
+
+#ifndef FLOWSCOPE_TCP_MAP_SIZE
+#define FLOWSCOPE_TCP_MAP_SIZE 16384
+#endif
+#ifndef FLOWSCOPE_TCP_EVENTS_PER_SECOND
+#define FLOWSCOPE_TCP_EVENTS_PER_SECOND 1000
+#endif
+#ifndef FLOWSCOPE_RTT_SAMPLE_NS
+#define FLOWSCOPE_RTT_SAMPLE_NS 100000000ULL
+#endif
+#ifndef FLOWSCOPE_RTT_SOCKETS
+#define FLOWSCOPE_RTT_SOCKETS 16384
+#endif
+#ifndef FLOWSCOPE_RESETS_PENDING
+#define FLOWSCOPE_RESETS_PENDING 4096
+#endif
+
+struct tcp_key {
+    struct flow_key flow; /* ifindex 0 unless the interface is known (a reset answering a received segment) */
+    __u32 netns;
+};
+
+struct tcp_stats {
+    __u64 retransmits;
+    __u64 resets;
+    __u64 rtt_samples;
+    __u64 srtt_sum_us;
+    __u64 first_seen_ns;
+    __u64 last_seen_ns;
+    __u32 srtt_us; /* the latest sample */
+    __u32 pad;
+};
+
+/* A RST by its segment's addresses and ports (no namespace: sender and receiver may be in different ones). */
+struct fs_rst_key {
+    __u8 saddr[16];
+    __u8 daddr[16];
+    __u16 sport;
+    __u16 dport;
+};
+
+BPF_HASH(tcp_0, struct tcp_key, struct tcp_stats, FLOWSCOPE_TCP_MAP_SIZE);
+BPF_HASH(tcp_1, struct tcp_key, struct tcp_stats, FLOWSCOPE_TCP_MAP_SIZE);
+BPF_TABLE("lru_hash", __u64, __u64, fs_rtt_sampled, FLOWSCOPE_RTT_SOCKETS);
+BPF_TABLE("lru_hash", struct fs_rst_key, __u64, fs_resets_sent, FLOWSCOPE_RESETS_PENDING);
+
+static __always_inline struct tcp_stats *fs_tcp_entry(__u32 generation, struct tcp_key *key, __u64 now)
+{
+    struct tcp_stats *stats = generation ? tcp_1.lookup(key) : tcp_0.lookup(key);
+    if (stats)
+        return stats;
+    struct tcp_stats fresh = {};
+    fresh.first_seen_ns = now;
+    if (generation)
+        tcp_1.insert(key, &fresh);
+    else
+        tcp_0.insert(key, &fresh);
+    return generation ? tcp_1.lookup(key) : tcp_0.lookup(key); /* NULL: the map is full */
+}
+
+static __always_inline void fs_tcp_event(void *ctx, __u32 generation, struct tcp_key *key, __u8 kind, __u64 now,
+                                         __u32 reason, int state)
+{
+    if (!fs_take_token(FS_BUCKET_TCP_EVENTS, FLOWSCOPE_TCP_EVENTS_PER_SECOND)) {
+        fs_count(generation, FS_CNT_TCP_EVENTS_SAMPLED_OUT, 1);
+        return;
+    }
+    struct fs_event event = {};
+    fs_event_from_key(&event, &key->flow);
+    event.ts_ns = now;
+    event.kind = kind;
+    event.netns = key->netns;
+    event.reason = reason;
+    event.new_state = state;
+    fs_emit(ctx, &event, generation);
+}
+
+/* Counts one retransmit or reset on `key` and sends its (rate-limited) event. */
+static __always_inline void fs_tcp_count(void *ctx, struct tcp_key *key, __u8 kind, __u32 reason, int state)
+{
+    __u32 generation = fs_current_generation();
+    __u64 now = bpf_ktime_get_ns();
+    fs_count(generation, FS_CNT_TCP_COUNTS, 1);
+    struct tcp_stats *stats = fs_tcp_entry(generation, key, now);
+    if (stats) {
+        if (kind == FS_EV_RETRANSMIT)
+            __sync_fetch_and_add(&stats->retransmits, 1);
+        else
+            __sync_fetch_and_add(&stats->resets, 1);
+        stats->last_seen_ns = now;
+    } else {
+        fs_count(generation, FS_CNT_TCP_MAP_FULL, 1);
+    }
+    fs_tcp_event(ctx, generation, key, kind, now, reason, state);
+}
+
+static __always_inline void fs_rst_key(struct fs_rst_key *rst, const struct flow_key *flow)
+{
+    __builtin_memcpy(rst->saddr, flow->saddr, 16);
+    __builtin_memcpy(rst->daddr, flow->daddr, 16);
+    rst->sport = flow->sport;
+    rst->dport = flow->dport;
+}
+
+static __always_inline void fs_tcp_retransmit(void *ctx, const void *sk)
+{
+    struct tcp_key key = {};
+    if (!sk || !fs_key_from_sock(sk, &key.flow))
+        return;
+    key.flow.direction = FS_DIRECTION_EGRESS;
+    key.netns = fs_sock_netns(sk);
+    fs_tcp_count(ctx, &key, FS_EV_RETRANSMIT, FS_UNKNOWN, fs_sock_state(sk));
+}
+
+static __always_inline void fs_tcp_rtt(const void *sk)
+{
+    __u64 now = bpf_ktime_get_ns();
+    __u64 socket = (__u64)sk;
+    __u64 *last = fs_rtt_sampled.lookup(&socket);
+    if (last && now - *last < FLOWSCOPE_RTT_SAMPLE_NS)
+        return;
+    fs_rtt_sampled.update(&socket, &now);
+    __u32 srtt8 = 0; /* tcp_sock.srtt_us holds 8 times the smoothed RTT in microseconds */
+    FS_READ(srtt8, sk, FS_OFF_TCP_SRTT_US);
+    if (srtt8 == 0)
+        return;
+    struct tcp_key key = {};
+    if (!fs_key_from_sock(sk, &key.flow))
+        return;
+    key.flow.direction = FS_DIRECTION_EGRESS;
+    key.netns = fs_sock_netns(sk);
+    __u32 generation = fs_current_generation();
+    struct tcp_stats *stats = fs_tcp_entry(generation, &key, now);
+    if (!stats) {
+        fs_count(generation, FS_CNT_RTT_MAP_FULL, 1);
+        return;
+    }
+    stats->srtt_us = srtt8 >> 3;
+    __sync_fetch_and_add(&stats->rtt_samples, 1);
+    __sync_fetch_and_add(&stats->srtt_sum_us, srtt8 >> 3);
+    stats->last_seen_ns = now;
+}
+
+/* A RST this node sends. With the segment it answers (skb), the RST's addresses are that segment's,
+ * swapped, and it leaves by the interface the segment came in on; without one (an active reset), they
+ * are the socket's. Not from the socket when both exist: a listener answering a stray segment has no
+ * remote end. */
+static __always_inline void fs_tcp_send_reset(void *ctx, const void *sk, const void *skb, __u32 reason)
+{
+    struct tcp_key key = {};
+    if (skb) {
+        if (!fs_key_from_skb(skb, &key.flow))
+            return;
+        fs_swap_key(&key.flow);
+        key.netns = fs_skb_place(skb, sk, &key.flow);
+        key.flow.ifindex = key.flow.direction == FS_DIRECTION_INGRESS ? key.flow.ifindex : 0;
+    } else if (sk) {
+        if (!fs_key_from_sock(sk, &key.flow))
+            return;
+        key.netns = fs_sock_netns(sk);
+    } else {
+        return;
+    }
+    key.flow.direction = FS_DIRECTION_EGRESS;
+    struct fs_rst_key rst = {};
+    fs_rst_key(&rst, &key.flow);
+    __u64 *pending = fs_resets_sent.lookup(&rst);
+    if (pending) {
+        __sync_fetch_and_add(pending, 1);
+    } else {
+        __u64 one = 1;
+        fs_resets_sent.update(&rst, &one);
+    }
+    fs_tcp_count(ctx, &key, FS_EV_RESET, reason, sk ? fs_sock_state(sk) : 0);
+}
+
+/* A RST a socket accepted: counted unless this node sent it (then it was counted when sent). */
+static __always_inline void fs_tcp_receive_reset(void *ctx, const void *sk)
+{
+    struct tcp_key key = {};
+    if (!sk || !fs_key_from_sock(sk, &key.flow))
+        return;
+    fs_swap_key(&key.flow); /* the RST travelled remote -> local */
+    key.flow.direction = FS_DIRECTION_INGRESS;
+    key.netns = fs_sock_netns(sk);
+    struct fs_rst_key rst = {};
+    fs_rst_key(&rst, &key.flow);
+    __u64 *pending = fs_resets_sent.lookup(&rst);
+    if (pending && *pending > 0) {
+        if (*pending == 1)
+            fs_resets_sent.delete(&rst);
+        else
+            __sync_fetch_and_add(pending, -1);
+        return;
+    }
+    fs_tcp_count(ctx, &key, FS_EV_RESET, FS_UNKNOWN, fs_sock_state(sk));
+}
+
+#ifndef FS_TCP_EVENTS_KPROBES
+RAW_TRACEPOINT_PROBE(tcp_retransmit_skb)
+{
+#ifdef FS_TCP_RETRANSMIT_ARG_ERR
+    if ((int)ctx->args[FS_TCP_RETRANSMIT_ARG_ERR] != 0)
+        return 0; /* the segment was not sent again */
+#endif
+    fs_tcp_retransmit(ctx, (const void *)ctx->args[FS_TCP_RETRANSMIT_ARG_SK]);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(tcp_probe)
+{
+    const void *sk = (const void *)ctx->args[FS_TCP_PROBE_ARG_SK];
+    if (sk)
+        fs_tcp_rtt(sk);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(tcp_send_reset)
+{
+#ifdef FS_TCP_SEND_RESET_ARG_REASON
+    __u32 reason = (__u32)ctx->args[FS_TCP_SEND_RESET_ARG_REASON];
+#else
+    __u32 reason = FS_UNKNOWN;
+#endif
+    fs_tcp_send_reset(ctx, (const void *)ctx->args[FS_TCP_SEND_RESET_ARG_SK],
+                      (const void *)ctx->args[FS_TCP_SEND_RESET_ARG_SKB], reason);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(tcp_receive_reset)
+{
+    fs_tcp_receive_reset(ctx, (const void *)ctx->args[FS_TCP_RECEIVE_RESET_ARG_SK]);
+    return 0;
+}
+#endif
