@@ -123,7 +123,9 @@ def addresses_to_text(addresses: np.ndarray, ip_version: np.ndarray) -> np.ndarr
         if version == 4:
             texts.append(str(ipaddress.IPv4Address(data[12:])))
         elif version == 6:
-            texts.append(str(ipaddress.IPv6Address(data)))
+            address = ipaddress.IPv6Address(data)
+            # RFC 5952 section 5 writes a mapped IPv4 address dotted; Python < 3.13 does not.
+            texts.append(f"::ffff:{address.ipv4_mapped}" if address.ipv4_mapped else str(address))
         else:
             texts.append(None)
     return np.array(texts, dtype=object)[inverse]
