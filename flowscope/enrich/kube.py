@@ -120,6 +120,7 @@ class _Reflector:
         self.errors = 0
         self.consecutive_errors = 0
         self.last_error: str | None = None
+        self.reachable = True  # whether the last failure (if any) came from the server rather than the network
         self._response: Any = None
         self._thread = threading.Thread(target=self._run, name=f"flowscope-k8s-{resource}", daemon=True)
 
@@ -144,17 +145,18 @@ class _Reflector:
                         self.relists_gone += 1
                         self.resource_version = None
                         continue
-                    self._failed(f"HTTP {err.status} {err.reason}".strip())
+                    self._failed(f"HTTP {err.status} {err.reason}".strip(), reachable=True)
                 except (urllib3.exceptions.HTTPError, OSError) as err:
-                    self._failed(_connection_error(err))
+                    self._failed(_connection_error(err), reachable=False)
                 except Exception as err:  # a bug must not end the thread: report it and retry
                     log.exception("kubernetes %s watch failed", self.resource)
-                    self._failed(f"{type(err).__name__}: {err}")
+                    self._failed(f"{type(err).__name__}: {err}", reachable=True)
         self.state = "stopped"
 
-    def _failed(self, message: str) -> None:
+    def _failed(self, message: str, reachable: bool) -> None:
         if self.source.stopping.is_set():
             return
+        self.reachable = reachable
         self.errors += 1
         self.consecutive_errors += 1
         self.last_error = message
@@ -225,6 +227,7 @@ class _Reflector:
                     break
                 if line:
                     version = self._apply(line, version)
+                    self.resource_version = version  # a watch cut short resumes from here
         finally:
             self._response = None
             response.release_conn()
@@ -340,7 +343,10 @@ class KubernetesSource:
         synced = [r.synced for r in self.reflectors.values()]
         failing = [r.consecutive_errors > 0 for r in self.reflectors.values()]
         if all(failing):
-            state = "unreachable" if not any(synced) else "stale"  # serving what it last knew
+            if any(synced):
+                state = "stale"  # serving what it last knew
+            else:
+                state = "failing" if any(r.reachable for r in self.reflectors.values()) else "unreachable"
         elif any(failing) or not all(synced):
             state = "degraded" if any(failing) else "syncing"
         else:
