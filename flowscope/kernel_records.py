@@ -6,6 +6,7 @@ Everything here takes plain buffers, so it runs (and is tested) without root or 
 from __future__ import annotations
 
 import ipaddress
+import socket
 import time
 from collections.abc import Mapping
 
@@ -111,24 +112,24 @@ def addresses_to_text(addresses: np.ndarray, ip_version: np.ndarray) -> np.ndarr
     """16-byte addresses (IPv4 as IPv4-mapped IPv6) to text in their own family; None when not IP."""
     if len(addresses) == 0:
         return np.array([], dtype=object)
-    raw = np.ascontiguousarray(addresses).view("V16").reshape(-1)
-    keyed = np.empty(len(raw), dtype=[("addr", "V16"), ("version", "u1")])
-    keyed["addr"] = raw
-    keyed["version"] = ip_version
-    unique, inverse = np.unique(keyed, return_inverse=True)
+    # Hash-factorize rather than np.unique: sorting 16-byte voids is ~4x slower (100k flows: 140 -> 35 ms).
+    # "S16" drops trailing NULs from each value, which stays exact because every value has 16 bytes.
+    codes, unique = pd.factorize(np.ascontiguousarray(addresses).view("S16").reshape(-1))
+    codes, keys = pd.factorize(codes.astype(np.int64) * 256 + np.asarray(ip_version, dtype=np.int64))
     texts = []
-    for item in unique:
-        data = bytes(item["addr"])
-        version = int(item["version"])
+    for key in keys.tolist():
+        data = unique[key >> 8].ljust(16, b"\0")
+        version = key & 0xFF
         if version == 4:
-            texts.append(str(ipaddress.IPv4Address(data[12:])))
+            texts.append(socket.inet_ntop(socket.AF_INET, data[12:]))
         elif version == 6:
-            address = ipaddress.IPv6Address(data)
-            # RFC 5952 section 5 writes a mapped IPv4 address dotted; Python < 3.13 does not.
-            texts.append(f"::ffff:{address.ipv4_mapped}" if address.ipv4_mapped else str(address))
+            # RFC 5952 text; a mapped IPv4 address dotted (section 5). inet_ntop also dots the deprecated
+            # IPv4-compatible form (::a.b.c.d), which RFC 5952 writes in hex, as ipaddress does.
+            text = socket.inet_ntop(socket.AF_INET6, data)
+            texts.append(str(ipaddress.IPv6Address(data)) if "." in text and not text.startswith("::ffff:") else text)
         else:
             texts.append(None)
-    return np.array(texts, dtype=object)[inverse]
+    return np.array(texts, dtype=object)[codes]
 
 
 def monotonic_to_utc_offset_ns() -> int:
