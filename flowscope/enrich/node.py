@@ -27,7 +27,7 @@ from flowscope.enrich import netlink
 log = logging.getLogger(__name__)
 
 _POD_UID = re.compile(
-    r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32})(?:\.slice)?$"
+    r"(?:^|-)pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32})(?:\.slice)?$"
 )
 _CONTAINER = re.compile(r"^(?:(?:cri-containerd|crio|docker|containerd|cri-o)-)?([0-9a-f]{64})(?:\.scope)?$")
 _CONMON = re.compile(r"^crio-conmon-[0-9a-f]{64}\.scope$")  # CRI-O's monitor process: the pod's, no container
@@ -82,7 +82,7 @@ def classify(path_components: list[str]) -> CgroupEntry:
                 continue
         if pod_uid is None:
             match = _POD_UID.search(component)
-            if match and (component.startswith("pod") or component.startswith("kubepods-")):
+            if match:
                 pod_uid = match.group(1).replace("_", "-")
             continue
         if container is None and not _CONMON.match(component):

@@ -1,0 +1,106 @@
+"""The time-aware IP index: reuse by time, grace after release, shared addresses never name a pod."""
+
+import math
+
+from flowscope.enrich.ipindex import AMBIGUOUS, IpIndex, changes_within, resolve_claims
+
+A, B, C = ("pod", "uid-a"), ("pod", "uid-b"), ("pod", "uid-c")
+
+
+def owner(index: IpIndex, ip: str, lo: float, hi: float | None = None):
+    return resolve_claims(index.claims(ip), lo, lo if hi is None else hi)
+
+
+def test_an_address_released_and_taken_again_is_attributed_by_time():
+    index = IpIndex(grace=60)
+    index.claim("10.0.0.5", A, start=-math.inf)
+    index.release("10.0.0.5", A, at=100)
+    index.claim("10.0.0.5", B, start=130)
+    assert owner(index, "10.0.0.5", 50) == A
+    assert owner(index, "10.0.0.5", 120) == A  # released, within the grace, nobody else yet
+    assert owner(index, "10.0.0.5", 130) == B  # the new owner cuts the grace short
+    assert owner(index, "10.0.0.5", 500) == B
+    assert owner(index, "10.0.0.5", 125, 135) is AMBIGUOUS  # a window across the hand-over: no guess
+
+
+def test_grace_ends_when_nobody_takes_the_address():
+    index = IpIndex(grace=60)
+    index.claim("10.0.0.5", A, start=0)
+    index.release("10.0.0.5", A, at=100)
+    assert owner(index, "10.0.0.5", 159.9) == A
+    assert owner(index, "10.0.0.5", 160) is None
+
+
+def test_a_new_owner_starts_no_earlier_than_the_old_one_let_go():
+    index = IpIndex(grace=60)
+    index.claim("10.0.0.5", A, start=0)
+    index.release("10.0.0.5", A, at=100)
+    index.claim("10.0.0.5", B, start=90)  # kubelet acknowledged B before A was gone
+    assert owner(index, "10.0.0.5", 95) == A
+    assert owner(index, "10.0.0.5", 100) == B
+
+
+def test_a_release_seen_after_the_new_owner_ends_the_old_claim_where_the_new_one_began():
+    index = IpIndex(grace=60)
+    index.claim("10.0.0.5", A, start=0)
+    index.claim("10.0.0.5", B, start=100)  # the watch showed B's IP before A's deletion
+    assert owner(index, "10.0.0.5", 110) is AMBIGUOUS  # two live owners
+    index.release("10.0.0.5", A, at=120)
+    assert owner(index, "10.0.0.5", 110) == B
+    assert owner(index, "10.0.0.5", 50) == A
+
+
+def test_shared_addresses_name_the_node_never_one_of_its_host_network_pods():
+    index = IpIndex(grace=60)
+    index.claim("192.168.1.10", ("node", "node-a"), start=-math.inf, shared=True, node="node-a")
+    index.claim("192.168.1.10", A, start=-math.inf, shared=True, node="node-a")
+    index.claim("192.168.1.10", B, start=-math.inf, shared=True, node="node-a")
+    assert owner(index, "192.168.1.10", 10) == ("node", "node-a")
+    index.claim("192.168.1.11", C, start=-math.inf, shared=True, node="node-b")  # node object not known
+    assert owner(index, "192.168.1.11", 10) == ("node", "node-b")
+
+
+def test_two_live_owners_of_one_address_are_ambiguous():
+    index = IpIndex(grace=60)
+    index.claim("10.0.0.7", A, start=-math.inf)
+    index.claim("10.0.0.7", B, start=-math.inf)
+    assert owner(index, "10.0.0.7", 10) is AMBIGUOUS
+
+
+def test_claiming_again_while_holding_is_a_no_op():
+    index = IpIndex(grace=60)
+    index.claim("10.0.0.7", A, start=0)
+    index.claim("10.0.0.7", A, start=50)
+    assert len(index.claims("10.0.0.7")) == 1 and index.claims("10.0.0.7")[0].start == 0
+
+
+def test_changes_within_tells_when_one_answer_fits_a_whole_batch():
+    index = IpIndex(grace=10)
+    index.claim("10.0.0.5", A, start=0)
+    index.release("10.0.0.5", A, at=100)
+    claims = index.claims("10.0.0.5")
+    assert not changes_within(claims, 20, 80)
+    assert changes_within(claims, 105, 115)  # the grace ends at 110
+    assert changes_within(claims, -5, 5)
+
+
+def test_networks_name_addresses_by_the_most_specific_prefix():
+    index = IpIndex(grace=60)
+    index.add_network("192.0.2.0/24", ("pod", "corp"))
+    index.add_network("192.0.2.128/25", ("pod", "lab"))
+    index.add_network("2001:db8::/32", ("pod", "v6"))
+    assert index.network_owner("192.0.2.7") == ("pod", "corp")
+    assert index.network_owner("192.0.2.200") == ("pod", "lab")
+    assert index.network_owner("2001:db8::1") == ("pod", "v6")
+    assert index.network_owner("198.51.100.1") is None
+    assert index.network_owner("not-an-ip") is None
+
+
+def test_purge_drops_claims_one_grace_after_their_grace():
+    index = IpIndex(grace=10)
+    index.claim("10.0.0.5", A, start=0)
+    index.release("10.0.0.5", A, at=100)
+    index.claim("10.0.0.6", B, start=0)
+    assert index.purge(now=119) == 0
+    assert index.purge(now=121) == 1
+    assert len(index) == 1 and index.claims("10.0.0.5") == ()
