@@ -15,6 +15,7 @@ from typing import IO, Any, NoReturn
 import pandas as pd
 
 from flowscope.coverage import Coverage
+from flowscope.enrich import IdentityConfigError, add_identity_arguments, build_enricher
 from flowscope.records import ReplayError, format_time, write_batch, write_summary
 from flowscope.schema import FlowBatch
 from flowscope.source import BatchSource, ProbeStatus, ReplaySource
@@ -204,12 +205,18 @@ def run_capture(args: argparse.Namespace) -> int:
     intervals = 0
     first: pd.Timestamp | None = None
     last: pd.Timestamp | None = None
-    source = open_source(args)
+    enricher = build_enricher(args)
+    try:
+        source = open_source(args)
+    except BaseException:
+        enricher.close()
+        raise
     stop = threading.Event()
     _stop_on_signals(stop)
     interrupted = False
     try:
         for batch in _intervals(source, args.duration, args.interval, stop):
+            batch = enricher.enrich(batch)
             intervals += 1
             total.merge(batch.coverage)
             first = batch.time_start if first is None else first
@@ -225,6 +232,8 @@ def run_capture(args: argparse.Namespace) -> int:
         probes = source.probes()
         transport = getattr(source, "events_transport", None)
         source.close()
+        identity = enricher.health()
+        enricher.close()
     summary = {
         "time_start": format_time(first),
         "time_end": format_time(last),
@@ -235,12 +244,15 @@ def run_capture(args: argparse.Namespace) -> int:
         "coverage": total.to_dict(),
         "unbalanced_sources": total.unbalanced(),
         "probes": probes_summary(probes),
+        "identity": identity,
     }
     if args.output == "jsonl":
         write_summary(out, summary)
     else:
-        lost = total.lost
-        out.write(f"=== {intervals} intervals; lost {lost} of {total.produced} produced\n")
+        from flowscope.enrich.report import identity_summary
+
+        counts = f"lost {total.lost} of {total.produced} produced"
+        out.write(f"=== {intervals} intervals; {counts}; {identity_summary(identity)}\n")
     if args.file:
         out.close()
     return 0
@@ -304,7 +316,10 @@ def _load_check(options: Any, features: Any) -> str:
 
 
 def run_doctor(args: argparse.Namespace) -> int:
+    from flowscope.enrich.report import identity_lines, identity_report
+
     report = doctor_report()
+    report["identity"] = identity_report(args)
     if args.output == "json":
         print(json.dumps(report, indent=2))
         return 0
@@ -331,6 +346,7 @@ def run_doctor(args: argparse.Namespace) -> int:
             line += f"\n  {'':<22} why: {probe['reason']}" + (f"; remedy: {probe['remedy']}" if probe["remedy"] else "")
         lines.append(line)
     lines.append(f"load check    {report.get('load_check')}")
+    lines += identity_lines(report["identity"])
     print("\n".join(lines))
     return 0
 
@@ -346,10 +362,12 @@ def build_parser() -> ArgumentParser:
 
     doctor = commands.add_parser("doctor", help="what this kernel supports and which probes run (and why not)")
     doctor.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    add_identity_arguments(doctor)
     doctor.set_defaults(run=run_doctor)
 
     capture = commands.add_parser("capture", help="run the probes and print flows and events per interval")
     add_probe_arguments(capture)
+    add_identity_arguments(capture)
     capture.add_argument("--duration", type=positive_float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
     capture.add_argument("-o", "--output", choices=("jsonl", "table"), default="table")
     capture.add_argument("--file", metavar="PATH", help="write to PATH instead of stdout")
@@ -376,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (UsageError, LoaderError, TcError, ReplayError) as err:
+    except (UsageError, LoaderError, TcError, ReplayError, IdentityConfigError) as err:
         print(f"flowscope {args.command}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
