@@ -1,0 +1,107 @@
+"""What the tc flow tests share: the two-host topology, traffic helpers, frame sizes, and the checks of what
+capture wrote (per-flow totals, loss accounting).
+
+Topology (names of this area: namespaces fstc-*, interfaces fstc*, 10.201.0.0/16, fd00:201::/64):
+
+    fstc-<run>-a: fstcA 10.201.1.1 fd00:201::1:1  <-- veth -->  fstc-<run>-b: fstcB 10.201.1.2 fd00:201::1:2
+
+capture runs in namespace a with tc on fstcA: a's packets to b are egress, b's packets to a are ingress.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pandas as pd
+
+from tests.kernel import traffic
+from tests.kernel.capture import CaptureResult
+from tests.kernel.lab import Lab, Netns, Port
+
+TRANSPORTS = {"ring": (), "perf": ("--perf-buffer",)}
+TRANSPORT_NAMES = {"ring": "ring buffer", "perf": "perf buffer"}
+ETHERNET = 14
+IP_HEADER = {4: 20, 6: 40}
+UDP_HEADER = 8
+
+# One flow, one direction: what a row of capture's output is summed by.
+FlowId = tuple  # (direction, protocol, src_ip, src_port, dst_ip, dst_port, icmp_type, icmp_code)
+ID_COLUMNS = ["direction", "protocol", "src_ip", "src_port", "dst_ip", "dst_port", "icmp_type", "icmp_code"]
+
+
+def udp_frame(version: int, payload: int, vlan_tags: int = 0, extension: int = 0) -> int:
+    """Bytes of one UDP datagram as tc sees it (skb->len: Ethernet header included)."""
+    return ETHERNET + 4 * vlan_tags + IP_HEADER[version] + extension + UDP_HEADER + payload
+
+
+@dataclass
+class Hosts:
+    lab: Lab
+    a: Netns
+    b: Netns
+    port_a: Port  # fstcA, watched by capture
+    port_b: Port
+
+    def address(self, side: str, version: int) -> str:
+        port = self.port_a if side == "a" else self.port_b
+        return port.ip4 if version == 4 else port.ip6
+
+    def traffic(self, netns: Netns, *argv: str, timeout: float = 120.0) -> dict:
+        """Runs a sender of tests/kernel/traffic.py in `netns`; returns what it reports."""
+        result = netns.run(sys.executable, traffic.PATH, *argv, timeout=timeout)
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def sink(self, netns: Netns, *argv: str) -> subprocess.Popen:
+        """Starts a sink of tests/kernel/traffic.py in `netns`; returns once it is bound."""
+        process = netns.popen(sys.executable, traffic.PATH, *argv, stdout=subprocess.PIPE)
+        if process.stdout.readline().strip() != "ready":
+            raise AssertionError(f"traffic sink {argv} did not start")
+        return process
+
+    def udp(self, side: str, version: int, sport: int, dport: int, size: int, count: int, *extra: str) -> dict:
+        """Sends `count` datagrams of `size` payload bytes from `side` to the other host."""
+        src, dst = ("a", "b") if side == "a" else ("b", "a")
+        argv = ["udp-send", "--src", self.address(src, version), "--dst", self.address(dst, version)]
+        argv += ["--sport", str(sport), "--dport", str(dport), "--size", str(size), "--count", str(count), *extra]
+        report = self.traffic(self.a if side == "a" else self.b, *argv)
+        assert report["refused"] == 0, f"the sending socket refused datagrams: {report}"
+        return report
+
+
+def two_hosts(lab: Lab, subnet: int = 1) -> Hosts:
+    a, b = lab.namespace("a"), lab.namespace("b")
+    port_a, port_b = lab.link(a, "fstcA", b, "fstcB", subnet=subnet)
+    return Hosts(lab, a, b, port_a, port_b)
+
+
+def flow_totals(flows: pd.DataFrame, ifname: str, addresses: set[str]) -> dict[FlowId, tuple[int, int]]:
+    """(packets, bytes) over every interval, per direction and flow, of the rows on `ifname` between two
+    of `addresses` (so that multicast listener reports and other hosts' flows are left out)."""
+    rows = flows[(flows["ifname"] == ifname) & flows["src_ip"].isin(addresses) & flows["dst_ip"].isin(addresses)]
+    ids = rows[ID_COLUMNS].astype(object).where(rows[ID_COLUMNS].notna(), None)
+    summed = pd.concat([ids, rows[["packets", "bytes"]]], axis=1).groupby(ID_COLUMNS, dropna=False).sum()
+    return {
+        tuple(None if pd.isna(v) else v for v in index): (int(p), int(b))
+        for index, p, b in zip(summed.index, summed["packets"], summed["bytes"], strict=True)
+    }
+
+
+def udp_id(direction: str, version: int, src: str, sport: int, dst: str, dport: int) -> FlowId:
+    return (direction, "UDP", src, sport, dst, dport, None, None)
+
+
+def assert_flow_map_balanced(result: CaptureResult, lost: int = 0) -> None:
+    """In every interval, the tc programs' packets = packets delivered (map + spills) + packets lost; and
+    `lost` in all (0: nothing lost). Spill events likewise: sent + lost = delivered + lost."""
+    assert result.returncode == 0, result.stderr
+    intervals = result.coverage("flow_map")
+    assert intervals, "capture wrote no interval"
+    for number, counts in enumerate(intervals):
+        assert counts["produced"] == counts["delivered"] + counts["lost"], f"interval {number}: {counts}"
+    for number, counts in enumerate(result.coverage("events:flow_spill")):
+        assert counts["produced"] == counts["delivered"] + counts["lost"], f"interval {number}: {counts}"
+    assert sum(counts["lost"] for counts in intervals) == lost
+    assert "flow_map" not in result.summary["unbalanced_sources"]
