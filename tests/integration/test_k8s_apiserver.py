@@ -11,11 +11,14 @@ The tests at the bottom check the server against the client library's own Watch 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import os
 import queue
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +35,7 @@ RESOURCES = {
     "/apis/batch/v1/jobs": ("jobs", "Job", "batch/v1"),
 }
 _END = object()  # queue item: end this watch stream
+CLONE_NEWNET = 0x40000000
 
 
 def _key(obj: dict[str, Any]) -> tuple[str, str]:
@@ -55,13 +59,20 @@ class FakeApiServer:
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.port = 0
+        self.netns: str | None = None
         self._server: ThreadingHTTPServer | None = None
         self._connections: set[socket.socket] = set()
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
 
-    def start(self) -> FakeApiServer:
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler_for(self))
+    def start(self, netns: str | None = None) -> FakeApiServer:
+        """Listens on 127.0.0.1; with `netns` (a path such as /run/netns/NAME), on that namespace's loopback."""
+        self.netns = netns if netns is not None else self.netns
+        address = ("127.0.0.1", self.port)
+        if self.netns is None:
+            server = ThreadingHTTPServer(address, _handler_for(self))
+        else:
+            server = _in_netns(self.netns, lambda: ThreadingHTTPServer(address, _handler_for(self)))
         server.daemon_threads = True
         self.port = server.server_address[1]
         self._server = server
@@ -159,6 +170,34 @@ class FakeApiServer:
     def requests_for(self, resource: str, watch: bool) -> list[dict[str, Any]]:
         with self.lock:
             return [r for r in self.requests if r["resource"] == resource and r["watch"] == watch]
+
+
+def _in_netns(path: str, factory: Callable[[], Any]) -> Any:
+    """Calls `factory` on a thread switched into the network namespace at `path` (sockets it creates stay
+    there); the caller's threads are not affected."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(path, os.O_RDONLY)
+        try:
+            if libc.setns(target, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns {path}")
+            outcome["value"] = factory()
+        except Exception as err:
+            outcome["error"] = err
+        finally:
+            libc.setns(own, CLONE_NEWNET)
+            os.close(own)
+            os.close(target)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _handler_for(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
