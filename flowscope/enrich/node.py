@@ -17,9 +17,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flowscope.enrich import netlink
@@ -31,6 +33,8 @@ _POD_UID = re.compile(
 )
 _CONTAINER = re.compile(r"^(?:(?:cri-containerd|crio|docker|containerd|cri-o)-)?([0-9a-f]{64})(?:\.scope)?$")
 _CONMON = re.compile(r"^crio-conmon-[0-9a-f]{64}\.scope$")  # CRI-O's monitor process: the pod's, no container
+# Where the hierarchy is mounted when this process cannot see it (`ip netns exec` mounts a fresh /sys).
+PRIVATE_CGROUP2 = Path("/run/flowscope/cgroup2")
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,9 @@ class NodeScanner:
         min_rescan: float = 1.0,
         proc: str = "/proc",
     ) -> None:
-        self.cgroup_root = cgroup_root if cgroup_root is not None else cgroup2_mount()
+        self.cgroup_root = cgroup_root  # None: found (or mounted) by start()
+        self.mounted = False
+        self.mount_error: str | None = None
         self.interval = interval
         self.grace = grace
         self.min_rescan = min_rescan
@@ -257,6 +263,14 @@ class NodeScanner:
     # ---- background thread --------------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.cgroup_root is None:
+            self.cgroup_root = cgroup2_mount()
+        if self.cgroup_root is None:
+            from flowscope.features import _mount
+
+            self.mount_error = _mount("cgroup2", PRIVATE_CGROUP2)
+            if self.mount_error is None:
+                self.cgroup_root, self.mounted = str(PRIVATE_CGROUP2), True
         self.scan()
         self._thread = threading.Thread(target=self._run, name="flowscope-node-identity", daemon=True)
         self._thread.start()
@@ -285,12 +299,18 @@ class NodeScanner:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(PRIVATE_CGROUP2)], capture_output=True, check=False)
+            self.mounted = False
 
     def health(self) -> dict[str, Any]:
         view = self.view
         pods = {entry.pod_uid for entry in view.cgroups.values() if entry.pod_uid}
         if self.cgroup_root is None:
-            state, note = "unavailable", "no cgroup v2 mount: attribution by cgroup and network namespace is off"
+            why = f" and mounting it failed: {self.mount_error}" if self.mount_error else ""
+            state, note = "unavailable", f"no cgroup v2 mount{why}: attribution by cgroup and netns is off"
+        elif self.mounted:
+            state, note = "ok", f"cgroup v2 was not mounted here: flowscope mounted it at {PRIVATE_CGROUP2}"
         elif not pods:
             state, note = "ok", "no kubelet pod cgroups on the cgroup v2 mount"
         else:
