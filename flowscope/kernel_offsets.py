@@ -34,6 +34,8 @@ STRUCTURE_FIELDS = (
     Field("FS_OFF_SKB_LEN", "sk_buff", "len", (4,)),
     Field("FS_OFF_SKB_DATA", "sk_buff", "data", (8,)),
     Field("FS_OFF_SKB_MAC_HEADER", "sk_buff", "mac_header", (2,)),
+    Field("FS_OFF_SKB_CB", "sk_buff", "cb", (48,)),
+    Field("FS_OFF_TCP_CB_GSO_SEGS", "tcp_skb_cb", "tcp_gso_segs", (2,)),
     Field("FS_OFF_DEV_IFINDEX", "net_device", "ifindex", (4,)),
     Field("FS_OFF_DEV_NET", "net_device", "nd_net.net", (8,), required=False),
     Field("FS_OFF_NET_INUM", "net", "ns.inum", (4,), required=False),
@@ -245,7 +247,10 @@ def tcp_flags(btf: Btf | None, options: object) -> list[str]:
     flags = structure_flags(btf) + _tcp_options(options)
     sock = Argument("SK", "struct sock *")
     flags += raw_tracepoint_flags(
-        btf, "tcp_retransmit_skb", "FS_TCP_RETRANSMIT", (sock, Argument("ERR", "int", required=False))
+        btf,
+        "tcp_retransmit_skb",
+        "FS_TCP_RETRANSMIT",
+        (sock, Argument("SKB", "struct sk_buff *"), Argument("ERR", "int", required=False)),
     )
     flags += raw_tracepoint_flags(btf, "tcp_probe", "FS_TCP_PROBE", (sock,))
     flags += raw_tracepoint_flags(
@@ -262,7 +267,7 @@ def tcp_kprobe_flags(btf: Btf | None, options: object) -> list[str]:
     flags = structure_flags(btf) + _tcp_options(options) + ["-DFS_TCP_EVENTS_KPROBES"]
     sock, skb = Argument("SK", "struct sock *"), Argument("SKB", "struct sk_buff *")
     reason = Argument("REASON", "enum sk_rst_reason", required=False)
-    flags += kprobe_flags(btf, "tcp_retransmit_skb", "FS_KP_RETRANSMIT", (sock,))
+    flags += kprobe_flags(btf, "tcp_retransmit_skb", "FS_KP_RETRANSMIT", (sock, Argument("SEGS", "int")))
     flags += kprobe_flags(btf, "tcp_rcv_established", "FS_KP_RCV_ESTABLISHED", (sock,))
     flags += kprobe_flags(btf, "tcp_reset", "FS_KP_RESET", (sock,))
     # Optional: static functions a compiler may inline, and IPv6 (sometimes a module).

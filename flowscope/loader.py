@@ -232,4 +232,7 @@ def load(options: LoadOptions, features: KernelFeatures | None = None) -> Loaded
             "ingress": bpf.load_func(b"fs_tc_ingress", bcc.BPF.SCHED_CLS).fd,
             "egress": bpf.load_func(b"fs_tc_egress", bcc.BPF.SCHED_CLS).fd,
         }
+    for family in active:
+        if family.prepare is not None:
+            family.prepare(bpf)
     return loaded

@@ -24,6 +24,7 @@ from flowscope.kernel_events import (
     contribute_tcp,
 )
 from flowscope.kernel_records import FLOW_KEY, FLOW_STATS
+from flowscope.listeners import seed_listeners
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class ProbeFamily:
     # Files under probes/ placed before `source` in the module text: a kprobe variant reuses the maps and
     # logic of the family it replaces (whose own programs its cflags switch off).
     shared: tuple[str, ...] = ()
+    # Run once the module is loaded and its probes attached, with the bcc.BPF object: seeds the family's
+    # kernel tables with what happened before (e.g. listening sockets found in /proc).
+    prepare: Callable[[object], object] | None = None
 
 
 TC_FLOWS = ProbeFamily(
@@ -107,6 +111,7 @@ SOCK_STATE = ProbeFamily(
     requires=(Requirement("raw_tracepoint", "inet_sock_set_state"),),
     cflags=kernel_offsets.sock_flags,
     contribute=contribute_sockets,
+    prepare=seed_listeners,
 )
 SKB_DROP_KPROBE = ProbeFamily(
     name="skb_drop_kprobe",
@@ -146,6 +151,7 @@ SOCK_STATE_KPROBE = ProbeFamily(
     cflags=kernel_offsets.sock_kprobe_flags,
     replaces="sock_state",
     contribute=contribute_sockets,
+    prepare=seed_listeners,
 )
 
 CATALOG: list[ProbeFamily] = [

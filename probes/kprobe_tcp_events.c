@@ -2,9 +2,9 @@
  *
  * The module text holds tcp_events.c first (its maps and logic, without its tracepoint programs: built
  * with -DFS_TCP_EVENTS_KPROBES). Differences from the tracepoints: tcp_retransmit_skb is probed at entry,
- * so a retransmit the kernel then fails to send is counted too; tcp_rcv_established stands in for
- * tcp_probe (the same place); sent resets come from tcp_v4_send_reset / tcp_v6_send_reset /
- * tcp_send_active_reset where the kernel has them (FS_KP_* defined from BTF).
+ * so a retransmit the kernel then fails to send is counted too, with the segments it was asked to send;
+ * tcp_rcv_established stands in for tcp_probe (the same place); sent resets come from tcp_v4_send_reset,
+ * tcp_v6_send_reset and tcp_send_active_reset where the kernel has them (FS_KP_* defined from BTF).
  */
 #include "flowscope.h"
 #include "fs_kernel.h"
@@ -12,7 +12,8 @@
 
 int kprobe__tcp_retransmit_skb(struct pt_regs *ctx)
 {
-    fs_tcp_retransmit(ctx, (const void *)FS_PARM(ctx, FS_KP_RETRANSMIT_ARG_SK));
+    fs_tcp_retransmit(ctx, (const void *)FS_PARM(ctx, FS_KP_RETRANSMIT_ARG_SK),
+                      (__u32)FS_PARM(ctx, FS_KP_RETRANSMIT_ARG_SEGS));
     return 0;
 }
 

@@ -27,7 +27,8 @@
 struct fs_owner {
     __u64 start_ns;
     __u64 cgroup_id;
-    __u64 socket; /* listeners: the listening socket's address, so only its own close removes the entry */
+    __u64 socket; /* listeners: the listening socket's address, so only its own close removes the entry
+                   * (0 for listeners user space found in /proc at start: flowscope/listeners.py) */
     __u32 pid;
     __u32 pad;
     char comm[16];
@@ -145,7 +146,7 @@ static __always_inline void fs_sock_state_change(void *ctx, const void *sk, int 
         struct fs_listen_key listen = {};
         fs_listen_key_of(&listen, &flow, netns);
         struct fs_owner *owner = fs_listeners.lookup(&listen);
-        if (owner && owner->socket == socket)
+        if (owner && (owner->socket == socket || owner->socket == 0)) /* 0: seeded from /proc */
             fs_listeners.delete(&listen);
         return;
     }
@@ -166,8 +167,9 @@ static __always_inline void fs_sock_state_change(void *ctx, const void *sk, int 
 #ifndef FS_SOCK_STATE_KPROBES
 RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
-    fs_sock_state_change(ctx, (const void *)ctx->args[FS_INET_SOCK_SET_STATE_ARG_SK],
-                         (int)ctx->args[FS_INET_SOCK_SET_STATE_ARG_OLD], (int)ctx->args[FS_INET_SOCK_SET_STATE_ARG_NEW]);
+    const void *sk = (const void *)ctx->args[FS_INET_SOCK_SET_STATE_ARG_SK];
+    fs_sock_state_change(ctx, sk, (int)ctx->args[FS_INET_SOCK_SET_STATE_ARG_OLD],
+                         (int)ctx->args[FS_INET_SOCK_SET_STATE_ARG_NEW]);
     return 0;
 }
 #endif

@@ -76,10 +76,10 @@ static __always_inline struct tcp_stats *fs_tcp_entry(__u32 generation, struct t
 }
 
 static __always_inline void fs_tcp_event(void *ctx, __u32 generation, struct tcp_key *key, __u8 kind, __u64 now,
-                                         __u32 reason, int state)
+                                         __u32 reason, int state, __u32 n)
 {
     if (!fs_take_token(FS_BUCKET_TCP_EVENTS, FLOWSCOPE_TCP_EVENTS_PER_SECOND)) {
-        fs_count(generation, FS_CNT_TCP_EVENTS_SAMPLED_OUT, 1);
+        fs_count(generation, FS_CNT_TCP_EVENTS_SAMPLED_OUT, n);
         return;
     }
     struct fs_event event = {};
@@ -89,26 +89,27 @@ static __always_inline void fs_tcp_event(void *ctx, __u32 generation, struct tcp
     event.netns = key->netns;
     event.reason = reason;
     event.new_state = state;
+    event.value = n; /* segments (retransmits) */
     fs_emit(ctx, &event, generation);
 }
 
-/* Counts one retransmit or reset on `key` and sends its (rate-limited) event. */
-static __always_inline void fs_tcp_count(void *ctx, struct tcp_key *key, __u8 kind, __u32 reason, int state)
+/* Counts `n` retransmitted segments or one reset on `key` and sends its (rate-limited) event. */
+static __always_inline void fs_tcp_count(void *ctx, struct tcp_key *key, __u8 kind, __u32 reason, int state, __u32 n)
 {
     __u32 generation = fs_current_generation();
     __u64 now = bpf_ktime_get_ns();
-    fs_count(generation, FS_CNT_TCP_COUNTS, 1);
+    fs_count(generation, FS_CNT_TCP_COUNTS, n);
     struct tcp_stats *stats = fs_tcp_entry(generation, key, now);
     if (stats) {
         if (kind == FS_EV_RETRANSMIT)
-            __sync_fetch_and_add(&stats->retransmits, 1);
+            __sync_fetch_and_add(&stats->retransmits, n);
         else
-            __sync_fetch_and_add(&stats->resets, 1);
+            __sync_fetch_and_add(&stats->resets, n);
         stats->last_seen_ns = now;
     } else {
-        fs_count(generation, FS_CNT_TCP_MAP_FULL, 1);
+        fs_count(generation, FS_CNT_TCP_MAP_FULL, n);
     }
-    fs_tcp_event(ctx, generation, key, kind, now, reason, state);
+    fs_tcp_event(ctx, generation, key, kind, now, reason, state, n);
 }
 
 static __always_inline void fs_rst_key(struct fs_rst_key *rst, const struct flow_key *flow)
@@ -119,14 +120,24 @@ static __always_inline void fs_rst_key(struct fs_rst_key *rst, const struct flow
     rst->dport = flow->dport;
 }
 
-static __always_inline void fs_tcp_retransmit(void *ctx, const void *sk)
+/* `segments` TCP segments sent again (one skb may hold several). */
+static __always_inline void fs_tcp_retransmit(void *ctx, const void *sk, __u32 segments)
 {
     struct tcp_key key = {};
     if (!sk || !fs_key_from_sock(sk, &key.flow))
         return;
     key.flow.direction = FS_DIRECTION_EGRESS;
     key.netns = fs_sock_netns(sk);
-    fs_tcp_count(ctx, &key, FS_EV_RETRANSMIT, FS_UNKNOWN, fs_sock_state(sk));
+    fs_tcp_count(ctx, &key, FS_EV_RETRANSMIT, FS_UNKNOWN, fs_sock_state(sk), segments ? segments : 1);
+}
+
+/* The segments an skb of the write queue holds: tcp_skb_pcount(), from TCP's control block in skb->cb. */
+static __always_inline __u32 fs_tcp_skb_segments(const void *skb)
+{
+    __u16 segments = 0;
+    if (skb)
+        FS_READ(segments, skb, FS_OFF_SKB_CB + FS_OFF_TCP_CB_GSO_SEGS);
+    return segments;
 }
 
 static __always_inline void fs_tcp_rtt(const void *sk)
@@ -188,7 +199,7 @@ static __always_inline void fs_tcp_send_reset(void *ctx, const void *sk, const v
         __u64 one = 1;
         fs_resets_sent.update(&rst, &one);
     }
-    fs_tcp_count(ctx, &key, FS_EV_RESET, reason, sk ? fs_sock_state(sk) : 0);
+    fs_tcp_count(ctx, &key, FS_EV_RESET, reason, sk ? fs_sock_state(sk) : 0, 1);
 }
 
 /* A RST a socket accepted: counted unless this node sent it (then it was counted when sent). */
@@ -210,7 +221,7 @@ static __always_inline void fs_tcp_receive_reset(void *ctx, const void *sk)
             __sync_fetch_and_add(pending, -1);
         return;
     }
-    fs_tcp_count(ctx, &key, FS_EV_RESET, FS_UNKNOWN, fs_sock_state(sk));
+    fs_tcp_count(ctx, &key, FS_EV_RESET, FS_UNKNOWN, fs_sock_state(sk), 1);
 }
 
 #ifndef FS_TCP_EVENTS_KPROBES
@@ -220,7 +231,9 @@ RAW_TRACEPOINT_PROBE(tcp_retransmit_skb)
     if ((int)ctx->args[FS_TCP_RETRANSMIT_ARG_ERR] != 0)
         return 0; /* the segment was not sent again */
 #endif
-    fs_tcp_retransmit(ctx, (const void *)ctx->args[FS_TCP_RETRANSMIT_ARG_SK]);
+    /* After the retransmit, the skb holds the segments that went out again (TcpRetransSegs counts them). */
+    fs_tcp_retransmit(ctx, (const void *)ctx->args[FS_TCP_RETRANSMIT_ARG_SK],
+                      fs_tcp_skb_segments((const void *)ctx->args[FS_TCP_RETRANSMIT_ARG_SKB]));
     return 0;
 }
 

@@ -1,0 +1,118 @@
+"""Socket-level traffic for the drop, TCP and connection-event kernel tests, run inside a lab namespace:
+`Netns.run(sys.executable, socket_traffic.PATH, ...)`. Standard library only; each command prints one JSON
+line saying what happened, as the kernel reported it to the socket (ground truth for the probes), with the
+process's pid and comm.
+
+  refused  --src A --dst B --dport Q            connect to a closed port; reports the source port
+  server   ADDRESS PORT --connections N         prints "ready", accepts N connections, reads each to its
+                                                end, closes it; reports the connections (local/remote)
+  client   --src A --dst B --dport Q --bytes N [--chunk C] [--pause S]
+           sends N bytes in chunks of C (pausing S seconds between chunks), half-closes, waits for the peer
+           to close; reports the source port and the kernel's TCP_INFO: total_retrans, rtt_us
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import socket
+import struct
+import sys
+import time
+
+PATH = os.path.abspath(__file__)
+TCP_INFO_TOTAL_RETRANS = 100  # byte offsets in struct tcp_info (UAPI, stable)
+TCP_INFO_RTT = 68
+
+
+def family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+
+
+def report(**values: object) -> None:
+    with open("/proc/self/comm", encoding="utf-8") as comm:
+        print(json.dumps({"pid": os.getpid(), "comm": comm.read().strip(), **values}), flush=True)
+
+
+def refused(args: argparse.Namespace) -> None:
+    sock = socket.socket(family(args.dst), socket.SOCK_STREAM)
+    sock.bind((args.src, 0))
+    sport = sock.getsockname()[1]
+    try:
+        sock.connect((args.dst, args.dport))
+    except ConnectionRefusedError:
+        report(sport=sport, refused=True)
+        return
+    report(sport=sport, refused=False)
+
+
+def server(args: argparse.Namespace) -> None:
+    listener = socket.socket(family(args.address), socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((args.address, args.port))
+    listener.listen(16)
+    print("ready", flush=True)
+    connections = []
+    for _ in range(args.connections):
+        connection, remote = listener.accept()
+        with connection:
+            while connection.recv(1 << 16):
+                pass
+        connections.append({"remote_port": remote[1]})
+    listener.close()
+    report(connections=connections)
+
+
+def client(args: argparse.Namespace) -> None:
+    sock = socket.socket(family(args.dst), socket.SOCK_STREAM)
+    sock.bind((args.src, 0))
+    sock.connect((args.dst, args.dport))
+    started = time.monotonic()
+    chunk = bytes(args.chunk)
+    remaining = args.bytes
+    while remaining:
+        size = min(remaining, len(chunk))
+        sock.sendall(chunk[:size])
+        remaining -= size
+        if args.pause and remaining:
+            time.sleep(args.pause)
+    sock.shutdown(socket.SHUT_WR)
+    while sock.recv(1 << 16):  # the peer's FIN ends this, after it has acknowledged everything
+        pass
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    (total_retrans,) = struct.unpack_from("<I", info, TCP_INFO_TOTAL_RETRANS)
+    (rtt_us,) = struct.unpack_from("<I", info, TCP_INFO_RTT)
+    sport = sock.getsockname()[1]
+    sock.close()
+    report(sport=sport, total_retrans=total_retrans, rtt_us=rtt_us, seconds=time.monotonic() - started)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="socket_traffic")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("refused")
+    p.add_argument("--src", required=True)
+    p.add_argument("--dst", required=True)
+    p.add_argument("--dport", type=int, required=True)
+    p.set_defaults(run=refused)
+    p = commands.add_parser("server")
+    p.add_argument("address")
+    p.add_argument("port", type=int)
+    p.add_argument("--connections", type=int, default=1)
+    p.set_defaults(run=server)
+    p = commands.add_parser("client")
+    p.add_argument("--src", required=True)
+    p.add_argument("--dst", required=True)
+    p.add_argument("--dport", type=int, required=True)
+    p.add_argument("--bytes", type=int, required=True)
+    p.add_argument("--chunk", type=int, default=64 * 1024)
+    p.add_argument("--pause", type=float, default=0.0)
+    p.set_defaults(run=client)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

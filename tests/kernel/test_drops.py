@@ -1,0 +1,90 @@
+"""Drops from skb:kfree_skb, through `flowscope capture`: the running kernel's reason, the 5-tuple, where
+the kernel dropped the packet, counted exactly per flow and joined into the flow tc saw."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.kernel import traffic
+from tests.kernel.tracepoint_lab import (
+    assert_balanced,
+    capture,
+    client_server,
+    events,
+    kernel_function,
+    rows,
+    total,
+)
+
+pytestmark = pytest.mark.kernel
+
+SIZE = 100  # UDP payload bytes
+ETH, UDP = 14, 8
+IP_HEADER = {4: 20, 6: 40}
+PROTOCOL = "UDP"
+
+
+def wire_length(version: int) -> int:
+    return ETH + IP_HEADER[version] + UDP + SIZE
+
+
+def udp_send(pair, version: int, sport: int, dport: int, count: int) -> None:
+    src, dst = pair.addresses(version)
+    pair.client.run(
+        sys.executable, traffic.PATH, "udp-send", "--src", src, "--dst", dst,
+        "--sport", str(sport), "--dport", str(dport), "--size", str(SIZE), "--count", str(count),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("transport", ["ring", "perf"])
+@pytest.mark.parametrize("version", [4, 6])
+def test_udp_to_a_closed_port_is_dropped_with_no_socket_on_its_flow(version: int, transport: str) -> None:
+    with client_server() as pair:
+        src, dst = pair.addresses(version)
+        server_netns, server_ifindex = pair.netns_inode(pair.server), pair.server_port.ifindex
+        run = capture(pair, transport)
+        udp_send(pair, version, 40001, 9, count=5)
+        result = run.stop()
+    assert_balanced(result)
+    assert result.summary["events_transport"] == {"ring": "ring buffer", "perf": "perf buffer"}[transport]
+    flows = rows(result.flows, src, 40001, dst, 9, PROTOCOL)
+    # The flow tc counted leaving the client carries the drops that happened in the server's namespace.
+    assert total(flows, "packets") == 5
+    assert total(flows, "drop_packets") == 5
+    assert total(flows, "drop_bytes") == 5 * wire_length(version) == total(flows, "bytes")
+    assert set(flows.loc[flows["drop_packets"] > 0, "drop_reason"]) == {"NO_SOCKET"}
+    assert set(flows["ifname"]) == {"fstpC"} and set(flows["direction"]) == {"egress"}
+    drops = rows(events(result), src, 40001, dst, 9, PROTOCOL)
+    assert len(drops) == 5
+    assert set(drops["kind"]) == {"drop"} and set(drops["drop_reason"]) == {"NO_SOCKET"}
+    assert set(drops["bytes"]) == {wire_length(version)}
+    assert set(drops["netns"]) == {server_netns}
+    assert set(drops["ifindex"]) == {server_ifindex}
+    assert drops["ifname"].isna().all()  # another namespace's interface number names nothing here
+    assert all("udp" in kernel_function(location) for location in drops["location"])
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_an_iptables_drop_rule_shows_as_netfilter_drop(version: int) -> None:
+    with client_server() as pair:
+        src, dst = pair.addresses(version)
+        iptables = "iptables" if version == 4 else "ip6tables"
+        pair.server.run(iptables, "-A", "INPUT", "-p", "udp", "--dport", "5555", "-j", "DROP")
+        sink = pair.server.popen(sys.executable, traffic.PATH, "udp-sink", dst, "5555", stdout=subprocess.PIPE)
+        assert sink.stdout.readline().strip() == "ready"
+        run = capture(pair, "ring")
+        udp_send(pair, version, 40002, 5555, count=4)
+        result = run.stop()
+    assert_balanced(result)
+    flows = rows(result.flows, src, 40002, dst, 5555, PROTOCOL)
+    assert total(flows, "packets") == 4
+    assert total(flows, "drop_packets") == 4
+    assert total(flows, "drop_bytes") == 4 * wire_length(version)
+    assert set(flows.loc[flows["drop_packets"] > 0, "drop_reason"]) == {"NETFILTER_DROP"}
+    drops = rows(events(result), src, 40002, dst, 5555, PROTOCOL)
+    assert len(drops) == 4 and set(drops["drop_reason"]) == {"NETFILTER_DROP"}
+    # nf_hook_slow on most kernels; nft_do_chain where nftables drops by itself (6.18).
+    assert all(kernel_function(location).startswith("nf") for location in drops["location"])

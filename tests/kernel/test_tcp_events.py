@@ -1,0 +1,92 @@
+"""Resets, retransmits and RTT from the tcp:* tracepoints, through `flowscope capture`, counted in the
+kernel and joined into the flow of the right direction."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.kernel.tracepoint_lab import (
+    assert_balanced,
+    capture,
+    client_server,
+    events,
+    rows,
+    total,
+)
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.mark.parametrize("transport", ["ring", "perf"])
+@pytest.mark.parametrize("version", [4, 6])
+def test_tcp_to_a_closed_port_counts_one_reset_on_the_rst_flow(version: int, transport: str) -> None:
+    with client_server() as pair:
+        client, server = pair.addresses(version)
+        run = capture(pair, transport)
+        attempt = pair.socket_traffic(pair.client, "refused", "--src", client, "--dst", server, "--dport", "7")
+        result = run.stop()
+    assert_balanced(result)
+    assert attempt["refused"]
+    sport = attempt["sport"]
+    rst = rows(result.flows, server, 7, client, sport, "TCP")
+    # Both ends are on this node: the server's tcp_send_reset and the client's tcp_receive_reset fire for
+    # the same RST, which counts once, on the flow it travelled (server -> client).
+    assert total(rst, "packets") == 1
+    assert total(rst, "resets") == 1
+    syn = rows(result.flows, client, sport, server, 7, "TCP")
+    assert total(syn, "packets") == 1
+    assert total(syn, "resets") == 0
+    assert total(syn, "drop_packets") == 1 and set(syn["drop_reason"].dropna()) == {"NO_SOCKET"}
+    resets = rows(events(result), server, 7, client, sport, "TCP")
+    resets = resets[resets["kind"] == "reset"]
+    assert len(resets) == 1
+    assert resets["reset_reason"].iloc[0] == "NO_SOCKET"
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_retransmits_of_dropped_data_segments_are_counted_on_the_data_flow(version: int) -> None:
+    with client_server() as pair:
+        client, server = pair.addresses(version)
+        iptables = "iptables" if version == 4 else "ip6tables"
+        # Every fifth data segment (never a handshake or pure ACK: those are short) to the server is lost.
+        pair.server.run(
+            iptables, "-A", "INPUT", "-p", "tcp", "--dport", "5001", "-m", "length", "--length", "1000:65535",
+            "-m", "statistic", "--mode", "nth", "--every", "5", "--packet", "0", "-j", "DROP",
+        )  # fmt: skip
+        listener = pair.start_server(server, 5001)
+        run = capture(pair, "ring")
+        sent = pair.socket_traffic(pair.client, "client", "--src", client, "--dst", server, "--dport", "5001",
+                                   "--bytes", str(300_000))  # fmt: skip
+        listener.wait(timeout=30)
+        result = run.stop()
+        dropped_by_rule = int(
+            pair.server.run(iptables, "-L", "INPUT", "-v", "-x", "-n").stdout.splitlines()[2].split()[0]
+        )
+    assert_balanced(result)
+    assert sent["total_retrans"] > 0 and dropped_by_rule > 0
+    data = rows(result.flows, client, sent["sport"], server, 5001, "TCP")
+    assert total(data, "retransmits") == sent["total_retrans"]
+    acks = rows(result.flows, server, 5001, client, sent["sport"], "TCP")
+    assert total(acks, "retransmits") == 0
+    assert total(data, "drop_packets") == dropped_by_rule
+    assert set(data["drop_reason"].dropna()) == {"NETFILTER_DROP"}
+    print(f"retransmits {sent['total_retrans']}, segments dropped by the rule {dropped_by_rule}")
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_rtt_is_sampled_on_both_directions_of_a_connection(version: int) -> None:
+    with client_server() as pair:
+        client, server = pair.addresses(version)
+        listener = pair.start_server(server, 5003)
+        run = capture(pair, "ring")
+        sent = pair.socket_traffic(pair.client, "client", "--src", client, "--dst", server, "--dport", "5003",
+                                   "--bytes", "40000", "--chunk", "4000", "--pause", "0.05")  # fmt: skip
+        listener.wait(timeout=30)
+        result = run.stop()
+    assert_balanced(result)
+    data = rows(result.flows, client, sent["sport"], server, 5003, "TCP")
+    reply = rows(result.flows, server, 5003, client, sent["sport"], "TCP")
+    for flow in (data, reply):
+        sampled = flow["rtt_us"].dropna()
+        assert len(sampled) > 0
+        assert (sampled > 0).all() and (sampled < 1_000_000).all()

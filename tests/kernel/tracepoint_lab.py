@@ -1,0 +1,106 @@
+"""Shared set-up of the drop, TCP and connection-event kernel tests: two lab namespaces (client, server)
+joined by one veth pair, `flowscope capture` running in the client namespace with tc on the client's end,
+and helpers that pick the rows of one 5-tuple out of what capture wrote.
+
+Names and addresses of this area: namespaces fstp-*, interfaces fstp*, 10.202.0.0/16 and fd00:202::/64.
+The probes here are machine-wide (tracepoints), so tests select rows by their own 5-tuples.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pandas as pd
+
+from tests.kernel import socket_traffic
+from tests.kernel.capture import Capture, CaptureResult
+from tests.kernel.lab import Lab, Netns, Port
+
+PREFIX = "fstp-"
+IPV4_NET = "10.202.0.0/16"
+IPV6_NET = "fd00:202::/64"
+TRANSPORTS = {"ring": (), "perf": ("--perf-buffer",)}
+
+
+@dataclass
+class Pair:
+    lab: Lab
+    client: Netns
+    server: Netns
+    client_port: Port  # fstpC, where capture's tc probe runs
+    server_port: Port  # fstpS
+
+    def addresses(self, version: int) -> tuple[str, str]:
+        """(client, server) addresses of one family."""
+        if version == 4:
+            return self.client_port.ip4, self.server_port.ip4
+        return self.client_port.ip6, self.server_port.ip6
+
+    def netns_inode(self, netns: Netns) -> int:
+        return int(netns.run("stat", "-L", "-c", "%i", "/proc/self/ns/net").stdout)
+
+    def socket_traffic(self, netns: Netns, *argv: str, timeout: float = 60.0) -> dict:
+        result = netns.run(sys.executable, socket_traffic.PATH, *argv, timeout=timeout)
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def start_server(self, address: str, port: int, connections: int = 1) -> subprocess.Popen:
+        """A socket_traffic server in the server namespace, listening once this returns."""
+        argv = ["server", address, str(port), "--connections", str(connections)]
+        process = self.server.popen(sys.executable, socket_traffic.PATH, *argv, stdout=subprocess.PIPE)
+        if process.stdout.readline().strip() != "ready":
+            raise AssertionError("the test server did not start")
+        return process
+
+
+@contextmanager
+def client_server(subnet: int = 1) -> Iterator[Pair]:
+    with Lab(PREFIX, IPV4_NET, IPV6_NET) as lab:
+        client, server = lab.namespace("client"), lab.namespace("server")
+        client_port, server_port = lab.link(client, "fstpC", server, "fstpS", subnet=subnet)
+        lab.offloads(client_port, False)  # one skb is one segment: counts compare with what sockets saw
+        lab.offloads(server_port, False)
+        yield Pair(lab, client, server, client_port, server_port)
+
+
+def capture(pair: Pair, transport: str, *extra: str) -> Capture:
+    return Capture.start(pair.client, ["fstpC"], 0.5, *TRANSPORTS[transport], *extra)
+
+
+def rows(frame: pd.DataFrame, src: str, sport: int | None, dst: str, dport: int | None, protocol: str) -> pd.DataFrame:
+    """Rows of one 5-tuple (ports None: any), in the order capture wrote them."""
+    mask = (
+        (frame["src_ip"] == src)
+        & (frame["dst_ip"] == dst)
+        & (frame["protocol"] == protocol)
+        & ((frame["src_port"] == sport) if sport is not None else True)
+        & ((frame["dst_port"] == dport) if dport is not None else True)
+    )
+    return frame[mask.fillna(False).astype(bool)].reset_index(drop=True)
+
+
+def events(result: CaptureResult) -> pd.DataFrame:
+    frames = [batch.events for batch in result.batches if not batch.events.empty]
+    return pd.concat(frames, ignore_index=True) if frames else result.batches[0].events
+
+
+def total(frame: pd.DataFrame, column: str) -> int:
+    return int(frame[column].fillna(0).sum())
+
+
+def kernel_function(location: str) -> str:
+    """The function of a "name+0xoffset" location, checked to be a function of the running kernel."""
+    name, _, offset = location.partition("+0x")
+    assert name and int(offset, 16) >= 0, location
+    with open("/proc/kallsyms", encoding="utf-8") as symbols:
+        assert any(line.split()[2] == name for line in symbols if line.split()[1] in "tT"), location
+    return name
+
+
+def assert_balanced(result: CaptureResult) -> None:
+    assert result.returncode == 0, result.stderr
+    assert result.summary["unbalanced_sources"] == [], result.summary["coverage"]
