@@ -214,8 +214,9 @@ class Lab:
         self.neighbours(right, left)
 
     def offloads(self, port: Port, enabled: bool) -> None:
-        """Turns segmentation and receive offloads (TSO, GSO, GRO, ...) on or off, so that one skb is one
-        packet on the wire (off) or may carry many segments (on, the veth default)."""
+        """Turns the device's segmentation and receive offloads (TSO, GSO, GRO, ...) on (the veth default) or
+        off. Off, TCP still hands the device multi-segment (GSO) skbs, segmented in software on their way
+        out (after tc, before packet sockets see them); `one_segment_per_skb` stops that at the source."""
         state = "on" if enabled else "off"
         features = ("tso", "gso", "gro", "sg", "tx-gso-partial", "tx-udp-segmentation")
         args = [item for feature in features for item in (feature, state)]
@@ -225,6 +226,10 @@ class Lab:
         for feature in ("tcp-segmentation-offload", "generic-segmentation-offload", "generic-receive-offload"):
             if f"{feature}: {state}" not in shown:
                 raise LabError(f"{feature} of {port.name} did not turn {state}")
+
+    def one_segment_per_skb(self, port: Port) -> None:
+        """Makes the stack build one wire segment per skb on this device (gso_max_segs 1)."""
+        port.netns.run("ip", "link", "set", port.name, "gso_max_segs", "1")
 
     def close(self) -> None:
         """Stops the processes the lab started, then deletes its namespaces (their interfaces go with them)."""
