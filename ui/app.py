@@ -99,6 +99,9 @@ class DetailScreen(Screen[None]):
     def __init__(self, label: str) -> None:
         super().__init__()
         self.label = label
+        self._ready = False
+        self._pending: Detail | None = None  # a detail that arrived before the screen was mounted
+        self._shown: Detail | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(self.label, id="detail-title")
@@ -115,18 +118,29 @@ class DetailScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#peers", DataTable).add_columns("PEER", "", "BYTES", "PKTS", "DROPS")
-        self.query_one("#reasons", DataTable).add_columns("DROP REASON", "PKTS", "BYTES")
-        self.query_one("#events", DataTable).add_columns("TIME", "EVENT", "FLOW", "REASON")
+        # Fixed widths: the tables are refilled on every interval and must not change shape while read.
+        peers = self.query_one("#peers", DataTable)
+        _add_columns(peers, ("PEER", 40), ("", 1), ("BYTES", 8), ("PKTS", 7), ("DROPS", 6))
+        _add_columns(self.query_one("#reasons", DataTable), ("DROP REASON", 26), ("PKTS", 7), ("BYTES", 8))
+        _add_columns(self.query_one("#events", DataTable), ("TIME", 12), ("EVENT", 10), ("FLOW", 56), ("REASON", 26))
+        self._ready = True
+        if self._pending is not None:
+            self.show(self._pending)
 
     def show(self, detail: Detail) -> None:
+        if not self._ready:
+            self._pending = detail
+            return
+        if self._shown is not None and _same_detail(self._shown, detail):
+            return
+        self._shown = detail
         series = detail.series
         last = series.iloc[-1] if len(series) else None
         rtt = series["rtt_us"].dropna() if len(series) else pd.Series(dtype=float)
         stats = [
             f"over {len(series)} intervals",
             f"now {fmt.bytes_rate(last['bytes_per_s'] if last is not None else None)}",
-            f"{fmt.rate(last['packets_per_s'] if last is not None else None)} pkts",
+            f"{fmt.count(last['packets_per_s'] if last is not None else None)} pkts/s",
             f"drops {fmt.count(series['drops'].sum() if len(series) else 0)}",
             f"retransmits {fmt.count(series['retransmits'].sum() if len(series) else 0)}",
             f"resets {fmt.count(series['resets'].sum() if len(series) else 0)}",
@@ -163,6 +177,17 @@ class DetailScreen(Screen[None]):
         for record in detail.events.to_dict("records"):
             time = pd.Timestamp(record["time"]).tz_convert("UTC").strftime("%H:%M:%S.%f")[:-3]
             events.add_row(time, record["kind"], Text(record["flow"]), record["reason"])
+
+
+def _add_columns(table: DataTable, *columns: tuple[str, int]) -> None:
+    for title, width in columns:
+        table.add_column(title, width=width)
+
+
+def _same_detail(one: Detail, other: Detail) -> bool:
+    return one.key == other.key and all(
+        getattr(one, name).equals(getattr(other, name)) for name in ("series", "peers", "drops", "events")
+    )
 
 
 def _right(text: str, style: str = "") -> Text:
@@ -236,6 +261,7 @@ class TopApp(App[int]):
         self._with_trend = False
         self._shown_grouping = self.model.grouping
         self._detail: DetailScreen | None = None
+        self._drops_shown: pd.DataFrame | None = None
         self.last_snapshot: Snapshot | None = None
         self._previous_handlers: dict[int, Any] = {}
         # The view as last requested: key presses run ahead of the snapshots that show them.
@@ -259,9 +285,10 @@ class TopApp(App[int]):
 
     def on_mount(self) -> None:
         self._build_row_columns(with_trend=False)
-        self.query_one("#drops", DataTable).add_columns(
-            "DROP REASON", _right("LAST"), _right("WINDOW"), _right("BYTES"), _right("SHARE"), "TOP VICTIMS"
-        )
+        drops = self.query_one("#drops", DataTable)
+        for title, width in (("DROP REASON", 26), ("LAST", 7), ("WINDOW", 7), ("BYTES", 8), ("SHARE", 6)):
+            drops.add_column(_right(title) if width < 10 else title, width=width)
+        drops.add_column("TOP VICTIMS", width=90)
         if self.handle_signals:
             loop = asyncio.get_running_loop()
             for number in (signal.SIGTERM, signal.SIGHUP):
@@ -339,7 +366,8 @@ class TopApp(App[int]):
         if snapshot.state:
             line1.append(f"  {snapshot.state}", "bold red" if "failed" in snapshot.state else "bold")
         if snapshot.paused:
-            line1.append(f"  PAUSED ({snapshot.waiting} intervals waiting)", "bold reverse yellow")
+            waiting = f" ({snapshot.waiting} intervals waiting)" if snapshot.waiting else ""
+            line1.append(f"  PAUSED{waiting}", "bold reverse yellow")
         coverage_style = "bold red" if totals.coverage.lost else "green"
         line2 = Text.assemble(
             f"flows {totals.flows} ({fmt.rate(totals.flows_per_s)})  ",
@@ -401,6 +429,9 @@ class TopApp(App[int]):
         table.refresh()
 
     def _show_drops(self, drops: DropsTable) -> None:
+        if self._drops_shown is not None and self._drops_shown.equals(drops.frame):
+            return
+        self._drops_shown = drops.frame
         table = self.query_one("#drops", DataTable)
         selected = _cursor_key(table)
         table.clear()

@@ -193,7 +193,7 @@ def test_detail_screen_and_back(shop_replay):
                 "close", "close", "drop", "drop", "drop", "retransmit", "accept", "connect",
             ]  # fmt: skip
             assert str(app.screen.query_one("#detail-stats", Static).render()) == (
-                "over 5 intervals  ·  now 138 kB/s  ·  124/s pkts  ·  drops 14  ·  retransmits 3  ·  resets 0  ·  "
+                "over 5 intervals  ·  now 138 kB/s  ·  124 pkts/s  ·  drops 14  ·  retransmits 3  ·  resets 0  ·  "
                 "RTT 800µs .. 933µs"
             )
             await pilot.press("g")  # main-table keys do nothing over the detail
