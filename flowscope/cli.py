@@ -163,7 +163,8 @@ def _intervals(
     source: BatchSource, duration: float | None, interval: float, stop: threading.Event
 ) -> Iterator[FlowBatch]:
     """Batches until `duration` seconds have passed (the last interval is cut short to fit) or `stop` is set;
-    a live source then cuts the interval under way short, so what it counted is still reported."""
+    a live source then cuts the interval under way short, and drains once more after the stop, so that
+    what it counted up to then is reported (a stop can come while a drain is under way)."""
     next_batch: Callable[..., FlowBatch] | None = getattr(source, "next_batch", None)
     if next_batch is None:
         for batch in source:
@@ -172,7 +173,10 @@ def _intervals(
                 return
         return
     remaining = math.inf if duration is None else duration
-    while remaining > 1e-6 and not stop.is_set():
+    while remaining > 1e-6:
+        if stop.is_set():
+            yield next_batch(0.0, stop)
+            return
         step = min(interval, remaining)
         yield next_batch(step, stop)
         remaining -= step
