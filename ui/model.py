@@ -458,7 +458,9 @@ class TopModel:
                 closes=_first_per_connection(events, ("close",)),
             )
             per_key = group.keyed(flagged, ["connections", "closes"]).groupby(names, sort=False)
-            result = result.join(per_key[["connections", "closes"]].sum(), how="outer")
+            counts = per_key[["connections", "closes"]].sum()
+            counts = counts[(counts["connections"] > 0) | (counts["closes"] > 0)]  # other events make no row
+            result = result.join(counts, how="outer")
         else:
             result = result.assign(connections=0, closes=0)
         result[["connections", "closes"]] = result[["connections", "closes"]].fillna(0).astype(np.int64)

@@ -6,9 +6,9 @@ the new SVGs before committing them.
 
 import pytest
 from conftest import NODE, press_and_settle, replay_finished
+from flowscope.ui.app import TopApp
 
 from flowscope.source import ReplaySource
-from flowscope.ui.app import TopApp
 
 SIZE = (150, 32)
 
