@@ -1,0 +1,136 @@
+"""Agent CPU and memory with 10k and 100k active flows.
+
+The agent here is flowscope's pipeline without sinks, in a process of its own: LiveSource (probes on
+fsb0a, every family the kernel supports, drained every second) and the node identity enricher, as
+`flowscope capture` runs them, with each FlowBatch dropped after enrichment. (`flowscope agent` does not
+exist yet; its sinks will add their own cost.) tcpreplay loops over N distinct UDP flows at N packets/s,
+so every flow gets a packet in every interval and N flows are active all the time. The flow map has
+room for them (65536 entries for 10k flows, 131072 for 100k). After a warm-up, the agent process's CPU
+time (utime + stime from /proc) over a measured window gives its CPU share, and /proc gives its RSS
+(now and peak). The child reports how long each interval's drain + FlowBatch + enrichment took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import lab
+
+
+def child(flow_map_size: int) -> None:
+    """The agent process: runs until SIGTERM, then prints its figures as JSON on stdout."""
+    import argparse as flags
+
+    from flowscope.coverage import Coverage
+    from flowscope.enrich import build_enricher
+    from flowscope.live import LiveSource
+    from flowscope.loader import LoadOptions
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    source = LiveSource(LoadOptions(interfaces=[lab.VETH_CLIENT], flow_map_size=flow_map_size), interval=1.0)
+    enricher = build_enricher(flags.Namespace(node_name="bench", kubeconfig=None, metadata=None))
+    print("ready", flush=True)
+    intervals = []
+    coverage = Coverage()
+    try:
+        while not stop:
+            began = time.monotonic()
+            batch = source.next_batch(source.interval)
+            drained = time.monotonic()
+            enricher.enrich(batch)
+            done = time.monotonic()
+            intervals.append(
+                {
+                    "rows": len(batch.flows),
+                    "drain_and_batch_ms": round((drained - began - source.interval) * 1e3, 1),
+                    "enrich_ms": round((done - drained) * 1e3, 1),
+                }
+            )
+            coverage.merge(batch.coverage)
+    finally:
+        enricher.close()
+        source.close()
+    print(json.dumps({"intervals": intervals, "coverage": coverage.to_dict()}), flush=True)
+
+
+def measure(flows: int, flow_map_size: int, warmup: float, window: float, pcap: Path) -> dict:
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "bench.agent", "--child", "--flow-map-size", str(flow_map_size)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    replay = None
+    try:
+        if agent.stdout is None or agent.stdout.readline().strip() != "ready":
+            raise RuntimeError("the agent process did not start")
+        idle = lab.process_status(agent.pid)
+        loops = int(warmup + window) + 2  # one loop over the N flows takes one second
+        replay = lab.tcpreplay(pcap, pps=flows, loops=loops)
+        time.sleep(warmup)
+        cpu_before, wall_before = lab.cpu_seconds(agent.pid), time.monotonic()
+        time.sleep(window)
+        cpu_after, wall_after = lab.cpu_seconds(agent.pid), time.monotonic()
+        memory = lab.process_status(agent.pid)
+    finally:
+        if replay is not None:
+            replay.terminate()
+            replay.wait()
+        agent.send_signal(signal.SIGTERM)
+        output, _ = agent.communicate(timeout=30)
+    report = json.loads(output.strip().splitlines()[-1])
+    intervals = report["intervals"]
+    steady = [i for i in intervals if i["rows"] >= 0.9 * flows]
+    result = {
+        "flows": flows,
+        "flow_map_size": flow_map_size,
+        "cpu_share": round((cpu_after - cpu_before) / (wall_after - wall_before), 3),
+        "rss_mb": round(memory["VmRSS"] / 2**20, 1),
+        "peak_rss_mb": round(memory["VmHWM"] / 2**20, 1),
+        "rss_before_traffic_mb": round(idle["VmRSS"] / 2**20, 1),
+        "intervals_at_full_load": len(steady),
+        "median_rows": lab.median([i["rows"] for i in steady]),
+        "median_drain_and_batch_ms": lab.median([i["drain_and_batch_ms"] for i in steady]),
+        "median_enrich_ms": lab.median([i["enrich_ms"] for i in steady]),
+        "coverage": report["coverage"],  # over the whole run, by source (produced = delivered + lost)
+    }
+    lab.log(
+        f"agent with {flows:,} active flows: CPU {result['cpu_share']:.0%} of a core, RSS {result['rss_mb']} MB "
+        f"(peak {result['peak_rss_mb']}), per interval: drain + FlowBatch {result['median_drain_and_batch_ms']} ms, "
+        f"enrichment {result['median_enrich_ms']} ms ({result['intervals_at_full_load']} intervals at full load)"
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--flow-map-size", type=int, default=65536, help=argparse.SUPPRESS)
+    parser.add_argument("--flows", default="10000,100000", help="active flow counts to measure")
+    parser.add_argument("--warmup", type=float, default=4.0)
+    parser.add_argument("--window", type=float, default=6.0)
+    args = parser.parse_args()
+    if args.child:
+        child(args.flow_map_size)
+        return
+    lab.require_tools("tcpreplay")
+    started = time.monotonic()
+    results = []
+    with lab.lab(), tempfile.TemporaryDirectory(prefix="fsbench-") as directory:
+        for flows in (int(n) for n in args.flows.split(",")):
+            pcap = lab.write_udp_flows_pcap(Path(directory) / f"flows-{flows}.pcap", flows)
+            map_size = max(65536, 1 << (flows - 1).bit_length())
+            results.append(measure(flows, map_size, args.warmup, args.window, pcap))
+    lab.save("agent", {"runs": results, "elapsed_s": round(time.monotonic() - started, 1)})
+
+
+if __name__ == "__main__":
+    main()
