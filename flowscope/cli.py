@@ -381,6 +381,7 @@ def build_parser() -> ArgumentParser:
 
     top = commands.add_parser("top", help="live top talkers, drops and TCP health (Textual UI; -o table for scripts)")
     add_probe_arguments(top)
+    add_identity_arguments(top)
     add_top_arguments(top)
     top.set_defaults(run=run_top)
     return parser
