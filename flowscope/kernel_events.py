@@ -27,6 +27,8 @@ from flowscope.kernel_records import (
     EVENT_KINDS,
     FLOW_KEY,
     FLOW_STATS,
+    KEY_NO_PORTS,
+    PORT_PROTOCOLS,
     addresses_to_text,
     flows_from_map,
     protocol_names,
@@ -67,7 +69,6 @@ assert TCP_KEY.itemsize == 48 and TCP_STATS.itemsize == 56
 KIND = {name: number for number, name in EVENT_KINDS.items()}
 SOCKET_KINDS = (KIND["connect"], KIND["accept"], KIND["close"])
 TCP_KINDS = (KIND["retransmit"], KIND["reset"])
-PORT_PROTOCOLS = (6, 17, 132, 136)  # TCP, UDP, SCTP, UDP-Lite
 
 COUNTER_COLUMNS = ("drop_packets", "drop_bytes", "drop_reason", "retransmits", "resets", "rtt_us")
 JOIN_TUPLE = ["ip_version", "protocol", "src_ip", "src_port", "dst_ip", "dst_port", "icmp_type", "icmp_code"]
@@ -122,7 +123,7 @@ def event_rows(
         return conform(pd.DataFrame(), EVENT_COLUMNS)
     kind = events["kind"]
     ip = events["ip_version"] > 0
-    has_ports = ip & np.isin(events["proto"], PORT_PROTOCOLS)
+    has_ports = ip & np.isin(events["proto"], PORT_PROTOCOLS) & (events["key_flags"] & KEY_NO_PORTS == 0)
     drop = kind == KIND["drop"]
     close = kind == KIND["close"]
     reset = kind == KIND["reset"]

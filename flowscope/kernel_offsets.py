@@ -61,9 +61,10 @@ def _member(btf: Btf, field: Field) -> Member | None:
             raise
         return None
     if member.bitfield_size or member.size not in field.sizes:
+        size = f"a {member.bitfield_size}-bit field" if member.bitfield_size else f"{member.size} bytes"
         raise BtfError(
-            f"struct {field.struct}.{field.path} is {member.size or f'{member.bitfield_size} bits'} in the running "
-            f"kernel, where flowscope reads {field.sizes[0]} bytes."
+            f"struct {field.struct}.{field.path} is {size} in the running kernel, where flowscope reads "
+            f"{field.sizes[0]} bytes."
         )
     return member
 

@@ -15,8 +15,6 @@ import os
 import struct
 from dataclasses import dataclass
 
-from flowscope.enrich.node import cgroup2_mount
-
 TCP_LISTEN = "0A"  # the socket state column of /proc/net/tcp: the kernel's TCP_LISTEN in hex
 LISTEN_KEY = struct.Struct("<16sIHH")  # struct fs_listen_key in probes/sock_state.c
 OWNER = struct.Struct("<QQQII16s")  # struct fs_owner
@@ -96,6 +94,8 @@ def _cgroup_id(proc: str, pid: str, cgroup_root: str | None) -> int:
 def cgroup_root() -> str | None:
     """The cgroup v2 hierarchy: where this process sees it mounted, else as pid 1 sees it (`ip netns exec`
     gives a process its own /sys, without the cgroup mounts)."""
+    from flowscope.enrich.node import cgroup2_mount  # here: the catalog imports this module, not the enrichers
+
     mount = cgroup2_mount()
     if mount is not None:
         return mount

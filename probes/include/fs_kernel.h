@@ -190,19 +190,25 @@ static __always_inline int fs_key_from_skb(const void *skb, struct flow_key *key
     if (transport != FS_HEADER_UNSET && transport > network)
         l4 = transport;
     key->proto = l4proto;
-    if (fragment)
+    if (fragment) {
+        key->flags |= FS_KEY_NO_PORTS;
         return 1;
+    }
     __u8 ports[4] = {};
     if (l4proto == FS_IPPROTO_TCP || l4proto == FS_IPPROTO_UDP || l4proto == FS_IPPROTO_SCTP ||
         l4proto == FS_IPPROTO_UDPLITE) {
         if (bpf_probe_read_kernel(ports, 4, head + l4) == 0) {
             key->sport = (ports[0] << 8) | ports[1];
             key->dport = (ports[2] << 8) | ports[3];
+        } else {
+            key->flags |= FS_KEY_NO_PORTS;
         }
     } else if (l4proto == FS_IPPROTO_ICMP || l4proto == FS_IPPROTO_ICMPV6) {
         if (bpf_probe_read_kernel(ports, 2, head + l4) == 0) {
             key->sport = ports[0];
             key->dport = ports[1];
+        } else {
+            key->flags |= FS_KEY_NO_PORTS;
         }
     }
     return 1;
@@ -261,6 +267,7 @@ static __always_inline void fs_event_from_key(struct fs_event *event, const stru
     event->ip_version = key->ip_version;
     event->direction = key->direction;
     event->ifindex = key->ifindex;
+    event->key_flags = key->flags;
 }
 
 #endif /* FS_KERNEL_H */

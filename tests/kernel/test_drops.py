@@ -88,3 +88,26 @@ def test_an_iptables_drop_rule_shows_as_netfilter_drop(version: int) -> None:
     assert len(drops) == 4 and set(drops["drop_reason"]) == {"NETFILTER_DROP"}
     # nf_hook_slow on most kernels; nft_do_chain where nftables drops by itself (6.18).
     assert all(kernel_function(location).startswith("nf") for location in drops["location"])
+
+
+def test_a_drop_storm_is_counted_exactly_while_its_events_are_rate_limited() -> None:
+    rate = 5  # drop events per second per CPU
+    with client_server() as pair:
+        src, dst = pair.addresses(4)
+        run = capture(pair, "ring", "--drop-events-rate", str(rate))
+        # One CPU sends, so the drops (in the softirq of the same CPU) draw from one CPU's token bucket.
+        pair.client.run(
+            "taskset", "-c", "0", sys.executable, traffic.PATH, "udp-send", "--src", src, "--dst", dst,
+            "--sport", "40003", "--dport", "9", "--size", str(SIZE), "--count", "2000",
+        )  # fmt: skip
+        result = run.stop()
+    assert_balanced(result)
+    flows = rows(result.flows, src, 40003, dst, 9, PROTOCOL)
+    assert total(flows, "packets") == 2000
+    assert total(flows, "drop_packets") == 2000  # every drop counted in the kernel, none lost
+    assert total(flows, "drop_bytes") == 2000 * wire_length(4)
+    sent_events = len(rows(events(result), src, 40003, dst, 9, PROTOCOL))
+    seconds = (result.batches[-1].time_end - result.batches[0].time_start).total_seconds()
+    assert 1 <= sent_events <= rate * (1 + seconds)  # one second's burst, then the rate
+    sampling = result.summary["coverage"]["drop_event_sampling"]
+    assert sampling["lost"] >= 2000 - sent_events  # what was not sent is counted
