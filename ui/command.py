@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from flowscope.ui.model import GROUPINGS, METRICS, TopModel
 from flowscope.ui.text import print_top
 
 from flowscope.filters import FilterError, parse_filter
+from flowscope.schema import FlowBatch
+from flowscope.source import BatchSource, ProbeStatus
+
+if TYPE_CHECKING:
+    from flowscope.enrich import Enricher
 
 # --sort accepts the column titles people see, in lower case, and a few short names.
 SORT_NAMES = {m.title.lower(): m.name for m in METRICS} | {
@@ -90,6 +97,7 @@ def add_top_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_top(args: argparse.Namespace) -> int:
     from flowscope.cli import UsageError, open_source
+    from flowscope.enrich import build_enricher
 
     try:
         view_filter = parse_filter(args.filter)
@@ -103,13 +111,42 @@ def run_top(args: argparse.Namespace) -> int:
         args.interval = args.interval_seconds
     model = TopModel(history=args.history, fallback_seconds=args.interval)
     model.set_view(grouping=args.group, filter=view_filter, sort=args.sort)
-    source = open_source(args, default_speed=1.0)
+    # A recording carries the identity of its own node; only the identity flags add to it.
+    enricher = build_enricher(args) if not args.replay or args.kubeconfig or args.metadata else None
     try:
-        if args.output == "tui":
-            from flowscope.ui.app import run_app
+        source: BatchSource = open_source(args, default_speed=1.0)
+        if enricher is not None:
+            source = EnrichedSource(source, enricher)
+        try:
+            if args.output == "tui":
+                from flowscope.ui.app import run_app
 
-            return run_app(source, model, args.rows)
-        print_top(source, model, source.node, sys.stdout, rows=args.rows or 20, count=args.count, output=args.output)
-        return 0
+                return run_app(source, model, args.rows)
+            rows = args.rows or 20
+            print_top(source, model, source.node, sys.stdout, rows=rows, count=args.count, output=args.output)
+            return 0
+        finally:
+            source.close()
     finally:
-        source.close()
+        if enricher is not None:
+            enricher.close()
+
+
+class EnrichedSource:
+    """A BatchSource whose batches get identity (pod, workload, process, ...) before anyone sees them."""
+
+    def __init__(self, source: BatchSource, enricher: Enricher) -> None:
+        self.source = source
+        self.enricher = enricher
+        self.node = source.node
+        self.interval = source.interval
+
+    def probes(self) -> list[ProbeStatus]:
+        return self.source.probes()
+
+    def __iter__(self) -> Iterator[FlowBatch]:
+        for batch in self.source:
+            yield self.enricher.enrich(batch)
+
+    def close(self) -> None:
+        self.source.close()
