@@ -168,6 +168,12 @@ class Catalog:
     def node(self, name: str) -> NodeMeta | None:
         return self.objects["nodes"].get(name)
 
+    def controller_of(self, pod: PodMeta) -> ControllerMeta | None:
+        """The ReplicaSet or Job between a pod and its workload, when the pod has one and it is known."""
+        owner = pod.controller
+        kind = _INTERMEDIATE.get(owner.kind) if owner is not None else None
+        return None if kind is None else self.objects[kind].get((pod.namespace, owner.name))
+
     def workload(self, pod: PodMeta) -> Controller:
         """The workload a pod belongs to: Deployment, StatefulSet, DaemonSet, CronJob, Job, ... or the pod."""
         if pod.workload is not None:
@@ -176,12 +182,8 @@ class Catalog:
         # A bare pod is its own workload; so is a static pod, whose mirror's "owner" is the Node.
         if owner is None or owner.kind == "Node":
             return Controller("Pod", pod.name)
-        kind = _INTERMEDIATE.get(owner.kind)
-        if kind is not None:
-            parent: ControllerMeta | None = self.objects[kind].get((pod.namespace, owner.name))
-            if parent is not None and parent.controller is not None:
-                return parent.controller
-        return owner
+        parent = self.controller_of(pod)
+        return parent.controller if parent is not None and parent.controller is not None else owner
 
     def counts(self) -> dict[str, int]:
         with self.lock:

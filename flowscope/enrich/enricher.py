@@ -27,15 +27,15 @@ import numpy as np
 import pandas as pd
 
 from flowscope.enrich.catalog import Catalog
-from flowscope.enrich.ipindex import AMBIGUOUS, Owner, changes_within, resolve_claims
-from flowscope.enrich.model import PodMeta
+from flowscope.enrich.ipindex import AMBIGUOUS, VARIES, Owner
 from flowscope.enrich.node import NodeScanner, NodeView
-from flowscope.enrich.sockets import LOCAL_SOCKET_KINDS, SocketTable
-from flowscope.schema import IDENTITY_FIELDS, FlowBatch
+from flowscope.enrich.sockets import LOCAL_SOCKET_KINDS, SocketTable, TupleHashes
+from flowscope.schema import FlowBatch
 
 # The identity columns that come from the resolved identity (pid and comm come from the socket).
 _TABLE_FIELDS = ("namespace", "pod", "workload", "workload_kind", "container", "node", "labels")
 PURGE_EVERY = 5.0  # seconds between purges of expired catalog entries
+Row = tuple[Any, ...]  # one identity: the values of _TABLE_FIELDS
 
 
 class IdentitySource(Protocol):
@@ -65,21 +65,20 @@ class _Identities:
 
     def __init__(self) -> None:
         self._codes: dict[Hashable, int] = {}
-        self.rows: list[tuple[Any, ...]] = []
+        self.rows: list[Row] = []
 
-    def code(self, key: Hashable, build: Callable[[], tuple[Any, ...] | None]) -> int:
+    def code(self, key: Hashable, row: Row) -> int:
         code = self._codes.get(key)
         if code is None:
-            row = build()
-            code = -1 if row is None else len(self.rows)
-            if row is not None:
-                self.rows.append(row)
-            self._codes[key] = code
+            code = self._codes[key] = len(self.rows)
+            self.rows.append(row)
         return code
 
-    def column(self, index: int, codes: np.ndarray) -> np.ndarray:
-        values = np.array([row[index] for row in self.rows] + [None], dtype=object)
-        return values[codes]  # code -1 picks the trailing None
+    def strings(self, index: int, codes: np.ndarray) -> pd.api.extensions.ExtensionArray:
+        return pd.array([row[index] for row in self.rows], dtype="string").take(codes, allow_fill=True)
+
+    def objects(self, index: int, codes: np.ndarray) -> np.ndarray:
+        return np.array([row[index] for row in self.rows] + [None], dtype=object)[codes]  # -1: the trailing None
 
 
 def _epoch_seconds(times: pd.Series, fallback: float) -> np.ndarray:
@@ -87,6 +86,11 @@ def _epoch_seconds(times: pd.Series, fallback: float) -> np.ndarray:
     seconds = values.astype("int64") / 1e9
     seconds[np.isnat(values)] = fallback
     return seconds
+
+
+def _objects(series: pd.Series) -> np.ndarray:
+    """Values as Python objects, None where missing."""
+    return series.to_numpy(dtype=object, na_value=None)
 
 
 class Enricher:
@@ -112,6 +116,9 @@ class Enricher:
         self.batches = 0
         self.rows = 0
         self.last_enrich_ms: float | None = None
+        # Identity rows by (catalog, kind, key, container), with the objects they were built from: reused
+        # while the catalog still holds those very objects.
+        self._row_cache: dict[Hashable, tuple[Row, tuple[Any, ...]]] = {}
         self._last_purge = 0.0
         self._lock = threading.Lock()  # enrich may be called from more than one consumer thread
 
@@ -122,16 +129,16 @@ class Enricher:
         with self._lock:
             started = time.monotonic()
             now = self.clock()
-            fallback = batch.time_end if batch.time_end is not None and not pd.isna(batch.time_end) else None
-            fallback_s = pd.Timestamp(fallback).timestamp() if fallback is not None else now
+            fallback = now if batch.time_end is None or pd.isna(batch.time_end) else batch.time_end.timestamp()
             if now - self._last_purge >= PURGE_EVERY:
                 for catalog in self.catalogs:
                     catalog.purge(now)
+                self._row_cache.clear()
                 self._last_purge = now
             self.sockets.learn(batch.events, now)
             view = self.node.view if self.node is not None else NodeView()
-            flows = self._enrich_frame(batch.flows, "flows", view, fallback_s)
-            events = self._enrich_frame(batch.events, "events", view, fallback_s)
+            flows = self._enrich_frame(batch.flows, "flows", view, fallback)
+            events = self._enrich_frame(batch.events, "events", view, fallback)
             self.batches += 1
             self.rows += len(flows) + len(events)
             self.last_enrich_ms = (time.monotonic() - started) * 1000
@@ -163,8 +170,7 @@ class Enricher:
     # ---- one frame -------------------------------------------------------------------------------------------
 
     def _enrich_frame(self, frame: pd.DataFrame, kind: str, view: NodeView, fallback: float) -> pd.DataFrame:
-        n = len(frame)
-        if n == 0:
+        if frame.empty:
             return frame
         if kind == "flows":
             lo = _epoch_seconds(frame["time_start"], fallback)
@@ -172,80 +178,85 @@ class Enricher:
         else:
             lo = hi = _epoch_seconds(frame["time"], fallback)
         identities = _Identities()
+        sides = {}
         with contextlib.ExitStack() as stack:
             for catalog in self.catalogs:
                 stack.enter_context(catalog.lock)
             resolver = _Resolver(self, view, identities, lo, hi)
-            sides = {}
+            tuples = TupleHashes(frame) if len(self.sockets) else None
             for side in ("src", "dst"):
                 existing = frame[f"{side}_identity_source"]
                 todo = (existing.isna() | (existing == "none")).to_numpy(dtype=bool)
                 if todo.any():
-                    sides[side] = (todo, self._resolve_side(frame, kind, side, todo, resolver))
+                    sides[side] = (todo, self._resolve_side(frame, kind, side, todo, resolver, tuples))
         out = frame.copy(deep=False)
         for side, (todo, state) in sides.items():
             self._write_side(out, side, todo, state, identities)
         return out
 
-    def _resolve_side(self, frame: pd.DataFrame, kind: str, side: str, todo: np.ndarray, resolver: _Resolver) -> _Side:
-        n = len(frame)
-        state = _Side.empty(n)
-        other = "dst" if side == "src" else "src"
-        local = self.sockets.lookup(
-            frame["protocol"], frame[f"{side}_ip"], frame[f"{side}_port"], frame[f"{other}_ip"], frame[f"{other}_port"]
-        )
-        cgroup = local["cgroup_id"]
-        netns = local["netns"]
-        pid, comm = local["pid"], local["comm"]
+    def _resolve_side(
+        self,
+        frame: pd.DataFrame,
+        kind: str,
+        side: str,
+        todo: np.ndarray,
+        resolver: _Resolver,
+        tuples: TupleHashes | None,
+    ) -> _Side:
+        state = _Side.empty(len(frame))
+        cgroup = netns = np.full(len(frame), None, object)
+        if tuples is not None:  # the socket table knows some sockets
+            local = self.sockets.lookup(tuples, side)
+            cgroup, netns, state.pid, state.comm = local.cgroup_id, local.netns, local.pid, local.comm
         if kind == "events" and side == "src":
             own = frame["kind"].isin(LOCAL_SOCKET_KINDS).fillna(False).to_numpy(dtype=bool)
-            cgroup = frame["cgroup_id"].where(own, cgroup.to_numpy())
-            netns = frame["netns"].where(own, netns.to_numpy())
-            pid = frame["pid"].where(own, pid.to_numpy())
-            comm = frame["comm"].where(own, comm.to_numpy())
-        state.pid[:] = pid.fillna(-1).to_numpy(dtype=np.int64)
-        state.comm[:] = comm.astype(object).where(comm.notna(), None).to_numpy()
+            cgroup = np.where(own, _objects(frame["cgroup_id"]), cgroup)
+            netns = np.where(own, _objects(frame["netns"]), netns)
+            state.pid = np.where(own, frame["pid"].to_numpy(dtype=np.int64, na_value=-1), state.pid)
+            state.comm = np.where(own, _objects(frame["comm"]), state.comm)
+        ifindex = None
         if kind == "flows":
             egress = (frame["direction"] == "egress").fillna(False).to_numpy(dtype=bool)
             if side == "src":
                 # tc egress: the packet still carries the socket (and so the cgroup) that sent it.
-                cgroup = cgroup.where(cgroup.notna().to_numpy(), frame["cgroup_id"].where(egress).to_numpy())
-            pod_side_of_veth = ~egress if side == "src" else egress
-            ifindex = frame["ifindex"].where(pod_side_of_veth)
-        resolver.by_cgroup(state, todo, cgroup.to_numpy())
-        resolver.by_netns(state, todo, netns.to_numpy())
-        if kind == "flows":
-            resolver.by_interface(state, todo, ifindex.to_numpy())
+                cgroup = np.where(pd.isna(cgroup) & egress, _objects(frame["cgroup_id"]), cgroup)
+            pod_end_of_veth = ~egress if side == "src" else egress
+            ifindex = np.where(pod_end_of_veth, _objects(frame["ifindex"]), None)
+        resolver.by_cgroup(state, todo, cgroup)
+        resolver.by_netns(state, todo, netns)
+        if ifindex is not None:
+            resolver.by_interface(state, todo, ifindex)
         resolver.by_ip(state, todo, frame[f"{side}_ip"])
-        resolver.processes_of_cgroups(state, todo, cgroup.to_numpy())
+        resolver.processes_of_cgroups(state, todo, cgroup)
         return state
 
     def _write_side(
         self, out: pd.DataFrame, side: str, todo: np.ndarray, state: _Side, identities: _Identities
     ) -> None:
         rows = np.flatnonzero(todo)
+        whole = len(rows) == len(out)
         codes = state.code[rows]
-        for index, name in enumerate(_TABLE_FIELDS):
-            column = f"{side}_{name}"
-            values = out[column].astype(object).to_numpy(copy=True)
-            values[rows] = identities.column(index, codes)
-            out[column] = pd.array(values, dtype=IDENTITY_FIELDS[name]) if name != "labels" else values
         sources = state.source[rows]
-        named = sources != None  # noqa: E711 - elementwise comparison on an object array
+        named = pd.notna(sources)
         for source, count in Counter(sources[named].tolist()).items():
             self.resolved[source] += count
         self.unresolved += int((~named).sum())
-        values = out[f"{side}_identity_source"].astype(object).to_numpy(copy=True)
-        values[rows] = np.where(named, sources, "none")
-        out[f"{side}_identity_source"] = pd.array(values, dtype="string")
-        pids = out[f"{side}_pid"].to_numpy(dtype=object, na_value=None, copy=True)
-        known_pid = state.pid[rows] >= 0
-        pids[rows[known_pid]] = state.pid[rows[known_pid]]
-        out[f"{side}_pid"] = pd.array(pids, dtype="Int64")
-        comms = out[f"{side}_comm"].astype(object).to_numpy(copy=True)
-        known_comm = state.comm[rows] != None  # noqa: E711
-        comms[rows[known_comm]] = state.comm[rows[known_comm]]
-        out[f"{side}_comm"] = pd.array(comms, dtype="string")
+        pid_values = state.pid[rows]
+        columns = {
+            name: (identities.objects(index, codes) if name == "labels" else identities.strings(index, codes))
+            for index, name in enumerate(_TABLE_FIELDS)
+        }
+        columns["identity_source"] = pd.array(np.where(named, sources, "none"), dtype="string")
+        columns["pid"] = pd.arrays.IntegerArray(pid_values, pid_values < 0)
+        columns["comm"] = pd.array(state.comm[rows], dtype="string")
+        for name, values in columns.items():
+            column = f"{side}_{name}"
+            if whole:
+                out[column] = values
+            else:
+                merged = out[column].array.copy()
+                merged[rows] = values
+                out[column] = merged
 
 
 class _Resolver:
@@ -281,14 +292,19 @@ class _Resolver:
         rows = np.flatnonzero(pending)
         inverse, unique = pd.factorize(keys[rows])
         answers = [resolve(key) for key in unique]
-        rows_per_key = np.bincount(inverse, minlength=len(unique))
-        for (_, miss), count in zip(answers, rows_per_key, strict=True):
-            if miss is not None:
-                self.enricher.misses[miss] += int(count)
+        self._count_misses([miss for _, miss in answers], inverse)
         codes = np.array([code for code, _ in answers], dtype=np.int64)[inverse]
         hit = codes >= 0
         state.code[rows[hit]] = codes[hit]
         state.source[rows[hit]] = source
+
+    def _count_misses(self, misses: list[str | None], inverse: np.ndarray) -> None:
+        """Adds, per kind of miss, the rows whose key missed (misses: one per distinct key)."""
+        if any(misses):
+            rows_per_key = np.bincount(inverse, minlength=len(misses))
+            for miss, count in zip(misses, rows_per_key.tolist(), strict=True):
+                if miss is not None:
+                    self.enricher.misses[miss] += count
 
     def by_cgroup(self, state: _Side, todo: np.ndarray, cgroup_ids: np.ndarray) -> None:
         self._stage(state, todo, cgroup_ids, "cgroup", self._cgroup)
@@ -306,58 +322,54 @@ class _Resolver:
         rows = np.flatnonzero(pending)
         inverse, unique = pd.factorize(addresses.to_numpy()[rows])
         lo, hi = self.lo[rows], self.hi[rows]
-        span = (float(lo.min()), float(hi.max()))
-        codes = np.full(len(rows), -1, np.int64)
-        sources = np.full(len(rows), None, object)
-        order = np.argsort(inverse, kind="stable")
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=len(unique)))])
-        for position, ip in enumerate(unique):
-            members = order[bounds[position] : bounds[position + 1]]
-            self._ip_rows(ip, members, lo, hi, span, codes, sources)
-        hit = codes >= 0
-        state.code[rows[hit]] = codes[hit]
-        state.source[rows[hit]] = sources[hit]
+        span_lo, span_hi = float(lo.min()), float(hi.max())
+        codes = np.full(len(unique), -1, np.int64)
+        sources: list[str | None] = [None] * len(unique)
+        misses: list[str | None] = [None] * len(unique)
+        varying: list[int] = []  # addresses that changed hands during the batch: answered per row
+        for position, ip in enumerate(unique.tolist()):
+            for catalog in self.enricher.catalogs:
+                timeline = catalog.ips.timeline(ip)
+                if timeline is None:
+                    continue
+                sources[position] = "ip" if catalog.name == "kubernetes" else "static"
+                answer = timeline.single_answer(span_lo, span_hi)
+                if answer is VARIES:  # the address changed hands during the batch
+                    varying.append(position)
+                else:
+                    codes[position], misses[position] = self._owner(catalog, answer)
+                break
+            else:
+                codes[position], sources[position], misses[position] = self._network(ip)
+        self._count_misses(misses, inverse)
+        row_codes = codes[inverse]
+        for position in varying:
+            self._per_row(unique[position], np.flatnonzero(inverse == position), lo, hi, row_codes)
+        hit = row_codes >= 0
+        state.code[rows[hit]] = row_codes[hit]
+        state.source[rows[hit]] = np.array(sources, dtype=object)[inverse][hit]
 
-    def _ip_rows(
-        self,
-        ip: str,
-        members: np.ndarray,
-        lo: np.ndarray,
-        hi: np.ndarray,
-        span: tuple[float, float],
-        codes: np.ndarray,
-        sources: np.ndarray,
-    ) -> None:
-        misses = self.enricher.misses
-        for catalog in self.enricher.catalogs:
-            claims = catalog.ips.claims(ip)
-            if not claims:
-                continue
-            sources[members] = "ip" if catalog.name == "kubernetes" else "static"
-            if not changes_within(claims, *span):
-                # The usual case: one answer for every row of the batch with this address.
-                code, miss = self._owner(catalog, resolve_claims(claims, *span))
-                codes[members] = code
-                if miss is not None:
-                    misses[miss] += len(members)
-                return
-            # The address changed hands during the batch: one answer per distinct time window.
-            windows = {}
-            for a, b in zip(lo[members], hi[members], strict=True):
-                if (a, b) not in windows:
-                    windows[(a, b)] = self._owner(catalog, resolve_claims(claims, a, b))
-            answers = [windows[(a, b)] for a, b in zip(lo[members], hi[members], strict=True)]
-            codes[members] = [code for code, _ in answers]
-            for miss, count in Counter(miss for _, miss in answers if miss is not None).items():
-                misses[miss] += count
-            return
+    def _per_row(self, ip: str, members: np.ndarray, lo: np.ndarray, hi: np.ndarray, codes: np.ndarray) -> None:
+        """Rows of an address that changed hands within the batch: one answer per distinct time window."""
+        catalog = next(c for c in self.enricher.catalogs if c.ips.timeline(ip) is not None)
+        timeline = catalog.ips.timeline(ip)
+        answers: dict[tuple[float, float], tuple[int, str | None]] = {}
+        for member in members.tolist():
+            window = (lo[member], hi[member])
+            if window not in answers:
+                answers[window] = self._owner(catalog, timeline.answer(*window))
+            codes[member], miss = answers[window]
+            if miss is not None:
+                self.enricher.misses[miss] += 1
+
+    def _network(self, ip: str) -> tuple[int, str | None, str | None]:
+        """(code, source, miss) for an address nobody claimed: a network of the static file, or nobody."""
         for catalog in self.enricher.catalogs:
             owner = catalog.ips.network_owner(ip)
             if owner is not None:
-                codes[members] = self._owner(catalog, owner)[0]
-                sources[members] = "ip" if catalog.name == "kubernetes" else "static"
-                return
-        misses["ip_unknown"] += len(members)
+                code, miss = self._owner(catalog, owner)
+                return code, "ip" if catalog.name == "kubernetes" else "static", miss
+        return -1, None, "ip_unknown"
 
     def processes_of_cgroups(self, state: _Side, todo: np.ndarray, cgroup_ids: np.ndarray) -> None:
         """pid and comm of rows named by cgroup whose socket did not say (a cgroup with one process)."""
@@ -369,8 +381,7 @@ class _Resolver:
         infos = [self.view.processes.get(int(cgroup_id)) for cgroup_id in unique]
         state.pid[rows] = np.array([i.pid if i is not None and i.pid is not None else -1 for i in infos])[inverse]
         comms = np.array([i.comm if i is not None else None for i in infos], dtype=object)[inverse]
-        fill = np.array([comm is None for comm in state.comm[rows]], dtype=bool)
-        state.comm[rows[fill]] = comms[fill]
+        state.comm[rows] = np.where(pd.isna(state.comm[rows]), comms, state.comm[rows])
 
     # ---- keys -> identity codes ---------------------------------------------------------------------------------
 
@@ -402,21 +413,8 @@ class _Resolver:
                 pod = catalog.pod_of_container(container_id)
             if pod is not None:
                 container = pod.containers.get(container_id) if container_id else pod.sole_container
-                node = pod.node or self.enricher.node_name
-                return self.identities.code(
-                    ("pod", catalog.name, pod.uid, container),
-                    lambda catalog=catalog, pod=pod, container=container, node=node: _pod_row(
-                        catalog, pod, container, node
-                    ),
-                ), None
+                return self._pod_code(catalog, pod.uid, container, pod.node or self.enricher.node_name), None
         return -1, "pod_unknown"
-
-    def _node_code(self, name: str) -> int:
-        def build() -> tuple[Any, ...]:
-            labels = next((n.labels for c in self.enricher.catalogs if (n := c.node(name)) is not None), None)
-            return (None, None, None, None, None, name, labels)
-
-        return self.identities.code(("node", name), build)
 
     def _owner(self, catalog: Catalog, owner: Owner | Any) -> tuple[int, str | None]:
         if owner is None:
@@ -426,22 +424,40 @@ class _Resolver:
         if owner[0] == "node":
             return self._node_code(owner[1]), None
         if owner[0] == "service":
-            service = catalog.service(owner[1], owner[2])
-            if service is None:
-                return -1, "ip_unknown"
-            return self.identities.code(
-                ("service", catalog.name, owner[1], owner[2]),
-                lambda: (service.namespace, None, service.name, "Service", None, None, service.labels),
-            ), None
+            return self._service_code(catalog, owner[1], owner[2]), None
         pod = catalog.pod(owner[1])
-        if pod is None:
-            return -1, "ip_unknown"
-        return self.identities.code(
-            ("pod", catalog.name, pod.uid, pod.sole_container),
-            lambda: _pod_row(catalog, pod, pod.sole_container, pod.node),
-        ), None
+        return (-1, "ip_unknown") if pod is None else (self._pod_code(catalog, pod.uid, pod.sole_container, None), None)
 
+    # ---- identity rows, cached while the catalog holds the same objects ------------------------------------------
 
-def _pod_row(catalog: Catalog, pod: PodMeta, container: str | None, node: str | None) -> tuple[Any, ...]:
-    workload = catalog.workload(pod)
-    return (pod.namespace, pod.name, workload.name, workload.kind, container, node, pod.labels)
+    def _cached(self, key: Hashable, sources: tuple[Any, ...], build: Callable[[], Row]) -> int:
+        cache = self.enricher._row_cache
+        cached = cache.get(key)
+        if cached is None or any(a is not b for a, b in zip(cached[1], sources, strict=True)):
+            cached = cache[key] = (build(), sources)
+        return self.identities.code(key, cached[0])
+
+    def _pod_code(self, catalog: Catalog, uid: str, container: str | None, node: str | None) -> int:
+        pod = catalog.pod(uid)
+        owner = catalog.controller_of(pod)  # the ReplicaSet or Job between the pod and its workload, if known
+
+        def build() -> Row:
+            workload = catalog.workload(pod)
+            return (pod.namespace, pod.name, workload.name, workload.kind, container, node or pod.node, pod.labels)
+
+        return self._cached(("pod", catalog.name, uid, container, node), (pod, owner), build)
+
+    def _service_code(self, catalog: Catalog, namespace: str, name: str) -> int:
+        service = catalog.service(namespace, name)
+        if service is None:
+            return -1
+        return self._cached(
+            ("service", catalog.name, namespace, name),
+            (service,),
+            lambda: (service.namespace, None, service.name, "Service", None, None, service.labels),
+        )
+
+    def _node_code(self, name: str) -> int:
+        known = next((node for c in self.enricher.catalogs if (node := c.node(name)) is not None), None)
+        labels = known.labels if known is not None else None
+        return self._cached(("node", name), (known,), lambda: (None, None, None, None, None, name, labels))

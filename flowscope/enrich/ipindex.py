@@ -9,6 +9,7 @@ pod: several live owners of one address mean "no answer", not a guess.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import math
 from collections.abc import Hashable, Iterable
@@ -27,6 +28,7 @@ class Ambiguous:
 
 
 AMBIGUOUS = Ambiguous()
+VARIES = object()  # Timeline.single_answer: the answer changes within the window
 
 
 @dataclass
@@ -56,9 +58,28 @@ def resolve_claims(claims: Iterable[Claim], lo: float, hi: float) -> Owner | Amb
     return AMBIGUOUS
 
 
-def changes_within(claims: Iterable[Claim], lo: float, hi: float) -> bool:
-    """Whether the answer of resolve_claims can differ between sub-windows of [lo, hi]."""
-    return any(lo < claim.start <= hi or lo < claim.until <= hi for claim in claims)
+class Timeline:
+    """The answers of one address over time: constant between consecutive claim boundaries.
+
+    A window [lo, hi] that lies inside [bounds[i], bounds[i + 1]) has answers[i]: a claim covers such a
+    window exactly when it starts at or before bounds[i] and lasts past it.
+    """
+
+    def __init__(self, claims: Iterable[Claim]) -> None:
+        claims = list(claims)
+        self.claims = claims
+        self.bounds = sorted({-INF, INF, *(c.start for c in claims), *(c.until for c in claims)})
+        self.answers = [resolve_claims(claims, bound, bound) for bound in self.bounds[:-1]]
+
+    def single_answer(self, lo: float, hi: float) -> Owner | Ambiguous | object | None:
+        """The answer for every window inside [lo, hi], or VARIES when [lo, hi] spans a change of hands."""
+        segment = bisect.bisect_right(self.bounds, lo) - 1
+        return self.answers[segment] if hi < self.bounds[segment + 1] else VARIES
+
+    def answer(self, lo: float, hi: float) -> Owner | Ambiguous | None:
+        """The answer for the window [lo, hi]."""
+        single = self.single_answer(lo, hi)
+        return resolve_claims(self.claims, lo, hi) if single is VARIES else single
 
 
 class IpIndex:
@@ -67,6 +88,7 @@ class IpIndex:
     def __init__(self, grace: float) -> None:
         self.grace = grace
         self._claims: dict[str, list[Claim]] = {}
+        self._timelines: dict[str, Timeline] = {}  # built on first lookup, dropped when the claims change
         self._networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Owner]] = []
 
     def __len__(self) -> int:
@@ -75,10 +97,21 @@ class IpIndex:
     def claims(self, ip: str) -> tuple[Claim, ...]:
         return tuple(self._claims.get(ip, ()))
 
+    def timeline(self, ip: str) -> Timeline | None:
+        """The address's answers over time; None when nobody ever claimed it (an outside address)."""
+        timeline = self._timelines.get(ip)
+        if timeline is None:
+            claims = self._claims.get(ip)
+            if not claims:
+                return None
+            timeline = self._timelines[ip] = Timeline(claims)
+        return timeline
+
     def claim(self, ip: str, owner: Owner, start: float, shared: bool = False, node: str | None = None) -> None:
         claims = self._claims.setdefault(ip, [])
         if any(c.owner == owner and c.end == INF for c in claims):
             return
+        self._timelines.pop(ip, None)
         if not shared:
             # An address held by one pod at a time: the new owner starts after the old ones let go, and
             # the old ones stop naming it (their grace ends) where the new one starts.
@@ -92,6 +125,7 @@ class IpIndex:
         claims = self._claims.get(ip, [])
         for claim in claims:
             if claim.owner == owner and claim.end == INF:
+                self._timelines.pop(ip, None)
                 claim.end = at
                 claim.until = at + self.grace
                 if not claim.shared:
@@ -127,6 +161,9 @@ class IpIndex:
         removed = 0
         for ip in list(self._claims):
             kept = [c for c in self._claims[ip] if c.until + self.grace >= now]
+            if len(kept) == len(self._claims[ip]):
+                continue
+            self._timelines.pop(ip, None)
             removed += len(self._claims[ip]) - len(kept)
             if kept:
                 self._claims[ip] = kept

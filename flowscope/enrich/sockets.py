@@ -3,115 +3,142 @@
 A socket event knows which process (and so which container) owns its end of a connection; tc flows on
 the same 5-tuple do not. Joining the flows to this table names both ends of a connection between two
 local processes, including two hostNetwork pods that share the node's address, with pid and command.
+
+The table is keyed by a 64-bit hash of the 5-tuple, computed for whole columns at once: learning costs
+one dictionary update per socket event, a lookup one dictionary probe per distinct 5-tuple of a batch,
+whatever the size of the table.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import pandas as pd
 
-KEY = ["protocol", "local_ip", "local_port", "remote_ip", "remote_port"]
-VALUES = ["cgroup_id", "netns", "pid", "comm"]
 LOCAL_SOCKET_KINDS = ("connect", "accept", "close")  # for these, the event's src is the local socket
+PRUNE_EVERY = 5.0  # seconds between sweeps for sockets closed longer than the grace period
+_MIX = np.uint64(0x100000001B3)
 
 
-def _empty() -> pd.DataFrame:
-    dtypes = {
-        "protocol": "string",
-        "local_ip": "string",
-        "local_port": "UInt16",
-        "remote_ip": "string",
-        "remote_port": "UInt16",
-        "cgroup_id": "UInt64",
-        "netns": "UInt32",
-        "pid": "Int64",
-        "comm": "string",
-        "closed": "float64",  # epoch seconds of the close event, NaN while open
-        "seen": "float64",  # epoch seconds of the latest event
-    }
-    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in dtypes.items()})
+class Socket(NamedTuple):
+    cgroup_id: int | None
+    netns: int | None
+    pid: int | None
+    comm: str | None
+    closed: float | None  # epoch seconds of the close event
+    seen: float  # epoch seconds of the latest event
 
 
-def _epoch_seconds(times: pd.Series) -> np.ndarray:
-    values = times.dt.tz_convert(None).to_numpy(dtype="datetime64[ns]")
-    seconds = values.astype("int64") / 1e9
-    seconds[np.isnat(values)] = np.nan
-    return seconds
+class SocketColumns(NamedTuple):
+    """Per row: the local socket's cgroup id, netns, pid (NaN-free, -1 unknown) and comm (None unknown)."""
+
+    cgroup_id: np.ndarray  # object: int or None
+    netns: np.ndarray  # object: int or None
+    pid: np.ndarray  # int64, -1 when unknown
+    comm: np.ndarray  # object
+
+
+class TupleHashes:
+    """64-bit hashes of the 5-tuples of a frame's rows, with either side as the local end.
+
+    Each column is hashed once; the two directions only combine them in a different order.
+    """
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        def text(name: str) -> np.ndarray:
+            return pd.util.hash_array(frame[name].to_numpy(dtype=object, na_value=""))
+
+        def number(name: str) -> np.ndarray:
+            return pd.util.hash_array(frame[name].to_numpy(dtype=np.int64, na_value=-1))
+
+        self.protocol = text("protocol")
+        self.ip = {"src": text("src_ip"), "dst": text("dst_ip")}
+        self.port = {"src": number("src_port"), "dst": number("dst_port")}
+        columns = ["protocol", "src_ip", "src_port", "dst_ip", "dst_port"]
+        self.complete = frame[columns].notna().all(axis=1).to_numpy(dtype=bool)
+
+    def local(self, side: str) -> np.ndarray:
+        other = "dst" if side == "src" else "src"
+        hashes = self.protocol
+        with np.errstate(over="ignore"):
+            for part in (self.ip[side], self.port[side], self.ip[other], self.port[other]):
+                hashes = (hashes * _MIX) ^ part
+        return hashes
+
+
+def _optional(value: object) -> object:
+    return None if value is None or pd.isna(value) else value
 
 
 class SocketTable:
     def __init__(self, grace: float, capacity: int = 1 << 18) -> None:
         self.grace = grace
         self.capacity = capacity
-        self.evicted = 0  # open sockets forgotten because the table was full (oldest first)
-        self._table = _empty()
+        self.evicted = 0  # sockets forgotten because the table was full (least recently seen first)
+        self._sockets: dict[int, Socket] = {}
+        self._last_prune = 0.0
 
     def __len__(self) -> int:
-        return len(self._table)
+        return len(self._sockets)
 
     def learn(self, events: pd.DataFrame, now: float) -> None:
         """Adds the sockets of this batch's connect/accept events and marks closed ones."""
-        local = events[
-            events["kind"].isin(LOCAL_SOCKET_KINDS).fillna(False).to_numpy(dtype=bool)
-            & events[["protocol", "src_ip", "src_port", "dst_ip", "dst_port"]].notna().all(axis=1).to_numpy()
-        ]
-        if local.empty:
+        if not events.empty:
+            local = events[events["kind"].isin(LOCAL_SOCKET_KINDS).fillna(False).to_numpy(dtype=bool)]
+            tuples = TupleHashes(local)
+            hashes, complete = tuples.local("src"), tuples.complete
+            times = local["time"].dt.tz_convert(None).to_numpy(dtype="datetime64[ns]").astype(np.int64) / 1e9
+            rows = zip(
+                hashes[complete].tolist(),
+                local["kind"].to_numpy()[complete],
+                local["cgroup_id"].to_numpy(dtype=object, na_value=None)[complete],
+                local["netns"].to_numpy(dtype=object, na_value=None)[complete],
+                local["pid"].to_numpy(dtype=object, na_value=None)[complete],
+                local["comm"].to_numpy(dtype=object, na_value=None)[complete],
+                times[complete].tolist(),
+                strict=True,
+            )
+            sockets = self._sockets
+            for key, kind, cgroup_id, netns, pid, comm, seen in rows:
+                known = sockets.get(key)
+                if kind == "close" and known is not None:
+                    # A close may run in softirq or timer context: the socket's process facts stay the ones
+                    # its connect or accept reported; the close only marks it closed.
+                    sockets[key] = known._replace(closed=seen, seen=seen)
+                else:
+                    sockets[key] = Socket(_optional(cgroup_id), _optional(netns), _optional(pid), _optional(comm),
+                                          seen if kind == "close" else None, seen)  # fmt: skip
+        if now - self._last_prune >= PRUNE_EVERY or len(self._sockets) > self.capacity:
             self._prune(now)
-            return
-        seen = _epoch_seconds(local["time"])
-        rows = pd.DataFrame(
-            {
-                "protocol": local["protocol"].to_numpy(),
-                "local_ip": local["src_ip"].to_numpy(),
-                "local_port": local["src_port"].to_numpy(),
-                "remote_ip": local["dst_ip"].to_numpy(),
-                "remote_port": local["dst_port"].to_numpy(),
-                "cgroup_id": local["cgroup_id"].to_numpy(),
-                "netns": local["netns"].to_numpy(),
-                "pid": local["pid"].to_numpy(),
-                "comm": local["comm"].to_numpy(),
-                "closed": np.where(local["kind"].to_numpy() == "close", seen, np.nan),
-                "seen": seen,
-            }
-        ).astype(self._table.dtypes.to_dict())
-        closing = rows["closed"].notna().to_numpy()
-        # A close may be reported from softirq or timer context: the process facts of the socket are the
-        # ones its connect or accept reported, so a close only marks a known socket closed.
-        closes = rows[closing]
-        matched = closes.merge(self._table[KEY].reset_index(names="row"), on=KEY, how="left")
-        hit = matched["row"].notna().to_numpy()
-        if hit.any():
-            positions = matched.loc[hit, "row"].to_numpy(dtype=np.int64)
-            self._table.loc[positions, ["closed", "seen"]] = matched.loc[hit, ["closed", "seen"]].to_numpy()
-        fresh = pd.concat([rows[~closing], closes[~hit]])
-        table = pd.concat([self._table, fresh], ignore_index=True) if len(self._table) else fresh
-        self._table = table.drop_duplicates(KEY, keep="last").reset_index(drop=True)
-        self._prune(now)
 
     def _prune(self, now: float) -> None:
-        table = self._table
-        expired = (table["closed"] + self.grace < now).to_numpy()
-        if expired.any():
-            table = table[~expired]
-        if len(table) > self.capacity:
-            excess = len(table) - self.capacity
+        self._last_prune = now
+        expired = [key for key, s in self._sockets.items() if s.closed is not None and s.closed + self.grace < now]
+        for key in expired:
+            del self._sockets[key]
+        excess = len(self._sockets) - self.capacity
+        if excess > 0:
             self.evicted += excess
-            table = table.sort_values("seen", kind="stable").iloc[excess:]
-        if table is not self._table:
-            self._table = table.reset_index(drop=True)
+            for key in sorted(self._sockets, key=lambda k: self._sockets[k].seen)[:excess]:
+                del self._sockets[key]
 
-    def lookup(self, protocol: pd.Series, local_ip: pd.Series, local_port: pd.Series, remote_ip: pd.Series,
-               remote_port: pd.Series) -> pd.DataFrame:  # fmt: skip
-        """cgroup_id, netns, pid and comm of the local socket on each row's 5-tuple (null where unknown)."""
-        keys = pd.DataFrame(
-            {
-                "protocol": protocol.to_numpy(),
-                "local_ip": local_ip.to_numpy(),
-                "local_port": local_port.to_numpy(),
-                "remote_ip": remote_ip.to_numpy(),
-                "remote_port": remote_port.to_numpy(),
-            }
-        ).astype(self._table[KEY].dtypes.to_dict())
-        if self._table.empty:
-            return _empty()[VALUES].reindex(range(len(keys)))
-        return keys.merge(self._table[KEY + VALUES], on=KEY, how="left")[VALUES]
+    def lookup(self, tuples: TupleHashes, side: str) -> SocketColumns:
+        """The local socket on each row's 5-tuple, with `side` ("src" or "dst") as the local end."""
+        n = len(tuples.complete)
+        found = SocketColumns(np.full(n, None, object), np.full(n, None, object), np.full(n, -1, np.int64),
+                              np.full(n, None, object))  # fmt: skip
+        if not self._sockets or n == 0:
+            return found
+        hashes, complete = tuples.local(side), tuples.complete
+        rows = np.flatnonzero(complete)
+        inverse, unique = pd.factorize(hashes[rows])
+        sockets = [self._sockets.get(key) for key in unique.tolist()]
+        if not any(sockets):
+            return found
+        # Per distinct 5-tuple, then spread to the rows.
+        found.cgroup_id[rows] = np.array([s.cgroup_id if s else None for s in sockets], dtype=object)[inverse]
+        found.netns[rows] = np.array([s.netns if s else None for s in sockets], dtype=object)[inverse]
+        found.pid[rows] = np.array([s.pid if s and s.pid is not None else -1 for s in sockets], np.int64)[inverse]
+        found.comm[rows] = np.array([s.comm if s else None for s in sockets], dtype=object)[inverse]
+        return found

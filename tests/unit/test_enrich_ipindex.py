@@ -2,13 +2,17 @@
 
 import math
 
-from flowscope.enrich.ipindex import AMBIGUOUS, IpIndex, changes_within, resolve_claims
+from flowscope.enrich.ipindex import AMBIGUOUS, VARIES, IpIndex, resolve_claims
 
 A, B, C = ("pod", "uid-a"), ("pod", "uid-b"), ("pod", "uid-c")
 
 
 def owner(index: IpIndex, ip: str, lo: float, hi: float | None = None):
-    return resolve_claims(index.claims(ip), lo, lo if hi is None else hi)
+    """The owner during [lo, hi], checked to be the same from the claims and from the cached timeline."""
+    hi = lo if hi is None else hi
+    answer = resolve_claims(index.claims(ip), lo, hi)
+    assert index.timeline(ip).answer(lo, hi) == answer
+    return answer
 
 
 def test_an_address_released_and_taken_again_is_attributed_by_time():
@@ -74,14 +78,19 @@ def test_claiming_again_while_holding_is_a_no_op():
     assert len(index.claims("10.0.0.7")) == 1 and index.claims("10.0.0.7")[0].start == 0
 
 
-def test_changes_within_tells_when_one_answer_fits_a_whole_batch():
+def test_the_timeline_tells_when_one_answer_fits_a_whole_batch():
     index = IpIndex(grace=10)
     index.claim("10.0.0.5", A, start=0)
     index.release("10.0.0.5", A, at=100)
-    claims = index.claims("10.0.0.5")
-    assert not changes_within(claims, 20, 80)
-    assert changes_within(claims, 105, 115)  # the grace ends at 110
-    assert changes_within(claims, -5, 5)
+    timeline = index.timeline("10.0.0.5")
+    assert timeline.single_answer(20, 80) == A
+    assert timeline.single_answer(105, 115) is VARIES  # the grace ends at 110
+    assert timeline.single_answer(-5, 5) is VARIES
+    assert timeline.single_answer(111, 200) is None
+    index.claim("10.0.0.5", B, start=300)
+    assert index.timeline("10.0.0.5") is not timeline  # a new claim: rebuilt
+    assert index.timeline("10.0.0.5").single_answer(300, 400) == B
+    assert index.timeline("10.0.0.99") is None
 
 
 def test_networks_name_addresses_by_the_most_specific_prefix():
