@@ -17,6 +17,7 @@ from flowscope.enrich.ipindex import IpIndex, Owner
 from flowscope.enrich.model import Controller, ControllerMeta, NodeMeta, PodMeta, ServiceMeta
 
 KINDS = ("pods", "services", "nodes", "replicasets", "jobs")
+REPLACE_SLICE = 500  # objects put per lock hold during a relist
 
 _KEYS: dict[str, Callable[[Any], Hashable]] = {
     "pods": lambda pod: pod.uid,
@@ -114,15 +115,21 @@ class Catalog:
             self.version += 1
 
     def replace(self, kind: str, objects: Iterable[Any], now: float | None = None) -> None:
-        """A fresh list: objects it lacks were deleted (now), the others are put as listed."""
+        """A fresh list: objects it lacks were deleted (now), the others are put as listed.
+
+        Applied in slices, releasing the lock in between, so a large relist never holds up enrich for long.
+        """
         now = self.clock() if now is None else now
         fresh = {key_of(kind, obj): obj for obj in objects}
         with self.lock:
             for key in list(self.objects[kind]):
                 if key not in fresh:
                     self.remove(kind, key, now)
-            for obj in fresh.values():
-                self.put(kind, obj, now, listed=True)
+        pending = list(fresh.values())
+        for start in range(0, len(pending), REPLACE_SLICE):
+            with self.lock:
+                for obj in pending[start : start + REPLACE_SLICE]:
+                    self.put(kind, obj, now, listed=True)
 
     def add_network(self, cidr: str, owner: Owner) -> None:
         with self.lock:

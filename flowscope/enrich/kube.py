@@ -335,8 +335,9 @@ class KubernetesSource:
         self.stopping.set()
         for reflector in self.reflectors.values():
             reflector.interrupt()
+        deadline = time.monotonic() + 5  # threads stuck in a connect are daemons: do not wait for each
         for reflector in self.reflectors.values():
-            reflector.join(timeout=5)
+            reflector.join(timeout=max(deadline - time.monotonic(), 0))
 
     def health(self) -> dict[str, Any]:
         resources = {name: r.health() for name, r in self.reflectors.items()}

@@ -57,6 +57,8 @@ class FakeApiServer:
         self.compacted: dict[str, int] = {r[0]: 0 for r in RESOURCES.values()}
         self.watchers: dict[str, list[tuple[queue.Queue[Any], bool]]] = {r[0]: [] for r in RESOURCES.values()}
         self.requests: list[dict[str, Any]] = []
+        self.answering = threading.Event()  # cleared: requests are taken but not answered (a hung API)
+        self.answering.set()
         self.lock = threading.Lock()
         self.port = 0
         self.netns: str | None = None
@@ -235,6 +237,9 @@ def _handler_for(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                     {"resource": target[0] if target else url.path, "watch": watch, "query": query,
                      "authorization": self.headers.get("Authorization")}
                 )  # fmt: skip
+            while not api.answering.wait(0.05):
+                if api._server is None:
+                    return
             if self.headers.get("Authorization") != f"Bearer {api.token}":
                 self._json(401, _status(401, "Unauthorized", "Unauthorized"))
                 return

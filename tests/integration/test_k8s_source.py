@@ -262,6 +262,19 @@ def test_api_unreachable_flows_still_flow_misses_are_counted_and_it_recovers(api
     assert side(enricher.enrich(batch([("10.203.8.1", "10.203.8.2")])), 0, "src")["pod"] == "back"
 
 
+def test_enrich_does_not_wait_for_an_api_that_hangs(api, source_factory):
+    api.add("pods", pod("shop", "slow", "10.203.8.5"))
+    api.answering.clear()
+    enricher, source = source_factory()
+    wait_for(lambda: len(api.requests_for("pods", watch=False)) == 1)
+    enriched = enricher.enrich(batch([("10.203.8.5", "10.203.8.6")]))  # while the list request hangs
+    assert side(enriched, 0, "src")["identity_source"] == "none"
+    assert source.reflectors["pods"].state == "listing"
+    api.answering.set()
+    assert source.wait_synced(10)
+    assert side(enricher.enrich(batch([("10.203.8.5", "10.203.8.6")])), 0, "src")["pod"] == "slow"
+
+
 def test_malformed_objects_are_skipped_and_counted_never_a_crash(api, source_factory):
     api.add("pods", pod("shop", "good-listed", "10.203.9.1"))
     broken = pod("shop", "no-uid", "10.203.9.2")
