@@ -1,9 +1,11 @@
 """tc clsact attachment of the flow programs, and the removal of what flowscope left behind.
 
-flowscope's filters carry a name starting with "flowscope:" (TCA_BPF_NAME), so they are recognisable
-after a SIGKILL and removed at the next start. A clsact qdisc is created only where none exists and
-recorded in a state file; flowscope removes such a qdisc only when it holds no filter of anyone else.
-Filters and qdiscs that someone else created are never touched.
+flowscope's filters carry a name (TCA_BPF_NAME) "flowscope:<hook>:<owner>", where the owner is the
+attaching process as (pid namespace, pid, start time): after a SIGKILL they are recognisable, and the next
+start removes those whose owner is gone, while the filters of a flowscope that still runs (an agent, and a
+`capture` started next to it) stay. A clsact qdisc is created only where none exists and recorded in a
+state file; flowscope removes such a qdisc only when it holds no filter of anyone else. Filters and
+qdiscs that someone else created are never touched.
 """
 
 from __future__ import annotations
@@ -52,6 +54,74 @@ def _save_created(state_dir: Path, created: dict[str, int]) -> None:
         return
     state_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(created))
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A process, recognisable across pid reuse and from an ancestor pid namespace."""
+
+    pidns: int  # inode of its pid namespace
+    pid: int  # its pid in that namespace
+    start: int  # start time, in clock ticks after boot
+
+    def __str__(self) -> str:
+        return f"{self.pidns}:{self.pid}:{self.start}"
+
+    @classmethod
+    def parse(cls, text: str) -> Owner | None:
+        try:
+            pidns, pid, start = (int(part) for part in text.split(":"))
+        except ValueError:
+            return None
+        return cls(pidns, pid, start)
+
+    @classmethod
+    def of(cls, pid: int | str = "self") -> Owner | None:
+        """The process `pid` as /proc shows it here; None when it does not exist (any more)."""
+        try:
+            pidns = os.stat(f"/proc/{pid}/ns/pid").st_ino
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return None
+        start = int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the command name may hold spaces
+        nspid = next(line.split()[-1] for line in status.splitlines() if line.startswith("NSpid:"))
+        return cls(pidns, int(nspid), start)
+
+    @classmethod
+    def current(cls) -> Owner:
+        owner = cls.of("self")
+        assert owner is not None  # /proc/self always exists
+        return owner
+
+    def alive(self) -> bool:
+        """Whether this process still runs. One in a pid namespace that this process cannot see (not nested
+        in its own) counts as gone: such a flowscope would have to share the network namespace too."""
+        if self.pidns == os.stat("/proc/self/ns/pid").st_ino:
+            return Owner.of(self.pid) == self
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                if os.stat(f"/proc/{entry.name}/ns/pid").st_ino != self.pidns:
+                    continue
+            except OSError:
+                continue
+            if Owner.of(entry.name) == self:
+                return True
+        return False
+
+
+def filter_name(hook: str, owner: Owner) -> str:
+    return f"{FILTER_PREFIX}{hook}:{owner}"
+
+
+def stale(name: str) -> bool:
+    """Whether a filter of this name is flowscope's and its owner is gone (or unknown: an older format)."""
+    if not name.startswith(FILTER_PREFIX):
+        return False
+    owner = Owner.parse(name[len(FILTER_PREFIX) :].partition(":")[2])
+    return owner is None or not owner.alive()
 
 
 def _bpf_name(message) -> str:
@@ -122,13 +192,13 @@ def _remove_created_qdisc(ipr: IPRoute, ifindex: int) -> bool:
 
 
 def remove_stale(state_dir: Path = STATE_DIR) -> int:
-    """Removes flowscope filters (and the clsact qdiscs it created) left by an earlier process; returns
-    the number of filters removed. Only this network namespace is visited."""
+    """Removes flowscope filters whose process is gone (and the clsact qdiscs flowscope created that are
+    left empty); returns the number of filters removed. Only this network namespace is visited."""
     removed = 0
     with IPRoute() as ipr:
         for link in ipr.get_links():
             for info in list_bpf_filters(ipr, link["index"]):
-                if info.name.startswith(FILTER_PREFIX):
+                if stale(info.name):
                     _delete_filter(ipr, info)
                     removed += 1
         created = _load_created(state_dir)
@@ -144,6 +214,7 @@ class TcAttachments:
     state_dir: Path = STATE_DIR
     filters: list[FilterInfo] = field(default_factory=list)
     created_qdiscs: dict[str, int] = field(default_factory=dict)
+    owner: Owner = field(default_factory=Owner.current)
 
     def attach(self, ifname: str, ingress_fd: int, egress_fd: int) -> None:
         with IPRoute() as ipr:
@@ -160,7 +231,7 @@ class TcAttachments:
                 _save_created(self.state_dir, {**_load_created(self.state_dir), ifname: ifindex})
             for parent, fd, hook in ((INGRESS_PARENT, ingress_fd, "ingress"), (EGRESS_PARENT, egress_fd, "egress")):
                 priority = self._free_priority(ipr, ifindex, parent)
-                name = f"{FILTER_PREFIX}{hook}:{os.getpid()}"
+                name = filter_name(hook, self.owner)
                 try:
                     ipr.tc(
                         "add-filter", "bpf", ifindex, 1, fd=fd, name=name, parent=parent,

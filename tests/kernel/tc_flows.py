@@ -49,26 +49,28 @@ class Hosts:
         port = self.port_a if side == "a" else self.port_b
         return port.ip4 if version == 4 else port.ip6
 
-    def traffic(self, netns: Netns, *argv: str, timeout: float = 120.0) -> dict:
-        """Runs a sender of tests/kernel/traffic.py in `netns`; returns what it reports."""
-        result = netns.run(sys.executable, traffic.PATH, *argv, timeout=timeout)
-        return json.loads(result.stdout.strip().splitlines()[-1])
-
-    def sink(self, netns: Netns, *argv: str) -> subprocess.Popen:
-        """Starts a sink of tests/kernel/traffic.py in `netns`; returns once it is bound."""
-        process = netns.popen(sys.executable, traffic.PATH, *argv, stdout=subprocess.PIPE)
-        if process.stdout.readline().strip() != "ready":
-            raise AssertionError(f"traffic sink {argv} did not start")
-        return process
-
     def udp(self, side: str, version: int, sport: int, dport: int, size: int, count: int, *extra: str) -> dict:
         """Sends `count` datagrams of `size` payload bytes from `side` to the other host."""
         src, dst = ("a", "b") if side == "a" else ("b", "a")
         argv = ["udp-send", "--src", self.address(src, version), "--dst", self.address(dst, version)]
         argv += ["--sport", str(sport), "--dport", str(dport), "--size", str(size), "--count", str(count), *extra]
-        report = self.traffic(self.a if side == "a" else self.b, *argv)
+        report = run_traffic(self.a if side == "a" else self.b, *argv)
         assert report["refused"] == 0, f"the sending socket refused datagrams: {report}"
         return report
+
+
+def run_traffic(netns: Netns, *argv: str, timeout: float = 120.0) -> dict:
+    """Runs a sender of tests/kernel/traffic.py in `netns`; returns what it reports."""
+    result = netns.run(sys.executable, traffic.PATH, *argv, timeout=timeout)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def start_sink(netns: Netns, *argv: str) -> subprocess.Popen:
+    """Starts a sink of tests/kernel/traffic.py in `netns`; returns once it is bound."""
+    process = netns.popen(sys.executable, traffic.PATH, *argv, stdout=subprocess.PIPE)
+    if process.stdout.readline().strip() != "ready":
+        raise AssertionError(f"traffic sink {argv} did not start")
+    return process
 
 
 def two_hosts(lab: Lab, subnet: int = 1) -> Hosts:
@@ -105,3 +107,19 @@ def assert_flow_map_balanced(result: CaptureResult, lost: int = 0) -> None:
         assert counts["produced"] == counts["delivered"] + counts["lost"], f"interval {number}: {counts}"
     assert sum(counts["lost"] for counts in intervals) == lost
     assert "flow_map" not in result.summary["unbalanced_sources"]
+
+
+def filters(netns: Netns, ifname: str) -> list[dict]:
+    """Every filter on the interface's clsact hooks, with the hook it is on."""
+    return [
+        {"hook": hook, **entry}
+        for hook in ("ingress", "egress")
+        for entry in netns.tc_filters(ifname, hook)
+        if "options" in entry  # the other entries only announce a priority
+    ]
+
+
+def flowscope_filters(netns: Netns, ifname: str) -> list[tuple[str, str]]:
+    """(hook, name) of the filters flowscope attached, sorted."""
+    found = [(entry["hook"], entry["options"].get("bpf_name", "")) for entry in filters(netns, ifname)]
+    return sorted((hook, name) for hook, name in found if name.startswith("flowscope:"))

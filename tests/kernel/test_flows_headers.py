@@ -10,6 +10,8 @@ from tests.kernel.tc_flows import (
     IP_HEADER,
     assert_flow_map_balanced,
     flow_totals,
+    run_traffic,
+    start_sink,
     two_hosts,
     udp_frame,
     udp_id,
@@ -27,7 +29,7 @@ def test_vlan_tags_in_the_frame_are_skipped(tc_lab: Lab) -> None:
     hosts = two_hosts(tc_lab)
     for netns, port in ((hosts.a, hosts.port_a), (hosts.b, hosts.port_b)):
         for address in (port.ip4, port.ip6):
-            hosts.sink(netns, "udp-sink", address, "9")
+            start_sink(netns, "udp-sink", address, "9")
     run = Capture.start(hosts.a, ["fstcA"], 0.5)
     expected = {}
     payload, count = 100, 3
@@ -40,7 +42,7 @@ def test_vlan_tags_in_the_frame_are_skipped(tc_lab: Lab) -> None:
                 src, dst = (port.ip4, peer.ip4) if version == 4 else (port.ip6, peer.ip6)
                 sport = 6000 + len(tags)
                 vlans = [item for vid in tags for item in ("--vlan", str(vid))]
-                report = hosts.traffic(
+                report = run_traffic(
                     netns, "eth-send", "--ifname", port.name, "--src-mac", port.mac, "--dst-mac", peer.mac,
                     "--src", src, "--dst", dst, "--sport", str(sport), "--dport", "9",
                     "--size", str(payload), "--count", str(count), *vlans,
@@ -61,7 +63,7 @@ def test_fragments_count_under_their_flow_and_a_portless_one(tc_lab: Lab) -> Non
     others are counted under the same addresses and protocol without ports (null, not 0)."""
     hosts = two_hosts(tc_lab)
     for address in (hosts.port_b.ip4, hosts.port_b.ip6):
-        hosts.sink(hosts.b, "udp-sink", address, "7001")
+        start_sink(hosts.b, "udp-sink", address, "7001")
     run = Capture.start(hosts.a, ["fstcA"], 0.5)
     payload, count = 3000, 4
     hosts.udp("a", 4, 5001, 7001, payload, count)
@@ -91,11 +93,11 @@ def test_sctp_ports_and_ipv6_extension_headers(tc_lab: Lab) -> None:
     hop-by-hop options header, which the probe walks past to reach the ports."""
     hosts = two_hosts(tc_lab)
     for address in (hosts.port_b.ip4, hosts.port_b.ip6):
-        hosts.sink(hosts.b, "raw-sink", "--proto", str(SCTP), address)
-    hosts.sink(hosts.b, "udp-sink", hosts.port_b.ip6, "7001")
+        start_sink(hosts.b, "raw-sink", "--proto", str(SCTP), address)
+    start_sink(hosts.b, "udp-sink", hosts.port_b.ip6, "7001")
     run = Capture.start(hosts.a, ["fstcA"], 0.5)
     for version, size, count in ((4, 64, 6), (6, 200, 4)):
-        hosts.traffic(
+        run_traffic(
             hosts.a, "raw-send", "--proto", str(SCTP), "--dst", hosts.address("b", version),
             "--sport", "2905", "--dport", "3868", "--size", str(size), "--count", str(count),
         )  # fmt: skip

@@ -13,6 +13,7 @@ from tests.kernel.tc_flows import (
     TRANSPORTS,
     assert_flow_map_balanced,
     flow_totals,
+    run_traffic,
     two_hosts,
     udp_frame,
     udp_id,
@@ -36,7 +37,7 @@ def test_icmp_echo_and_errors_are_exact(tc_lab: Lab, transport: str) -> None:
     run = Capture.start(hosts.a, ["fstcA"], 0.5, *TRANSPORTS[transport])
     echoes = {4: (7, 64), 6: (5, 1000)}  # (requests, ICMP message bytes)
     for version, (count, size) in echoes.items():
-        report = hosts.traffic(
+        report = run_traffic(
             hosts.a, "icmp-echo", "--dst", hosts.address("b", version), "--count", str(count), "--size", str(size)
         )
         assert report["replies"] == count

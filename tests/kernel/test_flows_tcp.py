@@ -21,7 +21,16 @@ import pytest
 from tests.kernel.capture import Capture
 from tests.kernel.lab import Lab
 from tests.kernel.pcap import Dumpcap
-from tests.kernel.tc_flows import ETHERNET, IP_HEADER, TRANSPORTS, assert_flow_map_balanced, flow_totals, two_hosts
+from tests.kernel.tc_flows import (
+    ETHERNET,
+    IP_HEADER,
+    TRANSPORTS,
+    assert_flow_map_balanced,
+    flow_totals,
+    run_traffic,
+    start_sink,
+    two_hosts,
+)
 
 MTU_FRAME = 1514
 TRANSFER = 3_000_000
@@ -36,11 +45,11 @@ def tcp_run(lab: Lab, tmp_path: Path, version: int, segmentation: str, transport
         if segmentation == "segments":
             lab.one_segment_per_skb(port)
     a, b = hosts.address("a", version), hosts.address("b", version)
-    hosts.sink(hosts.b, "tcp-sink", b, "8080")
+    start_sink(hosts.b, "tcp-sink", b, "8080")
     with Dumpcap(hosts.a, "fstcA", tmp_path / "fstcA.pcapng") as pcap:
         run = Capture.start(hosts.a, ["fstcA"], 0.5, *TRANSPORTS[transport])
         argv = ["tcp-send", "--src", a, "--sport", "40001", "--dst", b, "--dport", "8080", "--bytes", str(TRANSFER)]
-        assert hosts.traffic(hosts.a, *argv)["sent"] == TRANSFER
+        assert run_traffic(hosts.a, *argv)["sent"] == TRANSFER
         result = run.stop()  # the sender returned after the FIN exchange: nothing of the connection is in flight
     assert pcap.dropped == 0, "the packet capture dropped packets: it is no ground truth"
     truth = pcap.tcp_packets()

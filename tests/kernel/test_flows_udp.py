@@ -14,6 +14,7 @@ from tests.kernel.tc_flows import (
     Hosts,
     assert_flow_map_balanced,
     flow_totals,
+    start_sink,
     two_hosts,
     udp_frame,
     udp_id,
@@ -33,8 +34,8 @@ UDP_FLOWS = [
 @pytest.mark.parametrize("version", [4, 6])
 def test_udp_packets_and_bytes_are_exact(tc_lab: Lab, version: int, transport: str) -> None:
     hosts = two_hosts(tc_lab)
-    hosts.sink(hosts.b, "udp-sink", hosts.address("b", version), "7001", "7002")
-    hosts.sink(hosts.a, "udp-sink", hosts.address("a", version), "5103", "5104")
+    start_sink(hosts.b, "udp-sink", hosts.address("b", version), "7001", "7002")
+    start_sink(hosts.a, "udp-sink", hosts.address("a", version), "5103", "5104")
     run = Capture.start(hosts.a, ["fstcA"], 0.5, *TRANSPORTS[transport])
     for side, sport, dport, size, count in UDP_FLOWS:
         hosts.udp(side, version, sport, dport, size, count)
@@ -65,9 +66,9 @@ def test_bridge_ports_count_each_hop(tc_lab: Lab) -> None:
     tc_lab.bridge(switch, "fstcBr", (switch_a, switch_b))
     tc_lab.address_pair(port_a, port_b, subnet=2)
     hosts = Hosts(tc_lab, a, b, port_a, port_b)
-    hosts.sink(b, "udp-sink", port_b.ip4, "7001")
-    hosts.sink(b, "udp-sink", port_b.ip6, "7001")
-    hosts.sink(a, "udp-sink", port_a.ip4, "5101")
+    start_sink(b, "udp-sink", port_b.ip4, "7001")
+    start_sink(b, "udp-sink", port_b.ip6, "7001")
+    start_sink(a, "udp-sink", port_a.ip4, "5101")
     run = Capture.start(switch, ["fstcSa", "fstcSb"], 0.5)
     hosts.udp("a", 4, 5001, 7001, 200, 40)
     hosts.udp("a", 6, 5001, 7001, 300, 30)
