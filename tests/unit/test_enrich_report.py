@@ -1,0 +1,36 @@
+"""What doctor and the capture summary say about identity."""
+
+import argparse
+
+from flowscope.enrich import add_identity_arguments
+from flowscope.enrich.report import identity_lines, identity_report, identity_summary
+
+
+def args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_identity_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_doctor_lists_the_sources_in_use(tmp_path):
+    metadata = tmp_path / "names.yaml"
+    metadata.write_text("pods: [{namespace: shop, name: a, ips: [10.0.0.1]}]\nnodes: [{name: n1, ips: [10.0.1.1]}]\n")
+    report = identity_report(args("--metadata", str(metadata), "--node-name", "n1"))
+    lines = identity_lines(report)
+    assert lines[0] == "identity      node name n1; deleted pods named for 60 s"
+    assert lines[1].startswith("  node        ")
+    assert lines[2] == "  kubernetes  off          not in a pod and no --kubeconfig"
+    assert lines[3] == f"  static      loaded       {metadata}: 1 pods, 1 nodes"
+
+
+def test_doctor_reports_a_bad_source_in_one_line(tmp_path):
+    report = identity_report(args("--metadata", str(tmp_path / "missing.yaml")))
+    assert identity_lines(report) == [
+        f"identity      error: cannot read metadata file {tmp_path / 'missing.yaml'}: No such file or directory."
+    ]
+
+
+def test_the_capture_summary_counts_named_sides_by_source_and_misses():
+    report = {"resolved": {"cgroup": 10, "ip": 5}, "unresolved": 3, "misses": {"ip_unknown": 3}}
+    assert identity_summary(report) == "identity: 15 of 18 sides named (cgroup 10, ip 5); misses: ip_unknown 3"
+    assert identity_summary({"resolved": {}, "unresolved": 0, "misses": {}}) == "identity: 0 of 0 sides named"
