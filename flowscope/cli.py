@@ -88,6 +88,18 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
         "--drop-events-rate", type=positive_int, default=1000, metavar="N",
         help="drop events sent per second per CPU (all drops are still counted)",
     )  # fmt: skip
+    group.add_argument(
+        "--drop-map-size", type=flow_map_size, default=16384, metavar="N",
+        help="entries of the drop counts (per flow and reason)",
+    )  # fmt: skip
+    group.add_argument(
+        "--tcp-map-size", type=flow_map_size, default=16384, metavar="N",
+        help="entries of the TCP counters (retransmits, resets, RTT per flow)",
+    )  # fmt: skip
+    group.add_argument(
+        "--tcp-events-rate", type=positive_int, default=1000, metavar="N",
+        help="retransmit and reset events sent per second per CPU (all are still counted)",
+    )  # fmt: skip
     group.add_argument("--replay", metavar="FILE", help="read capture JSON lines instead of running probes")
     group.add_argument(
         "--speed", type=positive_float, default=None, metavar="X", help="replay pace (2 = twice as fast)"
@@ -109,6 +121,9 @@ def open_source(args: argparse.Namespace, default_speed: float = 0.0) -> BatchSo
         perf_events=args.perf_buffer,
         ring_pages=args.ring_pages,
         drop_events_per_second=args.drop_events_rate,
+        drop_map_size=args.drop_map_size,
+        tcp_map_size=args.tcp_map_size,
+        tcp_events_per_second=args.tcp_events_rate,
     )
     return LiveSource(options, interval=args.interval, node=getattr(args, "node_name", None))
 

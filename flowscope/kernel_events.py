@@ -259,7 +259,7 @@ def _with_new_rows(
     fresh[list(COUNTER_COLUMNS)] = pd.NA  # the caller adds the counters to every joined row alike
     fresh["packets"] = 0 if packets_measured else pd.NA
     fresh["bytes"] = 0 if packets_measured else pd.NA
-    fresh = conform(fresh.drop(columns=["netns", "here"]), FLOW_COLUMNS)
+    fresh = conform(fresh[[name for name in fresh.columns if name in FLOW_COLUMNS]], FLOW_COLUMNS)
     target = target.copy()
     target[unmatched] = len(flows) + codes
     return pd.concat([flows, fresh], ignore_index=True), target

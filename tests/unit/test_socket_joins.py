@@ -21,6 +21,7 @@ from flowscope.kernel_records import (
     KEY_NO_PORTS,
 )
 from flowscope.probe_catalog import SKB_DROP, SOCK_STATE, TC_FLOWS, TCP_EVENTS
+from flowscope.schema import FLOW_COLUMNS
 
 OFFSET_NS = 1_800_000_000 * 10**9  # monotonic 0 = 2027-01-15T08:00:00Z
 HERE, ELSEWHERE = 4026531840, 4026532999  # network namespace inodes: the agent's, a pod's
@@ -238,6 +239,7 @@ def test_retransmits_rtt_and_resets_join_the_direction_they_belong_to() -> None:
 def test_tcp_counters_without_a_flow_row_and_accounting() -> None:
     rst = flow_key("10.0.0.2", 7, "10.0.0.1", 40000, proto=TCP, ifindex=0)
     result = batch({"tcp": tcp_entry(rst, resets=1, first=5, last=5)}, tcp_counts=2, tcp_map_full=1, rtt_map_full=3)
+    assert list(result.flows.columns) == list(FLOW_COLUMNS)  # no helper column of the join leaks out
     row = result.flows.iloc[0]
     assert (row["src_port"], row["resets"], row["packets"], row["direction"]) == (7, 1, 0, "egress")
     assert pd.isna(row["ifindex"]) and pd.isna(row["ifname"])
