@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,17 @@ class Capture:
         if self.process.poll() is not None and not any(line.startswith('{"type":"interval"') for line in self.lines):
             self._stderr.join(timeout=5)
             raise AssertionError(f"capture exited {self.process.returncode}: {''.join(self._stderr_text)}")
+
+    def intervals_written(self) -> int:
+        return sum(1 for line in list(self.lines) if line.startswith('{"type":"interval"'))
+
+    def wait_intervals(self, count: int, timeout: float = 120.0) -> None:
+        """Waits until capture has written `count` intervals in all."""
+        deadline = time.monotonic() + timeout
+        while self.intervals_written() < count:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"capture wrote {self.intervals_written()} of {count} intervals")
+            time.sleep(0.02)
 
     def stop(self, signum: int = signal.SIGINT, timeout: float = 60.0) -> CaptureResult:
         """Sends `signum` (SIGINT: Ctrl-C) and collects everything capture wrote."""

@@ -6,6 +6,7 @@ sinks print "ready" once bound, then run until they are stopped.
   udp-send  --src A --dst B --sport P --dport Q --size S --count N [--flows F] [--pps R] [--duration T]
             F flows use source ports P..P+F-1; the N datagrams of each flow are sent round-robin.
             --duration T: instead of N, send for T seconds (at R datagrams per second) and report the counts.
+            SIGINT or SIGTERM stops it after the round under way (and it reports what it sent).
   udp-sink  ADDRESS PORT [PORT ...]
   tcp-sink  ADDRESS PORT          reads every connection to its end, then closes it
   tcp-send  --src A --sport P --dst B --dport Q --bytes N
@@ -26,6 +27,7 @@ import ipaddress
 import json
 import os
 import select
+import signal
 import socket
 import struct
 import sys
@@ -66,10 +68,16 @@ def udp_send(args: argparse.Namespace) -> None:
         sockets.append(sock)
     payload = bytes(args.size)
     destination = (args.dst, args.dport)
+    # SIGINT or SIGTERM ends the sending after the round under way, so every flow has sent as many.
+    stop = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.append(True))
     started = time.monotonic()
     sent = refused = 0
     rounds = 0
-    while (rounds < args.count) if args.duration is None else (time.monotonic() - started < args.duration):
+    while not stop and (
+        (rounds < args.count) if args.duration is None else (time.monotonic() - started < args.duration)
+    ):
         for sock in sockets:
             pace(sent, started, args.pps)
             try:
