@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import pandas as pd
 from flowscope.ui import format as fmt
 from flowscope.ui.feed import Snapshot, TopFeed
-from flowscope.ui.model import GROUPINGS, METRICS, SORT_KEYS, Detail, DropsTable, TopModel, TopRows
+from flowscope.ui.model import GROUPINGS, METRICS, SORT_KEYS, TREND_WIDTH, Detail, DropsTable, TopModel, TopRows
 from rich.text import Text
 from textual import on
 from textual.app import App, ComposeResult
@@ -40,7 +40,6 @@ METRIC_WIDTHS = {
     "connections": 6,
     "closes": 7,
 }
-TREND_WIDTH = 12
 CELL_PADDING = 2
 
 HELP = """\

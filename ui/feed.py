@@ -118,6 +118,10 @@ class TopFeed:
                     while self._waiting:
                         self.model.keep(self._waiting.popleft())
         self.publish()
+        with self._lock:
+            regrouped = self.model.backfill()
+        if regrouped:  # the trends of a new view
+            self.publish()
 
     def snapshot(self) -> Snapshot:
         with self._lock:

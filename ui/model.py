@@ -69,6 +69,7 @@ KEPT_FLOW_COLUMNS = (
 )
 
 SPARK = "▁▂▃▄▅▆▇█"
+TREND_WIDTH = 12  # intervals a row's trend shows
 
 
 # --- group keys -------------------------------------------------------------------------------------------
@@ -78,7 +79,10 @@ def _text(frame: pd.DataFrame, name: str) -> np.ndarray:
     """A text column as an object array with "" for null (keys must not be null to group and align)."""
     if name not in frame.columns:
         return np.full(len(frame), "", dtype=object)
-    return frame[name].astype("string").fillna("").to_numpy(dtype=object)
+    column = frame[name]
+    if not isinstance(column.dtype, pd.StringDtype):
+        column = column.astype("string")
+    return column.to_numpy(dtype=object, na_value="")
 
 
 def _number(frame: pd.DataFrame, name: str) -> np.ndarray:
@@ -159,8 +163,15 @@ class Grouping:
 def _keyed_part(frame: pd.DataFrame, keys: dict[str, np.ndarray], rows: np.ndarray, values: Sequence[str]):
     part = {name: column[rows] for name, column in keys.items()}
     part["row"] = np.flatnonzero(rows)
-    part.update({v: frame[v].to_numpy()[rows] for v in values})
+    part.update({v: _values(frame[v])[rows] for v in values})
     return pd.DataFrame(part)
+
+
+def _values(column: pd.Series) -> np.ndarray:
+    """Counters as float64 with NaN for null: pandas sums those in compiled code (nullable ints it does not)."""
+    if pd.api.types.is_numeric_dtype(column.dtype) and not pd.api.types.is_bool_dtype(column.dtype):
+        return column.to_numpy(dtype=np.float64, na_value=np.nan)
+    return column.to_numpy()
 
 
 def _endpoint(ip: str, port: int) -> str:
@@ -331,7 +342,7 @@ class TopModel:
             self.coverage,
         )
 
-    def rows(self, limit: int, trend_width: int = 12, arrow: str = "→") -> TopRows:
+    def rows(self, limit: int, trend_width: int = TREND_WIDTH, arrow: str = "→") -> TopRows:
         """The top `limit` groups of the last interval in the current sort order, with a bytes/s trend."""
         if not self.window:
             return TopRows(self.grouping, self.sort, self.descending, _empty_rows(), 0)
@@ -457,16 +468,12 @@ class TopModel:
                 connections=_first_per_connection(events, CONNECT_KINDS),
                 closes=_first_per_connection(events, ("close",)),
             )
-            per_key = group.keyed(flagged, ["connections", "closes"]).groupby(names, sort=False)
-            counts = per_key[["connections", "closes"]].sum()
-            counts = counts[(counts["connections"] > 0) | (counts["closes"] > 0)]  # other events make no row
-            result = result.join(counts, how="outer")
+            flagged = flagged[(flagged["connections"] > 0) | (flagged["closes"] > 0)]  # other events make no row
+            counts = group.keyed(flagged, ["connections", "closes"]).groupby(names, sort=False)
+            counts = _as_tuple_keys(counts[["connections", "closes"]].sum(), names)
         else:
-            result = result.assign(connections=0, closes=0)
-        result[["connections", "closes"]] = result[["connections", "closes"]].fillna(0).astype(np.int64)
-        if not isinstance(result.index, pd.MultiIndex):  # one key column: keep keys as tuples all the same
-            result.index = pd.MultiIndex.from_arrays([result.index], names=names)
-        return result
+            counts = None
+        return _with_counts(_as_tuple_keys(result, names), counts)
 
     def _drops(self, interval: _Interval) -> pd.DataFrame:
         """Dropped packets and bytes per key and reason (only rows with drops, so this stays small)."""
@@ -493,9 +500,22 @@ class TopModel:
         recent = list(self.window)[-width:]
         matrix = np.zeros((len(keys), len(recent)))
         for column, interval in enumerate(recent):
-            rates = self._groups(interval)["bytes"].reindex(keys)
+            if interval.groups is None:  # not grouped for this view yet: see backfill()
+                continue
+            rates = interval.groups["bytes"].reindex(keys)
             matrix[:, column] = rates.to_numpy(dtype=float, na_value=0.0) / interval.seconds
         return sparklines(matrix)
+
+    def backfill(self, intervals: int = TREND_WIDTH) -> bool:
+        """Groups the recent intervals that trends read and the current view has not grouped yet.
+
+        After a view change the rows come first (only the last interval is grouped for them) and the
+        trends follow once this has run; returns whether there was anything to do.
+        """
+        missing = [i for i in list(self.window)[-intervals:] if i.groups is None]
+        for interval in missing:
+            self._groups(interval)
+        return bool(missing)
 
     def _peers(self, intervals: list[_Interval], key: tuple) -> pd.DataFrame:
         """Who the group talked to: the other end of its flows, by identity or else by address.
@@ -568,6 +588,34 @@ class TopModel:
                 "reason": _text(recent, "drop_reason"),
             }
         )
+
+
+def _as_tuple_keys(frame: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """Keys as a MultiIndex even for one key column, so every key is a tuple."""
+    if not isinstance(frame.index, pd.MultiIndex):
+        frame.index = pd.MultiIndex.from_arrays([frame.index], names=names)
+    return frame
+
+
+def _with_counts(groups: pd.DataFrame, counts: pd.DataFrame | None) -> pd.DataFrame:
+    """Adds connection counts per key; keys with connections but no flows get a row of their own.
+
+    Placed by position rather than joined: a join of two 100k-key MultiIndexes costs more than the
+    grouping itself, while the lookup builds the index engine that trends reuse anyway.
+    """
+    groups["connections"] = np.zeros(len(groups), dtype=np.int64)
+    groups["closes"] = np.zeros(len(groups), dtype=np.int64)
+    if counts is None or counts.empty:
+        return groups
+    positions = groups.index.get_indexer(counts.index)
+    known = positions >= 0
+    for column in ("connections", "closes"):
+        values = groups[column].to_numpy(copy=True)
+        values[positions[known]] = counts[column].to_numpy()[known]
+        groups[column] = values
+    if known.all():
+        return groups
+    return pd.concat([groups, counts[~known].astype(np.int64)])
 
 
 def _first_per_connection(events: pd.DataFrame, kinds: tuple[str, ...]) -> np.ndarray:

@@ -18,6 +18,7 @@ def model() -> TopModel:
     top = TopModel()
     for batch in shop_batches():
         top.add(batch)
+    top.backfill()
     return top
 
 
@@ -221,6 +222,17 @@ def test_empty_model_has_no_rows():
     assert top.rows(10).frame.empty
     assert top.drops().frame.empty
     assert top.totals().flows == 0
+
+
+def test_trends_after_a_view_change_fill_in_with_backfill():
+    top = TopModel()
+    for batch in shop_batches():
+        top.add(batch)
+    top.set_view(grouping="namespace")
+    assert table(top, ("label", "trend")) == [("shop", "▁▁▁▁█"), ("kube-system", "▁▁▁▁█")]
+    assert top.backfill() is True
+    assert table(top, ("label", "trend")) == [("shop", "▇████"), ("kube-system", "█▁█▁█")]
+    assert top.backfill() is False
 
 
 def test_sparklines_scale_each_row_to_its_peak():
