@@ -333,8 +333,10 @@ def pod(
     containers: dict[str, str] | None = None,
     host_network: bool = False,
     phase: str = "Running",
+    more_ips: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """A pod as the API sends it; `containers` maps container name -> runtime container id."""
+    """A pod as the API sends it; `containers` maps container name -> runtime container id; `more_ips` are
+    the pod's further addresses (dual stack)."""
     containers = containers if containers is not None else {"app": uuid.uuid4().hex * 2}
     metadata: dict[str, Any] = {"namespace": namespace, "name": name, "uid": uid or str(uuid.uuid4()),
                                 "labels": labels or {}}  # fmt: skip
@@ -348,7 +350,7 @@ def pod(
     }
     if ip:
         status["podIP"] = ip
-        status["podIPs"] = [{"ip": ip}]
+        status["podIPs"] = [{"ip": address} for address in (ip, *more_ips)]
     return {
         "metadata": metadata,
         "spec": {

@@ -47,6 +47,7 @@ class FakePod:
     containers: dict[str, str]  # container name -> runtime container id
     netns: Netns
     ip: str
+    ip6: str | None  # hostNetwork pods: IPv4 only here
     host_network: bool
     cgroup: Path
     uid: str = field(default_factory=lambda: str(uuid.uuid4()))
@@ -61,6 +62,7 @@ class NodeLab:
         self.cgroups = cgroups
         self.node = lab.namespace("node")
         self.node.sysctl("net.ipv4.ip_forward", "1")
+        self.node.sysctl("net.ipv6.conf.all.forwarding", "1")
         self.node.run("ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo")  # the node's address
         self.pods: list[FakePod] = []
         self.interfaces: list[str] = ["lo"]
@@ -69,16 +71,17 @@ class NodeLab:
                 host_network: bool = False) -> FakePod:  # fmt: skip
         index = len(self.pods) + 1
         if host_network:
-            netns, ip = self.node, NODE_IP
+            netns, ip, ip6 = self.node, NODE_IP, None
         else:
             netns = self.lab.namespace(f"pod{index}")
             veth = f"fsidv{index}"
             node_side, pod_side = self.lab.link(self.node, veth, netns, "eth0", subnet=index)
             netns.run("ip", "route", "add", "default", "via", node_side.ip4)
-            ip = pod_side.ip4
+            netns.run("ip", "-6", "route", "add", "default", "via", node_side.ip6)
+            ip, ip6 = pod_side.ip4, pod_side.ip6
             self.interfaces.append(veth)
-        fake = FakePod(name, namespace, owner, {c: uuid.uuid4().hex * 2 for c in containers}, netns, ip,
-                       host_network, Path())  # fmt: skip
+        ids = {c: uuid.uuid4().hex * 2 for c in containers}
+        fake = FakePod(name, namespace, owner, ids, netns, ip, ip6, host_network, Path())
         qos = self.cgroups / "kubepods.slice" / "kubepods-besteffort.slice"
         fake.cgroup = qos / f"kubepods-besteffort-pod{fake.uid.replace('-', '_')}.slice"
         sandbox = fake.cgroup / f"cri-containerd-{uuid.uuid4().hex * 2}.scope"
@@ -100,18 +103,26 @@ class NodeLab:
     def in_container(self, fake: FakePod, container: str, *argv: str) -> subprocess.Popen:
         return self.run(fake.netns, fake.container_cgroup(container), *argv)
 
-    def sink(self, fake: FakePod, container: str, port: int) -> subprocess.Popen:
-        process = self.in_container(fake, container, sys.executable, traffic.PATH, "tcp-sink", fake.ip, str(port))
+    def sink(self, fake: FakePod, container: str, address: str, port: int, kind: str = "tcp") -> subprocess.Popen:
+        process = self.in_container(fake, container, sys.executable, traffic.PATH, f"{kind}-sink", address, str(port))
         assert process.stdout.readline().strip() == "ready"
         return process
 
-    def send(self, fake: FakePod, container: str, sport: int, peer: FakePod, dport: int) -> int:
+    def send(self, fake: FakePod, container: str, sport: int, peer: FakePod, dport: int, version: int = 4) -> int:
         """Connects from the container to the peer, sends 20 kB, waits for the close; returns the sender's pid."""
-        process = self.in_container(fake, container, sys.executable, traffic.PATH, "tcp-send", "--src", fake.ip,
-                                    "--sport", str(sport), "--dst", peer.ip, "--dport", str(dport),
+        src, dst = (fake.ip, peer.ip) if version == 4 else (fake.ip6, peer.ip6)
+        process = self.in_container(fake, container, sys.executable, traffic.PATH, "tcp-send", "--src", src,
+                                    "--sport", str(sport), "--dst", dst, "--dport", str(dport),
                                     "--bytes", "20000")  # fmt: skip
         assert process.wait(timeout=30) == 0
         return process.pid
+
+    def datagrams(self, fake: FakePod, container: str, sport: int, peer: FakePod, dport: int) -> None:
+        """Ten UDP datagrams from the container to the peer (no socket events: UDP has no connection)."""
+        process = self.in_container(fake, container, sys.executable, traffic.PATH, "udp-send", "--src", fake.ip,
+                                    "--sport", str(sport), "--dst", peer.ip, "--dport", str(dport), "--size", "100",
+                                    "--count", "10")  # fmt: skip
+        assert process.wait(timeout=30) == 0
 
     def api_objects(self) -> list[tuple[str, dict]]:
         objects = [("nodes", node(NODE_NAME, NODE_IP))]
@@ -120,20 +131,20 @@ class NodeLab:
             if owner[0] == "ReplicaSet":
                 objects.append(("replicasets", controller(fake.namespace, owner[1], owner=("Deployment", "checkout"))))
             fields = {"node": NODE_NAME, "uid": fake.uid, "owner": owner, "containers": fake.containers,
-                      "host_network": fake.host_network}  # fmt: skip
+                      "host_network": fake.host_network, "more_ips": (fake.ip6,) if fake.ip6 else ()}  # fmt: skip
             objects.append(("pods", pod(fake.namespace, fake.name, fake.ip, **fields)))
         return objects
 
     def metadata_file(self, path: Path) -> Path:
         """The same pods in the static metadata format (workloads named directly)."""
-        workloads = {"ReplicaSet": ("checkout", "Deployment")}
-        pods = [
-            {"namespace": f.namespace, "name": f.name, "uid": f.uid, "ips": [f.ip], "node": NODE_NAME,
-             "hostNetwork": f.host_network, "workload": workloads.get(f.owner[0], (f.owner[1], f.owner[0]))[0],
-             "workload_kind": workloads.get(f.owner[0], (f.owner[1], f.owner[0]))[1],
-             "containers": [{"name": n, "id": i} for n, i in f.containers.items()]}
-            for f in self.pods
-        ]  # fmt: skip
+        pods = []
+        for f in self.pods:
+            workload, kind = ("checkout", "Deployment") if f.owner[0] == "ReplicaSet" else (f.owner[1], f.owner[0])
+            pods.append(
+                {"namespace": f.namespace, "name": f.name, "uid": f.uid, "ips": [f.ip, *([f.ip6] if f.ip6 else [])],
+                 "node": NODE_NAME, "hostNetwork": f.host_network, "workload": workload, "workload_kind": kind,
+                 "containers": [{"name": n, "id": i} for n, i in f.containers.items()]}
+            )  # fmt: skip
         path.write_text(yaml.safe_dump({"pods": pods, "nodes": [{"name": NODE_NAME, "ips": [NODE_IP]}]}))
         return path
 
@@ -186,9 +197,11 @@ def shop(lab: NodeLab) -> dict[str, FakePod]:
     }
 
 
-def sides(flows: pd.DataFrame, src: tuple[str, int], dst: tuple[str, int]) -> list[dict[str, object]]:
+def sides(
+    flows: pd.DataFrame, src: tuple[str, int], dst: tuple[str, int], protocol: str = "TCP"
+) -> list[dict[str, object]]:
     """Identity of every flow row on the 5-tuple, as {src_*, dst_*, ifname, direction} dicts."""
-    match = flows[(flows["protocol"] == "TCP") & (flows["src_ip"] == src[0]) & (flows["src_port"] == src[1])
+    match = flows[(flows["protocol"] == protocol) & (flows["src_ip"] == src[0]) & (flows["src_port"] == src[1])
                   & (flows["dst_ip"] == dst[0]) & (flows["dst_port"] == dst[1])]  # fmt: skip
     fields = ["ifname", "direction"] + [f"{s}_{n}" for s in ("src", "dst") for n in
                                         ("namespace", "pod", "workload", "workload_kind", "container", "pid", "comm",
@@ -196,55 +209,79 @@ def sides(flows: pd.DataFrame, src: tuple[str, int], dst: tuple[str, int]) -> li
     return [{k: (None if pd.isna(v) else v) for k, v in row.items()} for row in match[fields].to_dict("records")]
 
 
-def identity(fake: FakePod, container: str, pid: int | None, side: str) -> dict[str, object]:
+def identity(fake: FakePod, container: str | None, pid: int | None, side: str, source: str = "cgroup"
+             ) -> dict[str, object]:  # fmt: skip
     workload = {"ReplicaSet": ("checkout", "Deployment")}.get(fake.owner[0], (fake.owner[1], fake.owner[0]))
     return {f"{side}_namespace": fake.namespace, f"{side}_pod": fake.name, f"{side}_workload": workload[0],
             f"{side}_workload_kind": workload[1], f"{side}_container": container, f"{side}_pid": pid,
-            f"{side}_comm": PYTHON_COMM, f"{side}_node": NODE_NAME, f"{side}_identity_source": "cgroup"}  # fmt: skip
+            f"{side}_comm": PYTHON_COMM if pid else None, f"{side}_node": NODE_NAME,
+            f"{side}_identity_source": source}  # fmt: skip
 
 
-def run_shop_traffic(lab: NodeLab, pods: dict[str, FakePod], extra: list[str]) -> tuple[CaptureResult, dict]:
-    server = lab.sink(pods["payments"], "server", 8080)
-    exporter = lab.sink(pods["exporter"], "exporter", 9100)
-    run = Capture.start(lab.node, lab.interfaces, 0.5, "--node-name", NODE_NAME, *extra)
-    pids = {
-        "checkout": lab.send(pods["checkout"], "app", 41001, pods["payments"], 8080),
-        "agent->payments": lab.send(pods["agent"], "agent", 41002, pods["payments"], 8080),
-        "agent->exporter": lab.send(pods["agent"], "agent", 41003, pods["exporter"], 9100),
-        "server": server.pid,
-        "exporter": exporter.pid,
-    }
-    time.sleep(1.2)  # the closes, and one more interval
-    return run.stop(), pids
+@dataclass
+class End:
+    """One end of a conversation: the pod, the container that owns the socket, its address and port, the pid."""
+
+    pod: FakePod
+    container: str
+    ip: str
+    port: int
+    pid: int
 
 
-def assert_both_ends_named(result: CaptureResult, pods: dict[str, FakePod], pids: dict) -> None:
-    assert result.returncode == 0, result.stderr
+def run_shop_traffic(lab: NodeLab, pods: dict[str, FakePod], extra: list[str]) -> tuple[CaptureResult, list]:
+    """TCP conversations (IPv4 and IPv6, pod to pod, hostNetwork to pod, hostNetwork to hostNetwork) and one
+    UDP one, seen by capture on the node; returns the capture and the TCP conversations as (client, server,
+    interfaces crossed)."""
     checkout, payments = pods["checkout"], pods["payments"]
     agent, exporter = pods["agent"], pods["exporter"]
+    server = lab.sink(payments, "server", payments.ip, 8080)
+    server6 = lab.sink(payments, "server", payments.ip6, 8080)
+    lab.sink(payments, "server", payments.ip, 5353, kind="udp")
+    exporter_sink = lab.sink(exporter, "exporter", exporter.ip, 9100)
+    run = Capture.start(lab.node, lab.interfaces, 0.5, "--node-name", NODE_NAME, *extra)
     conversations = [
-        # (client pod, container, port, pid), (server pod, container, port, pid), interfaces the flows cross
-        ((checkout, "app", 41001, pids["checkout"]), (payments, "server", 8080, pids["server"]), {"fsidv1", "fsidv2"}),
-        ((agent, "agent", 41002, pids["agent->payments"]), (payments, "server", 8080, pids["server"]), {"fsidv2"}),
-        ((agent, "agent", 41003, pids["agent->exporter"]), (exporter, "exporter", 9100, pids["exporter"]), {"lo"}),
+        (End(checkout, "app", checkout.ip, 41001, lab.send(checkout, "app", 41001, payments, 8080)),
+         End(payments, "server", payments.ip, 8080, server.pid), {"fsidv1", "fsidv2"}),
+        (End(checkout, "app", checkout.ip6, 41005, lab.send(checkout, "app", 41005, payments, 8080, version=6)),
+         End(payments, "server", payments.ip6, 8080, server6.pid), {"fsidv1", "fsidv2"}),
+        (End(agent, "agent", agent.ip, 41002, lab.send(agent, "agent", 41002, payments, 8080)),
+         End(payments, "server", payments.ip, 8080, server.pid), {"fsidv2"}),
+        (End(agent, "agent", agent.ip, 41003, lab.send(agent, "agent", 41003, exporter, 9100)),
+         End(exporter, "exporter", exporter.ip, 9100, exporter_sink.pid), {"lo"}),
     ]  # fmt: skip
-    for (client, client_container, sport, client_pid), (
-        server,
-        server_container,
-        dport,
-        server_pid,
-    ), ifaces in conversations:
-        forward = sides(result.flows, (client.ip, sport), (server.ip, dport))
-        backward = sides(result.flows, (server.ip, dport), (client.ip, sport))
-        assert {row["ifname"] for row in forward} == ifaces and {row["ifname"] for row in backward} == ifaces
-        expected_forward = {**identity(client, client_container, client_pid, "src"),
-                            **identity(server, server_container, server_pid, "dst")}  # fmt: skip
-        expected_backward = {**identity(server, server_container, server_pid, "src"),
-                             **identity(client, client_container, client_pid, "dst")}  # fmt: skip
+    lab.datagrams(checkout, "app", 41004, payments, 5353)
+    time.sleep(1.2)  # the closes, and one more interval
+    return run.stop(), conversations
+
+
+def assert_both_ends_named(result: CaptureResult, pods: dict[str, FakePod], conversations: list, by_address: str
+                           ) -> None:  # fmt: skip
+    """by_address: the identity source of a side named by its address ("ip" from the API, "static" from a file)."""
+    assert result.returncode == 0, result.stderr
+    for client, server, interfaces in conversations:
+        forward = sides(result.flows, (client.ip, client.port), (server.ip, server.port))
+        backward = sides(result.flows, (server.ip, server.port), (client.ip, client.port))
+        assert {row["ifname"] for row in forward} == interfaces
+        assert {row["ifname"] for row in backward} == interfaces
+        expected = {**identity(client.pod, client.container, client.pid, "src"),
+                    **identity(server.pod, server.container, server.pid, "dst")}  # fmt: skip
         for row in forward:
-            assert {k: row[k] for k in expected_forward} == expected_forward, row
+            assert {k: row[k] for k in expected} == expected, row
+        expected = {**identity(server.pod, server.container, server.pid, "src"),
+                    **identity(client.pod, client.container, client.pid, "dst")}  # fmt: skip
         for row in backward:
-            assert {k: row[k] for k in expected_backward} == expected_backward, row
+            assert {k: row[k] for k in expected} == expected, row
+    # UDP has no socket events: the pod's veth names the pod on its side, the address the other pod (whose
+    # container is unknown: payments-0 has two).
+    checkout, payments = pods["checkout"], pods["payments"]
+    udp = {(row["ifname"], row["direction"]): row for row in sides(result.flows, (checkout.ip, 41004),
+                                                                    (payments.ip, 5353), "UDP")}  # fmt: skip
+    assert set(udp) == {("fsidv1", "ingress"), ("fsidv2", "egress")}
+    expected = {**identity(checkout, "app", None, "src", "netns"), **identity(payments, None, None, "dst", by_address)}
+    assert {k: udp[("fsidv1", "ingress")][k] for k in expected} == expected
+    expected = {**identity(checkout, "app", None, "src", by_address), **identity(payments, None, None, "dst", "netns")}
+    assert {k: udp[("fsidv2", "egress")][k] for k in expected} == expected
     events = pd.concat([batch.events for batch in result.batches], ignore_index=True)
     connect = events[(events["kind"] == "connect") & (events["src_port"] == 41001)]
     assert len(connect) == 1
@@ -261,10 +298,10 @@ def test_both_ends_of_every_flow_are_named_with_metadata_from_the_kubernetes_api
         for resource, obj in node_lab.api_objects():
             api.add(resource, obj)
         kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
-        result, pids = run_shop_traffic(node_lab, pods, ["--kubeconfig", str(kubeconfig)])
+        result, conversations = run_shop_traffic(node_lab, pods, ["--kubeconfig", str(kubeconfig)])
     finally:
         api.stop()
-    assert_both_ends_named(result, pods, pids)
+    assert_both_ends_named(result, pods, conversations, "ip")
     kubernetes = result.summary["identity"]["sources"]["kubernetes"]
     assert kubernetes["state"] == "synced" and kubernetes["objects"]["pods"] == 4
 
@@ -272,8 +309,8 @@ def test_both_ends_of_every_flow_are_named_with_metadata_from_the_kubernetes_api
 def test_both_ends_of_every_flow_are_named_with_metadata_from_a_static_file(node_lab, tmp_path):
     pods = shop(node_lab)
     metadata = node_lab.metadata_file(tmp_path / "metadata.yaml")
-    result, pids = run_shop_traffic(node_lab, pods, ["--metadata", str(metadata)])
-    assert_both_ends_named(result, pods, pids)
+    result, conversations = run_shop_traffic(node_lab, pods, ["--metadata", str(metadata)])
+    assert_both_ends_named(result, pods, conversations, "static")
     assert result.summary["identity"]["sources"]["static"]["objects"]["pods"] == 4
 
 
