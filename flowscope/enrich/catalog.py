@@ -59,7 +59,6 @@ class Catalog:
         self.ips = IpIndex(grace)
         self._by_container: dict[str, str] = {}  # container id -> pod uid
         self._by_config_hash: dict[str, str] = {}  # static pod's node-local UID -> mirror pod uid
-        self.version = 0  # bumped on every change (lets readers cache derived answers)
 
     # ---- writers ----------------------------------------------------------------------------------------
 
@@ -83,7 +82,6 @@ class Catalog:
                     self.ips.claim(ip, owner, start, shared, node)
             if kind == "pods":
                 self._index_pod(obj, old)
-            self.version += 1
 
     @staticmethod
     def _claim_start(kind: str, obj: Any, now: float, listed: bool) -> float:
@@ -112,7 +110,6 @@ class Catalog:
             self.deleted_at[(kind, key)] = now
             for ip, owner, _, _ in _claims_of(kind, obj):
                 self.ips.release(ip, owner, now)
-            self.version += 1
 
     def replace(self, kind: str, objects: Iterable[Any], now: float | None = None) -> None:
         """A fresh list: objects it lacks were deleted (now), the others are put as listed.
@@ -134,7 +131,6 @@ class Catalog:
     def add_network(self, cidr: str, owner: Owner) -> None:
         with self.lock:
             self.ips.add_network(cidr, owner)
-            self.version += 1
 
     def purge(self, now: float | None = None) -> int:
         """Forgets objects deleted more than the grace period ago, and IP claims past their grace."""
@@ -150,9 +146,7 @@ class Catalog:
                             del self._by_container[cid]
                     if obj.config_hash and self._by_config_hash.get(obj.config_hash) == obj.uid:
                         del self._by_config_hash[obj.config_hash]
-            removed = self.ips.purge(now)
-            if expired or removed:
-                self.version += 1
+            self.ips.purge(now)
             return len(expired)
 
     # ---- readers (hold self.lock around a batch of calls) -----------------------------------------------------

@@ -56,6 +56,7 @@ LIST_READ_TIMEOUT = 60.0
 WATCH_SECONDS = (300, 600)  # server-side watch timeout, randomised per watch as client-go does
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+MIN_CYCLE = 1.0  # seconds: at most one list-or-watch round per second without an error
 HTTP_GONE = 410
 
 
@@ -132,6 +133,7 @@ class _Reflector:
         with client.ApiClient(self.source.configuration) as api_client:
             list_function = getattr(getattr(client, api_class)(api_client), function)
             while not self.source.stopping.is_set():
+                started = time.monotonic()
                 try:
                     if self.resource_version is None:
                         self.resource_version = self._list(list_function)
@@ -141,16 +143,20 @@ class _Reflector:
                     self.relists_gone += 1
                     self.resource_version = None
                 except ApiException as err:
-                    if err.status == HTTP_GONE:
-                        self.relists_gone += 1
-                        self.resource_version = None
+                    if err.status != HTTP_GONE:
+                        self._failed(f"HTTP {err.status} {err.reason}".strip(), reachable=True)
                         continue
-                    self._failed(f"HTTP {err.status} {err.reason}".strip(), reachable=True)
+                    self.relists_gone += 1
+                    self.resource_version = None
                 except (urllib3.exceptions.HTTPError, OSError) as err:
                     self._failed(_connection_error(err), reachable=False)
                 except Exception as err:  # a bug must not end the thread: report it and retry
                     log.exception("kubernetes %s watch failed", self.resource)
                     self._failed(f"{type(err).__name__}: {err}", reachable=True)
+                    continue
+                # A server (or proxy) that ends every watch at once, or answers 410 to every fresh version,
+                # must not turn this loop into a busy one.
+                self.source.stopping.wait(max(MIN_CYCLE - (time.monotonic() - started), 0))
         self.state = "stopped"
 
     def _failed(self, message: str, reachable: bool) -> None:

@@ -67,10 +67,6 @@ class TupleHashes:
         return hashes
 
 
-def _optional(value: object) -> object:
-    return None if value is None or pd.isna(value) else value
-
-
 class SocketTable:
     def __init__(self, grace: float, capacity: int = 1 << 18) -> None:
         self.grace = grace
@@ -88,7 +84,8 @@ class SocketTable:
             local = events[events["kind"].isin(LOCAL_SOCKET_KINDS).fillna(False).to_numpy(dtype=bool)]
             tuples = TupleHashes(local)
             hashes, complete = tuples.local("src"), tuples.complete
-            times = local["time"].dt.tz_convert(None).to_numpy(dtype="datetime64[ns]").astype(np.int64) / 1e9
+            stamps = local["time"].dt.tz_convert(None).to_numpy(dtype="datetime64[ns]")
+            times = np.where(np.isnat(stamps), now, stamps.astype(np.int64) / 1e9)
             rows = zip(
                 hashes[complete].tolist(),
                 local["kind"].to_numpy()[complete],
@@ -107,8 +104,7 @@ class SocketTable:
                     # its connect or accept reported; the close only marks it closed.
                     sockets[key] = known._replace(closed=seen, seen=seen)
                 else:
-                    sockets[key] = Socket(_optional(cgroup_id), _optional(netns), _optional(pid), _optional(comm),
-                                          seen if kind == "close" else None, seen)  # fmt: skip
+                    sockets[key] = Socket(cgroup_id, netns, pid, comm, seen if kind == "close" else None, seen)
         if now - self._last_prune >= PRUNE_EVERY or len(self._sockets) > self.capacity:
             self._prune(now)
 
