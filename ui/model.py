@@ -221,7 +221,8 @@ class Totals:
 
 @dataclass(frozen=True)
 class TopRows:
-    """The ranked rows of the last interval: frame columns are the METRICS names plus "label" and "trend"."""
+    """The ranked rows of the last interval: columns "key", "label", the METRICS, "bytes" and "packets" (the
+    interval's counts) and "trend"."""
 
     grouping: str
     sort: str
@@ -350,6 +351,8 @@ class TopModel:
         groups = self._groups(last)
         table = pd.DataFrame(
             {
+                "bytes": groups["bytes"],
+                "packets": groups["packets"],
                 "bytes_per_s": groups["bytes"] / last.seconds,
                 "packets_per_s": groups["packets"] / last.seconds,
                 "drops": groups["drop_packets"],

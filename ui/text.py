@@ -2,7 +2,8 @@
 
 The table has fixed-width numeric columns first and the group's key last (it may hold spaces), raw
 numbers (bytes and packets per second rounded to integers, RTT in microseconds) and "-" for a value no
-probe measured. jsonl prints one object per row with the same figures, null where unmeasured.
+probe measured. jsonl prints one object per row with the same figures, null where unmeasured, plus the
+interval's length and its exact byte and packet counts.
 """
 
 from __future__ import annotations
@@ -56,8 +57,15 @@ def json_rows(node: str, totals: Totals, rows: TopRows) -> list[str]:
     time_end = format_time(totals.time_end)
     out = []
     for record in rows.frame.to_dict("records"):
-        values = {name: _number(record[name]) for name in COLUMN_WIDTHS}
-        line = {"time_end": time_end, "node": node, "group": rows.grouping, "key": record["label"], **values}
+        values = {name: _number(record[name]) for name in ("bytes", "packets", *COLUMN_WIDTHS)}
+        line = {
+            "time_end": time_end,
+            "seconds": totals.seconds,
+            "node": node,
+            "group": rows.grouping,
+            "key": record["label"],
+            **values,
+        }
         out.append(json.dumps(line, separators=(",", ":")))
     return out
 

@@ -53,9 +53,12 @@ def test_jsonl_output_with_a_filter(shop_replay, capsys):
     ]
     assert rows[0] == {
         "time_end": "2025-03-01T12:00:04.000000000Z",
+        "seconds": 2.0,
         "node": "node-a",
         "group": "flow",
         "key": "TCP 10.204.0.1:39000 -> 10.204.0.11:9999",
+        "bytes": 74,
+        "packets": 1,
         "bytes_per_s": 37,
         "packets_per_s": 0,
         "drops": 1,
