@@ -2,11 +2,11 @@
 
 import asyncio
 
-from conftest import NODE, QueueSource, press_and_settle, replay_finished, settle, shop_batches
 from flowscope.ui.app import DetailScreen, HelpScreen, TopApp
 from textual.widgets import DataTable, Input, Static
 
 from flowscope.source import ReplaySource
+from tests.ui.scenario import NODE, QueueSource, press_and_settle, replay_finished, settle, shop_batches
 
 SIZE = (150, 34)
 

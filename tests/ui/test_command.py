@@ -1,21 +1,16 @@
 """`flowscope top` from the command line: plain output for scripts, errors, and the TUI in a real terminal."""
 
-import fcntl
 import json
 import os
-import pty
-import select
 import signal
-import struct
 import subprocess
 import sys
-import termios
-import time
 from pathlib import Path
 
 import pytest
 
 from flowscope.cli import main
+from tests.ui.terminal import Terminal, restored
 
 FLOWSCOPE = [sys.executable, "-m", "flowscope"]
 
@@ -97,69 +92,18 @@ def test_unreadable_replay(tmp_path, capsys):
     assert err == f"flowscope top: cannot read replay file {tmp_path / 'missing.jsonl'}: No such file or directory."
 
 
-class Terminal:
-    """`flowscope top` in a pseudo-terminal, as a person runs it."""
-
-    def __init__(self, args: list[str]) -> None:
-        self.master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 36, 150, 0, 0))
-        self.settings = termios.tcgetattr(slave)
-        env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "150", "LINES": "36"}
-        self.process = subprocess.Popen(
-            [*FLOWSCOPE, "top", *args], stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True
-        )
-        os.close(slave)
-        self.output = b""
-
-    def read_until(self, text: bytes, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.output:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"{text!r} did not appear; the screen said: {self.output[-2000:]!r}"
-            ready, _, _ = select.select([self.master], [], [], min(remaining, 0.2))
-            if ready:
-                try:
-                    self.output += os.read(self.master, 65536)
-                except OSError:  # the other end closed
-                    break
-
-    def wait(self, timeout: float = 20) -> int:
-        deadline = time.monotonic() + timeout
-        while self.process.poll() is None and time.monotonic() < deadline:
-            ready, _, _ = select.select([self.master], [], [], 0.1)
-            if ready:
-                try:
-                    self.output += os.read(self.master, 65536)
-                except OSError:
-                    break
-        return self.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        os.close(self.master)
-
-
 @pytest.fixture
 def terminal(shop_replay):
     opened: list[Terminal] = []
 
     def start(*extra: str) -> Terminal:
-        opened.append(Terminal(["--replay", str(shop_replay), "--speed", "1000", "--node-name", "node-a", *extra]))
+        replay = ["--replay", str(shop_replay), "--speed", "1000", "--node-name", "node-a"]
+        opened.append(Terminal([*FLOWSCOPE, "top", *replay, *extra]))
         return opened[-1]
 
     yield start
     for term in opened:
         term.close()
-
-
-def restored(term: Terminal) -> None:
-    """The terminal is as the program found it: alternate screen left, cursor shown, modes back."""
-    tail = term.output[term.output.rfind(b"\x1b[?1049h") :]
-    assert b"\x1b[?1049l" in tail  # left the alternate screen
-    assert b"\x1b[?25h" in tail  # cursor visible again
-    assert termios.tcgetattr(term.master)[3] == term.settings[3]  # local modes (echo, canonical) restored
 
 
 def test_q_quits_and_restores_the_terminal(terminal):

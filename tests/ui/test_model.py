@@ -3,11 +3,11 @@
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import shop_batches
 from flowscope.ui.model import TopModel, sparklines
 
 from flowscope.filters import parse_filter
 from flowscope.schema import FlowBatch, events_frame, flows_frame
+from tests.ui.scenario import shop_batches
 
 CHECKOUT_TO_PAYMENTS = ("TCP", "10.204.0.10", 43210, "10.204.0.11", 8443)
 CHECKOUT_POD = ("shop", "checkout-7d9f", "")

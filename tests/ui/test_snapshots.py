@@ -5,10 +5,10 @@ the new SVGs before committing them.
 """
 
 import pytest
-from conftest import NODE, press_and_settle, replay_finished
 from flowscope.ui.app import TopApp
 
 from flowscope.source import ReplaySource
+from tests.ui.scenario import NODE, press_and_settle, replay_finished
 
 SIZE = (150, 32)
 
