@@ -220,7 +220,10 @@ class Enricher:
             if side == "src":
                 # tc egress: the packet still carries the socket (and so the cgroup) that sent it.
                 cgroup = np.where(pd.isna(cgroup) & egress, _objects(frame["cgroup_id"]), cgroup)
-            pod_end_of_veth = ~egress if side == "src" else egress
+            # Only interfaces of this namespace have a name here: an ifindex without one (a counter row from
+            # another namespace) numbers some other namespace's interface.
+            here = frame["ifname"].notna().to_numpy(dtype=bool)
+            pod_end_of_veth = here & (~egress if side == "src" else egress)
             ifindex = np.where(pod_end_of_veth, _objects(frame["ifindex"]), None)
         resolver.by_cgroup(state, todo, cgroup)
         resolver.by_netns(state, todo, netns)

@@ -101,12 +101,15 @@ def test_tc_egress_names_the_sender_by_cgroup_and_the_receiver_by_ip(world):
 def test_a_pods_host_side_veth_names_the_pod_on_the_side_the_direction_says(world):
     enricher, _ = world
     enriched = enricher.enrich(
-        flow_batch(tcp("10.203.1.5", 40000, "10.203.1.6", 8080, direction="ingress", ifindex=17),
-                   tcp("10.203.1.6", 8080, "10.203.1.5", 40000, direction="egress", ifindex=17))
+        flow_batch(tcp("10.203.1.5", 40000, "10.203.1.6", 8080, direction="ingress", ifindex=17, ifname="veth17"),
+                   tcp("10.203.1.6", 8080, "10.203.1.5", 40000, direction="egress", ifindex=17, ifname="veth17"),
+                   # a row from another network namespace: its ifindex 17 is some other interface
+                   tcp("10.203.9.9", 40000, "10.203.1.6", 8080, direction="ingress", ifindex=17))
     )  # fmt: skip
     assert sides(enriched.flows, 0, "src", ("pod", "container", "identity_source")) == ("checkout-7d9f", "app", "netns")
     assert sides(enriched.flows, 1, "dst", ("pod", "container", "identity_source")) == ("checkout-7d9f", "app", "netns")
     assert sides(enriched.flows, 1, "src", ("pod", "identity_source")) == ("payments-0", "ip")
+    assert sides(enriched.flows, 2, "src", ("pod", "identity_source")) == (None, "none")
 
 
 def test_two_hostnetwork_pods_on_one_address_are_told_apart_by_cgroup_and_never_by_ip(world):
