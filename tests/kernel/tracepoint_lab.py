@@ -67,8 +67,14 @@ def client_server(subnet: int = 1) -> Iterator[Pair]:
         yield Pair(lab, client, server, client_port, server_port)
 
 
+# The drop and TCP probes see the whole machine: room in their tables, and event rates no other workload
+# dropping packets meanwhile can use up (a test that is about the rate limit sets its own).
+TABLES = ("--drop-map-size", "131072", "--tcp-map-size", "131072", "--drop-events-rate", "1000000")
+TABLES += ("--tcp-events-rate", "1000000")
+
+
 def capture(pair: Pair, transport: str, *extra: str) -> Capture:
-    return Capture.start(pair.client, ["fstpC"], 0.5, *TRANSPORTS[transport], *extra)
+    return Capture.start(pair.client, ["fstpC"], 0.5, *TRANSPORTS[transport], *TABLES, *extra)
 
 
 def rows(frame: pd.DataFrame, src: str, sport: int | None, dst: str, dport: int | None, protocol: str) -> pd.DataFrame:
