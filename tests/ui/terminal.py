@@ -36,6 +36,9 @@ class Terminal:
                 except OSError:  # the other end closed
                     break
 
+    def write(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
     def wait(self, timeout: float = 20) -> int:
         deadline = time.monotonic() + timeout
         while self.process.poll() is None and time.monotonic() < deadline:
