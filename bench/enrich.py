@@ -73,8 +73,8 @@ def batch(rows: int, now: pd.Timestamp, rng: np.random.Generator, peers: int) ->
     local_index = np.array([int(ip.split(".")[3]) + 256 * int(ip.split(".")[2]) for ip in src])
     columns = {
         "time_start": now, "time_end": now, "node": "node-0", "direction": np.where(egress, "egress", "ingress"),
-        "ifindex": 100 + local_index, "protocol": "TCP", "src_ip": src, "src_port": rng.integers(30000, 60000, rows),
-        "dst_ip": dst, "dst_port": 8080, "packets": 1, "bytes": 100,
+        "ifindex": 100 + local_index, "ifname": "veth", "protocol": "TCP", "src_ip": src,
+        "src_port": rng.integers(30000, 60000, rows), "dst_ip": dst, "dst_port": 8080, "packets": 1, "bytes": 100,
         "cgroup_id": pd.array(np.where(egress, 1000 + local_index, 0), dtype="UInt64"),
     }  # fmt: skip
     flows = flows_frame(pd.DataFrame(columns).assign(cgroup_id=lambda f: f["cgroup_id"].where(f["cgroup_id"] != 0)))
