@@ -28,13 +28,13 @@ DISTINCT_FLOWS = 1000
 def one_run(reader: str, rate: int | None, seconds: float, pcap: Path) -> dict:
     from flowscope.loader import LoadOptions
 
-    loops = max(1, round((rate or 450_000) * seconds / DISTINCT_FLOWS))
+    loops = max(1, round((rate or 2_000_000) * seconds / DISTINCT_FLOWS))  # --duration ends it in time
     agent = lab.Agent(LoadOptions(interfaces=[lab.VETH_CLIENT], flow_map_size=1), interval=1.0)
     if reader == "numpy_mmap":
         ring_reader.install(agent.source)
     with agent:
         cpu_before, wall_before = os.times(), time.monotonic()
-        replay = lab.tcpreplay(pcap, pps=rate, loops=loops)
+        replay = lab.tcpreplay(pcap, pps=rate, loops=loops, seconds=seconds)
         sent, pps = lab.tcpreplay_rate(replay.communicate()[0])
         time.sleep(0.3)
         agent.stop()

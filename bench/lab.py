@@ -250,11 +250,15 @@ def _v4(text: str) -> bytes:
     return bytes(int(part) for part in text.split("."))
 
 
-def tcpreplay(pcap: Path, pps: int | None = None, loops: int = 1, interface: str = VETH_CLIENT) -> subprocess.Popen:
-    """Starts tcpreplay (rate `pps`, or as fast as it can) on an interface of this namespace."""
+def tcpreplay(
+    pcap: Path, pps: int | None = None, loops: int = 1, interface: str = VETH_CLIENT, seconds: float | None = None
+) -> subprocess.Popen:
+    """Starts tcpreplay (rate `pps`, or as fast as it can) on an interface of this namespace; with `seconds`,
+    it stops after that long even if the loops are not done (a busy machine sends slower than asked)."""
     rate = ["--pps", str(pps)] if pps else ["--topspeed"]
+    limit = ["--duration", str(max(1, round(seconds)))] if seconds else []
     return subprocess.Popen(
-        ["tcpreplay", "-i", interface, "--preload-pcap", *rate, "--loop", str(loops), str(pcap)],
+        ["tcpreplay", "-i", interface, "--preload-pcap", *rate, *limit, "--loop", str(loops), str(pcap)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
