@@ -194,7 +194,7 @@ def _right(text: str, style: str = "") -> Text:
 
 
 def _count_cell(value: object, alert: str) -> Text:
-    hot = not fmt._missing(value) and float(value) > 0  # type: ignore[arg-type]
+    hot = not fmt.missing(value) and float(value) > 0  # type: ignore[arg-type]
     return _right(fmt.count(value), f"bold {alert}" if hot else "")
 
 

@@ -19,6 +19,8 @@ from flowscope.filters import Filter
 from flowscope.schema import FlowBatch
 from flowscope.source import BatchSource, ProbeStatus
 
+UNCHANGED = object()  # change(detail_key=...) left out
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -100,7 +102,7 @@ class TopFeed:
         descending: bool | None = None,
         limit: int | None = None,
         show_drops: bool | None = None,
-        detail_key: tuple | bool | None = False,  # False: unchanged; None: close the detail
+        detail_key: tuple | object | None = UNCHANGED,  # None closes the detail
         paused: bool | None = None,
     ) -> None:
         """Applies a view change and publishes a snapshot of it (call it off the UI thread)."""
@@ -110,7 +112,7 @@ class TopFeed:
                 self.detail_key = None  # a key of another grouping means nothing here
             self.limit = self.limit if limit is None else limit
             self.show_drops = self.show_drops if show_drops is None else show_drops
-            if detail_key is not False:
+            if detail_key is not UNCHANGED:
                 self.detail_key = detail_key  # type: ignore[assignment]
             if paused is not None and paused != self.paused:
                 self.paused = paused

@@ -11,7 +11,8 @@ from flowscope.coverage import Coverage
 MISSING = "-"
 
 
-def _missing(value: object) -> bool:
+def missing(value: object) -> bool:
+    """Null, NA or NaN: a value no probe measured."""
     return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
 
 
@@ -28,31 +29,31 @@ def _scaled(value: float, units: tuple[str, ...], step: float = 1000.0) -> str:
 
 
 def bytes_rate(value: object) -> str:
-    if _missing(value):
+    if missing(value):
         return MISSING
     return _scaled(float(value), (" B/s", " kB/s", " MB/s", " GB/s", " TB/s"))
 
 
 def rate(value: object) -> str:
-    if _missing(value):
+    if missing(value):
         return MISSING
     return _scaled(float(value), ("/s", "k/s", "M/s", "G/s"))
 
 
 def count(value: object) -> str:
-    if _missing(value):
+    if missing(value):
         return MISSING
     return _scaled(float(value), ("", "k", "M", "G"))
 
 
 def byte_count(value: object) -> str:
-    if _missing(value):
+    if missing(value):
         return MISSING
     return _scaled(float(value), (" B", " kB", " MB", " GB", " TB"))
 
 
 def duration_us(value: object) -> str:
-    if _missing(value) or math.isnan(float(value)):
+    if missing(value) or math.isnan(float(value)):
         return MISSING
     micros = float(value)
     if micros < 1000:
