@@ -6,7 +6,7 @@ from flowscope.ui.app import DetailScreen, HelpScreen, TopApp
 from textual.widgets import DataTable, Input, Static
 
 from flowscope.source import ReplaySource
-from tests.ui.scenario import NODE, QueueSource, press_and_settle, replay_finished, settle, shop_batches
+from tests.ui.scenario import NODE, QueueSource, press_and_settle, replay_finished, settle, shop_batches, write_replay
 
 SIZE = (150, 34)
 
@@ -301,5 +301,22 @@ def test_quit_stops_the_reader_and_returns(shop_replay):
         source.close()  # the owner closes the source (the CLI does this after the app returns)
         await asyncio.sleep(0.1)
         assert not app.feed._reader.is_alive()
+
+    run(scenario)
+
+
+def test_a_replay_that_breaks_off_shows_why_and_keeps_what_it_had(tmp_path):
+    path = write_replay(tmp_path / "broken.jsonl", shop_batches()[:2])
+    with open(path, "a", encoding="utf-8") as out:
+        out.write('{"type": "flow", "src_ip": \n')
+
+    async def scenario():
+        app = TopApp(ReplaySource(str(path), speed=0, node=NODE))
+        async with app.run_test(size=SIZE) as pilot:
+            await replay_finished(app, pilot)
+            first = header(app).splitlines()[0]
+            line = len(path.read_text().splitlines())  # the broken one is the last
+            assert first.endswith(f"intervals 2  source failed: {path}:{line}: not JSON (Expecting value).")
+            assert len(cells(app)) == 5  # the flows of interval 1, the last complete one
 
     run(scenario)
