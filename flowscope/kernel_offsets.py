@@ -79,6 +79,7 @@ def structure_flags(btf: Btf) -> list[str]:
         offsets.pop("FS_OFF_SKC_V6_DADDR", None)
         offsets.pop("FS_OFF_SKC_V6_RCV_SADDR", None)
     flags = [f"-D{define}={offset}" for define, offset in offsets.items()]
+    flags += _skb_window(btf)
     protocol = btf.member("sock", "sk_protocol")
     if protocol.bitfield_size:  # before Linux 5.6: an 8-bit field packed with others
         flags += [
@@ -91,6 +92,20 @@ def structure_flags(btf: Btf) -> list[str]:
     else:
         raise BtfError(f"struct sock.sk_protocol is {protocol.size} bytes in the running kernel; flowscope reads 2.")
     return flags
+
+
+SKB_WINDOW_LIMIT = 256  # bytes of struct sk_buff the probes read at once (they live on the BPF stack)
+
+
+def _skb_window(btf: Btf) -> list[str]:
+    """-DFS_SKB_WINDOW_START/_SIZE: the 8-aligned span of struct sk_buff that holds every field the probes
+    read from it, so that one read fetches them all."""
+    members = [btf.member("sk_buff", f.path) for f in STRUCTURE_FIELDS if f.struct == "sk_buff" and f.path != "cb"]
+    start = min(m.offset for m in members) // 8 * 8
+    size = (max(m.offset + m.size for m in members) - start + 7) // 8 * 8
+    if size > SKB_WINDOW_LIMIT:
+        raise BtfError(f"the sk_buff fields flowscope reads span {size} bytes in the running kernel (at most 256).")
+    return [f"-DFS_SKB_WINDOW_START={start}", f"-DFS_SKB_WINDOW_SIZE={size}"]
 
 
 @dataclass(frozen=True)

@@ -48,15 +48,16 @@ static __always_inline int fs_is_drop(__u32 reason)
 
 static __always_inline void fs_drop(void *ctx, const void *skb, __u64 location, __u32 reason, const void *rx_sk)
 {
-    if (!skb || !fs_is_drop(reason))
+    struct fs_skb view = {};
+    if (!skb || !fs_is_drop(reason) || !fs_skb_read(skb, &view))
         return;
     __u32 generation = fs_current_generation();
     __u64 now = bpf_ktime_get_ns();
-    __u32 len = fs_skb_len(skb);
+    __u32 len = fs_skb_len(&view);
     struct drop_key key = {};
-    if (!fs_key_from_skb(skb, &key.flow))
+    if (!fs_key_from_skb(&view, &key.flow))
         __builtin_memset(&key.flow, 0, sizeof(key.flow)); /* not IP: counted per interface, ip_version 0 */
-    key.netns = fs_skb_place(skb, rx_sk, &key.flow);
+    key.netns = fs_skb_place(&view, rx_sk, &key.flow);
     key.reason = reason;
     fs_count(generation, FS_CNT_DROPS, 1);
 
@@ -80,7 +81,7 @@ static __always_inline void fs_drop(void *ctx, const void *skb, __u64 location, 
         fs_count(generation, FS_CNT_DROP_MAP_FULL, 1);
     }
 
-    if (!fs_take_token(FS_BUCKET_DROP_EVENTS, FLOWSCOPE_DROP_EVENTS_PER_SECOND)) {
+    if (!fs_take_token(FS_BUCKET_DROP_EVENTS, FLOWSCOPE_DROP_EVENTS_PER_SECOND, now)) {
         fs_count(generation, FS_CNT_DROP_EVENTS_SAMPLED_OUT, 1);
         return;
     }

@@ -78,7 +78,7 @@ static __always_inline struct tcp_stats *fs_tcp_entry(__u32 generation, struct t
 static __always_inline void fs_tcp_event(void *ctx, __u32 generation, struct tcp_key *key, __u8 kind, __u64 now,
                                          __u32 reason, int state, __u32 n)
 {
-    if (!fs_take_token(FS_BUCKET_TCP_EVENTS, FLOWSCOPE_TCP_EVENTS_PER_SECOND)) {
+    if (!fs_take_token(FS_BUCKET_TCP_EVENTS, FLOWSCOPE_TCP_EVENTS_PER_SECOND, now)) {
         fs_count(generation, FS_CNT_TCP_EVENTS_SAMPLED_OUT, n);
         return;
     }
@@ -176,11 +176,12 @@ static __always_inline void fs_tcp_rtt(const void *sk)
 static __always_inline void fs_tcp_send_reset(void *ctx, const void *sk, const void *skb, __u32 reason)
 {
     struct tcp_key key = {};
+    struct fs_skb view = {};
     if (skb) {
-        if (!fs_key_from_skb(skb, &key.flow))
+        if (!fs_skb_read(skb, &view) || !fs_key_from_skb(&view, &key.flow))
             return;
         fs_swap_key(&key.flow);
-        key.netns = fs_skb_place(skb, sk, &key.flow);
+        key.netns = fs_skb_place(&view, sk, &key.flow);
         key.flow.ifindex = key.flow.direction == FS_DIRECTION_INGRESS ? key.flow.ifindex : 0;
     } else if (sk) {
         if (!fs_key_from_sock(sk, &key.flow))

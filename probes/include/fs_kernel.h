@@ -139,77 +139,108 @@ static __always_inline void fs_swap_key(struct flow_key *key)
     key->dport = port;
 }
 
-/* Fills addresses, protocol and ports (ICMP: type/code) from the packet an skb holds, using the header
- * offsets the stack recorded in it. Returns 0 when the packet is not IPv4/IPv6 or its headers are not set. */
-static __always_inline int fs_key_from_skb(const void *skb, struct flow_key *key)
-{
-    unsigned char *head = fs_read_ptr(skb, FS_OFF_SKB_HEAD);
-    __u16 network = 0, transport = 0;
-    __be16 protocol = 0;
-    FS_READ(network, skb, FS_OFF_SKB_NETWORK_HEADER);
-    FS_READ(transport, skb, FS_OFF_SKB_TRANSPORT_HEADER);
-    FS_READ(protocol, skb, FS_OFF_SKB_PROTOCOL);
-    if (!head)
-        return 0;
+/* The sk_buff fields the probes use, read with one bpf_probe_read_kernel of the window of struct sk_buff
+ * that holds them all (FS_SKB_WINDOW_START/_SIZE, from BTF like the offsets): a drop storm runs this
+ * for every dropped packet, and each read costs about as much as a hash lookup. */
+struct fs_skb {
+    unsigned char *head;
+    unsigned char *data;
+    void *dev;
+    void *sk;
+    __u32 len;
+    __u32 iif;
+    __u16 network;
+    __u16 transport;
+    __u16 mac;
+    __be16 protocol;
+};
 
+#define FS_SKB_FIELD(window, field, offset) \
+    __builtin_memcpy(&(field), (window) + (offset) - FS_SKB_WINDOW_START, sizeof(field))
+
+static __always_inline int fs_skb_read(const void *skb, struct fs_skb *view)
+{
+    __u8 window[FS_SKB_WINDOW_SIZE];
+    if (bpf_probe_read_kernel(window, sizeof(window), (const char *)skb + FS_SKB_WINDOW_START))
+        return 0;
+    FS_SKB_FIELD(window, view->head, FS_OFF_SKB_HEAD);
+    FS_SKB_FIELD(window, view->data, FS_OFF_SKB_DATA);
+    FS_SKB_FIELD(window, view->dev, FS_OFF_SKB_DEV);
+    FS_SKB_FIELD(window, view->sk, FS_OFF_SKB_SK);
+    FS_SKB_FIELD(window, view->len, FS_OFF_SKB_LEN);
+    FS_SKB_FIELD(window, view->iif, FS_OFF_SKB_IIF);
+    FS_SKB_FIELD(window, view->network, FS_OFF_SKB_NETWORK_HEADER);
+    FS_SKB_FIELD(window, view->transport, FS_OFF_SKB_TRANSPORT_HEADER);
+    FS_SKB_FIELD(window, view->mac, FS_OFF_SKB_MAC_HEADER);
+    FS_SKB_FIELD(window, view->protocol, FS_OFF_SKB_PROTOCOL);
+    return view->head != 0;
+}
+
+/* Fills addresses, protocol and ports (ICMP: type/code) from the packet an skb holds, using the header
+ * offsets the stack recorded in it; one read covers the IP header and, without IP options or IPv6
+ * extension headers, the ports. Returns 0 when the packet is not IPv4/IPv6 or its headers are not set. */
+#define FS_PACKET_READ 72 /* an IPv6 header and the ports after it; IPv4 with up to 40 bytes of options */
+#define FS_PORTS_IN_READ 60 /* the L4 header offsets whose ports the read holds (masked with 63 below) */
+
+static __always_inline int fs_key_from_skb(const struct fs_skb *view, struct flow_key *key)
+{
+    __u8 packet[FS_PACKET_READ];
+    if (bpf_probe_read_kernel(packet, sizeof(packet), view->head + view->network))
+        return 0;
     __u8 l4proto = 0;
-    __u32 l4 = 0;
+    __u32 header = 0; /* bytes from the network header to the L4 header */
     int fragment = 0;
-    if (protocol == bpf_htons(FS_ETH_P_IP)) {
-        __u8 ip[20];
-        if (bpf_probe_read_kernel(ip, sizeof(ip), head + network))
-            return 0;
-        if ((ip[0] >> 4) != 4 || (ip[0] & 0xF) < 5)
+    if (view->protocol == bpf_htons(FS_ETH_P_IP)) {
+        if ((packet[0] >> 4) != 4 || (packet[0] & 0xF) < 5)
             return 0;
         __be32 saddr, daddr;
-        __builtin_memcpy(&saddr, ip + 12, 4);
-        __builtin_memcpy(&daddr, ip + 16, 4);
+        __builtin_memcpy(&saddr, packet + 12, 4);
+        __builtin_memcpy(&daddr, packet + 16, 4);
         fs_set_ipv4(key->saddr, saddr);
         fs_set_ipv4(key->daddr, daddr);
         key->ip_version = 4;
-        l4proto = ip[9];
-        fragment = ((ip[6] & 0x1F) | ip[7]) != 0; /* not the first fragment: no L4 header */
-        l4 = network + (ip[0] & 0xF) * 4;
-    } else if (protocol == bpf_htons(FS_ETH_P_IPV6)) {
-        __u8 ip6[8];
-        if (bpf_probe_read_kernel(ip6, sizeof(ip6), head + network))
+        l4proto = packet[9];
+        fragment = ((packet[6] & 0x1F) | packet[7]) != 0; /* not the first fragment: no L4 header */
+        header = (packet[0] & 0xF) * 4;
+    } else if (view->protocol == bpf_htons(FS_ETH_P_IPV6)) {
+        if ((packet[0] >> 4) != 6)
             return 0;
-        if ((ip6[0] >> 4) != 6)
-            return 0;
-        bpf_probe_read_kernel(key->saddr, 16, head + network + 8);
-        bpf_probe_read_kernel(key->daddr, 16, head + network + 24);
+        __builtin_memcpy(key->saddr, packet + 8, 16);
+        __builtin_memcpy(key->daddr, packet + 24, 16);
         key->ip_version = 6;
-        l4proto = ip6[6];
-        l4 = network + 40;
+        l4proto = packet[6];
+        header = 40;
     } else {
         return 0;
     }
     /* The stack records where the L4 header is once it has parsed past IP options or IPv6 extension
      * headers; before that (early drops), the fixed header length is the best guess and holds for
      * packets without extension headers. */
-    if (transport != FS_HEADER_UNSET && transport > network)
-        l4 = transport;
+    if (view->transport != FS_HEADER_UNSET && view->transport > view->network)
+        header = view->transport - view->network;
     key->proto = l4proto;
     if (fragment) {
         key->flags |= FS_KEY_NO_PORTS;
         return 1;
     }
+    int has_ports = l4proto == FS_IPPROTO_TCP || l4proto == FS_IPPROTO_UDP || l4proto == FS_IPPROTO_SCTP ||
+                    l4proto == FS_IPPROTO_UDPLITE;
+    int icmp = l4proto == FS_IPPROTO_ICMP || l4proto == FS_IPPROTO_ICMPV6;
+    if (!has_ports && !icmp)
+        return 1;
     __u8 ports[4] = {};
-    if (l4proto == FS_IPPROTO_TCP || l4proto == FS_IPPROTO_UDP || l4proto == FS_IPPROTO_SCTP ||
-        l4proto == FS_IPPROTO_UDPLITE) {
-        if (bpf_probe_read_kernel(ports, 4, head + l4) == 0) {
-            key->sport = (ports[0] << 8) | ports[1];
-            key->dport = (ports[2] << 8) | ports[3];
-        } else {
-            key->flags |= FS_KEY_NO_PORTS;
-        }
-    } else if (l4proto == FS_IPPROTO_ICMP || l4proto == FS_IPPROTO_ICMPV6) {
-        if (bpf_probe_read_kernel(ports, 2, head + l4) == 0) {
-            key->sport = ports[0];
-            key->dport = ports[1];
-        } else {
-            key->flags |= FS_KEY_NO_PORTS;
-        }
+    if (header <= FS_PORTS_IN_READ) {
+        __builtin_memcpy(ports, packet + (header & 63), 4); /* the mask shows the verifier the bound */
+    } else if (bpf_probe_read_kernel(ports, 4, view->head + view->network + header)) {
+        key->flags |= FS_KEY_NO_PORTS;
+        return 1;
+    }
+    if (has_ports) {
+        key->sport = (ports[0] << 8) | ports[1];
+        key->dport = (ports[2] << 8) | ports[3];
+    } else {
+        key->sport = ports[0];
+        key->dport = ports[1];
     }
     return 1;
 }
@@ -218,43 +249,34 @@ static __always_inline int fs_key_from_skb(const void *skb, struct flow_key *key
  * a received packet (skb_iif set) on the device it arrived at, ingress; a locally sent one on its
  * output device, egress. The netns comes from the device, or from the owning socket when the device is
  * not set (early egress) or its field holds a socket's scratch value. */
-static __always_inline __u32 fs_skb_place(const void *skb, const void *fallback_sk, struct flow_key *key)
+static __always_inline __u32 fs_skb_place(const struct fs_skb *view, const void *fallback_sk, struct flow_key *key)
 {
-    __u32 iif = 0, ifindex = 0, netns = 0;
-    FS_READ(iif, skb, FS_OFF_SKB_IIF);
-    void *dev = fs_read_ptr(skb, FS_OFF_SKB_DEV);
-    if (dev && FS_READ(ifindex, dev, FS_OFF_DEV_IFINDEX) == 0) {
+    __u32 ifindex = 0, netns = 0;
+    if (view->dev && FS_READ(ifindex, view->dev, FS_OFF_DEV_IFINDEX) == 0) {
 #ifdef FS_OFF_DEV_NET
-        netns = fs_netns_of_net(fs_read_ptr(dev, FS_OFF_DEV_NET));
+        netns = fs_netns_of_net(fs_read_ptr(view->dev, FS_OFF_DEV_NET));
 #endif
     } else {
         ifindex = 0;
     }
-    if (!netns) {
-        void *sk = fs_read_ptr(skb, FS_OFF_SKB_SK);
-        netns = fs_sock_netns(sk ? sk : fallback_sk);
-    }
-    key->direction = iif ? FS_DIRECTION_INGRESS : FS_DIRECTION_EGRESS;
-    key->ifindex = iif ? iif : ifindex;
+    if (!netns)
+        netns = fs_sock_netns(view->sk ? view->sk : fallback_sk);
+    key->direction = view->iif ? FS_DIRECTION_INGRESS : FS_DIRECTION_EGRESS;
+    key->ifindex = view->iif ? view->iif : ifindex;
     return netns;
 }
 
 /* The packet's length as the tc probe counts it (from the link-layer header on) where the skb still
  * records that header, else from the network header (a packet dropped before it had one). skb->len alone
  * would depend on how far the stack had pulled the packet when it dropped it. */
-static __always_inline __u32 fs_skb_len(const void *skb)
+static __always_inline __u32 fs_skb_len(const struct fs_skb *view)
 {
-    __u32 len = 0;
-    __u16 mac = 0, network = 0;
-    unsigned char *head = fs_read_ptr(skb, FS_OFF_SKB_HEAD);
-    unsigned char *data = fs_read_ptr(skb, FS_OFF_SKB_DATA);
-    FS_READ(len, skb, FS_OFF_SKB_LEN);
-    FS_READ(mac, skb, FS_OFF_SKB_MAC_HEADER);
-    FS_READ(network, skb, FS_OFF_SKB_NETWORK_HEADER);
-    __u64 start = (__u64)head + (mac != FS_HEADER_UNSET && mac <= network ? mac : network);
-    if (head && data >= head && (__u64)data >= start && (__u64)data - start < 65536)
-        len += (__u64)data - start;
-    return len;
+    __u64 start = (__u64)view->head + (view->mac != FS_HEADER_UNSET && view->mac <= view->network ? view->mac
+                                                                                                  : view->network);
+    __u64 data = (__u64)view->data;
+    if (data >= start && data - start < 65536)
+        return view->len + (data - start);
+    return view->len;
 }
 
 static __always_inline void fs_event_from_key(struct fs_event *event, const struct flow_key *key)
