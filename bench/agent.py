@@ -44,14 +44,15 @@ def child(flow_map_size: int) -> None:
         while not stop:
             began = time.monotonic()
             batch = source.next_batch(source.interval)
-            drained = time.monotonic()
+            drained, cpu_drained = time.monotonic(), time.thread_time()
             enricher.enrich(batch)
-            done = time.monotonic()
+            done, cpu_done = time.monotonic(), time.thread_time()
             intervals.append(
                 {
                     "rows": len(batch.flows),
                     "drain_and_batch_ms": round((drained - began - source.interval) * 1e3, 1),
                     "enrich_ms": round((done - drained) * 1e3, 1),
+                    "enrich_cpu_ms": round((cpu_done - cpu_drained) * 1e3, 1),
                 }
             )
             coverage.merge(batch.coverage)
@@ -98,8 +99,9 @@ def measure(flows: int, flow_map_size: int, warmup: float, window: float, pcap: 
         "rss_before_traffic_mb": round(idle["VmRSS"] / 2**20, 1),
         "intervals_at_full_load": len(steady),
         "median_rows": lab.median([i["rows"] for i in steady]),
-        "median_drain_and_batch_ms": lab.median([i["drain_and_batch_ms"] for i in steady]),
-        "median_enrich_ms": lab.median([i["enrich_ms"] for i in steady]),
+        "median_drain_and_batch_ms": round(lab.median([i["drain_and_batch_ms"] for i in steady]), 1),
+        "median_enrich_ms": round(lab.median([i["enrich_ms"] for i in steady]), 1),
+        "median_enrich_cpu_ms": round(lab.median([i["enrich_cpu_ms"] for i in steady]), 1),
         "coverage": report["coverage"],  # over the whole run, by source (produced = delivered + lost)
     }
     lab.log(
@@ -124,7 +126,7 @@ def main() -> None:
     lab.require_tools("tcpreplay")
     started = time.monotonic()
     results = []
-    with lab.lab(), tempfile.TemporaryDirectory(prefix="fsbench-") as directory:
+    with lab.lab(), lab.udp_sink(), tempfile.TemporaryDirectory(prefix="fsbench-") as directory:
         for flows in (int(n) for n in args.flows.split(",")):
             pcap = lab.write_udp_flows_pcap(Path(directory) / f"flows-{flows}.pcap", flows)
             map_size = max(65536, 1 << (flows - 1).bit_length())

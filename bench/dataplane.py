@@ -269,7 +269,7 @@ def main() -> None:
     args = parser.parse_args()
     lab.require_tools("iperf3", "tcpreplay")
     started = time.monotonic()
-    with lab.lab(), lab.iperf3_server(lab.NETNS_SERVER), lab.iperf3_server(lab.NETNS_CLIENT):
+    with lab.lab(), lab.iperf3_server(lab.NETNS_SERVER), lab.iperf3_server(lab.NETNS_CLIENT), lab.udp_sink():
         result = {
             "config": {"rounds": args.rounds, "seconds": args.seconds, "new_flows": args.new_flows},
             "throughput": throughput(args.rounds, args.seconds),

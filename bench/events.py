@@ -73,7 +73,7 @@ def main() -> None:
     rates = [int(r) or None for r in args.rates.split(",")]
     started = time.monotonic()
     runs = []
-    with lab.lab(), tempfile.TemporaryDirectory(prefix="fsbench-") as directory:
+    with lab.lab(), lab.udp_sink(), tempfile.TemporaryDirectory(prefix="fsbench-") as directory:
         pcap = lab.write_udp_flows_pcap(Path(directory) / "flows.pcap", DISTINCT_FLOWS)
         for reader in READERS:
             for rate in rates:

@@ -217,29 +217,57 @@ def udp_packets_per_second(report: dict) -> float:
 PCAP_HEADER = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)  # Ethernet, microseconds
 
 
-def write_udp_flows_pcap(path: Path, flows: int, src: str = CLIENT_V4, dst: str = SERVER_V4) -> Path:
-    """A pcap of `flows` 60-byte IPv4/UDP frames, one per distinct (source port, destination port).
+UDP_SINK_PORT = 5300
+# Reads and discards every datagram to UDP_SINK_PORT in fsbench-b, so replayed flows end in a socket
+# (as real traffic does) instead of being dropped as NO_SOCKET, which would make every packet a drop.
+UDP_SINK = f"""
+import socket
+sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sink.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)  # SO_RCVBUFFORCE (root), which Python does not name
+sink.bind(("0.0.0.0", {UDP_SINK_PORT}))
+buffer = bytearray(2048)
+while True:
+    sink.recv_into(buffer)
+"""
 
-    Built with numpy from one template frame; the IPv4 checksum is the same for every frame (only the
-    ports differ) and the UDP checksum is left 0 (none), which IPv4 allows."""
+
+@contextmanager
+def udp_sink() -> Iterator[None]:
+    server = Server(subprocess.Popen(in_server(sys.executable, "-c", UDP_SINK), stderr=subprocess.PIPE, text=True))
+    try:
+        time.sleep(0.3)
+        if server.process.poll() is not None:
+            raise RuntimeError(f"the UDP sink did not start: {server.process.communicate()[1].strip()}")
+        yield
+    finally:
+        server.stop()
+
+
+def write_udp_flows_pcap(path: Path, flows: int) -> Path:
+    """A pcap of `flows` 60-byte IPv4/UDP frames to the UDP sink, one per distinct flow.
+
+    Flows differ by source port (1024-65023) and source address (10.205.0.10 upwards, one per 64000
+    flows; fsbench-b routes all of 10.205.0.0/24 back through fsb0b, so reverse-path filtering keeps
+    them). Built with numpy from one template frame; the UDP checksum is left 0 (none), which IPv4 allows."""
     frame_len = 60
     eth = bytes.fromhex(SERVER_MAC.replace(":", "") + CLIENT_MAC.replace(":", "")) + b"\x08\x00"
-    ip_header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, frame_len - 14, 0, 0, 64, 17, 0, _v4(src), _v4(dst)))
-    words = struct.unpack("!10H", ip_header)
-    checksum = sum(words)
-    while checksum >> 16:
-        checksum = (checksum & 0xFFFF) + (checksum >> 16)
-    struct.pack_into("!H", ip_header, 10, ~checksum & 0xFFFF)
-    udp = struct.pack("!HHHH", 0, 0, frame_len - 34, 0)
-    template = np.frombuffer(eth + bytes(ip_header) + udp + bytes(frame_len - 42), dtype=np.uint8)
+    ip_header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, frame_len - 14, 0, 0, 64, 17, 0, bytes(4), _v4(SERVER_V4))
+    udp = struct.pack("!HHHH", 0, UDP_SINK_PORT, frame_len - 34, 0)
+    template = np.frombuffer(eth + ip_header + udp + bytes(frame_len - 42), dtype=np.uint8)
     records = np.zeros((flows, 16 + frame_len), dtype=np.uint8)
     records[:, 16:] = template
     records[:, :16] = np.frombuffer(struct.pack("<IIII", 0, 0, frame_len, frame_len), dtype=np.uint8)
-    index = np.arange(flows, dtype=np.uint32)
-    sport = (1024 + index % 64000).astype(">u2")
-    dport = (10000 + index // 64000).astype(">u2")
-    records[:, 16 + 34 : 16 + 36] = sport.view(np.uint8).reshape(-1, 2)
-    records[:, 16 + 36 : 16 + 38] = dport.view(np.uint8).reshape(-1, 2)
+    index = np.arange(flows, dtype=np.int64)
+    host = 10 + index // 64000
+    if host.max(initial=0) > 254:
+        raise ValueError(f"{flows} flows need more source addresses than 10.205.0.0/24 has")
+    source = (np.uint32(0x0ACD0000) | host.astype(np.uint32)).astype(">u4")  # 10.205.0.<host>
+    records[:, 16 + 26 : 16 + 30] = source.view(np.uint8).reshape(-1, 4)
+    records[:, 16 + 34 : 16 + 36] = (1024 + index % 64000).astype(">u2").view(np.uint8).reshape(-1, 2)
+    words = records[:, 16 + 14 : 16 + 34].copy().view(">u2").astype(np.uint32).sum(axis=1)
+    while (words >> 16).any():
+        words = (words & 0xFFFF) + (words >> 16)
+    records[:, 16 + 24 : 16 + 26] = (~words & 0xFFFF).astype(">u2").view(np.uint8).reshape(-1, 2)
     with open(path, "wb") as out:
         out.write(PCAP_HEADER)
         out.write(records.tobytes())

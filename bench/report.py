@@ -49,7 +49,8 @@ def machine() -> dict[str, Any]:
 
 def _first_line(command: list[str]) -> str:
     try:
-        return subprocess.run(command, capture_output=True, text=True).stdout.splitlines()[0].strip()
+        done = subprocess.run(command, capture_output=True, text=True)
+        return (done.stdout or done.stderr).splitlines()[0].strip()
     except (OSError, IndexError):
         return "not installed"
 
@@ -76,7 +77,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _not_measured(name: str, run: dict) -> list[str]:
     script = run.get("scripts", {}).get(name)
     why = "not run by the last `make bench`" if script is None else script.get("reason", script.get("status"))
-    return [f"Not yet measured: {why}.", ""]
+    return [f"Not yet measured: {str(why).rstrip('.')}.", ""]
 
 
 # ---- the summary -----------------------------------------------------------------------------------------
@@ -119,12 +120,8 @@ def summary(results: dict[str, dict | None]) -> list[str]:
     drain = results["map_drain"]
     if drain:
         total = drain["drain"]["median_total_ms"]
-        row(
-            f"drain a {drain['drain']['flows']:,}-flow map into a FlowBatch",
-            "<= 200 ms",
-            f"{_n(total)} ms",
-            total <= 200,
-        )
+        measured = f"{_n(total)} ms (CPU {_n(drain['drain']['median_cpu_ms'])} ms)"
+        row(f"drain a {drain['drain']['flows']:,}-flow map into a FlowBatch", "<= 200 ms", measured, total <= 200)
         for size, rate in drain["sustained_new_flows_per_s"].items():
             row(f"new flows/s with no loss (flow map {int(size):,})", NONE, _n(rate))
     else:
@@ -148,7 +145,7 @@ def summary(results: dict[str, dict | None]) -> list[str]:
     if identity:
         steady = identity["median_steady_ms"]
         what = f"enrich {identity['rows']:,} rows against {identity['pods']:,} pods"
-        row(what, "<= 100 ms", f"{_n(steady)} ms", steady <= 100)
+        row(what, "<= 100 ms", f"{_n(steady)} ms (CPU {_n(identity['median_steady_cpu_ms'])} ms)", steady <= 100)
     else:
         row("identity enrichment", "<= 100 ms", "not measured")
     agent = results["agent"]
@@ -359,6 +356,7 @@ def map_drain(data: dict) -> list[str]:
                 _runs(drain, "build_batch_ms"),
             ],
             ["**total**", f"**{_n(drain['median_total_ms'], 1)}**", _runs(drain, "total_ms")],
+            ["total, CPU time of the thread", _n(drain["median_cpu_ms"], 1), _runs(drain, "cpu_ms")],
         ],
     )
     profile = [line for line in drain["profile_top"] if "flowscope/" in line or "ncalls" in line]
@@ -491,6 +489,7 @@ def identity(data: dict) -> list[str]:
         [
             ["first batch", _n(data["first_ms"], 1)],
             ["next batches (median)", f"**{_n(data['median_steady_ms'], 1)}**"],
+            ["next batches, CPU time of the thread (median)", _n(data["median_steady_cpu_ms"], 1)],
             ["each next batch", ", ".join(_n(v, 1) for v in data["steady_ms"])],
         ],
     )
@@ -498,13 +497,17 @@ def identity(data: dict) -> list[str]:
     out += [
         f"Every side named as the batch was built: {named}.",
         "",
-        "What bounds it (cProfile; for the identity module's owner): the IP stage resolves every distinct",
-        "address of the batch in Python (`_Resolver._ip_rows`, `resolve_claims`, `_owner`: ~13 us each); a",
-        "batch that touches all 10k pods pays that for ~20k addresses, about 270 ms. Writing the identity",
-        "columns back (`_write_side`: object arrays through `pd.array(..., dtype='string')`, slow where cells",
-        "are None) adds ~170 ms. Proposals: keep each address's resolved owner across batches and resolve",
-        "again only addresses whose claims changed since (the catalog's `version` says whether anything did),",
-        "and build the string columns from codes (categorical, or pd.NA in place of None before converting).",
+        "Where the time goes (cProfile of one more batch, by own time; flowscope's functions):",
+        "",
+        "```",
+        *(line.replace(f"{ROOT}/", "") for line in data["profile_top"][:12]),
+        "```",
+        "",
+        "What bounds it (for the identity module's owner): the IP stage resolves every distinct address of",
+        "the batch in Python (`by_ip`, `_owner`, `_pod_code`, about 10 us each), and a batch that touches all",
+        "10k pods has ~20k of them. A vectorised path would resolve, in one `np.searchsorted` over a sorted",
+        "array of IPv4 (and IPv6 as two uint64) keys, every address whose owner did not change during the",
+        "batch's time window, and leave Python only the addresses with a claim change in the window.",
         "bench/enrich.py (identity's own micro-benchmark, with a per-row baseline) measures the same function",
         "on another mix; one of the two should absorb the other.",
         "",
@@ -533,13 +536,13 @@ def agent(data: dict) -> list[str]:
             _n(run["peak_rss_mb"]),
             _n(run["median_rows"]),
             _n(run["median_drain_and_batch_ms"]),
-            _n(run["median_enrich_ms"]),
+            f"{_n(run['median_enrich_ms'])} ({_n(run['median_enrich_cpu_ms'])})",
             _n(run["coverage"].get("flow_map", {}).get("lost")),
         ]
         for run in data["runs"]
     ]
     header = ["active flows", "flow map", "CPU", "RSS idle MB", "RSS MB", "peak MB", "rows/interval",
-              "drain + FlowBatch ms", "enrich ms", "flow-map loss"]  # fmt: skip
+              "drain + FlowBatch ms", "enrich ms (CPU)", "flow-map loss"]  # fmt: skip
     out += _table(header, rows)
     out += [
         "What bounds the memory: the idle agent already holds ~250 MB. Step by step: Python with numpy and",
