@@ -21,6 +21,12 @@
 #define FS_IPPROTO_ICMPV6 58
 #define FS_IPPROTO_SCTP 132
 #define FS_IPPROTO_UDPLITE 136
+#define FS_IPPROTO_HOPOPTS 0
+#define FS_IPPROTO_ROUTING 43
+#define FS_IPPROTO_FRAGMENT 44
+#define FS_IPPROTO_AH 51
+#define FS_IPPROTO_DSTOPTS 60
+#define FS_IPV6_EXTENSION_HEADERS 4
 #define FS_HEADER_UNSET 0xFFFF /* sk_buff's transport/mac header offset before it is set */
 
 /* A reason or state the kernel did not give (older tracepoints, no socket). */
@@ -210,6 +216,28 @@ static __always_inline int fs_key_from_skb(const struct fs_skb *view, struct flo
         key->ip_version = 6;
         l4proto = packet[6];
         header = 40;
+        /* Extension headers, as the tc probe walks them: the protocol is the last one's next header. */
+#pragma unroll
+        for (int i = 0; i < FS_IPV6_EXTENSION_HEADERS; i++) {
+            if (l4proto != FS_IPPROTO_HOPOPTS && l4proto != FS_IPPROTO_ROUTING && l4proto != FS_IPPROTO_DSTOPTS &&
+                l4proto != FS_IPPROTO_FRAGMENT && l4proto != FS_IPPROTO_AH)
+                break;
+            __u8 ext[4];
+            if (bpf_probe_read_kernel(ext, sizeof(ext), view->head + view->network + header)) {
+                key->proto = l4proto;
+                key->flags |= FS_KEY_NO_PORTS;
+                return 1;
+            }
+            if (l4proto == FS_IPPROTO_FRAGMENT) {
+                fragment = ((ext[2] << 8 | ext[3]) & 0xFFF8) != 0;
+                header += 8;
+            } else if (l4proto == FS_IPPROTO_AH) {
+                header += (ext[1] + 2) * 4;
+            } else {
+                header += (ext[1] + 1) * 8;
+            }
+            l4proto = ext[0];
+        }
     } else {
         return 0;
     }

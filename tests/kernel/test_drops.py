@@ -67,6 +67,24 @@ def test_udp_to_a_closed_port_is_dropped_with_no_socket_on_its_flow(version: int
     assert all("udp" in kernel_function(location) for location in drops["location"])
 
 
+def test_an_ipv6_packet_with_extension_headers_is_dropped_on_its_transport_5_tuple() -> None:
+    with client_server() as pair:
+        src, dst = pair.addresses(6)
+        run = capture(pair, "ring")
+        pair.client.run(
+            sys.executable, traffic.PATH, "udp-send", "--src", src, "--dst", dst, "--sport", "40004",
+            "--dport", "9", "--size", str(SIZE), "--count", "3", "--hop-options",
+        )  # fmt: skip
+        result = run.stop()
+    assert_balanced(result)
+    flows = rows(result.flows, src, 40004, dst, 9, PROTOCOL)  # UDP, not the hop-by-hop header's number 0
+    hop_by_hop = 8
+    assert total(flows, "drop_packets") == 3
+    assert total(flows, "drop_bytes") == 3 * (wire_length(6) + hop_by_hop) == total(flows, "bytes")
+    drops = rows(events(result), src, 40004, dst, 9, PROTOCOL)
+    assert len(drops) == 3 and set(drops["drop_reason"]) == {"NO_SOCKET"}
+
+
 @pytest.mark.parametrize("version", [4, 6])
 def test_an_iptables_drop_rule_shows_as_netfilter_drop(version: int) -> None:
     with client_server() as pair:
