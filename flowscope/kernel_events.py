@@ -24,6 +24,7 @@ import pandas as pd
 from flowscope.coverage import Coverage
 from flowscope.kernel_names import KernelNames
 from flowscope.kernel_records import (
+    EVENT_KIND_MAX,
     EVENT_KINDS,
     FLOW_KEY,
     FLOW_STATS,
@@ -67,6 +68,7 @@ assert DROP_KEY.itemsize == 52 and DROP_STATS.itemsize == 40
 assert TCP_KEY.itemsize == 48 and TCP_STATS.itemsize == 56
 
 KIND = {name: number for number, name in EVENT_KINDS.items()}
+KIND_NAMES = np.array([EVENT_KINDS.get(number) for number in range(EVENT_KIND_MAX)], dtype=object)
 SOCKET_KINDS = (KIND["connect"], KIND["accept"], KIND["close"])
 TCP_KINDS = (KIND["retransmit"], KIND["reset"])
 
@@ -139,7 +141,7 @@ def event_rows(
     frame = pd.DataFrame(
         {
             "time": utc_times(events["ts_ns"], offset_ns),
-            "kind": [EVENT_KINDS.get(int(k)) for k in kind],
+            "kind": KIND_NAMES[np.minimum(kind, EVENT_KIND_MAX - 1)],
             "node": node,
             "ifname": _object(ifname, here),
             "ifindex": pd.Series(pd.array(ifindex, dtype="UInt32")).where(ifindex != 0, pd.NA),
