@@ -221,6 +221,20 @@ def _normalized(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def _key_hashes(normalized: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """One 64-bit hash per row of the key columns: joins on one integer instead of eight columns."""
+    return pd.util.hash_pandas_object(normalized[columns], index=False).to_numpy()
+
+
+def _first_match(table: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """For each wanted hash, the position of its first occurrence in `table`, or -1."""
+    distinct, first = np.unique(table, return_index=True)
+    if len(distinct) == 0:
+        return np.full(len(wanted), -1, dtype=np.int64)
+    at = np.minimum(np.searchsorted(distinct, wanted), len(distinct) - 1)
+    return np.where(distinct[at] == wanted, first[at], -1)
+
+
 def matching_rows(flows: pd.DataFrame, counters: pd.DataFrame) -> np.ndarray:
     """For each counter row, the index of the flow row it joins (see the module's join rule), or -1."""
     target = np.full(len(counters), -1, dtype=np.int64)
@@ -228,19 +242,17 @@ def matching_rows(flows: pd.DataFrame, counters: pd.DataFrame) -> np.ndarray:
         return target
     keys = JOIN_TUPLE + JOIN_PLACE
     rows = _normalized(flows, keys)
-    rows["_row"] = np.arange(len(flows))
-    # Latest first; stable, so that of equal times the earlier row (an original before its copies) wins.
-    rows["_end"] = flows["time_end"].to_numpy()
-    rows = rows.sort_values("_end", ascending=False, kind="stable", na_position="last")
     wanted = _normalized(counters, keys)
-    wanted["_i"] = np.arange(len(counters))
+    # Latest first; stable, so that of equal times the earlier row (an original before its copies) wins.
+    end = flows["time_end"].to_numpy(dtype="datetime64[ns]")
+    order = np.argsort(-np.where(np.isnat(end), np.iinfo(np.int64).min + 1, end.astype(np.int64)), kind="stable")
     here = counters["here"].to_numpy(dtype=bool)
-    exact = wanted[here].merge(rows.drop_duplicates(keys)[[*keys, "_row"]], on=keys)
-    target[exact["_i"].to_numpy()] = exact["_row"].to_numpy()
+    exact = _first_match(_key_hashes(rows, keys)[order], _key_hashes(wanted, keys))
+    target[here & (exact >= 0)] = order[exact[here & (exact >= 0)]]
+    by_tuple = _first_match(_key_hashes(rows, JOIN_TUPLE)[order], _key_hashes(wanted, JOIN_TUPLE))
     ip = counters["ip_version"].notna().to_numpy()
-    rest = wanted[(target < 0) & ip]
-    by_tuple = rest.merge(rows.drop_duplicates(JOIN_TUPLE)[[*JOIN_TUPLE, "_row"]], on=JOIN_TUPLE)
-    target[by_tuple["_i"].to_numpy()] = by_tuple["_row"].to_numpy()
+    rest = (target < 0) & ip & (by_tuple >= 0)
+    target[rest] = order[by_tuple[rest]]
     return target
 
 
