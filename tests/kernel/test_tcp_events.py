@@ -68,8 +68,9 @@ def test_retransmits_of_dropped_data_segments_are_counted_on_the_data_flow(versi
     assert total(data, "retransmits") == sent["total_retrans"]
     acks = rows(result.flows, server, 5001, client, sent["sport"], "TCP")
     assert total(acks, "retransmits") == 0
-    assert total(data, "drop_packets") == dropped_by_rule
-    assert set(data["drop_reason"].dropna()) == {"NETFILTER_DROP"}
+    # The receiver may drop some segments of its own too (e.g. a retransmit of data it already had).
+    netfilter = data["drop_reason"].eq("NETFILTER_DROP").fillna(False).astype(bool)
+    assert total(data[netfilter], "drop_packets") == dropped_by_rule
     print(f"retransmits {sent['total_retrans']}, segments dropped by the rule {dropped_by_rule}")
 
 
