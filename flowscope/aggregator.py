@@ -47,17 +47,18 @@ def event_counts(drain: KernelDrain, coverage: Coverage) -> None:
     delivered_by_kind = dict(zip(kinds.tolist(), delivered.tolist(), strict=True))
     for kind, name in EVENT_KINDS.items():
         sent = int(drain.counters[COUNTER_EVENT_SENT_BASE + kind])
-        lost = int(drain.counters[COUNTER_EVENT_LOST_BASE + kind])
+        lost_in_kernel = int(drain.counters[COUNTER_EVENT_LOST_BASE + kind])
         got = delivered_by_kind.get(kind, 0)
-        if sent or lost or got:
-            coverage.add(f"events:{name}", produced=sent + lost, delivered=got, lost=lost)
+        if sent or lost_in_kernel or got:
+            lost = drain.events_lost(kind)
+            coverage.add(f"events:{name}", produced=sent + lost_in_kernel, delivered=got, lost=lost)
 
 
 def flow_rows(drain: KernelDrain, context: AggregationContext, coverage: Coverage) -> pd.DataFrame:
     keys, stats = drain.maps.get("flows", (np.zeros(0, FLOW_KEY), np.zeros(0, FLOW_STATS)))
     spill_keys, spill_stats = spills_as_map_entries(drain.events)
     produced = counter(drain, "tc_packets")
-    spill_lost = int(drain.counters[COUNTER_EVENT_LOST_BASE + KIND_FLOW_SPILL])
+    spill_lost = drain.events_lost(KIND_FLOW_SPILL)
     coverage.add(
         "flow_map",
         produced=produced,

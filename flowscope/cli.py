@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -215,11 +217,32 @@ def probes_summary(probes: list[ProbeStatus]) -> list[dict[str, object]]:
     ]
 
 
+class _WholeWrites(io.TextIOBase):
+    """Text out through os.write, looping until every byte is written. A signal that interrupts a write
+    blocked on a full pipe makes it return short, and CPython's buffered writer (3.11) then loses part of
+    the data; capture expects exactly such signals (Ctrl-C while `| less` waits)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        data = memoryview(text.encode())
+        while data:
+            data = data[os.write(self.fd, data) :]
+        return len(text)
+
+
 def run_capture(args: argparse.Namespace) -> int:
     try:
-        out = open(args.file, "w", encoding="utf-8") if args.file else sys.stdout  # noqa: SIM115
+        handle = open(args.file, "w", encoding="utf-8") if args.file else None  # noqa: SIM115
     except OSError as err:
         raise UsageError(f"cannot write {args.file} ({err.strerror}); choose another --file.") from None
+    sys.stdout.flush()
+    out = _WholeWrites(handle.fileno() if handle is not None else sys.stdout.fileno())
     total = Coverage()
     intervals = 0
     first: pd.Timestamp | None = None
@@ -272,8 +295,8 @@ def run_capture(args: argparse.Namespace) -> int:
 
         counts = f"lost {total.lost} of {total.produced} produced"
         out.write(f"=== {intervals} intervals; {counts}; {identity_summary(identity)}\n")
-    if args.file:
-        out.close()
+    if handle is not None:
+        handle.close()
     return 0
 
 

@@ -21,7 +21,7 @@ from flowscope.source import ProbeStatus
 
 log = logging.getLogger(__name__)
 
-POLL_SLICE_MS = 100  # events are collected at least this often, so the ring does not fill between drains
+POLL_SLICE_MS = 100  # how often an interval looks whether it was asked to stop
 
 
 class LiveSource:
@@ -80,7 +80,7 @@ class LiveSource:
         assert self._reader is not None
         deadline = time.monotonic() + seconds
         while (remaining := deadline - time.monotonic()) > 0 and not (stop is not None and stop.is_set()):
-            self._reader.poll(max(1, min(int(remaining * 1000), POLL_SLICE_MS)))
+            self._reader.wait(max(1, min(int(remaining * 1000), POLL_SLICE_MS)))
         drain = self._reader.flip_and_drain()
         start, self._window_start = self._window_start, pd.Timestamp.now(tz="UTC")
         flow_keys = drain.maps.get("flows", (None, None))[0]

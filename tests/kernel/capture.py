@@ -52,6 +52,8 @@ class Capture:
         self.process = netns.popen(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.lines: list[str] = []
         self._first_interval = threading.Event()
+        self._reading = threading.Event()  # cleared: capture's output is left unread (a stuck consumer)
+        self._reading.set()
         self._stdout = threading.Thread(target=self._read_stdout, daemon=True)
         self._stderr_text: list[str] = []
         self._stderr = threading.Thread(target=lambda: self._stderr_text.append(self.process.stderr.read()))
@@ -73,7 +75,7 @@ class Capture:
         return run
 
     def _read_stdout(self) -> None:
-        for line in self.process.stdout:
+        while self._reading.wait() and (line := self.process.stdout.readline()):
             self.lines.append(line)
             if line.startswith('{"type":"interval"'):
                 self._first_interval.set()
@@ -86,6 +88,13 @@ class Capture:
         if self.process.poll() is not None and not any(line.startswith('{"type":"interval"') for line in self.lines):
             self._stderr.join(timeout=5)
             raise AssertionError(f"capture exited {self.process.returncode}: {''.join(self._stderr_text)}")
+
+    def pause_reading(self) -> None:
+        """Stops reading capture's output: once the pipe is full, its writes block."""
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
 
     def intervals_written(self) -> int:
         return sum(1 for line in list(self.lines) if line.startswith('{"type":"interval"'))

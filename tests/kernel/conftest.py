@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.lab import Lab
+# The helpers' own asserts say what differed, as the tests' do.
+pytest.register_assert_rewrite("tests.kernel.capture", "tests.kernel.pcap", "tests.kernel.tc_flows")
+
+from tests.kernel.lab import Lab  # noqa: E402 - after the rewrite hook
 
 KERNEL_DIR = Path(__file__).resolve().parent
 TOOLS = ("ip", "tc", "ethtool", "sysctl", "dumpcap", "tshark")

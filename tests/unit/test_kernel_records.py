@@ -5,8 +5,14 @@ import ipaddress
 import numpy as np
 import pandas as pd
 
+from flowscope.aggregator import AggregationContext, build_batch
+from flowscope.kernel_reader import KernelDrain
 from flowscope.kernel_records import (
+    COUNTER_EVENT_SENT_BASE,
+    COUNTER_MAX,
+    COUNTERS,
     EVENT,
+    EVENT_KIND_MAX,
     FLOW_KEY,
     FLOW_STATS,
     KEY_NO_PORTS,
@@ -16,6 +22,7 @@ from flowscope.kernel_records import (
     merge_map_entries,
     spills_as_map_entries,
 )
+from flowscope.probe_catalog import TC_FLOWS
 
 OFFSET_NS = 1_800_000_000 * 10**9  # monotonic 0 = 2027-01-15T08:00:00Z
 IFNAMES = {2: "eth0", 7: "veth7"}
@@ -224,3 +231,22 @@ def test_merging_nothing_returns_the_map_entries_unchanged() -> None:
     flow = entry("10.0.0.1", "10.0.0.2", 1, 2)
     keys, stats = merge_map_entries(flow, counts(4, 400), np.zeros(0, FLOW_KEY), np.zeros(0, FLOW_STATS))
     assert keys.tolist() == flow.tolist() and stats["packets"].tolist() == [4]
+
+
+def test_events_dropped_in_user_space_count_as_lost_and_keep_the_balance() -> None:
+    # 5 packets: 2 in the map, 3 spilled; the kernel sent the 3 spills, the reader kept 2 and dropped 1.
+    flow = entry("10.0.0.1", "10.0.0.2", 1000, 53)
+    counters = np.zeros(COUNTER_MAX, dtype=np.uint64)
+    counters[COUNTERS.index("tc_packets")] = 5
+    counters[COUNTER_EVENT_SENT_BASE + KIND_FLOW_SPILL] = 3
+    dropped = np.zeros(EVENT_KIND_MAX, dtype=np.int64)
+    dropped[KIND_FLOW_SPILL] = 1
+    events = np.concatenate([spill(flow, 100, ts=30), spill(flow, 100, ts=40)])
+    drain = KernelDrain(0, {"flows": (flow, counts(2, 200))}, events, counters, 0, dropped)
+    context = AggregationContext(node="node-a", offset_ns=OFFSET_NS, ifnames=IFNAMES, active=[TC_FLOWS])
+    window = (pd.Timestamp("2027-01-15T08:00:00Z"), pd.Timestamp("2027-01-15T08:00:01Z"))
+    batch = build_batch(drain, context, window)
+    assert batch.coverage.to_dict()["flow_map"] == {"produced": 5, "delivered": 4, "lost": 1}
+    assert batch.coverage.to_dict()["events:flow_spill"] == {"produced": 3, "delivered": 2, "lost": 1}
+    assert batch.coverage.unbalanced() == []
+    assert batch.flows.loc[0, "packets"] == 4 and batch.flows.loc[0, "bytes"] == 400
