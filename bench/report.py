@@ -98,7 +98,7 @@ def summary(results: dict[str, dict | None]) -> list[str]:
         ):
             ratio = data["throughput"][name]["ratio"]
             row(f"{label}, with probes / without", ">= 0.98", f"{ratio:.3f}", ratio >= 0.98)
-        live = data["per_packet"]["veth_udp_64B"].get("fs_tc_egress", {}).get("ns_per_run")
+        live = data["per_packet"]["veth_udp_64B"]["programs"].get("fs_tc_egress", {}).get("ns_per_run")
         met = live is not None and live <= 60
         row("tc program per packet, existing flow, live (64-byte UDP)", "<= 60 ns", f"{_n(live)} ns", met)
         as_is = data["test_run"]["variants"].get("as_is", {}).get("ns_without_harness")
@@ -204,13 +204,22 @@ def dataplane(data: dict) -> list[str]:
         "",
     ]
     rows = []
-    for workload, programs in data["per_packet"].items():
-        if workload == "test_run":
-            continue
-        for program, figures in programs.items():
-            if isinstance(figures, dict) and figures.get("runs"):
-                rows.append([workload, f"`{program}`", _n(figures["runs"]), _n(figures["ns_per_run"], 1)])
+    for workload, figures in data["per_packet"].items():
+        for program, counts in figures["programs"].items():
+            if counts["runs"]:
+                rows.append([workload, f"`{program}`", _n(counts["runs"]), _n(counts["ns_per_run"], 1)])
     out += _table(["workload", "program", "runs", "ns per run"], rows)
+    rows = []
+    for workload, figures in data["per_packet"].items():
+        throughput = figures["throughput"]
+        shown = f"{throughput / 1e9:.2f} Gbit/s" if figures["unit"] == "bit/s" else f"{throughput:,.0f} packets/s"
+        rows.append([workload, shown, f"{figures['core_share']:.1%}"])
+    out += [
+        "All programs together, as a share of one core while the traffic ran (their run time over the",
+        "wall time). Unlike the throughput ratios, this does not move with the machine's other load:",
+        "",
+        *_table(["workload", "throughput meanwhile", "BPF time, share of a core"], rows),
+    ]
     test_run = data["test_run"]
     harness = test_run["empty_program"]["ns_per_run"]
     floor = test_run["hash_floor"]["ns_without_harness"]
@@ -269,10 +278,13 @@ def _dataplane_findings(data: dict) -> list[str]:
 
 def _tracepoint_findings(data: dict) -> list[str]:
     """The tracepoint programs that run per packet, with their cost (for the tracepoint probes' owner)."""
-    per_packet = data["per_packet"]
-    probe = per_packet.get("veth_tcp", {}).get("raw_tracepoint__tcp_probe", {})
-    egress = per_packet.get("veth_tcp", {}).get("fs_tc_egress", {})
-    drop = per_packet.get("veth_udp_64B", {}).get("raw_tracepoint__kfree_skb", {})
+
+    def program(workload: str, name: str) -> dict:
+        return data["per_packet"].get(workload, {}).get("programs", {}).get(name, {})
+
+    probe = program("veth_tcp", "raw_tracepoint__tcp_probe")
+    egress = program("veth_tcp", "fs_tc_egress")
+    drop = program("veth_udp_64B", "raw_tracepoint__kfree_skb")
     lines = []
     if probe.get("runs"):
         lines += [
@@ -428,16 +440,18 @@ def _drain_findings(drain: dict) -> list[str]:
 def events(data: dict) -> list[str]:
     out = [
         "Event source: the tc program's flow spill with a one-entry flow map, so every packet is one",
-        "120-byte ring record; tcpreplay loops over 1000 UDP flows at the rate asked, for 2 s. Default ring",
-        "(256 pages: 1 MiB, 8192 records). `bcc callback`: flowscope's reader today (BCC's ring-buffer",
-        "callback, one Python call and one bytes object per event, on the agent's thread). `numpy mmap`:",
-        "bench/ring_reader.py, which reads the ring's pages directly into numpy on a thread of its own.",
-        "produced = sent + lost as the kernel counted them; delivered = records in the FlowBatches.",
+        "120-byte ring record; tcpreplay loops over 1000 UDP flows at the rate asked, for 2 s. `bcc callback`:",
+        "flowscope's reader (BCC's ring-buffer callback, one Python call and one bytes object per event, on",
+        "the reader's thread). `numpy mmap`: bench/ring_reader.py, which reads the ring's pages directly into",
+        "numpy every 10 ms on a thread of its own. Each with the default ring (256 pages: 1 MiB, 8192",
+        "records) and a 16 MiB one (4096 pages). produced = sent + lost as the kernel counted them;",
+        "delivered = records in the FlowBatches; agent CPU is the whole process.",
         "",
     ]
     rows = [
         [
             run["reader"].replace("_", " "),
+            _n(run["ring_pages"]),
             str(run["rate_asked"]),
             _n(run["events_per_s_offered"]),
             _n(run["produced"]),
@@ -449,25 +463,29 @@ def events(data: dict) -> list[str]:
         ]
         for run in data["runs"]
     ]
-    header = ["reader", "rate asked", "sent/s", "produced", "delivered", "lost", "loss", "balanced", "agent CPU"]
+    header = ["reader", "ring pages", "rate asked", "sent/s", "produced", "delivered", "lost", "loss", "balanced",
+              "agent CPU"]  # fmt: skip
     out += _table(header, rows)
     out += [
-        "What bounds it: with BCC's callback every event costs a ctypes trampoline, a `string_at` and a list",
-        "append on the agent's thread, and nothing drains the ring while that thread builds the interval's",
-        "FlowBatch: 8192 records last 80 ms at 100k events/s, less than a FlowBatch takes. The prototype",
-        "removes both: it reads the ring's memory as 128-byte slots (commit order kept, busy and discarded",
-        "records honoured, the record size checked), copies them out as raw bytes in one numpy operation",
-        "(numpy copies structured arrays with padding fields element by element, ~300 ns a record), and",
-        "does it on its own thread, which holds the GIL only for that copy. Proposed for `kernel_reader.py`",
-        "(the lead integrates it): replace `open_ring_buffer`/`_on_ring_event` with this reader and its",
-        "thread; keep BCC's perf-buffer path for kernels without a ring buffer. On weakly ordered CPUs",
-        "(arm64) the reader's three memory accesses need fences Python cannot issue: keep BCC's reader there",
-        "(or use a few lines of C). A bigger default ring (`--ring-pages 1024`, 4 MiB) adds slack for",
-        "bursts; loss stays counted exactly either way.",
+        "What bounds it:",
         "",
-        "tcpreplay shares the two vCPUs with the agent (and, on this machine, with other work), so the rate",
-        "sent falls short of the rate asked once the machine is busy; the rates a reader sustains here are",
-        "bounded by that, not only by the reader.",
+        "- The ring's size against the reader's pauses. Any reader thread in this process waits for the",
+        "  GIL while the agent's thread is inside a long numpy or pandas call (building the FlowBatch,",
+        "  folding spills with `np.unique` on structured keys), and 8192 records last 80 ms at 100k",
+        "  events/s. With the 16 MiB ring the pauses fit and nothing is lost at the rates sent here.",
+        "  Proposal for the loader: default `ring_pages` to 4096 (16 MiB; the kernel allocates it once).",
+        "- CPU per event. BCC's callback costs a ctypes trampoline, a `string_at` and a list append per",
+        "  event. The prototype reads the ring's memory as 128-byte slots (commit order kept, busy and",
+        "  discarded records honoured, the record size checked) and copies them out as raw bytes in one",
+        "  numpy operation (numpy copies structured arrays with padding fields element by element, ~300 ns",
+        "  a record, so it copies bytes and views them as records afterwards); compare the agent CPU at",
+        "  equal rates above. Proposed for `kernel_reader.py` (the lead integrates it): an event pump that",
+        "  reads this way, in place of `open_ring_buffer` and its callback; BCC's perf-buffer path stays for",
+        "  kernels without a ring buffer. On weakly ordered CPUs (arm64) the three memory accesses need",
+        "  fences Python cannot issue: keep BCC's reader there, or use a few lines of C.",
+        "- The traffic generator. tcpreplay shares the two vCPUs with the agent (and, on this machine, with",
+        "  other work), so the rate sent falls short of the rate asked; the highest lossless rates here are",
+        "  bounded by it, not by the readers.",
         "",
     ]
     return out

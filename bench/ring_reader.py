@@ -16,7 +16,6 @@ must check the architecture, or do these three steps in a small C helper.
 from __future__ import annotations
 
 import mmap
-import select
 import threading
 
 import numpy as np
@@ -24,7 +23,10 @@ import numpy as np
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HEADER_SIZE = 8
-READER_WAKE_MS = 20  # the thread also wakes this often without a notification
+# The pump reads the ring every READ_EVERY_MS rather than on each kernel notification: the kernel
+# notifies whenever the reader has caught up, which at 100k+ events/s means a wakeup and a small read
+# every few records. 10 ms of records (1750 at 175k/s) fit a 1 MiB ring five times over.
+READ_EVERY_MS = 10
 
 
 class RingFormatError(RuntimeError):
@@ -45,12 +47,6 @@ class MmapRing:
         self.consumer_pos = np.frombuffer(self._consumer_map, dtype="<u8", count=1)
         self.producer_pos = np.frombuffer(self._producer_map, dtype="<u8", count=1)
         self.data = np.frombuffer(self._producer_map, dtype=np.uint8, offset=page)
-        self._epoll = select.epoll()
-        self._epoll.register(map_fd, select.EPOLLIN)
-
-    def wait(self, timeout_ms: int) -> None:
-        """Sleeps until the kernel signals new records (or the timeout passes)."""
-        self._epoll.poll(timeout_ms / 1000)
 
     def read(self) -> np.ndarray:
         """Every committed record from the consumer position on, as raw bytes (one row per record, a copy);
@@ -74,61 +70,65 @@ class MmapRing:
         return kept
 
     def close(self) -> None:
-        self._epoll.close()
         del self.consumer_pos, self.producer_pos, self.data
         self._consumer_map.close()
         self._producer_map.close()
 
 
-def install(source) -> None:
-    """Makes a LiveSource's KernelReader read its events with MmapRing on a thread of its own, instead of
-    BCC's per-event callback on the agent's thread.
+class MmapPump(threading.Thread):
+    """Stands in for KernelReader's event pump: the same flush() contract, with MmapRing doing the reading.
 
-    The thread keeps the ring empty while the agent's thread builds a FlowBatch (hundreds of ms at 100k
-    rows, during which a 1 MiB ring of 8192 records overflows at 100k events/s); it holds the GIL only
-    for the vectorised copy. The reader's ring methods are replaced on the instance; BCC's ring buffer
-    (opened by the reader) stays open but is never polled again, so the two never compete for records."""
+    The thread keeps the ring empty while the agent's thread builds a FlowBatch; it holds the GIL only
+    for the vectorised copy. flush() reads once more itself (under the lock), so every record written
+    before the call is in its answer, and hands all records over as one bytes object."""
+
+    def __init__(self, ring: MmapRing, pending: list[bytes]) -> None:
+        super().__init__(name="flowscope-events-mmap", daemon=True)
+        self.ring = ring
+        self._lock = threading.Lock()
+        carried = np.frombuffer(b"".join(pending), dtype=np.uint8).reshape(-1, ring.record.itemsize)
+        self._rows: list[np.ndarray] = [carried]
+        self._closing = threading.Event()
+
+    def _read_once(self) -> None:
+        with self._lock:
+            rows = self.ring.read()
+            if len(rows):
+                self._rows.append(rows)
+
+    def run(self) -> None:
+        while not self._closing.wait(READ_EVERY_MS / 1000):
+            self._read_once()
+
+    def flush(self) -> tuple[list[bytes], np.ndarray, int]:
+        from flowscope.kernel_records import EVENT_KIND_MAX
+
+        self._read_once()
+        with self._lock:
+            rows, self._rows = self._rows, []
+        return [np.concatenate(rows).tobytes()] if rows else [], np.zeros((2, EVENT_KIND_MAX), dtype=np.int64), 0
+
+    def close(self) -> None:
+        self._closing.set()
+        self.join(timeout=5)
+        self.ring.close()
+
+
+def install(source) -> None:
+    """Makes a LiveSource read its events with MmapPump instead of the reader's BCC callback pump.
+
+    The BCC pump is stopped first (its ring buffer stays open but is never polled again, so the two never
+    compete for records); what it had read and not yet handed over is carried into the new pump."""
     from flowscope.kernel_records import EVENT
 
     reader = source._reader
+    old = getattr(reader, "_pump", None)
+    if old is None or not hasattr(old, "flush") or not hasattr(old, "_raw"):
+        raise RingFormatError("flowscope/kernel_reader.py has no event pump this prototype knows how to replace")
     if source.loaded.perf_events:
         raise RingFormatError("this kernel uses the perf buffer; the mmap reader reads ring buffers only")
+    old.close()
     ring = MmapRing(reader.bpf["fs_events"].map_fd, source.loaded.options.ring_pages * mmap.PAGESIZE, EVENT)
-    read: list[np.ndarray] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def read_once() -> None:
-        with lock:
-            rows = ring.read()
-            if len(rows):
-                read.append(rows)
-
-    def read_forever() -> None:
-        while not stop.is_set():
-            ring.wait(READER_WAKE_MS)
-            read_once()
-
-    thread = threading.Thread(target=read_forever, name="flowscope-ring-reader", daemon=True)
-
-    def poll(timeout_ms: int) -> None:
-        stop.wait(timeout_ms / 1000)  # the thread does the reading
-
-    def take_events() -> np.ndarray:
-        with lock:
-            fresh = np.concatenate(read).reshape(-1).view(EVENT) if read else np.zeros(0, dtype=EVENT)
-            read.clear()
-        return np.concatenate([reader._carried, fresh]) if len(reader._carried) else fresh
-
-    close = reader.close
-
-    def close_both() -> None:
-        stop.set()
-        thread.join()
-        ring.close()
-        close()
-
-    # flip_and_drain calls _consume after the grace period: the last records of the old generation are
-    # committed by then, and one more read under the lock collects them.
-    reader.poll, reader._consume, reader._take_events, reader.close = poll, read_once, take_events, close_both
-    thread.start()
+    pump = MmapPump(ring, [record.ljust(EVENT.itemsize, b"\0") for record in old._raw])
+    reader._pump = pump
+    pump.start()
