@@ -89,6 +89,10 @@ def test_continuous_traffic_across_drains_is_exact(tc_lab: Lab, transport: str, 
         for port in (*range(21000, 21000 + FLOWS), *range(22000, 22000 + FLOWS))
     ]
     assert min(carried) >= DRAINS, carried
+    produced = [counts["produced"] for counts in result.coverage("flow_map")]
+    spills = [counts["delivered"] for counts in result.coverage("events:flow_spill")]
+    print(f"{reports[4]['per_flow']} and {reports[6]['per_flow']} datagrams per flow; {len(result.batches)} intervals;")
+    print(f"packets per interval {produced}; spilled {spills}")
     if map_size == 16:
         spilled = [counts["delivered"] for counts in result.coverage("events:flow_spill")]
         assert sum(1 for n in spilled if n) >= DRAINS, f"spills in too few intervals: {spilled}"
@@ -121,3 +125,4 @@ def test_a_stuck_output_does_not_stall_the_event_readers(tc_lab: Lab, transport:
     longest = max(batch.time_end - batch.time_start for batch in result.batches)
     spilled = max(counts["delivered"] for counts in result.coverage("events:flow_spill"))
     assert longest.total_seconds() > 4 and spilled > 8192, (longest, spilled)
+    print(f"{per_flow} datagrams x {flows} flows; longest interval {longest.total_seconds():.2f} s, {spilled} spills")

@@ -45,6 +45,7 @@ def test_a_full_map_spills_and_loses_nothing(tc_lab: Lab, transport: str) -> Non
     # The map holds at most MAP_SIZE flows per interval, so all but that many flows' packets were spilled.
     spilled = [counts["delivered"] for counts in result.coverage("events:flow_spill")]
     intervals = len(result.batches)
+    print(f"{intervals} intervals, spilled per interval {spilled}, flow_map {result.coverage('flow_map')}")
     assert sum(spilled) >= FLOWS * PER_FLOW - MAP_SIZE * PER_FLOW * intervals > 0
     assert all(counts["lost"] == 0 for counts in result.coverage("events:flow_spill"))
     # Spills are folded into flows: no spill event reaches the output as an event of its own.

@@ -85,6 +85,10 @@ def test_tcp_matches_the_packet_capture(
     expected = capture_totals(truth, a)
     assert len(expected) == 2 and sum(packets for packets, _ in expected.values()) > 100
     assert flow_totals(result.flows, "fstcA", {a, b}) == expected
+    print(
+        f"IPv{version} {segmentation} {transport}: "
+        + "; ".join(f"{k[0]} {v[0]} packets {v[1]} bytes" for k, v in expected.items())
+    )
 
     largest = truth.loc[truth["src_ip"] == a, "length"].max()
     assert (largest > MTU_FRAME) if segmentation == "gso" else (largest <= MTU_FRAME), f"largest frame {largest}"
@@ -116,4 +120,5 @@ def test_segments_made_after_tc_are_one_packet_to_tc(tc_lab: Lab, tmp_path: Path
     assert skbs < segments / 4, f"{skbs} skbs for {segments} segments: TCP built no super-packets"
     # Each segment cut out of a super-packet carries its own Ethernet, IP and TCP headers.
     assert wire_bytes - skb_bytes == (segments - skbs) * (ETHERNET + IP_HEADER[version] + TCP_HEADER)
+    print(f"IPv{version}: tc {skbs} skbs {skb_bytes} bytes; capture {segments} segments {wire_bytes} bytes")
     assert_flow_map_balanced(result)
