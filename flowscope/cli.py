@@ -87,6 +87,9 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--flow-map-size", type=flow_map_size, default=65536, metavar="N", help="flow map entries")
     group.add_argument("--ring-pages", type=power_of_two, default=256, metavar="N", help="event ring buffer pages")
     group.add_argument(
+        "--perf-pages", type=power_of_two, default=64, metavar="N", help="perf buffer pages per CPU (perf-buffer path)"
+    )
+    group.add_argument(
         "--drop-events-rate", type=positive_int, default=1000, metavar="N",
         help="drop events sent per second per CPU (all drops are still counted)",
     )  # fmt: skip
@@ -122,6 +125,7 @@ def open_source(args: argparse.Namespace, default_speed: float = 0.0) -> BatchSo
         flow_map_size=args.flow_map_size,
         perf_events=args.perf_buffer,
         ring_pages=args.ring_pages,
+        perf_pages=args.perf_pages,
         drop_events_per_second=args.drop_events_rate,
         drop_map_size=args.drop_map_size,
         tcp_map_size=args.tcp_map_size,

@@ -95,9 +95,10 @@ def udp_id(direction: str, version: int, src: str, sport: int, dst: str, dport: 
     return (direction, "UDP", src, sport, dst, dport, None, None)
 
 
-def assert_flow_map_balanced(result: CaptureResult, lost: int = 0) -> None:
+def assert_flow_map_balanced(result: CaptureResult, lost: int | None = 0) -> int:
     """In every interval, the tc programs' packets = packets delivered (map + spills) + packets lost; and
-    `lost` in all (0: nothing lost). Spill events likewise: sent + lost = delivered + lost."""
+    `lost` in all (0: nothing lost; None: any number). Spill events likewise: sent + lost = delivered + lost.
+    Returns the packets lost."""
     assert result.returncode == 0, result.stderr
     intervals = result.coverage("flow_map")
     assert intervals, "capture wrote no interval"
@@ -105,8 +106,10 @@ def assert_flow_map_balanced(result: CaptureResult, lost: int = 0) -> None:
         assert counts["produced"] == counts["delivered"] + counts["lost"], f"interval {number}: {counts}"
     for number, counts in enumerate(result.coverage("events:flow_spill")):
         assert counts["produced"] == counts["delivered"] + counts["lost"], f"interval {number}: {counts}"
-    assert sum(counts["lost"] for counts in intervals) == lost
+    total_lost = sum(counts["lost"] for counts in intervals)
+    assert lost is None or total_lost == lost
     assert "flow_map" not in result.summary["unbalanced_sources"]
+    return total_lost
 
 
 def filters(netns: Netns, ifname: str) -> list[dict]:
