@@ -55,6 +55,10 @@ def assert_one_sentence(result: subprocess.CompletedProcess[str], code: int, mes
             ["--ring-pages", "3"],
             "flowscope capture: argument --ring-pages: '3' must be a power of two; see `flowscope capture --help`.",
         ),
+        (
+            ["--perf-pages", "0"],
+            "flowscope capture: argument --perf-pages: '0' must be positive; see `flowscope capture --help`.",
+        ),
         (["--bogus"], "flowscope: unrecognized arguments: --bogus; see `flowscope --help`."),
     ],
 )
