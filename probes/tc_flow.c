@@ -2,7 +2,11 @@
  *
  * No per-packet event leaves the kernel: user space drains the previous generation's map every
  * interval. When the map is full, the packet is counted and spilled through the event ring, so that
- * no flow disappears; if the ring is full too, the packet is counted as lost. */
+ * no flow disappears; if the ring is full too, the packet is counted as lost.
+ *
+ * A packet is an skb as tc sees it, and its bytes are skb->len (Ethernet header included; a VLAN tag the
+ * kernel holds outside the frame is not). A GSO super-packet counts once, with all its payload: where the
+ * device segments in software after tc, the wire carries more packets, each with its own headers. */
 #include "flowscope.h"
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
