@@ -3,6 +3,7 @@ other families' counters joined into them, events decoded, and the interval's lo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -34,6 +35,8 @@ class AggregationContext:
     ifnames: Mapping[int, str]
     active: list[ProbeFamily]
     symbolize: Callable[[int], str | None] = lambda _address: None
+    # Inode of the network namespace the tc probe's interfaces live in (their ifindex means something there).
+    netns: int = field(default_factory=lambda: os.stat("/proc/self/ns/net").st_ino)
     extra: dict[str, object] = field(default_factory=dict)  # per-family state (e.g. kernel names)
 
 
@@ -66,7 +69,9 @@ def flow_rows(drain: KernelDrain, context: AggregationContext, coverage: Coverag
         lost=spill_lost,
     )
     keys, stats = merge_map_entries(keys, stats, spill_keys, spill_stats)
-    return flows_from_map(keys, stats, context.offset_ns, context.ifnames, context.node)
+    flows = flows_from_map(keys, stats, context.offset_ns, context.ifnames, context.node)
+    flows["netns"] = pd.Series(context.netns, index=flows.index, dtype="UInt32")
+    return flows
 
 
 def build_batch(

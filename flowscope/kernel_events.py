@@ -14,7 +14,6 @@ becomes a row of its own, with packets 0.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -90,11 +89,8 @@ def kernel_names(context: AggregationContext) -> KernelNames:
 
 
 def host_netns(context: AggregationContext) -> int:
-    """Inode number of this process's network namespace: where the tc probe's interface numbers live."""
-    netns = context.extra.get("host_netns")
-    if netns is None:
-        netns = context.extra["host_netns"] = os.stat("/proc/self/ns/net").st_ino
-    return int(netns)
+    """Inode number of the network namespace where the tc probe's interface numbers live."""
+    return int(context.netns)
 
 
 # ---- events ----------------------------------------------------------------------------------------------

@@ -110,8 +110,10 @@ def plan_families(
         if replaced is None:
             continue
         if replaced.active:
+            # Say both: whether the fallback could run here, and that it is not needed.
+            runs = f"{replaced.family.name} runs on this kernel"
+            status.reason = f"{status.reason}; not needed: {runs}" if not status.active else f"not needed: {runs}"
             status.active = False
-            status.reason = f"not needed: {replaced.family.name} runs on this kernel"
             status.remedy = ""
         elif options.families is not None and replaced.family.name not in options.families:
             status.active = False
@@ -221,7 +223,7 @@ def load(options: LoadOptions, features: KernelFeatures | None = None) -> Loaded
         raise LoaderError("no probe can run on this kernel; run `flowscope doctor` to see why.")
     perf_events = options.perf_events or not features.ringbuf
     try:
-        bpf = bcc.BPF(text=module_text(active), cflags=cflags_for(active, features, options))
+        bpf = bcc.BPF(text=module_text(active).encode(), cflags=cflags_for(active, features, options))
     except Exception as err:  # BCC raises a bare Exception on compile or load failure
         raise LoaderError(
             f"the probes failed to compile or load ({err}); run `flowscope doctor` and report the output."

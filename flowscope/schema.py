@@ -40,6 +40,7 @@ FLOW_COLUMNS: dict[str, str] = {
     "node": TEXT,
     "ifname": TEXT,
     "ifindex": "UInt32",
+    "netns": "UInt32",  # inode of the network namespace the interface (or, for drops, the drop) is in
     "direction": TEXT,  # ingress | egress
     "ip_version": "UInt8",
     "protocol": TEXT,  # TCP | UDP | ICMP | ICMPv6 | SCTP | the IP protocol number as text

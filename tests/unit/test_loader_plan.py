@@ -50,7 +50,13 @@ def test_tracepoint_family_runs_and_its_kprobe_fallback_is_not_needed(tmp_path: 
     statuses = by_name(plan_families(features(tmp_path, ["skb:kfree_skb"]), LoadOptions(), CATALOG_UNDER_TEST))
     assert statuses["flows"].active and statuses["drops"].active
     assert not statuses["drops_kprobe"].active
-    assert statuses["drops_kprobe"].reason == "not needed: drops runs on this kernel"
+    assert statuses["drops_kprobe"].reason == (
+        "the kernel is built without kprobes (CONFIG_KPROBES is not set); not needed: drops runs on this kernel"
+    )
+    with_kprobes = by_name(
+        plan_families(features(tmp_path, ["skb:kfree_skb"], kprobes=True), LoadOptions(), CATALOG_UNDER_TEST)
+    )
+    assert not with_kprobes["drops_kprobe"].active
 
 
 def test_missing_tracepoint_and_missing_kprobes_are_both_explained(tmp_path: Path) -> None:

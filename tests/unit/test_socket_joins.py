@@ -96,7 +96,8 @@ def context(*families) -> AggregationContext:
         ifnames={2: "veth0", 3: "eth0"},
         active=list(families),
         symbolize=SYMBOLS.get,
-        extra={"kernel_names": NAMES, "host_netns": HERE},
+        netns=HERE,
+        extra={"kernel_names": NAMES},
     )
 
 
