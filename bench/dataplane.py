@@ -267,8 +267,8 @@ def tc_variants() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (each: every workload off and on)")
-    parser.add_argument("--seconds", type=float, default=2.0, help="seconds per iperf3 run")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (each: every workload off and on)")
+    parser.add_argument("--seconds", type=float, default=1.5, help="seconds per iperf3 run")
     parser.add_argument("--new-flows", type=int, default=100_000, help="distinct flows for the new-flow cost")
     args = parser.parse_args()
     lab.require_tools("iperf3", "tcpreplay")

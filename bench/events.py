@@ -1,21 +1,23 @@
 """Events: ring-buffer events per second into the aggregator, with produced / delivered / lost.
 
-Event source: the tc program's flow spill. With a one-entry flow map, every packet of a flow that is not
-in the map is sent through the event ring as one 120-byte record (FS_EV_FLOW_SPILL) and counted in the
-kernel as sent or lost (ring full). tcpreplay loops over 1000 distinct UDP flows at a fixed rate through
-fsb0a, so the event rate is the packet rate, and the aggregator folds each interval's events back into
-at most 1000 flows. The agent runs as usual (1 s intervals, 1 MiB ring), once with the event reader of
-flowscope/kernel_reader.py (BCC's ring-buffer callback, one Python call per event) and once with the
-numpy prototype of bench/ring_reader.py. produced = what the kernel tried to send, delivered = what
-reached the FlowBatches, lost = what the kernel counted as ring-full; produced == delivered + lost is
-checked for every run.
+Event source: the tc program's flow spill, driven without a traffic generator. With a one-entry flow
+map, a packet of any flow other than the one in the map is sent through the event ring as one 120-byte
+record (FS_EV_FLOW_SPILL) and counted in the kernel as sent or lost (ring full). A child process runs
+the loaded tc egress program with BPF_PROG_TEST_RUN on two packets of different flows in turns, paced
+to the rate asked; one of the two holds the map's entry, so each pair of calls spills one call's worth
+of runs. The agent runs as usual (1 s intervals) with the event reader of flowscope/kernel_reader.py
+(BCC's ring-buffer callback) or the numpy prototype of bench/ring_reader.py, each with the default
+1 MiB ring and a 16 MiB one. produced = what the kernel tried to send, delivered = what reached the
+FlowBatches, lost = what the kernel counted as ring-full; produced == delivered + lost is checked in
+every run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import tempfile
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,21 +26,43 @@ from bench import lab, ring_reader
 # (reader, ring pages): the default ring, then a 16 MiB one (131072 records: over a second at 100k/s),
 # which rides out the moments a reader thread waits for the GIL behind a long numpy or pandas call.
 CONFIGS = (("bcc_callback", 256), ("numpy_mmap", 256), ("bcc_callback", 4096), ("numpy_mmap", 4096))
-DISTINCT_FLOWS = 1000
+RUNS_PER_CALL = 500
 
 
-def one_run(reader: str, ring_pages: int, rate: int | None, seconds: float, pcap: Path) -> dict:
+def generate(prog_fd: int, rate: int, seconds: float) -> None:
+    """The event source (a child process holding the program's fd): BPF_PROG_TEST_RUN in turns on two
+    flows' packets, RUNS_PER_CALL runs a call, paced to `rate` spills per second (0: no pacing)."""
+    from bench.dataplane import prog_test_run, udp_packet
+
+    first = udp_packet()
+    second = first[:34] + (40001).to_bytes(2, "big") + first[36:]  # another source port: another flow
+    started = time.monotonic()
+    pairs = 0
+    while (now := time.monotonic()) - started < seconds:
+        prog_test_run(prog_fd, first, RUNS_PER_CALL)
+        prog_test_run(prog_fd, second, RUNS_PER_CALL)
+        pairs += 1
+        if rate:
+            ahead = started + pairs * RUNS_PER_CALL / rate - now
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def one_run(reader: str, ring_pages: int, rate: int, seconds: float) -> dict:
     from flowscope.loader import LoadOptions
 
-    loops = max(1, round((rate or 2_000_000) * seconds / DISTINCT_FLOWS))  # --duration ends it in time
     options = LoadOptions(interfaces=[lab.VETH_CLIENT], flow_map_size=1, ring_pages=ring_pages)
     agent = lab.Agent(options, interval=1.0)
     if reader == "numpy_mmap":
         ring_reader.install(agent.source)
+    prog_fd = agent.source.loaded.tc_programs["egress"]
     with agent:
         cpu_before, wall_before = os.times(), time.monotonic()
-        replay = lab.tcpreplay(pcap, pps=rate, loops=loops, seconds=seconds)
-        sent, pps = lab.tcpreplay_rate(replay.communicate()[0])
+        subprocess.run(
+            [sys.executable, "-m", "bench.events", "--generate", str(prog_fd), "--rate", str(rate),
+             "--seconds", str(seconds)],
+            pass_fds=(prog_fd,), cwd=Path(__file__).resolve().parent.parent, check=True,
+        )  # fmt: skip
         time.sleep(0.3)
         agent.stop()
         cpu_after, wall_after = os.times(), time.monotonic()
@@ -48,15 +72,14 @@ def one_run(reader: str, ring_pages: int, rate: int | None, seconds: float, pcap
     entry = {
         "reader": reader,
         "ring_pages": ring_pages,
-        "rate_asked": rate or "topspeed",
-        "packets_sent": sent,
-        "events_per_s_offered": round(pps),
+        "rate_asked": rate or "unpaced",
+        "events_per_s_offered": round(produced / seconds),
         "produced": produced,
         "delivered": delivered,
         "lost": lost,
         "balanced": produced == delivered + lost,
         "loss_ratio": round(lost / produced, 4) if produced else 0.0,
-        "delivered_per_s": round(delivered / (sent / pps)) if pps else 0,
+        "delivered_per_s": round(delivered / seconds),
         "agent_cpu_share": round(busy / (wall_after - wall_before), 3),
         "unbalanced_sources": agent.coverage.unbalanced(),
     }
@@ -71,28 +94,32 @@ def one_run(reader: str, ring_pages: int, rate: int | None, seconds: float, pcap
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rates", default="100000,200000,0", help="events per second (0: as fast as possible)")
+    parser.add_argument("--rates", default="100000,200000,400000,800000", help="events per second (0: unpaced)")
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--generate", type=int, metavar="PROG_FD", help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    lab.require_tools("tcpreplay")
-    rates = [int(r) or None for r in args.rates.split(",")]
+    if args.generate is not None:
+        generate(args.generate, args.rate, args.seconds)
+        return
+    rates = [int(r) for r in args.rates.split(",")]
     started = time.monotonic()
     runs = []
-    with lab.lab(), lab.udp_sink(), tempfile.TemporaryDirectory(prefix="fsbench-") as directory:
-        pcap = lab.write_udp_flows_pcap(Path(directory) / "flows.pcap", DISTINCT_FLOWS)
+    with lab.lab():
         for reader, ring_pages in CONFIGS:
             for rate in rates:
-                runs.append(one_run(reader, ring_pages, rate, args.seconds, pcap))
+                runs.append(one_run(reader, ring_pages, rate, args.seconds))
     summary = {}
     for reader, ring_pages in CONFIGS:
         mine = [r for r in runs if r["reader"] == reader and r["ring_pages"] == ring_pages]
         lossless = [r["delivered_per_s"] for r in mine if r["lost"] == 0 and r["produced"]]
-        summary[f"{reader} ring {ring_pages}"] = {
+        name = f"{reader} ring {ring_pages}"
+        summary[name] = {
             "max_lossless_delivered_per_s": max(lossless) if lossless else 0,
             "max_delivered_per_s": max(r["delivered_per_s"] for r in mine),
             "all_balanced": all(r["balanced"] for r in mine),
         }
-        lab.log(f"{reader} ring {ring_pages}: {summary[f'{reader} ring {ring_pages}']}")
+        lab.log(f"{name}: {summary[name]}")
     lab.save("events", {"runs": runs, "summary": summary, "elapsed_s": round(time.monotonic() - started, 1)})
 
 
