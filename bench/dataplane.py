@@ -92,10 +92,15 @@ def agent_options(flow_map_size: int = 65536):
 
 def throughput(rounds: int, seconds: float) -> dict:
     samples: dict[str, dict[str, list[float]]] = {name: {"off": [], "on": []} for name in WORKLOADS}
+    agent_cpu: dict[str, list[float]] = {name: [] for name in WORKLOADS}  # this process: the agent's threads
 
     def measure(mode: str) -> None:
         for name, (host, flags, figure, _unit) in WORKLOADS.items():
+            times, started = os.times(), time.monotonic()
             value = figure(lab.iperf3(host, seconds, *flags))
+            if mode == "on":
+                used = sum(os.times()[:2]) - sum(times[:2])
+                agent_cpu[name].append(used / (time.monotonic() - started))
             samples[name][mode].append(value)
             lab.log(f"  {name:<14} probes {mode:<3} {value:,.0f}")
 
@@ -120,6 +125,7 @@ def throughput(rounds: int, seconds: float) -> dict:
             "median_on": lab.median(by_mode["on"]),
             "round_ratios": [round(r, 4) for r in pairs],
             "ratio": round(lab.median(pairs), 4),
+            "agent_cpu_share": round(lab.median(agent_cpu[name]), 4),
         }
         lab.log(f"{name}: with probes / without = {result[name]['ratio']:.3f} (median of {rounds} rounds)")
     return result

@@ -194,8 +194,16 @@ def dataplane(data: dict) -> list[str]:
         off, on = figures["median_off"], figures["median_on"]
         shown = (f"{off / 1e9:.2f} Gbit/s", f"{on / 1e9:.2f} Gbit/s") if bits else (f"{off:,.0f} pps", f"{on:,.0f} pps")
         rounds = ", ".join(f"{v:.3f}" for v in figures["round_ratios"])
-        rows.append([name, *shown, f"**{figures['ratio']:.3f}**", rounds])
-    out += _table(["workload", "without (median)", "with (median)", "ratio", "per round"], rows)
+        rows.append([name, *shown, f"**{figures['ratio']:.3f}**", rounds, f"{figures['agent_cpu_share']:.1%}"])
+    out += _table(["workload", "without (median)", "with (median)", "ratio", "per round", "agent CPU"], rows)
+    out += [
+        "Both cores are busy with iperf3 (client and server), so whatever the agent uses comes straight out",
+        "of the traffic: the agent's own CPU (its Python threads, 'agent CPU' above), and the BPF programs,",
+        "which run on the sender's and the receiver's cores (below). A node with idle cores keeps the first",
+        "off the traffic's path; the second is the data plane's true cost. With 64-byte UDP at full speed",
+        "the server drops what it cannot receive, and every drop also runs `kfree_skb`.",
+        "",
+    ]
     out += [
         "Per-packet cost, from the kernel's run statistics (`kernel.bpf_stats_enabled` on only during this",
         "phase): run_time_ns / run_cnt per program from `struct bpf_prog_info` (offsets 192 and 200, checked",
