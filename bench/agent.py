@@ -62,7 +62,8 @@ def child(flow_map_size: int) -> None:
     print(json.dumps({"intervals": intervals, "coverage": coverage.to_dict()}), flush=True)
 
 
-def measure(flows: int, flow_map_size: int, warmup: float, window: float, pcap: Path) -> dict:
+def measure(flows: int, flow_map_size: int, warmup: float, window: float, pcap: Path | None) -> dict:
+    """The agent's figures with `flows` active flows (0: idle, no traffic)."""
     agent = subprocess.Popen(
         [sys.executable, "-m", "bench.agent", "--child", "--flow-map-size", str(flow_map_size)],
         stdout=subprocess.PIPE,
@@ -74,8 +75,9 @@ def measure(flows: int, flow_map_size: int, warmup: float, window: float, pcap: 
         if agent.stdout is None or agent.stdout.readline().strip() != "ready":
             raise RuntimeError("the agent process did not start")
         idle = lab.process_status(agent.pid)
-        loops = int(warmup + window) + 2  # one loop over the N flows takes one second
-        replay = lab.tcpreplay(pcap, pps=flows, loops=loops)
+        if pcap is not None:
+            loops = int(warmup + window) + 2  # one loop over the N flows takes one second
+            replay = lab.tcpreplay(pcap, pps=flows, loops=loops)
         time.sleep(warmup)
         cpu_before, wall_before = lab.cpu_seconds(agent.pid), time.monotonic()
         time.sleep(window)
@@ -89,7 +91,7 @@ def measure(flows: int, flow_map_size: int, warmup: float, window: float, pcap: 
         output, _ = agent.communicate(timeout=30)
     report = json.loads(output.strip().splitlines()[-1])
     intervals = report["intervals"]
-    steady = [i for i in intervals if i["rows"] >= 0.9 * flows]
+    steady = [i for i in intervals if i["rows"] >= 0.9 * flows] if flows else intervals[1:]
     result = {
         "flows": flows,
         "flow_map_size": flow_map_size,
@@ -116,7 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--flow-map-size", type=int, default=65536, help=argparse.SUPPRESS)
-    parser.add_argument("--flows", default="10000,100000", help="active flow counts to measure")
+    parser.add_argument("--flows", default="0,10000,100000", help="active flow counts to measure (0: idle)")
     parser.add_argument("--warmup", type=float, default=4.0)
     parser.add_argument("--window", type=float, default=6.0)
     args = parser.parse_args()
@@ -128,8 +130,8 @@ def main() -> None:
     results = []
     with lab.lab(), lab.udp_sink(), tempfile.TemporaryDirectory(prefix="fsbench-") as directory:
         for flows in (int(n) for n in args.flows.split(",")):
-            pcap = lab.write_udp_flows_pcap(Path(directory) / f"flows-{flows}.pcap", flows)
-            map_size = max(65536, 1 << (flows - 1).bit_length())
+            pcap = lab.write_udp_flows_pcap(Path(directory) / f"flows-{flows}.pcap", flows) if flows else None
+            map_size = max(65536, 1 << max(flows - 1, 1).bit_length())
             results.append(measure(flows, map_size, args.warmup, args.window, pcap))
     lab.save("agent", {"runs": results, "elapsed_s": round(time.monotonic() - started, 1)})
 
