@@ -197,7 +197,8 @@ def dataplane(data: dict) -> list[str]:
         "pair, and inside `fsbench-a` on loopback; TCP bulk, and UDP with 64-byte payloads at full speed.",
         f"{config['rounds']} rounds of {config['seconds']:g} s per workload, each round probes off then on, or on",
         "then off (alternating). 'On' is the whole agent: every probe family the kernel supports, tc on fsb0a",
-        "and lo, drained into FlowBatches every second. The ratio is the median over the rounds of 'on' / 'off'",
+        "and lo, drained into FlowBatches every second, measured after a 1 s warm-up (the first intervals pay",
+        "one-off costs). The ratio is the median over the rounds of 'on' / 'off'",
         "measured back to back, so a change of load between rounds cancels out.",
         "",
     ]
