@@ -109,11 +109,15 @@ def throughput(rounds: int, seconds: float) -> dict:
         order = ("off", "on") if round_number % 2 == 0 else ("on", "off")
         for mode in order:
             if mode == "on":
-                with lab.Agent(agent_options()):
+                with lab.Agent(agent_options()) as agent:
                     # Warm-up: the agent's first intervals with TCP events pay one-off costs (first decode
                     # of each family's events, kernel symbols); 40% of a core in the first second on
-                    # loopback against 9-11% after it. Measured is the steady state.
+                    # loopback against 9-11% after it. Measured is the steady state: from the end of
+                    # the interval that held the warm-up traffic.
                     lab.iperf3("127.0.0.1", WARM_UP_SECONDS)
+                    drained = agent.batches + 1
+                    while agent.batches < drained:
+                        time.sleep(0.05)
                     measure(mode)
             else:
                 measure(mode)
