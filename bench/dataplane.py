@@ -116,7 +116,7 @@ def throughput(rounds: int, seconds: float) -> dict:
                     # the interval that held the warm-up traffic.
                     lab.iperf3("127.0.0.1", WARM_UP_SECONDS)
                     drained = agent.batches + 1
-                    while agent.batches < drained:
+                    while agent.batches < drained and agent.error is None:
                         time.sleep(0.05)
                     measure(mode)
             else:
