@@ -6,10 +6,11 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 SYSTEM_PYTHON := /usr/bin/python3
-# What the agent needs on the host: BCC (compiler + Python bindings), bpftool, kernel headers, tc/ip.
-RUNTIME_PACKAGES := python3-bpfcc bpfcc-tools bpftool iproute2 python3-venv ethtool
+# What the agent needs on the host: BCC (compiler + Python bindings), bpftool, kernel headers, tc/ip,
+# iptables (the NETFILTER_DROP reasons it names are about rules users inspect with it).
+RUNTIME_PACKAGES := python3-bpfcc bpfcc-tools bpftool iproute2 iptables python3-venv ethtool
 # What the tests add: traffic generators, packet capture for ground truth, firewall rules.
-TEST_PACKAGES := iptables iperf3 tshark tcpreplay procps
+TEST_PACKAGES := iperf3 tshark tcpreplay procps
 ARGS ?=
 PYTEST_ARGS ?=
 
