@@ -9,7 +9,7 @@ SYSTEM_PYTHON := /usr/bin/python3
 # What the agent needs on the host: BCC (compiler + Python bindings), bpftool, kernel headers, tc/ip,
 # iptables (the NETFILTER_DROP reasons it names are about rules users inspect with it).
 RUNTIME_PACKAGES := python3-bpfcc bpfcc-tools bpftool iproute2 iptables python3-venv ethtool
-# What the tests add: traffic generators, packet capture for ground truth, firewall rules.
+# What the tests add: traffic generators and packet capture for ground truth.
 TEST_PACKAGES := iperf3 tshark tcpreplay procps
 ARGS ?=
 PYTEST_ARGS ?=
