@@ -16,6 +16,7 @@ must check the architecture, or do these three steps in a small C helper.
 from __future__ import annotations
 
 import mmap
+import platform
 import threading
 
 import numpy as np
@@ -127,6 +128,8 @@ def install(source) -> None:
         raise RingFormatError("flowscope/kernel_reader.py has no event pump this prototype knows how to replace")
     if source.loaded.perf_events:
         raise RingFormatError("this kernel uses the perf buffer; the mmap reader reads ring buffers only")
+    if platform.machine() != "x86_64":
+        raise RingFormatError(f"the mmap reader relies on x86's memory ordering, not {platform.machine()}'s")
     old.close()
     ring = MmapRing(reader.bpf["fs_events"].map_fd, source.loaded.options.ring_pages * mmap.PAGESIZE, EVENT)
     pump = MmapPump(ring, [record.ljust(EVENT.itemsize, b"\0") for record in old._raw])
