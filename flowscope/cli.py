@@ -85,7 +85,11 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
         "--perf-buffer", action="store_true", help="send events through perf buffers even where a ring buffer exists"
     )
     group.add_argument("--flow-map-size", type=flow_map_size, default=65536, metavar="N", help="flow map entries")
-    group.add_argument("--ring-pages", type=power_of_two, default=256, metavar="N", help="event ring buffer pages")
+    group.add_argument(
+        "--ring-pages", type=power_of_two, default=4096, metavar="N",
+        help="event ring buffer pages (4096: 16 MiB of kernel memory, taken when the probes load, for 131,072 "
+        "events; fewer pages lose events sooner when they come in bursts)",
+    )  # fmt: skip
     group.add_argument(
         "--perf-pages", type=power_of_two, default=64, metavar="N", help="perf buffer pages per CPU (perf-buffer path)"
     )
