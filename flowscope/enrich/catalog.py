@@ -2,7 +2,8 @@
 
 The Kubernetes watch threads write into a catalog; the enricher reads it, holding the lock only while it
 resolves the unique keys of one batch. Deleted objects stay readable for the grace period, so late flows
-are still named.
+are still named. Every change to what names an owner of an address (a pod, its ReplicaSet or Job, a
+service, a node) is logged by owner, so the enricher rebuilds only those owners' identities.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flowscope.enrich.model import Controller, ControllerMeta, NodeMeta, PodMeta
 
 KINDS = ("pods", "services", "nodes", "replicasets", "jobs")
 REPLACE_SLICE = 500  # objects put per lock hold during a relist
+CHANGE_LOG = 1 << 16  # owners kept in the change log; a reader further behind starts over
 
 _KEYS: dict[str, Callable[[Any], Hashable]] = {
     "pods": lambda pod: pod.uid,
@@ -59,6 +61,9 @@ class Catalog:
         self.ips = IpIndex(grace)
         self._by_container: dict[str, str] = {}  # container id -> pod uid
         self._by_config_hash: dict[str, str] = {}  # static pod's node-local UID -> mirror pod uid
+        self._pods_of: dict[tuple[str, str, str], set[str]] = {}  # (replicasets|jobs, namespace, name) -> uids
+        self._changes: list[Owner] = []  # owners whose identity may have changed, oldest first
+        self._changes_start = 0  # the version of _changes[0]
 
     # ---- writers ----------------------------------------------------------------------------------------
 
@@ -71,6 +76,8 @@ class Catalog:
             if old is not None and (kind, key) in self.deleted_at:
                 old = None  # recreated (a service or node of the same name): the old claims were released
             self.deleted_at.pop((kind, key), None)
+            if self.objects[kind].get(key) != obj:
+                self._changed(kind, key)
             self.objects[kind][key] = obj
             old_claims = {(ip, owner) for ip, owner, _, _ in _claims_of(kind, old)} if old is not None else set()
             new_claims = _claims_of(kind, obj)
@@ -95,10 +102,56 @@ class Catalog:
         if old is not None:
             for cid in old.containers:
                 self._by_container.pop(cid, None)
+        self._unindex_controller(old)
         for cid in pod.containers:
             self._by_container[cid] = pod.uid
         if pod.config_hash:
             self._by_config_hash[pod.config_hash] = pod.uid
+        controller = self._controller_key(pod)
+        if controller is not None:
+            self._pods_of.setdefault(controller, set()).add(pod.uid)
+
+    @staticmethod
+    def _controller_key(pod: PodMeta | None) -> tuple[str, str, str] | None:
+        owner = pod.controller if pod is not None else None
+        kind = _INTERMEDIATE.get(owner.kind) if owner is not None else None
+        return None if kind is None else (kind, pod.namespace, owner.name)
+
+    def _unindex_controller(self, pod: PodMeta | None) -> None:
+        controller = self._controller_key(pod)
+        pods = self._pods_of.get(controller) if controller is not None else None
+        if pods is not None:
+            pods.discard(pod.uid)
+            if not pods:
+                del self._pods_of[controller]
+
+    # ---- the change log ---------------------------------------------------------------------------------
+
+    def _changed(self, kind: str, key: Hashable) -> None:
+        if kind == "pods":
+            self._changes.append(("pod", key))
+        elif kind == "services":
+            self._changes.append(("service", *key))
+        elif kind == "nodes":
+            self._changes.append(("node", key))
+        else:  # a ReplicaSet or Job names the workload of its pods
+            self._changes.extend(("pod", uid) for uid in self._pods_of.get((kind, *key), ()))
+        if len(self._changes) > CHANGE_LOG:
+            dropped = len(self._changes) - CHANGE_LOG // 2
+            del self._changes[:dropped]
+            self._changes_start += dropped
+
+    @property
+    def version(self) -> int:
+        """Changes logged so far."""
+        return self._changes_start + len(self._changes)
+
+    def changes_since(self, version: int) -> list[Owner] | None:
+        """Owners whose identity may have changed since `version`; None when the log no longer goes back
+        that far (the reader must assume every owner changed)."""
+        if version < self._changes_start:
+            return None
+        return self._changes[version - self._changes_start :]
 
     def remove(self, kind: str, key: Hashable, now: float | None = None) -> None:
         """The object is gone; it stays readable for the grace period, its addresses are released now."""
@@ -139,6 +192,7 @@ class Catalog:
             expired = [item for item, at in self.deleted_at.items() if at + self.grace < now]
             for kind, key in expired:
                 del self.deleted_at[(kind, key)]
+                self._changed(kind, key)
                 obj = self.objects[kind].pop(key)
                 if kind == "pods":
                     for cid in obj.containers:
@@ -146,6 +200,7 @@ class Catalog:
                             del self._by_container[cid]
                     if obj.config_hash and self._by_config_hash.get(obj.config_hash) == obj.uid:
                         del self._by_config_hash[obj.config_hash]
+                    self._unindex_controller(obj)
             self.ips.purge(now)
             return len(expired)
 
@@ -171,9 +226,8 @@ class Catalog:
 
     def controller_of(self, pod: PodMeta) -> ControllerMeta | None:
         """The ReplicaSet or Job between a pod and its workload, when the pod has one and it is known."""
-        owner = pod.controller
-        kind = _INTERMEDIATE.get(owner.kind) if owner is not None else None
-        return None if kind is None else self.objects[kind].get((pod.namespace, owner.name))
+        key = self._controller_key(pod)
+        return None if key is None else self.objects[key[0]].get(key[1:])
 
     def workload(self, pod: PodMeta) -> Controller:
         """The workload a pod belongs to: Deployment, StatefulSet, DaemonSet, CronJob, Job, ... or the pod."""

@@ -5,6 +5,11 @@ as the first one is gone, so a claim ends when its owner gives the address up, k
 grace period after that (late flows of a deleted pod), and stops at once when a new owner takes the
 address. Addresses shared by design (a node's, which its hostNetwork pods also use) never resolve to one
 pod: several live owners of one address mean "no answer", not a guess.
+
+Batches are answered column-wise: every address's timeline is also kept in flat numpy arrays (`_Segments`),
+rebuilt only for the addresses whose claims changed, and `lookup` answers a whole array of (address,
+window) queries with two searchsorted calls. Owners are numbered (`owners`, `owner_id`) so that answers
+are integers a caller can index its own tables with.
 """
 
 from __future__ import annotations
@@ -15,7 +20,17 @@ import math
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
+import pandas as pd
+
 INF = math.inf
+# Answers of `IpIndex.lookup` that are not an owner id (owner ids are >= 0).
+ANSWER_NONE = -1  # nobody owned the address during the window
+ANSWER_AMBIGUOUS = -2  # several owners at once
+ANSWER_VARIES = -3  # the window spans a change of hands (`lookup` only; `resolve` answers those too)
+ANSWER_UNCLAIMED = -4  # nobody ever claimed the address here
+# Compact address and owner numbers once this many (and more than half of them) belong to nobody any more.
+COMPACT_AFTER = 4096
 
 Owner = tuple[Hashable, ...]  # ("pod", uid) | ("service", namespace, name) | ("node", name)
 
@@ -82,6 +97,53 @@ class Timeline:
         return resolve_claims(self.claims, lo, hi) if single is VARIES else single
 
 
+@dataclass
+class _Segments:
+    """Every claimed address's timeline in flat arrays, ordered by (address id, start): segment i answers
+    `answer[i]` from `start[i]` until `end[i]`, the address's next boundary.
+
+    A time is compared by its rank among all boundaries (`times`, sorted, -inf and inf included), so one
+    int64 per segment, address id * len(times) + rank of its start, orders every segment of every address:
+    the segment of (address, t) is the last key <= address id * len(times) + rank of t.
+    """
+
+    address: np.ndarray  # int64
+    start: np.ndarray  # float64
+    end: np.ndarray  # float64
+    answer: np.ndarray  # int64: owner id, ANSWER_NONE or ANSWER_AMBIGUOUS
+    times: np.ndarray  # float64
+    key: np.ndarray  # int64, ascending
+    end_rank: np.ndarray  # int64: rank of `end` in `times`
+
+    @classmethod
+    def empty(cls) -> _Segments:
+        return cls.build(*(np.zeros(0, dtype) for dtype in (np.int64, float, float, np.int64)))
+
+    @classmethod
+    def build(cls, address: np.ndarray, start: np.ndarray, end: np.ndarray, answer: np.ndarray) -> _Segments:
+        order = np.lexsort((start, address))
+        address, start, end, answer = address[order], start[order], end[order], answer[order]
+        times = np.unique(np.concatenate([start, end, [-INF, INF]]))
+        key = address * len(times) + np.searchsorted(times, start)
+        return cls(address, start, end, answer, times, key, np.searchsorted(times, end))
+
+    def lookup(self, ids: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float) -> np.ndarray:
+        """Answer per query (address id, -1 for an address never claimed, and window [lo, hi])."""
+        found = np.full(len(ids), ANSWER_UNCLAIMED, np.int64)
+        if not len(self.key):
+            return found
+        rank_lo = np.searchsorted(self.times, lo, side="right") - 1
+        rank_hi = np.searchsorted(self.times, hi, side="right") - 1
+        segment = np.searchsorted(self.key, ids * len(self.times) + rank_lo, side="right") - 1
+        segment = np.maximum(segment, 0)
+        # An address with claims has a segment from -inf, so a query lands on one of its own segments; one
+        # whose claims were all purged has none and lands on another address's.
+        claimed = (ids >= 0) & (self.address[segment] == ids)
+        answer = np.where(self.end_rank[segment] <= rank_hi, ANSWER_VARIES, self.answer[segment])
+        found[claimed] = answer[claimed]
+        return found
+
+
 class IpIndex:
     """Claims by address. Not thread-safe: the catalog that owns it holds the lock."""
 
@@ -90,12 +152,40 @@ class IpIndex:
         self._claims: dict[str, list[Claim]] = {}
         self._timelines: dict[str, Timeline] = {}  # built on first lookup, dropped when the claims change
         self._networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Owner]] = []
+        self.owners: list[Owner] = []  # by owner id
+        self._owner_ids: dict[Owner, int] = {}
+        self.epoch = 0  # counts renumberings of owner ids (compaction), after which callers' tables are stale
+        self._address_ids: dict[str, int] = {}
+        self._address_index: pd.Index | None = None  # the addresses in id order; None until the next lookup
+        self._changed: set[str] = set()  # addresses whose claims changed since the segments were built
+        self._segments = _Segments.empty()
 
     def __len__(self) -> int:
         return len(self._claims)
 
     def claims(self, ip: str) -> tuple[Claim, ...]:
         return tuple(self._claims.get(ip, ()))
+
+    def owner_id(self, owner: Owner) -> int:
+        """The number answers give this owner (numbered on first use)."""
+        found = self._owner_ids.get(owner)
+        if found is None:
+            found = self._owner_ids[owner] = len(self.owners)
+            self.owners.append(owner)
+        return found
+
+    def known_owner_ids(self, owners: Iterable[Owner]) -> list[int]:
+        """The numbers of those of `owners` that have one."""
+        return [found for owner in owners if (found := self._owner_ids.get(owner)) is not None]
+
+    def _answer_id(self, answer: Owner | Ambiguous | None) -> int:
+        if answer is None:
+            return ANSWER_NONE
+        return ANSWER_AMBIGUOUS if answer is AMBIGUOUS else self.owner_id(answer)
+
+    def _changed_claims(self, ip: str) -> None:
+        self._timelines.pop(ip, None)
+        self._changed.add(ip)
 
     def timeline(self, ip: str) -> Timeline | None:
         """The address's answers over time; None when nobody ever claimed it (an outside address)."""
@@ -111,7 +201,11 @@ class IpIndex:
         claims = self._claims.setdefault(ip, [])
         if any(c.owner == owner and c.end == INF for c in claims):
             return
-        self._timelines.pop(ip, None)
+        if ip not in self._address_ids:
+            self._address_ids[ip] = len(self._address_ids)
+            self._address_index = None
+        self.owner_id(owner)
+        self._changed_claims(ip)
         if not shared:
             # An address held by one pod at a time: the new owner starts after the old ones let go, and
             # the old ones stop naming it (their grace ends) where the new one starts.
@@ -125,7 +219,7 @@ class IpIndex:
         claims = self._claims.get(ip, [])
         for claim in claims:
             if claim.owner == owner and claim.end == INF:
-                self._timelines.pop(ip, None)
+                self._changed_claims(ip)
                 claim.end = at
                 claim.until = at + self.grace
                 if not claim.shared:
@@ -136,6 +230,7 @@ class IpIndex:
 
     def add_network(self, cidr: str, owner: Owner) -> None:
         """A whole network named by one owner (static metadata: VM subnets, external peers)."""
+        self.owner_id(owner)
         self._networks.append((ipaddress.ip_network(cidr, strict=False), owner))
         self._networks.sort(key=lambda item: -item[0].prefixlen)
 
@@ -156,6 +251,63 @@ class IpIndex:
                 return owner
         return None
 
+    def network_answers(self, addresses: np.ndarray) -> np.ndarray:
+        """Per address, the owner id of the most specific network containing it, or ANSWER_UNCLAIMED."""
+        if not self._networks:
+            return np.full(len(addresses), ANSWER_UNCLAIMED, np.int64)
+        owners = [self.network_owner(ip) for ip in addresses.tolist()]
+        return np.array([ANSWER_UNCLAIMED if o is None else self.owner_id(o) for o in owners], np.int64)
+
+    # ---- column-wise answers ------------------------------------------------------------------------------
+
+    def lookup(self, addresses: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float) -> np.ndarray:
+        """Per address (text, an object array) and window [lo, hi] (epoch seconds): the owner id,
+        ANSWER_NONE, ANSWER_AMBIGUOUS, ANSWER_UNCLAIMED, or ANSWER_VARIES when the window spans a change."""
+        self._refresh()
+        if self._address_index is None:
+            self._address_index = pd.Index(list(self._address_ids), dtype=object)
+        return self._segments.lookup(self._address_index.get_indexer(addresses), lo, hi)
+
+    def resolve(self, addresses: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """As `lookup`, with windows across a change of hands answered too (from the claims, per distinct
+        (address, window): the rare rows that straddle a hand-over)."""
+        found = self.lookup(addresses, lo, hi)
+        varies = np.flatnonzero(found == ANSWER_VARIES)
+        queries = zip(addresses[varies].tolist(), lo[varies].tolist(), hi[varies].tolist(), strict=True)
+        answers: dict[tuple[str, float, float], int] = {}
+        for row, query in zip(varies.tolist(), queries, strict=True):
+            if query not in answers:
+                answers[query] = self._answer_id(self.timeline(query[0]).answer(query[1], query[2]))
+            found[row] = answers[query]
+        return found
+
+    def _refresh(self) -> None:
+        """Rebuilds the segments of the addresses whose claims changed."""
+        if not self._changed:
+            return
+        changed, self._changed = self._changed, set()
+        address: list[int] = []
+        start: list[float] = []
+        end: list[float] = []
+        answer: list[int] = []
+        for ip in changed:
+            claims = self._claims.get(ip)
+            if not claims:
+                continue
+            timeline = self._timelines.get(ip) or Timeline(claims)
+            address += [self._address_ids[ip]] * len(timeline.answers)
+            start += timeline.bounds[:-1]
+            end += timeline.bounds[1:]
+            answer += [self._answer_id(a) for a in timeline.answers]
+        old = self._segments
+        kept = ~np.isin(old.address, np.array([self._address_ids[ip] for ip in changed], np.int64))
+        self._segments = _Segments.build(
+            np.concatenate([old.address[kept], np.array(address, np.int64)]),
+            np.concatenate([old.start[kept], np.array(start, float)]),
+            np.concatenate([old.end[kept], np.array(end, float)]),
+            np.concatenate([old.answer[kept], np.array(answer, np.int64)]),
+        )
+
     def purge(self, now: float) -> int:
         """Drops claims whose grace ended more than one more grace ago (kept that long for late batches)."""
         removed = 0
@@ -163,10 +315,31 @@ class IpIndex:
             kept = [c for c in self._claims[ip] if c.until + self.grace >= now]
             if len(kept) == len(self._claims[ip]):
                 continue
-            self._timelines.pop(ip, None)
+            self._changed_claims(ip)
             removed += len(self._claims[ip]) - len(kept)
             if kept:
                 self._claims[ip] = kept
             else:
                 del self._claims[ip]
+        if removed:
+            self._compact()
         return removed
+
+    def _compact(self) -> None:
+        """Renumbers addresses and owners when most numbers belong to nobody any more (pod churn)."""
+        owners = {c.owner for claims in self._claims.values() for c in claims}
+        owners.update(owner for _, owner in self._networks)
+
+        def mostly_stale(numbered: int, live: int) -> bool:
+            return numbered - live > max(COMPACT_AFTER, live)
+
+        if not (mostly_stale(len(self.owners), len(owners)) or mostly_stale(len(self._address_ids), len(self._claims))):
+            return
+        self.owners, self._owner_ids = [], {}
+        for owner in owners:
+            self.owner_id(owner)
+        self._address_ids = {ip: number for number, ip in enumerate(self._claims)}
+        self._address_index = None
+        self._changed = set(self._claims)
+        self._segments = _Segments.empty()
+        self.epoch += 1

@@ -30,11 +30,34 @@ class Socket(NamedTuple):
     seen: float  # epoch seconds of the latest event
 
 
-class SocketColumns(NamedTuple):
-    """Per row: the local socket's cgroup id, netns, pid (NaN-free, -1 unknown) and comm (None unknown)."""
+class Keys(NamedTuple):
+    """A column of integer keys (cgroup ids, netns inodes, ifindexes) and the rows that have one."""
 
-    cgroup_id: np.ndarray  # object: int or None
-    netns: np.ndarray  # object: int or None
+    values: np.ndarray  # uint64, 0 where absent
+    present: np.ndarray  # bool
+
+    @classmethod
+    def absent(cls, n: int) -> Keys:
+        return cls(np.zeros(n, np.uint64), np.zeros(n, bool))
+
+    @classmethod
+    def of(cls, column: pd.Series) -> Keys:
+        return cls(column.to_numpy(dtype=np.uint64, na_value=0), column.notna().to_numpy(dtype=bool))
+
+    def where(self, rows: np.ndarray, other: Keys) -> Keys:
+        """These keys, with `other`'s on `rows` (a mask)."""
+        return Keys(np.where(rows, other.values, self.values), np.where(rows, other.present, self.present))
+
+    def only(self, rows: np.ndarray) -> Keys:
+        """These keys on `rows` (a mask), none elsewhere."""
+        return Keys(self.values, self.present & rows)
+
+
+class SocketColumns(NamedTuple):
+    """Per row: the local socket's cgroup id, netns, pid (-1 unknown) and comm (None unknown)."""
+
+    cgroup_id: Keys
+    netns: Keys
     pid: np.ndarray  # int64, -1 when unknown
     comm: np.ndarray  # object
 
@@ -122,8 +145,7 @@ class SocketTable:
     def lookup(self, tuples: TupleHashes, side: str) -> SocketColumns:
         """The local socket on each row's 5-tuple, with `side` ("src" or "dst") as the local end."""
         n = len(tuples.complete)
-        found = SocketColumns(np.full(n, None, object), np.full(n, None, object), np.full(n, -1, np.int64),
-                              np.full(n, None, object))  # fmt: skip
+        found = SocketColumns(Keys.absent(n), Keys.absent(n), np.full(n, -1, np.int64), np.full(n, None, object))
         if not self._sockets or n == 0:
             return found
         hashes, complete = tuples.local(side), tuples.complete
@@ -133,8 +155,10 @@ class SocketTable:
         if not any(sockets):
             return found
         # Per distinct 5-tuple, then spread to the rows.
-        found.cgroup_id[rows] = np.array([s.cgroup_id if s else None for s in sockets], dtype=object)[inverse]
-        found.netns[rows] = np.array([s.netns if s else None for s in sockets], dtype=object)[inverse]
+        for keys, field in ((found.cgroup_id, "cgroup_id"), (found.netns, "netns")):
+            values = [getattr(s, field) if s else None for s in sockets]
+            keys.values[rows] = np.array([0 if v is None else v for v in values], np.uint64)[inverse]
+            keys.present[rows] = np.array([v is not None for v in values], bool)[inverse]
         found.pid[rows] = np.array([s.pid if s and s.pid is not None else -1 for s in sockets], np.int64)[inverse]
         found.comm[rows] = np.array([s.comm if s else None for s in sockets], dtype=object)[inverse]
         return found
