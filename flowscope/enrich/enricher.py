@@ -378,7 +378,7 @@ class _LocalKeys:
         if kind == "events":
             self.own = frame["kind"].isin(LOCAL_SOCKET_KINDS).fillna(False).to_numpy(dtype=bool)
         else:
-            self.egress = (frame["direction"] == "egress").fillna(False).to_numpy(dtype=bool)
+            self.egress = frame["direction"].to_numpy(dtype=object, na_value=None) == "egress"
             # Only interfaces of this namespace have a name here: an ifindex without one (a counter row from
             # another namespace) numbers some other namespace's interface.
             self.here = frame["ifname"].notna().to_numpy(dtype=bool)

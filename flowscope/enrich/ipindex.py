@@ -327,8 +327,8 @@ class IpIndex:
 
     def _compact(self) -> None:
         """Renumbers addresses and owners when most numbers belong to nobody any more (pod churn)."""
-        owners = {c.owner for claims in self._claims.values() for c in claims}
-        owners.update(owner for _, owner in self._networks)
+        owners = dict.fromkeys(c.owner for claims in self._claims.values() for c in claims)  # in claim order
+        owners.update(dict.fromkeys(owner for _, owner in self._networks))
 
         def mostly_stale(numbered: int, live: int) -> bool:
             return numbered - live > max(COMPACT_AFTER, live)

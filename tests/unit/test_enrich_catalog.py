@@ -2,6 +2,7 @@
 
 import pytest
 
+from flowscope.enrich import catalog as catalog_module
 from flowscope.enrich.catalog import Catalog
 from flowscope.enrich.model import (
     Controller,
@@ -167,3 +168,35 @@ def test_a_static_pod_is_found_by_the_uid_its_cgroup_carries():
     mirror = parse_pod(pod_object(**{"metadata.annotations": {"kubernetes.io/config.hash": "c" * 32}}))
     catalog.put("pods", mirror)
     assert catalog.pod("c" * 32) is mirror
+
+
+def test_the_change_log_names_the_owners_whose_identity_may_have_changed():
+    catalog = Catalog("kubernetes", grace=60)
+    pod = parse_pod(pod_object())
+    catalog.put("pods", pod, now=100)
+    start = catalog.version
+    catalog.put("pods", parse_pod(pod_object()), now=110)  # a status update flowscope does not read
+    catalog.remove("pods", pod.uid, now=120)  # still readable during the grace: same identity
+    assert catalog.changes_since(start) == []
+    catalog.put("pods", parse_pod(pod_object(**{"metadata.labels": {"app": "checkout", "v": "2"}})), now=130)
+    deployment = [{"kind": "Deployment", "name": "checkout", "controller": True}]
+    replica_set = {"metadata": {"namespace": "shop", "name": "checkout-7d9f", "ownerReferences": deployment}}
+    catalog.put("replicasets", parse_controller(replica_set), now=130)  # names the workload of its pods
+    catalog.put("services", parse_service({"metadata": {"namespace": "shop", "name": "web"}}), now=130)
+    catalog.put("nodes", parse_node({"metadata": {"name": "node-a"}}), now=130)
+    catalog.remove("services", ("shop", "web"), now=130)
+    catalog.purge(now=200)  # the service's grace is over: it names nobody any more
+    assert catalog.changes_since(start) == [
+        ("pod", pod.uid), ("pod", pod.uid), ("service", "shop", "web"), ("node", "node-a"), ("service", "shop", "web")
+    ]  # fmt: skip
+    assert catalog.changes_since(catalog.version) == []
+
+
+def test_a_reader_the_change_log_left_behind_is_told_to_start_over(monkeypatch):
+    monkeypatch.setattr(catalog_module, "CHANGE_LOG", 4)
+    catalog = Catalog("kubernetes", grace=60)
+    for index in range(6):
+        catalog.put("nodes", parse_node({"metadata": {"name": f"node-{index}"}}), now=100)
+    assert catalog.version == 6
+    assert catalog.changes_since(0) is None
+    assert catalog.changes_since(4) == [("node", "node-4"), ("node", "node-5")]

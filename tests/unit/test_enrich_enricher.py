@@ -7,9 +7,10 @@ import os
 import pandas as pd
 import pytest
 
+from flowscope.enrich import ipindex
 from flowscope.enrich.catalog import Catalog
-from flowscope.enrich.enricher import Enricher
-from flowscope.enrich.model import parse_pod
+from flowscope.enrich.enricher import PURGE_EVERY, Enricher
+from flowscope.enrich.model import NodeMeta, PodMeta, ServiceMeta, parse_controller, parse_pod
 from flowscope.enrich.node import NodeScanner
 from flowscope.schema import EVENT_COLUMNS, FLOW_COLUMNS, FlowBatch, events_frame, flows_frame
 
@@ -233,3 +234,66 @@ def test_an_empty_batch_passes_through(world):
     enriched = enricher.enrich(FlowBatch.empty(NOW, NOW))
     assert enriched.flows.empty and enriched.events.empty
     assert list(enriched.flows.columns) == list(FLOW_COLUMNS)
+
+
+def test_identities_named_by_ip_follow_the_catalogs_between_batches(world):
+    enricher, _ = world
+    catalog = enricher.catalogs[0]
+    static = Catalog("static", grace=60)
+    enricher = Enricher("node-a", [catalog, static], None, grace=60, clock=lambda: NOW.timestamp())
+    rows = [tcp("198.51.100.9", 1, "10.203.1.6", 80, direction="egress"),
+            tcp("198.51.100.9", 2, NODE_IP, 80, direction="egress")]  # fmt: skip
+    fields = ("pod", "workload", "workload_kind", "node", "identity_source")
+    first = enricher.enrich(flow_batch(*rows)).flows
+    assert sides(first, 0, "dst", fields) == ("payments-0", "payments-0", "Pod", "node-a", "ip")
+    assert (sides(first, 1, "dst", fields), first.loc[1, "dst_labels"]) == ((None, None, None, "node-a", "ip"), None)
+    # The pod gets a ReplicaSet of a Deployment and new labels; the node becomes known, in the other catalog.
+    owned = k8s_pod(PAYMENTS, "payments-0", "10.203.1.6", "server", owner=("ReplicaSet", "payments-5c"))
+    catalog.put("pods", dataclasses.replace(owned, labels={"app": "payments", "v": "2"}))
+    catalog.put("replicasets", parse_controller({"metadata": {"namespace": "shop", "name": "payments-5c",
+                "ownerReferences": [{"kind": "Deployment", "name": "payments", "controller": True}]}}))  # fmt: skip
+    static.put("nodes", NodeMeta("node-a", {"zone": "a"}))
+    second = enricher.enrich(flow_batch(*rows)).flows
+    assert sides(second, 0, "dst", fields) == ("payments-0", "payments", "Deployment", "node-a", "ip")
+    assert second.loc[0, "dst_labels"] == {"app": "payments", "v": "2"}
+    assert second.loc[1, "dst_labels"] == {"zone": "a"}
+    assert first.loc[0, "dst_labels"] == {"app": "payments"}  # an earlier batch keeps what it was given
+
+
+def test_late_flows_of_an_owner_purged_from_the_catalog_are_counted_misses(world):
+    enricher, _ = world
+    catalog = enricher.catalogs[0]
+    t = NOW.timestamp()
+    catalog.put("services", ServiceMeta("shop", "web", {}, ("10.96.0.10",)), now=t - 200, listed=True)
+    catalog.remove("services", ("shop", "web"), now=t - 100)
+    catalog.remove("pods", PAYMENTS, now=t - 100)
+    late = {"time_start": NOW - pd.Timedelta(seconds=50), "time_end": NOW - pd.Timedelta(seconds=50)}
+    rows = [tcp("10.203.1.5", 1, "10.203.1.6", 80, **late), tcp("10.203.1.5", 2, "10.96.0.10", 80, **late)]
+    before = enricher.health()["misses"]
+    enriched = enricher.enrich(flow_batch(*rows)).flows  # the first batch purges: both objects are gone
+    # The addresses still name them (their claims are within their grace), the catalog no longer does: the pod
+    # is a miss; a service is only a name, so nothing is named and nothing missed.
+    assert list(enriched["dst_identity_source"]) == ["none", "none"]
+    assert enricher.health()["misses"]["ip_unknown"] - before.get("ip_unknown", 0) == 1
+
+
+def test_renumbered_owners_are_named_again(world, monkeypatch):
+    monkeypatch.setattr(ipindex, "COMPACT_AFTER", 2)
+    enricher, _ = world
+    catalog = enricher.catalogs[0]
+    t = NOW.timestamp()
+    rows = [tcp(ip, 1, "10.203.9.9", 80) for ip in ("10.203.1.5", "10.203.1.6", NODE_IP)]
+    first = enricher.enrich(flow_batch(*rows)).flows  # builds the identity of each owner
+    assert [first.loc[0, "src_pod"], first.loc[1, "src_pod"], first.loc[2, "src_node"]] == [
+        "checkout-7d9f", "payments-0", "node-a"]  # fmt: skip
+    catalog.remove("pods", CHECKOUT, now=t - 400)
+    for index in range(6):  # more pods come and go
+        uid = f"{index}0000000-2222-4333-8444-555555555555"
+        catalog.put("pods", PodMeta(uid, "shop", f"job-{index}", ips=(f"10.203.2.{index}",)), now=t - 500)
+        catalog.remove("pods", uid, now=t - 400)
+    epoch = catalog.ips.epoch
+    enricher.clock = lambda: t + PURGE_EVERY  # purges the pods that went; payments gets checkout's number
+    enriched = enricher.enrich(flow_batch(*rows)).flows
+    assert catalog.ips.epoch == epoch + 1
+    assert [enriched.loc[0, "src_pod"], enriched.loc[1, "src_pod"], enriched.loc[2, "src_node"]] == [
+        pd.NA, "payments-0", "node-a"]  # fmt: skip

@@ -2,7 +2,19 @@
 
 import math
 
-from flowscope.enrich.ipindex import AMBIGUOUS, VARIES, IpIndex, resolve_claims
+import numpy as np
+
+from flowscope.enrich import ipindex
+from flowscope.enrich.ipindex import (
+    AMBIGUOUS,
+    ANSWER_AMBIGUOUS,
+    ANSWER_NONE,
+    ANSWER_UNCLAIMED,
+    ANSWER_VARIES,
+    VARIES,
+    IpIndex,
+    resolve_claims,
+)
 
 A, B, C = ("pod", "uid-a"), ("pod", "uid-b"), ("pod", "uid-c")
 
@@ -113,3 +125,78 @@ def test_purge_drops_claims_one_grace_after_their_grace():
     assert index.purge(now=119) == 0
     assert index.purge(now=121) == 1
     assert len(index) == 1 and index.claims("10.0.0.5") == ()
+
+
+def expected_answer(index: IpIndex, ip: str, lo: float, hi: float):
+    """What `resolve` must give for (ip, lo, hi), from the claims themselves."""
+    if not index.claims(ip):
+        return ANSWER_UNCLAIMED
+    answer = resolve_claims(index.claims(ip), lo, hi)
+    if answer is None:
+        return ANSWER_NONE
+    return ANSWER_AMBIGUOUS if answer is AMBIGUOUS else index.owners.index(answer)
+
+
+def test_column_wise_answers_match_the_claims_through_reuse_sharing_and_purge():
+    rng = np.random.default_rng(5)
+    index = IpIndex(grace=10)
+    addresses = [f"10.0.0.{i}" for i in range(12)] + ["fd00::1", "192.168.1.10"]
+    owners = [("pod", f"uid-{i}") for i in range(20)] + [("service", "shop", "web")]
+    for step in range(300):
+        ip, owner = addresses[rng.integers(len(addresses))], owners[rng.integers(len(owners))]
+        at = step * 1.0
+        if ip == "192.168.1.10":  # a node address: its hostNetwork pods share it
+            index.claim(ip, owner, start=at, shared=True, node="node-a")
+        elif rng.random() < 0.5:
+            index.claim(ip, owner, start=at)
+        else:
+            index.release(ip, owner, at=at)
+        if step % 60 == 59:
+            index.purge(now=at)
+        if step % 20 == 0:  # ask between changes too: segments are rebuilt only for changed addresses
+            queries = np.array([*addresses, "203.0.113.1"], dtype=object)
+            lo = rng.uniform(-20, at + 20, len(queries))
+            hi = lo + rng.choice([0.0, 0.5, 15.0], len(queries))
+            resolved = index.resolve(queries, lo, hi)
+            looked_up = index.lookup(queries, lo, hi)
+            for position, ip in enumerate(queries.tolist()):
+                expected = expected_answer(index, ip, lo[position], hi[position])
+                assert resolved[position] == expected
+                timeline = index.timeline(ip)
+                single = None if timeline is None else timeline.single_answer(lo[position], hi[position])
+                assert (looked_up[position] == ANSWER_VARIES) == (single is VARIES)
+                if looked_up[position] != ANSWER_VARIES:
+                    assert looked_up[position] == expected
+
+
+def test_a_window_across_a_hand_over_varies_and_resolves_to_no_guess():
+    index = IpIndex(grace=60)
+    index.claim("10.0.0.5", A, start=-math.inf)
+    index.release("10.0.0.5", A, at=100)
+    index.claim("10.0.0.5", B, start=130)
+    queries = np.array(["10.0.0.5"] * 4 + ["10.9.9.9"], dtype=object)
+    lo, hi = np.array([50.0, 120, 130, 125, 50]), np.array([60.0, 125, 500, 135, 60])
+    a, b = index.owner_id(A), index.owner_id(B)
+    assert index.lookup(queries, lo, hi).tolist() == [a, a, b, ANSWER_VARIES, ANSWER_UNCLAIMED]
+    assert index.resolve(queries, lo, hi).tolist() == [a, a, b, ANSWER_AMBIGUOUS, ANSWER_UNCLAIMED]
+
+
+def test_networks_answer_addresses_nobody_claimed():
+    index = IpIndex(grace=60)
+    index.add_network("192.0.2.0/24", ("pod", "corp"))
+    answers = index.network_answers(np.array(["192.0.2.7", "198.51.100.1", "not-an-ip"], dtype=object))
+    assert answers.tolist() == [index.owner_id(("pod", "corp")), ANSWER_UNCLAIMED, ANSWER_UNCLAIMED]
+
+
+def test_purge_renumbers_owners_and_addresses_once_most_are_gone(monkeypatch):
+    monkeypatch.setattr(ipindex, "COMPACT_AFTER", 4)
+    index = IpIndex(grace=10)
+    for i in range(10):
+        index.claim(f"10.0.1.{i}", ("pod", f"old-{i}"), start=0)
+        index.release(f"10.0.1.{i}", ("pod", f"old-{i}"), at=5)
+    index.claim("10.0.2.1", A, start=0)
+    assert index.lookup(np.array(["10.0.2.1"], dtype=object), 1.0, 1.0).tolist() == [index.owner_id(A)]
+    assert index.purge(now=26) == 10
+    assert index.epoch == 1 and index.owners == [A]
+    queries = np.array(["10.0.2.1", "10.0.1.3"], dtype=object)
+    assert index.lookup(queries, 30.0, 30.0).tolist() == [0, ANSWER_UNCLAIMED]
