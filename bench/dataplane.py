@@ -16,9 +16,7 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import platform
 import struct
 import tempfile
 import time
@@ -32,7 +30,6 @@ WORKLOADS = {
     "loopback_tcp": ("127.0.0.1", (), lab.tcp_bits_per_second, "bit/s"),
     "veth_udp_64B": (lab.SERVER_V4, ("-u", "-l", "64", "-b", "0"), lab.udp_packets_per_second, "packets/s"),
 }
-BPF_PROG_TEST_RUN = 10
 WARM_UP_SECONDS = 1.0
 TEST_RUN_REPEAT = 1_000_000
 VARIANT_ROUNDS = 7
@@ -191,29 +188,8 @@ def prog_test_run(prog_fd: int, packet: bytes, repeat: int) -> dict:
     """BPF_PROG_TEST_RUN: the kernel runs the program `repeat` times on `packet` and reports the mean ns."""
     from flowscope import bpf_syscall
 
-    data_in = ctypes.create_string_buffer(packet, len(packet))
-    data_out = ctypes.create_string_buffer(len(packet) + 256)
-    attr = ctypes.create_string_buffer(
-        struct.pack(
-            "<IIIIQQII",
-            prog_fd,
-            0,
-            len(packet),
-            len(data_out),
-            ctypes.addressof(data_in),
-            ctypes.addressof(data_out),
-            repeat,
-            0,
-        ).ljust(bpf_syscall.ATTR_SIZE, b"\0"),
-        bpf_syscall.ATTR_SIZE,
-    )
-    libc = ctypes.CDLL(None, use_errno=True)
-    # bpf_syscall.bpf() copies the attributes and returns only the result; this command writes its
-    # figures (retval, duration) back into them, so it is issued here directly.
-    if libc.syscall(bpf_syscall._SYSCALL_NR[platform.machine()], BPF_PROG_TEST_RUN, attr, bpf_syscall.ATTR_SIZE) < 0:
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-    retval, duration = struct.unpack_from("<I", attr, 4)[0], struct.unpack_from("<I", attr, 36)[0]
-    return {"repeat": repeat, "ns_per_run": duration, "retval": retval}
+    retval, ns_per_run = bpf_syscall.prog_test_run(prog_fd, packet, repeat)
+    return {"repeat": repeat, "ns_per_run": ns_per_run, "retval": retval}
 
 
 def tc_variants() -> dict:

@@ -5,11 +5,12 @@ map, a packet of any flow other than the one in the map is sent through the even
 record (FS_EV_FLOW_SPILL) and counted in the kernel as sent or lost (ring full). A child process runs
 the loaded tc egress program with BPF_PROG_TEST_RUN on two packets of different flows in turns, paced
 to the rate asked; one of the two holds the map's entry, so each pair of calls spills one call's worth
-of runs. The agent runs as usual (1 s intervals) with the event reader of flowscope/kernel_reader.py
-(BCC's ring-buffer callback) or the numpy prototype of bench/ring_reader.py, each with the default
-1 MiB ring and a 16 MiB one. produced = what the kernel tried to send, delivered = what reached the
-FlowBatches, lost = what the kernel counted as ring-full; produced == delivered + lost is checked in
-every run.
+of runs. The agent runs as usual (1 s intervals) with each of flowscope's ring readers
+(LoadOptions.ring_reader): "mmap" (flowscope/ring_reader.py, the default on x86-64) and "bcc" (BCC's
+per-event callback, the fallback elsewhere), each with a 1 MiB ring (256 pages, the default until
+issue 5) and the 16 MiB default (4096 pages). produced = what the kernel tried to send, delivered =
+what reached the FlowBatches, lost = what the kernel counted as ring-full plus what the reader dropped;
+produced == delivered + lost is checked in every run.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-from bench import lab, ring_reader
+from bench import lab
 
-# (reader, ring pages): the default ring, then a 16 MiB one (131072 records: over a second at 100k/s),
-# which rides out the moments a reader thread waits for the GIL behind a long numpy or pandas call.
-CONFIGS = (("bcc_callback", 256), ("numpy_mmap", 256), ("bcc_callback", 4096), ("numpy_mmap", 4096))
+# (reader, ring pages): a 1 MiB ring, then the 16 MiB default (131072 records: over a second at 100k/s),
+# which rides out the moments the reader thread waits for the GIL behind a long numpy or pandas call.
+CONFIGS = (("bcc", 256), ("mmap", 256), ("bcc", 4096), ("mmap", 4096))
+READER_NAMES = {"bcc": "bcc_callback", "mmap": "mmap"}
 RUNS_PER_CALL = 500
 
 
@@ -51,10 +53,8 @@ def generate(prog_fd: int, rate: int, seconds: float) -> None:
 def one_run(reader: str, ring_pages: int, rate: int, seconds: float) -> dict:
     from flowscope.loader import LoadOptions
 
-    options = LoadOptions(interfaces=[lab.VETH_CLIENT], flow_map_size=1, ring_pages=ring_pages)
+    options = LoadOptions(interfaces=[lab.VETH_CLIENT], flow_map_size=1, ring_pages=ring_pages, ring_reader=reader)
     agent = lab.Agent(options, interval=1.0)
-    if reader == "numpy_mmap":
-        ring_reader.install(agent.source)
     prog_fd = agent.source.loaded.tc_programs["egress"]
     with agent:
         cpu_before, wall_before = os.times(), time.monotonic()
@@ -70,7 +70,7 @@ def one_run(reader: str, ring_pages: int, rate: int, seconds: float) -> dict:
     produced, delivered, lost = (spill.produced, spill.delivered, spill.lost) if spill else (0, 0, 0)
     busy = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
     entry = {
-        "reader": reader,
+        "reader": READER_NAMES[reader],
         "ring_pages": ring_pages,
         "rate_asked": rate or "unpaced",
         "events_per_s_offered": round(produced / seconds),
@@ -84,7 +84,7 @@ def one_run(reader: str, ring_pages: int, rate: int, seconds: float) -> dict:
         "unbalanced_sources": agent.coverage.unbalanced(),
     }
     lab.log(
-        f"{reader:<13} ring {ring_pages:>4} pages, offered {entry['events_per_s_offered']:>8,}/s: "
+        f"{entry['reader']:<13} ring {ring_pages:>4} pages, offered {entry['events_per_s_offered']:>8,}/s: "
         f"produced {produced:>9,} delivered "
         f"{delivered:>9,} lost {lost:>9,} ({'balanced' if entry['balanced'] else 'UNBALANCED'}), "
         f"agent CPU {entry['agent_cpu_share']:.0%}"
@@ -111,9 +111,9 @@ def main() -> None:
                 runs.append(one_run(reader, ring_pages, rate, args.seconds))
     summary = {}
     for reader, ring_pages in CONFIGS:
-        mine = [r for r in runs if r["reader"] == reader and r["ring_pages"] == ring_pages]
+        mine = [r for r in runs if r["reader"] == READER_NAMES[reader] and r["ring_pages"] == ring_pages]
         lossless = [r["delivered_per_s"] for r in mine if r["lost"] == 0 and r["produced"]]
-        name = f"{reader} ring {ring_pages}"
+        name = f"{READER_NAMES[reader]} ring {ring_pages}"
         summary[name] = {
             "max_lossless_delivered_per_s": max(lossless) if lossless else 0,
             "max_delivered_per_s": max(r["delivered_per_s"] for r in mine),

@@ -55,6 +55,9 @@ def event_counts(drain: KernelDrain, coverage: Coverage) -> None:
         if sent or lost_in_kernel or got:
             lost = drain.events_lost(kind)
             coverage.add(f"events:{name}", produced=sent + lost_in_kernel, delivered=got, lost=lost)
+    if drain.events_malformed:
+        # Records the reader could not decode: counted as sent by some kind the reader cannot tell.
+        coverage.add("events:malformed", produced=drain.events_malformed, lost=drain.events_malformed)
 
 
 def flow_rows(drain: KernelDrain, context: AggregationContext, coverage: Coverage) -> pd.DataFrame:

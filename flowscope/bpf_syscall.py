@@ -20,6 +20,7 @@ ATTR_SIZE = 128
 
 BPF_MAP_CREATE = 0
 BPF_MAP_UPDATE_ELEM = 2
+BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
@@ -43,10 +44,14 @@ class BpfSyscallError(OSError):
 
 def bpf(cmd: int, attr: bytes | bytearray) -> int:
     """Issues bpf(cmd, attr); returns the result or raises BpfSyscallError with errno set."""
+    return _bpf_in_place(cmd, ctypes.create_string_buffer(bytes(attr).ljust(ATTR_SIZE, b"\0"), ATTR_SIZE))
+
+
+def _bpf_in_place(cmd: int, buffer: ctypes.Array) -> int:
+    """bpf(cmd) on an attribute buffer of ATTR_SIZE bytes, which the commands that answer write into."""
     nr = _SYSCALL_NR.get(platform.machine())
     if nr is None:
         raise BpfSyscallError(errno.ENOSYS, f"bpf syscall number unknown on {platform.machine()}")
-    buffer = ctypes.create_string_buffer(bytes(attr).ljust(ATTR_SIZE, b"\0"), ATTR_SIZE)
     result = _libc.syscall(nr, cmd, buffer, ATTR_SIZE)
     if result < 0:
         err = ctypes.get_errno()
@@ -180,3 +185,24 @@ def prog_run_stats(prog_fd: int) -> tuple[int, int]:
     bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
     # struct bpf_prog_info: run_time_ns at byte 192, run_cnt at 200 (stable UAPI offsets).
     return struct.unpack_from("<QQ", info, 192)
+
+
+def prog_test_run(prog_fd: int, packet: bytes, repeat: int) -> tuple[int, int]:
+    """BPF_PROG_TEST_RUN: the kernel runs the program `repeat` times on `packet` (no device, nothing sent);
+    returns the program's return value and the mean nanoseconds per run."""
+    data_in = ctypes.create_string_buffer(packet, len(packet))
+    data_out = ctypes.create_string_buffer(len(packet) + 256)
+    attr = struct.pack(
+        "<IIIIQQII",
+        prog_fd,
+        0,
+        len(packet),
+        len(data_out),
+        ctypes.addressof(data_in),
+        ctypes.addressof(data_out),
+        repeat,
+        0,
+    )
+    buffer = ctypes.create_string_buffer(attr.ljust(ATTR_SIZE, b"\0"), ATTR_SIZE)
+    _bpf_in_place(BPF_PROG_TEST_RUN, buffer)
+    return struct.unpack_from("<I", buffer, 4)[0], struct.unpack_from("<I", buffer, 36)[0]

@@ -6,6 +6,9 @@ The only module that touches live BPF objects; it hands plain numpy arrays to th
 from __future__ import annotations
 
 import ctypes
+import mmap
+import os
+import select
 import struct
 import threading
 import time
@@ -14,15 +17,26 @@ from pathlib import Path
 
 import numpy as np
 
-from flowscope import bpf_syscall
-from flowscope.kernel_records import COUNTER_EVENT_LOST_BASE, COUNTER_MAX, EVENT, EVENT_KIND_MAX
-from flowscope.loader import LoadedProbes
+from flowscope import bpf_syscall, ring_reader
+from flowscope.kernel_records import (
+    COUNTER_EVENT_LOST_BASE,
+    COUNTER_MAX,
+    EVENT,
+    EVENT_KIND_MAX,
+    concat_records,
+    select_records,
+)
+from flowscope.loader import LoadedProbes, LoaderError
 
-BPF_MAP_LOOKUP_ELEM = 1
-PUMP_POLL_MS = 20  # how long a drain may wait for the pump to come round
+PUMP_POLL_MS = 20  # how long a drain may wait for BCC's pump to come round
 PENDING_EVENTS_MAX = 1 << 20  # events held between drains (128 MiB); more are dropped and counted
-EVENT_KIND_OFFSET = EVENT.fields["kind"][1]
-EVENT_GENERATION_OFFSET = EVENT.fields["generation"][1]
+# The mmap pump reads the ring at most this often: the kernel wakes a reader that has caught up at every
+# record, which at 100k+ events/s would mean a wakeup and a tiny read every few records. 10 ms of records
+# at 400k/s (4000) fit a 1 MiB ring (8192) twice over.
+READ_EVERY_S = 0.01
+# A drain waits this long at most for a record reserved before it to be committed (bpf_ringbuf_output
+# commits within microseconds); a record still busy after it is read by the next drain.
+COMMIT_WAIT_S = 0.01
 
 
 def possible_cpus() -> int:
@@ -41,49 +55,123 @@ class KernelDrain:
     generation: int
     maps: dict[str, tuple[np.ndarray, np.ndarray]]  # base map name -> (keys, values)
     events: np.ndarray  # EVENT records of this generation
-    counters: np.ndarray  # COUNTER_MAX sums over CPUs
+    counters: np.ndarray  # COUNTER_MAX counts of the interval, summed over CPUs
     perf_lost_reported: int = 0  # what perf's PERF_RECORD_LOST said (a cross-check; the kernel counts)
     # Per event kind: events of this generation read from the kernel but dropped here, the buffer of
     # pending events being full.
     events_dropped: np.ndarray = field(default_factory=lambda: np.zeros(EVENT_KIND_MAX, dtype=np.int64))
+    events_malformed: int = 0  # ring records of an unexpected length, skipped (kind and interval unknown)
 
     def events_lost(self, kind: int) -> int:
         """Events of one kind that never reached the aggregator: ring or perf buffer full, or dropped here."""
         return int(self.counters[COUNTER_EVENT_LOST_BASE + kind]) + int(self.events_dropped[kind])
 
 
+class _Counters:
+    """fs_counters: a per-CPU array with one block of COUNTER_MAX counters per generation, read whole with
+    one batch lookup per interval. The kernel only adds to them, so a generation's counts for an interval
+    are its sums now less its sums at its previous read (no write back, and uint64 wraps as the kernel's do)."""
+
+    def __init__(self, fd: int, cpus: int) -> None:
+        self.fd = fd
+        self.cpus = cpus
+        self._buffers = bpf_syscall.BatchBuffers(4, 8 * cpus, 2 * COUNTER_MAX)
+        self._sums_before = np.zeros(2 * COUNTER_MAX, dtype=np.uint64)
+
+    def take(self, generation: int) -> np.ndarray:
+        _keys, values, count = bpf_syscall.drain_batch(self.fd, self._buffers, delete=False)
+        if count != 2 * COUNTER_MAX:
+            raise bpf_syscall.BpfSyscallError(0, f"the counter map returned {count} of {2 * COUNTER_MAX} entries")
+        sums = values.view("<u8").reshape(count, self.cpus).sum(axis=1, dtype=np.uint64)
+        block = slice(generation * COUNTER_MAX, (generation + 1) * COUNTER_MAX)
+        taken = sums[block] - self._sums_before[block]
+        self._sums_before[block] = sums[block]
+        return taken
+
+
 @dataclass
-class _PerCpuArray:
-    fd: int
-    cpus: int
-    value: ctypes.Array = field(init=False)
+class EventsRead:
+    """What an event pump hands to a drain."""
 
-    def __post_init__(self) -> None:
-        self.value = ctypes.create_string_buffer(8 * self.cpus)
-        self.zero = bytes(8 * self.cpus)
-
-    def read_and_zero(self, indexes: range) -> np.ndarray:
-        sums = np.zeros(len(indexes), dtype=np.uint64)
-        key = ctypes.c_uint32()
-        for position, index in enumerate(indexes):
-            key.value = index
-            attr = struct.pack("<IIQQQ", self.fd, 0, ctypes.addressof(key), ctypes.addressof(self.value), 0)
-            bpf_syscall.bpf(BPF_MAP_LOOKUP_ELEM, attr)
-            sums[position] = np.frombuffer(self.value.raw, dtype="<u8").sum()
-            bpf_syscall.map_update(self.fd, struct.pack("<I", index), self.zero)
-        return sums
+    events: np.ndarray  # EVENT records, in the order read
+    dropped: np.ndarray  # (2, EVENT_KIND_MAX): records dropped in user space, per generation and kind
+    perf_lost: int = 0  # what perf's PERF_RECORD_LOST said
+    malformed: int = 0  # ring records of an unexpected length, skipped
 
 
-class _EventPump(threading.Thread):
-    """Reads the event ring (or the perf buffers) on a thread of its own, so that a slow interval in the
-    main thread (a large batch, a sink that blocks) does not leave the kernel buffers unread until they
-    overflow. Events wait here until the next drain takes them; beyond PENDING_EVENTS_MAX they are dropped
-    and counted per kind (shown as lost in the interval's accounting)."""
+class _RingPump(threading.Thread):
+    """Reads the event ring buffer through its mapped pages (flowscope.ring_reader) on a thread of its own,
+    so that a slow interval in the main thread does not leave the ring unread until it overflows. The
+    thread sleeps in epoll until the kernel signals records, then reads at most every READ_EVERY_S; a
+    drain reads the ring itself too (the two take turns on a lock), so it needs no round trip to the
+    thread. Records wait in PendingEvents until a drain takes them."""
 
-    def __init__(self, bpf, perf_events: bool, perf_pages: int) -> None:
+    def __init__(self, map_fd: int, data_size: int, pending_max: int) -> None:
+        super().__init__(name="flowscope-events", daemon=True)
+        self.ring = ring_reader.MmapRing(map_fd, data_size, EVENT.itemsize)
+        self._pending = ring_reader.PendingEvents(pending_max)
+        self._malformed = 0
+        self._lock = threading.Lock()
+        self._epoll = select.epoll()
+        self._epoll.register(map_fd, select.EPOLLIN)
+        self._wakeup = os.eventfd(0, os.EFD_CLOEXEC)  # close() writes it to end the epoll wait
+        self._epoll.register(self._wakeup, select.EPOLLIN)
+        self._closing = False
+        self.error: BaseException | None = None
+
+    def _read(self) -> None:
+        """Takes what the ring holds (the caller holds the lock)."""
+        read = self.ring.read()
+        self._pending.add(read.records)
+        self._malformed += read.malformed
+
+    def run(self) -> None:
+        try:
+            while not self._closing:
+                self._epoll.poll()
+                with self._lock:
+                    if self._closing:
+                        break
+                    self._read()
+                time.sleep(READ_EVERY_S)
+        except BaseException as err:  # handed to the main thread by the next flush
+            self.error = err
+
+    def flush(self) -> EventsRead:
+        """Every event committed to the ring before this call, and the drops since the last flush."""
+        if self.error is not None:
+            raise RuntimeError(f"the event reader failed: {self.error}") from self.error
+        with self._lock:
+            reserved = self.ring.producer
+            deadline = time.monotonic() + COMMIT_WAIT_S
+            self._read()
+            while self.ring.consumer < reserved and time.monotonic() < deadline:
+                time.sleep(0.0001)  # a record reserved before the call is still being written
+                self._read()
+            events, dropped = self._pending.take()
+            malformed, self._malformed = self._malformed, 0
+        return EventsRead(events, dropped, malformed=malformed)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+        os.eventfd_write(self._wakeup, 1)
+        self.join(timeout=5)
+        self._epoll.close()
+        os.close(self._wakeup)
+        self.ring.close()
+
+
+class _BccPump(threading.Thread):
+    """Reads the perf buffers (or, where the mmap reader cannot run, the ring) with BCC's per-event
+    callbacks on a thread of its own. Events wait here until the next drain takes them; beyond
+    `pending_max` they are dropped and counted per kind (shown as lost in the interval's accounting)."""
+
+    def __init__(self, bpf, perf_events: bool, perf_pages: int, pending_max: int) -> None:
         super().__init__(name="flowscope-events", daemon=True)
         self.bpf = bpf
         self.perf_events = perf_events
+        self.pending_max = pending_max
         self._changed = threading.Condition()
         self._raw: list[bytes] = []
         self._dropped = np.zeros((2, EVENT_KIND_MAX), dtype=np.int64)  # per generation and kind
@@ -91,7 +179,7 @@ class _EventPump(threading.Thread):
         self._requested = self._served = 0  # flush tickets
         self._closing = False
         self.error: BaseException | None = None
-        events = bpf["fs_events"]
+        events = bpf[b"fs_events"]
         if perf_events:
             events.open_perf_buffer(self._on_perf_event, page_cnt=perf_pages, lost_cb=self._on_lost)
         else:
@@ -100,11 +188,12 @@ class _EventPump(threading.Thread):
     def _keep(self, data, size: int) -> None:
         record = ctypes.string_at(data, min(size, EVENT.itemsize))
         with self._changed:
-            if len(self._raw) < PENDING_EVENTS_MAX:
+            if len(self._raw) < self.pending_max:
                 self._raw.append(record)
             elif len(record) == EVENT.itemsize:
-                kind = record[EVENT_KIND_OFFSET]
-                self._dropped[record[EVENT_GENERATION_OFFSET] & 1, kind if kind < EVENT_KIND_MAX else 0] += 1
+                kind = record[ring_reader.EVENT_KIND_OFFSET]
+                generation = record[ring_reader.EVENT_GENERATION_OFFSET] & 1
+                self._dropped[generation, kind if kind < EVENT_KIND_MAX else 0] += 1
 
     def _on_ring_event(self, _ctx, data, size) -> int:
         self._keep(data, size)
@@ -146,7 +235,7 @@ class _EventPump(threading.Thread):
             with self._changed:
                 self._changed.notify_all()
 
-    def flush(self) -> tuple[list[bytes], np.ndarray, int]:
+    def flush(self) -> EventsRead:
         """Every event written to the buffers before this call, the drops since the last flush (per
         generation and kind), and what perf reported lost."""
         with self._changed:
@@ -159,7 +248,8 @@ class _EventPump(threading.Thread):
             raw, self._raw = self._raw, []
             dropped, self._dropped = self._dropped, np.zeros_like(self._dropped)
             perf_lost, self._perf_lost = self._perf_lost, 0
-        return raw, dropped, perf_lost
+        events = np.frombuffer(b"".join(r.ljust(EVENT.itemsize, b"\0") for r in raw), dtype=EVENT)
+        return EventsRead(events, dropped, perf_lost)
 
     def close(self) -> None:
         self._closing = True
@@ -167,23 +257,34 @@ class _EventPump(threading.Thread):
 
 
 class KernelReader:
-    def __init__(self, loaded: LoadedProbes) -> None:
+    def __init__(self, loaded: LoadedProbes, pending_events_max: int = PENDING_EVENTS_MAX) -> None:
         self.loaded = loaded
         self.bpf = loaded.bpf
         self.generation = 0
-        self._grace = bpf_syscall.GracePeriod()
-        self._generation_fd = self.bpf["fs_generation"].map_fd
-        self._counters = _PerCpuArray(self.bpf["fs_counters"].map_fd, possible_cpus())
+        self._generation_fd = self.bpf[b"fs_generation"].map_fd
+        self._counters = _Counters(self.bpf[b"fs_counters"].map_fd, possible_cpus())
         self._maps: dict[str, tuple[tuple[int, int], bpf_syscall.BatchBuffers, np.dtype, np.dtype]] = {}
         for family in loaded.active:
             for drained in family.drained_maps:
-                fds = (self.bpf[f"{drained.name}_0"].map_fd, self.bpf[f"{drained.name}_1"].map_fd)
+                fds = (self.bpf[f"{drained.name}_0".encode()].map_fd, self.bpf[f"{drained.name}_1".encode()].map_fd)
                 capacity = getattr(loaded.options, drained.size_option)
                 buffers = bpf_syscall.BatchBuffers(drained.key.itemsize, drained.value.itemsize, capacity)
                 self._maps[drained.name] = (fds, buffers, drained.key, drained.value)
         self._carried = np.zeros(0, dtype=EVENT)  # events of the generation under way, read early
         self._carried_dropped = np.zeros(EVENT_KIND_MAX, dtype=np.int64)
-        self._pump = _EventPump(self.bpf, loaded.perf_events, loaded.options.perf_pages)
+        options = loaded.options
+        self.mmap_ring = not loaded.perf_events and options.ring_reader == "mmap" and ring_reader.supported()
+        self._pump: _RingPump | _BccPump
+        if self.mmap_ring:
+            try:
+                self._pump = _RingPump(
+                    self.bpf[b"fs_events"].map_fd, options.ring_pages * mmap.PAGESIZE, pending_events_max
+                )
+            except ring_reader.RingError as err:
+                raise LoaderError(f"{err}; --perf-buffer reads events through perf buffers instead.") from None
+        else:
+            self._pump = _BccPump(self.bpf, loaded.perf_events, options.perf_pages, pending_events_max)
+        self._grace = bpf_syscall.GracePeriod()
         self._pump.start()
 
     def wait(self, timeout_ms: int) -> None:
@@ -195,18 +296,19 @@ class KernelReader:
         self.generation = 1 - old
         bpf_syscall.map_update(self._generation_fd, struct.pack("<I", 0), struct.pack("<I", self.generation))
         self._grace.wait()  # from here on, no program writes generation `old`
-        raw, dropped, perf_lost = self._pump.flush()
-        fresh = np.frombuffer(b"".join(r.ljust(EVENT.itemsize, b"\0") for r in raw), dtype=EVENT)
-        events = np.concatenate([self._carried, fresh]) if len(self._carried) else fresh.copy()
+        read = self._pump.flush()
+        events = concat_records(self._carried, read.events) if len(self._carried) else read.events
         mine = events["generation"] == old
-        self._carried = events[~mine].copy()
-        dropped_now, self._carried_dropped = self._carried_dropped + dropped[old], dropped[1 - old]
+        self._carried = select_records(events, ~mine)
+        dropped_now, self._carried_dropped = self._carried_dropped + read.dropped[old], read.dropped[1 - old]
         maps = {}
         for name, (fds, buffers, key_dtype, value_dtype) in self._maps.items():
             keys, values, _count = bpf_syscall.drain_batch(fds[old], buffers)
             maps[name] = (keys.view(key_dtype).copy(), values.view(value_dtype).copy())
-        counters = self._counters.read_and_zero(range(old * COUNTER_MAX, (old + 1) * COUNTER_MAX))
-        return KernelDrain(old, maps, events[mine], counters, perf_lost, dropped_now)
+        counters = self._counters.take(old)
+        return KernelDrain(
+            old, maps, select_records(events, mine), counters, read.perf_lost, dropped_now, read.malformed
+        )
 
     def close(self) -> None:
         self._pump.close()

@@ -198,6 +198,25 @@ def flows_from_map(
     return conform(frame, FLOW_COLUMNS)
 
 
+# numpy copies structured records with void or byte-string fields one at a time (EVENT: ~330 ns each, 130 ms
+# for 400k); as raw bytes it copies them at memory speed (20 ms). Selections and concatenations of many
+# records go through their bytes.
+
+
+def _rows(records: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(records).view(np.uint8).reshape(len(records), records.dtype.itemsize)
+
+
+def select_records(records: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """records[keep] (a copy) of a structured array."""
+    return _rows(records)[keep].reshape(-1).view(records.dtype)
+
+
+def concat_records(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """np.concatenate of two structured arrays of one dtype."""
+    return np.concatenate([_rows(first), _rows(second)]).reshape(-1).view(first.dtype)
+
+
 def unique_records(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct records of a structured array (in order of first appearance) and, per record, the
     index of its distinct one: np.unique(records, return_inverse=True) without the sort. np.unique compares

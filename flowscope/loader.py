@@ -33,7 +33,11 @@ class LoadOptions:
     drop_map_size: int = 16384
     tcp_map_size: int = 16384
     perf_events: bool = False  # force the perf-buffer path even where the ring buffer exists
-    ring_pages: int = 256  # event ring size in pages (power of two)
+    # Event ring size in pages (power of two). 4096 pages (16 MiB, 131,072 events, allocated once when the
+    # probes load) ride out ~0.3 s without a read at 400k events/s, the longest the reader thread waits for
+    # the GIL behind a large batch; 256 (1 MiB) lost events from 100k/s on (docs/benchmarks.md, section 4).
+    ring_pages: int = 4096
+    ring_reader: str = "mmap"  # "mmap": read the ring's mapped pages (x86-64; else "bcc": BCC's callback)
     perf_pages: int = 64  # per-CPU perf buffer pages (power of two)
     drop_events_per_second: int = 1000  # drop events sent to user space per CPU; the rest only counted
     tcp_events_per_second: int = 1000  # retransmit/reset events sent per CPU; the rest only counted
