@@ -7,6 +7,7 @@ made-up default: a counter whose probe did not run is null, a counter whose prob
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -95,7 +96,13 @@ FLOW_COUNTERS = ("packets", "bytes", "drop_packets", "drop_bytes", "retransmits"
 
 
 def empty_frame(columns: dict[str, str]) -> pd.DataFrame:
-    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in columns.items()})
+    # A copy of a frame built once per schema: building 45 typed columns takes ~6 ms, copying them 0.2.
+    return _empty_template(tuple(columns.items())).copy()
+
+
+@functools.cache
+def _empty_template(columns: tuple[tuple[str, str], ...]) -> pd.DataFrame:
+    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in columns})
 
 
 def conform(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
