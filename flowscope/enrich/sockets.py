@@ -5,8 +5,9 @@ the same 5-tuple do not. Joining the flows to this table names both ends of a co
 local processes, including two hostNetwork pods that share the node's address, with pid and command.
 
 The table is keyed by a 64-bit hash of the 5-tuple, computed for whole columns at once: learning costs
-one dictionary update per socket event, a lookup one dictionary probe per distinct 5-tuple of a batch,
-whatever the size of the table.
+one dictionary update per socket event; lookups read a columnar copy of the table (a hash index over the
+keys and one array per fact), brought up to date with the sockets learned or forgotten since, so a batch
+is joined to it in numpy whatever its number of rows.
 """
 
 from __future__ import annotations
@@ -90,6 +91,36 @@ class TupleHashes:
         return hashes
 
 
+class _Columns(NamedTuple):
+    """The sockets as arrays, in no particular order: what lookups join to."""
+
+    keys: pd.Index  # uint64 5-tuple hashes
+    facts: dict[str, np.ndarray]  # cgroup_id, has_cgroup_id, netns, has_netns (uint64, bool), pid, comm
+
+    @classmethod
+    def of(cls, sockets: dict[int, Socket]) -> _Columns:
+        values = list(sockets.values())
+        facts = {}
+        for name in ("cgroup_id", "netns"):
+            known = [getattr(s, name) for s in values]
+            facts[name] = np.array([0 if k is None else k for k in known], np.uint64)
+            facts[f"has_{name}"] = np.array([k is not None for k in known], bool)
+        facts["pid"] = np.array([-1 if s.pid is None else s.pid for s in values], np.int64)
+        facts["comm"] = np.empty(len(values), object)
+        facts["comm"][:] = [s.comm for s in values]
+        return cls(pd.Index(np.array(list(sockets), np.uint64)), facts)
+
+    def without(self, keys: np.ndarray) -> _Columns:
+        kept = np.ones(len(self.keys), bool)
+        positions = self.keys.get_indexer(keys)
+        kept[positions[positions >= 0]] = False
+        return _Columns(self.keys[kept], {name: values[kept] for name, values in self.facts.items()})
+
+    def plus(self, other: _Columns) -> _Columns:
+        facts = {name: np.concatenate([values, other.facts[name]]) for name, values in self.facts.items()}
+        return _Columns(self.keys.append(other.keys), facts)
+
+
 class SocketTable:
     def __init__(self, grace: float, capacity: int = 1 << 18) -> None:
         self.grace = grace
@@ -97,6 +128,8 @@ class SocketTable:
         self.evicted = 0  # sockets forgotten because the table was full (least recently seen first)
         self._sockets: dict[int, Socket] = {}
         self._last_prune = 0.0
+        self._columns = _Columns.of({})
+        self._changed: set[int] = set()  # keys learned or forgotten since _columns was brought up to date
 
     def __len__(self) -> int:
         return len(self._sockets)
@@ -121,6 +154,7 @@ class SocketTable:
             )
             sockets = self._sockets
             for key, kind, cgroup_id, netns, pid, comm, seen in rows:
+                self._changed.add(key)
                 known = sockets.get(key)
                 if kind == "close" and known is not None:
                     # A close may run in softirq or timer context: the socket's process facts stay the ones
@@ -139,8 +173,20 @@ class SocketTable:
         excess = len(self._sockets) - self.capacity
         if excess > 0:
             self.evicted += excess
-            for key in sorted(self._sockets, key=lambda k: self._sockets[k].seen)[:excess]:
+            oldest = sorted(self._sockets, key=lambda k: self._sockets[k].seen)[:excess]
+            for key in oldest:
                 del self._sockets[key]
+            expired += oldest
+        self._changed.update(expired)
+
+    def _columns_now(self) -> _Columns:
+        """The columnar copy, with the sockets changed since the last lookup replaced."""
+        if self._changed:
+            changed = np.array(list(self._changed), np.uint64)
+            fresh = {key: s for key in self._changed if (s := self._sockets.get(key)) is not None}
+            self._columns = self._columns.without(changed).plus(_Columns.of(fresh))
+            self._changed = set()
+        return self._columns
 
     def lookup(self, tuples: TupleHashes, side: str) -> SocketColumns:
         """The local socket on each row's 5-tuple, with `side` ("src" or "dst") as the local end."""
@@ -148,17 +194,14 @@ class SocketTable:
         found = SocketColumns(Keys.absent(n), Keys.absent(n), np.full(n, -1, np.int64), np.full(n, None, object))
         if not self._sockets or n == 0:
             return found
-        hashes, complete = tuples.local(side), tuples.complete
-        rows = np.flatnonzero(complete)
-        inverse, unique = pd.factorize(hashes[rows])
-        sockets = [self._sockets.get(key) for key in unique.tolist()]
-        if not any(sockets):
-            return found
-        # Per distinct 5-tuple, then spread to the rows.
-        for keys, field in ((found.cgroup_id, "cgroup_id"), (found.netns, "netns")):
-            values = [getattr(s, field) if s else None for s in sockets]
-            keys.values[rows] = np.array([0 if v is None else v for v in values], np.uint64)[inverse]
-            keys.present[rows] = np.array([v is not None for v in values], bool)[inverse]
-        found.pid[rows] = np.array([s.pid if s and s.pid is not None else -1 for s in sockets], np.int64)[inverse]
-        found.comm[rows] = np.array([s.comm if s else None for s in sockets], dtype=object)[inverse]
+        rows = np.flatnonzero(tuples.complete)
+        columns = self._columns_now()
+        positions = columns.keys.get_indexer(tuples.local(side)[rows])
+        rows, positions = rows[positions >= 0], positions[positions >= 0]
+        facts = columns.facts
+        for keys, name in ((found.cgroup_id, "cgroup_id"), (found.netns, "netns")):
+            keys.values[rows] = facts[name][positions]
+            keys.present[rows] = facts[f"has_{name}"][positions]
+        found.pid[rows] = facts["pid"][positions]
+        found.comm[rows] = facts["comm"][positions]
         return found
