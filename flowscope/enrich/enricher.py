@@ -30,7 +30,7 @@ from flowscope.enrich.catalog import Catalog
 from flowscope.enrich.ipindex import ANSWER_AMBIGUOUS, ANSWER_NONE, ANSWER_UNCLAIMED, ANSWER_VARIES, Owner
 from flowscope.enrich.model import NodeMeta, PodMeta
 from flowscope.enrich.node import NodeScanner, NodeView
-from flowscope.enrich.sockets import LOCAL_SOCKET_KINDS, Keys, SocketTable, TupleHashes
+from flowscope.enrich.sockets import LOCAL_SOCKET_KINDS, Keys, SocketTable, TextColumns, TupleHashes
 from flowscope.schema import FlowBatch
 
 # The identity columns that come from the resolved identity (pid and comm come from the socket).
@@ -306,7 +306,7 @@ class Enricher:
         resolver.by_netns(state, todo, netns)
         if ifindex is not None:
             resolver.by_interface(state, todo, ifindex)
-        resolver.by_ip(state, todo, frame[f"{side}_ip"])
+        resolver.by_ip(state, todo, local.texts[f"{side}_ip"])
         resolver.processes_of_cgroups(state, todo, cgroup)
         return state
 
@@ -374,7 +374,8 @@ class _LocalKeys:
         self.frame = frame
         self.kind = kind
         self.sockets = sockets
-        self.tuples = TupleHashes(frame) if len(sockets) else None  # the socket table knows some sockets
+        self.texts = TextColumns(frame)
+        self.tuples = TupleHashes(frame, self.texts) if len(sockets) else None  # the table knows some sockets
         if kind == "events":
             self.own = frame["kind"].isin(LOCAL_SOCKET_KINDS).fillna(False).to_numpy(dtype=bool)
         else:
@@ -456,15 +457,17 @@ class _Resolver:
     def by_interface(self, state: _Side, todo: np.ndarray, ifindexes: Keys) -> None:
         self._stage(state, todo, ifindexes, NETNS, self._interface)
 
-    def by_ip(self, state: _Side, todo: np.ndarray, addresses: pd.Series) -> None:
-        """Names rows by address: per distinct address over the frame's whole time span, in numpy; per row only
-        for addresses that changed hands within the span; in Python only for owners new or changed."""
-        rows = np.flatnonzero(todo & (state.code < 0))
-        inverse, unique = pd.factorize(addresses.to_numpy(dtype=object)[rows])
-        if (inverse < 0).any():  # rows without an address
-            rows, inverse = rows[inverse >= 0], inverse[inverse >= 0]
+    def by_ip(self, state: _Side, todo: np.ndarray, addresses: tuple[np.ndarray, np.ndarray]) -> None:
+        """Names rows by address (the column factorized: codes, distinct values): per distinct address over the
+        frame's whole time span, in numpy; per row only for addresses that changed hands within the span; in
+        Python only for owners new or changed."""
+        codes, distinct = addresses
+        rows = np.flatnonzero(todo & (state.code < 0) & (codes >= 0))
         if not len(rows):
             return
+        # The distinct addresses of these rows only: the others may be named by cgroup or netns already.
+        used = np.bincount(codes[rows], minlength=len(distinct)) > 0
+        inverse, unique = (np.cumsum(used) - 1)[codes[rows]], distinct[used]
         catalogs = self.enricher.catalogs
         # Per distinct address: the first catalog that ever saw it claimed answers, then networks.
         answers = np.full(len(unique), ANSWER_UNCLAIMED, np.int64)

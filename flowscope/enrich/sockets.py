@@ -63,15 +63,34 @@ class SocketColumns(NamedTuple):
     comm: np.ndarray  # object
 
 
+class TextColumns:
+    """A frame's text columns, each factorized on first use into (codes, -1 where missing; distinct values):
+    shared by the stages that hash or look up the same columns."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+        self._factorized: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __getitem__(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name not in self._factorized:
+            self._factorized[name] = pd.factorize(self.frame[name].to_numpy(dtype=object))
+        return self._factorized[name]
+
+
 class TupleHashes:
     """64-bit hashes of the 5-tuples of a frame's rows, with either side as the local end.
 
-    Each column is hashed once; the two directions only combine them in a different order.
+    Each column is hashed once, text per distinct value; the two directions only combine them in a different
+    order. A missing value hashes as the empty text or -1.
     """
 
-    def __init__(self, frame: pd.DataFrame) -> None:
+    def __init__(self, frame: pd.DataFrame, texts: TextColumns | None = None) -> None:
+        texts = TextColumns(frame) if texts is None else texts
+        missing_text = pd.util.hash_array(np.array([""], dtype=object))
+
         def text(name: str) -> np.ndarray:
-            return pd.util.hash_array(frame[name].to_numpy(dtype=object, na_value=""))
+            codes, distinct = texts[name]
+            return np.concatenate([pd.util.hash_array(distinct), missing_text])[codes]  # -1: the last
 
         def number(name: str) -> np.ndarray:
             return pd.util.hash_array(frame[name].to_numpy(dtype=np.int64, na_value=-1))
@@ -79,8 +98,10 @@ class TupleHashes:
         self.protocol = text("protocol")
         self.ip = {"src": text("src_ip"), "dst": text("dst_ip")}
         self.port = {"src": number("src_port"), "dst": number("dst_port")}
-        columns = ["protocol", "src_ip", "src_port", "dst_ip", "dst_port"]
-        self.complete = frame[columns].notna().all(axis=1).to_numpy(dtype=bool)
+        complete = frame[["src_port", "dst_port"]].notna().all(axis=1).to_numpy(dtype=bool)
+        self.complete = complete & np.logical_and.reduce(
+            [texts[name][0] >= 0 for name in ("protocol", "src_ip", "dst_ip")]
+        )
 
     def local(self, side: str) -> np.ndarray:
         other = "dst" if side == "src" else "src"
