@@ -32,9 +32,10 @@ from flowscope.kernel_records import (
     addresses_to_text,
     flows_from_map,
     protocol_names,
+    select_records,
     utc_times,
 )
-from flowscope.schema import EVENT_COLUMNS, FLOW_COLUMNS, conform
+from flowscope.schema import EVENT_COLUMNS, FLOW_COLUMNS, conform, empty_frame
 
 if TYPE_CHECKING:
     from flowscope.aggregator import AggregationContext
@@ -118,7 +119,7 @@ def event_rows(
     closed from, or the socket's state at a retransmit or reset.
     """
     if len(events) == 0:
-        return conform(pd.DataFrame(), EVENT_COLUMNS)
+        return empty_frame(EVENT_COLUMNS)
     kind = events["kind"]
     ip = events["ip_version"] > 0
     has_ports = ip & np.isin(events["proto"], PORT_PROTOCOLS) & (events["key_flags"] & KEY_NO_PORTS == 0)
@@ -167,7 +168,7 @@ def event_rows(
 
 
 def family_events(events: np.ndarray, kinds: tuple[int, ...], context: AggregationContext) -> pd.DataFrame:
-    mine = events[np.isin(events["kind"], kinds)]
+    mine = select_records(events, np.isin(events["kind"], kinds))
     return event_rows(
         mine,
         kernel_names(context),
@@ -349,13 +350,15 @@ def contribute_drops(
     from flowscope.aggregator import counter  # imported here: the aggregator imports the catalog, which imports this
 
     keys, stats = drain.maps.get("drops", (np.zeros(0, DROP_KEY), np.zeros(0, DROP_STATS)))
-    names = kernel_names(context)
-    rows = drop_counter_rows(keys, stats, names, context.offset_ns, context.ifnames, context.node, host_netns(context))
     seen = counter(drain, "drops")
     coverage.add("drop_map", produced=seen, delivered=int(stats["packets"].sum()), lost=counter(drain, "drop_map_full"))
     sampled_out = counter(drain, "drop_events_sampled_out")
     coverage.add("drop_event_sampling", produced=seen, delivered=seen - sampled_out, lost=sampled_out)
-    flows = join_drops(flows, rows, _packets_measured(context))
+    if len(keys):  # nothing to join otherwise (an idle interval: skipping saves the frames' fixed cost)
+        names = kernel_names(context)
+        netns = host_netns(context)
+        rows = drop_counter_rows(keys, stats, names, context.offset_ns, context.ifnames, context.node, netns)
+        flows = join_drops(flows, rows, _packets_measured(context))
     return flows, family_events(drain.events, (KIND["drop"],), context)
 
 
@@ -423,7 +426,6 @@ def contribute_tcp(
     from flowscope.aggregator import counter  # imported here: the aggregator imports the catalog, which imports this
 
     keys, stats = drain.maps.get("tcp", (np.zeros(0, TCP_KEY), np.zeros(0, TCP_STATS)))
-    rows = tcp_counter_rows(keys, stats, context.offset_ns, context.ifnames, context.node, host_netns(context))
     seen = counter(drain, "tcp_counts")
     counted = int(stats["retransmits"].sum() + stats["resets"].sum())
     coverage.add("tcp_map", produced=seen, delivered=counted, lost=counter(drain, "tcp_map_full"))
@@ -432,7 +434,9 @@ def contribute_tcp(
     rtt_lost = counter(drain, "rtt_map_full")
     samples = int(stats["rtt_samples"].sum())
     coverage.add("rtt_samples", produced=samples + rtt_lost, delivered=samples, lost=rtt_lost)
-    flows = join_tcp(flows, rows, _packets_measured(context))
+    if len(keys):
+        rows = tcp_counter_rows(keys, stats, context.offset_ns, context.ifnames, context.node, host_netns(context))
+        flows = join_tcp(flows, rows, _packets_measured(context))
     return flows, family_events(drain.events, TCP_KINDS, context)
 
 

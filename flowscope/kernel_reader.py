@@ -304,7 +304,8 @@ class KernelReader:
         maps = {}
         for name, (fds, buffers, key_dtype, value_dtype) in self._maps.items():
             keys, values, _count = bpf_syscall.drain_batch(fds[old], buffers)
-            maps[name] = (keys.view(key_dtype).copy(), values.view(value_dtype).copy())
+            # Copied as bytes, then viewed: numpy copies structured records one at a time (100k: 6 ms a map).
+            maps[name] = (keys.copy().view(key_dtype), values.copy().view(value_dtype))
         counters = self._counters.take(old)
         return KernelDrain(
             old, maps, select_records(events, mine), counters, read.perf_lost, dropped_now, read.malformed

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from flowscope.schema import FLOW_COLUMNS, conform
+from flowscope.schema import FLOW_COLUMNS, conform, empty_frame
 
 FLOW_KEY = np.dtype(
     [
@@ -162,7 +162,7 @@ def flows_from_map(
 ) -> pd.DataFrame:
     """One flow row per map entry (FLOW_COLUMNS); keys/stats are FLOW_KEY/FLOW_STATS arrays."""
     if len(keys) == 0:
-        return conform(pd.DataFrame(), FLOW_COLUMNS)
+        return empty_frame(FLOW_COLUMNS)
     proto = keys["proto"]
     ip = keys["ip_version"] > 0
     read = ip & (keys["flags"] & KEY_NO_PORTS == 0)
@@ -244,7 +244,7 @@ def _fold(inverse: np.ndarray, groups: int, **columns: np.ndarray) -> np.ndarray
 
 def spills_as_map_entries(events: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flow-spill events (one packet each) folded into FLOW_KEY/FLOW_STATS entries, one per key."""
-    spills = events[events["kind"] == KIND_FLOW_SPILL]
+    spills = select_records(events, events["kind"] == KIND_FLOW_SPILL)
     keys = np.zeros(len(spills), dtype=FLOW_KEY)
     for name in ("saddr", "daddr", "sport", "dport", "ifindex", "proto", "direction", "ip_version"):
         keys[name] = spills[name]

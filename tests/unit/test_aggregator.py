@@ -2,8 +2,11 @@ import ipaddress
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from flowscope.aggregator import AggregationContext, build_batch
+from flowscope.kernel_events import DROP_KEY, DROP_STATS, TCP_KEY, TCP_STATS
+from flowscope.kernel_names import KernelNames
 from flowscope.kernel_reader import KernelDrain
 from flowscope.kernel_records import (
     COUNTER_EVENT_LOST_BASE,
@@ -15,7 +18,8 @@ from flowscope.kernel_records import (
     FLOW_STATS,
     KIND_FLOW_SPILL,
 )
-from flowscope.probe_catalog import TC_FLOWS
+from flowscope.probe_catalog import SKB_DROP, SOCK_STATE, TC_FLOWS, TCP_EVENTS
+from flowscope.schema import EVENT_COLUMNS, FLOW_COLUMNS, empty_frame
 
 OFFSET_NS = 1_800_000_000 * 10**9  # monotonic 0 = 2027-01-15T08:00:00Z
 
@@ -115,3 +119,73 @@ def test_a_lost_delivery_shows_as_unbalanced() -> None:
     )
     coverage = build_batch(drain, context(), window()).coverage
     assert sorted(coverage.unbalanced()) == ["events:flow_spill", "flow_map"]
+
+
+ALL_FAMILIES = [TC_FLOWS, SKB_DROP, TCP_EVENTS, SOCK_STATE]
+NAMES = KernelNames(drop_reasons={2: "NOT_SPECIFIED", 3: "NO_SOCKET"}, tcp_states={1: "ESTABLISHED"}, reset_reasons={})
+
+
+def every_family_drain(flows=(), drops=(), tcp=(), events=()) -> KernelDrain:
+    maps = {
+        "flows": (np.concatenate([np.zeros(0, FLOW_KEY), *(k for k, _ in flows)]),
+                  np.concatenate([np.zeros(0, FLOW_STATS), *(s for _, s in flows)])),
+        "drops": (np.concatenate([np.zeros(0, DROP_KEY), *(k for k, _ in drops)]),
+                  np.concatenate([np.zeros(0, DROP_STATS), *(s for _, s in drops)])),
+        "tcp": (np.concatenate([np.zeros(0, TCP_KEY), *(k for k, _ in tcp)]),
+                np.concatenate([np.zeros(0, TCP_STATS), *(s for _, s in tcp)])),
+    }  # fmt: skip
+    return KernelDrain(0, maps, np.concatenate([np.zeros(0, EVENT), *events]), counters())
+
+
+def every_family_context() -> AggregationContext:
+    return AggregationContext(
+        node="node-a", offset_ns=OFFSET_NS, ifnames={2: "veth0"}, active=ALL_FAMILIES, netns=7,
+        extra={"kernel_names": NAMES},
+    )  # fmt: skip
+
+
+def test_an_interval_with_nothing_gives_empty_frames_of_the_schema_and_zero_accounting() -> None:
+    batch = build_batch(every_family_drain(), every_family_context(), window())
+    pd.testing.assert_frame_equal(batch.flows, empty_frame(FLOW_COLUMNS), check_exact=True)
+    pd.testing.assert_frame_equal(batch.events, empty_frame(EVENT_COLUMNS), check_exact=True)
+    zero = {"produced": 0, "delivered": 0, "lost": 0}
+    sources = ["drop_event_sampling", "drop_map", "flow_map", "rtt_samples", "tcp_event_sampling", "tcp_map"]
+    assert batch.coverage.to_dict() == dict.fromkeys(sources, zero)
+
+
+def drop(flow: np.ndarray, reason: int, packets: int):
+    k, s = np.zeros(1, DROP_KEY), np.zeros(1, DROP_STATS)
+    k["flow"], k["netns"], k["reason"] = flow, 7, reason
+    s["packets"], s["bytes"], s["first_seen_ns"], s["last_seen_ns"] = packets, packets * 60, 5, 6
+    return k, s
+
+
+def tcp(flow: np.ndarray, retransmits: int):
+    k, s = np.zeros(1, TCP_KEY), np.zeros(1, TCP_STATS)
+    k["flow"], k["netns"] = flow, 7
+    s["retransmits"], s["first_seen_ns"], s["last_seen_ns"] = retransmits, 5, 6
+    return k, s
+
+
+@pytest.mark.parametrize(
+    "drain",
+    [
+        every_family_drain(flows=[(key("10.0.0.1", 1, "10.0.0.2", 2), stats(1, 60, 1, 2))]),
+        every_family_drain(events=[spill("10.0.0.1", 1, "10.0.0.2", 2, 60, 3)]),
+        every_family_drain(
+            flows=[(key("10.0.0.1", 1, "10.0.0.2", 2, proto=6), stats(4, 240, 1, 2))],
+            drops=[drop(key("10.0.0.1", 1, "10.0.0.2", 2, proto=6), 2, 1),
+                   drop(key("10.0.0.1", 1, "10.0.0.2", 2, proto=6), 3, 2),
+                   drop(key("10.0.0.9", 9, "10.0.0.2", 2), 3, 1)],
+            tcp=[tcp(key("10.0.0.1", 1, "10.0.0.2", 2, proto=6), 2),
+                 tcp(key("10.0.0.8", 8, "10.0.0.2", 2, proto=6), 1)],
+        ),
+    ],
+    ids=["flows", "spills", "joins and new rows"],
+)  # fmt: skip
+def test_every_batch_has_the_schemas_columns_and_types(drain: KernelDrain) -> None:
+    batch = build_batch(drain, every_family_context(), window())
+    assert list(batch.flows.columns) == list(FLOW_COLUMNS)
+    assert [str(dtype) for dtype in batch.flows.dtypes] == list(FLOW_COLUMNS.values())
+    assert list(batch.events.columns) == list(EVENT_COLUMNS)
+    assert batch.flows.index.equals(pd.RangeIndex(len(batch.flows))) and len(batch.flows) > 0
