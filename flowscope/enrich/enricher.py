@@ -9,8 +9,10 @@ Per side of a row, the first of these that names someone wins:
           veth (ingress: the pod sent it; egress: the pod receives it)
   ip      the cluster-wide, time-aware IP index (pods, services, nodes); `static` when the metadata
           file named the address
-Work is per distinct key (cgroup id, interface, address), never per row, and only reads caches that
-background threads fill: enrich never waits for the API or the file system.
+Nothing is done in Python per row: cgroup ids, namespaces and interfaces are resolved per distinct key;
+addresses, the bulk of the keys, in numpy (the IP index's flat timelines), with Python only for the rows
+of an address that changed hands during the batch and for owners whose identity is new or changed. Enrich
+only reads caches that background threads fill: it never waits for the API or the file system.
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ class _OwnerTable:
     def forget(self, owner_ids: list[int]) -> None:
         self.built[[i for i in owner_ids if i < len(self.built)]] = False
 
-    def states(self, owner_ids: np.ndarray, build: Callable[[Catalog, Owner], tuple[Row | None, str | None]]):
+    def states(
+        self, owner_ids: np.ndarray, build: Callable[[Catalog, Owner], tuple[Row | None, str | None]]
+    ) -> np.ndarray:
         """The state of each of `owner_ids`, building the identities not built yet."""
         size = len(self.catalog.ips.owners)
         if size > len(self.built):  # room for every owner numbered so far, and then some
@@ -174,7 +178,7 @@ def _epoch_seconds(times: pd.Series, fallback: float) -> np.ndarray:
     return seconds
 
 
-def _strings(values: np.ndarray) -> pd.api.extensions.ExtensionArray:
+def _text_column(values: np.ndarray) -> pd.api.extensions.ExtensionArray:
     """Text (an object array, None where missing) as a string column, converting each distinct value once."""
     codes, distinct = pd.factorize(values)
     return pd.array(distinct, dtype="string").take(codes, allow_fill=True)
@@ -329,7 +333,7 @@ class Enricher:
         }
         columns["identity_source"] = pd.array(SOURCES, dtype="string").take(sources)
         columns["pid"] = pd.arrays.IntegerArray(pid_values, pid_values < 0)
-        columns["comm"] = _strings(state.comm[rows])
+        columns["comm"] = _text_column(state.comm[rows])
         for name, values in columns.items():
             column = f"{side}_{name}"
             if whole:
@@ -461,13 +465,13 @@ class _Resolver:
         """Names rows by address (the column factorized: codes, distinct values): per distinct address over the
         frame's whole time span, in numpy; per row only for addresses that changed hands within the span; in
         Python only for owners new or changed."""
-        codes, distinct = addresses
-        rows = np.flatnonzero(todo & (state.code < 0) & (codes >= 0))
+        address_codes, distinct = addresses
+        rows = np.flatnonzero(todo & (state.code < 0) & (address_codes >= 0))
         if not len(rows):
             return
         # The distinct addresses of these rows only: the others may be named by cgroup or netns already.
-        used = np.bincount(codes[rows], minlength=len(distinct)) > 0
-        inverse, unique = (np.cumsum(used) - 1)[codes[rows]], distinct[used]
+        used = np.bincount(address_codes[rows], minlength=len(distinct)) > 0
+        inverse, unique = (np.cumsum(used) - 1)[address_codes[rows]], distinct[used]
         catalogs = self.enricher.catalogs
         # Per distinct address: the first catalog that ever saw it claimed answers, then networks.
         answers = np.full(len(unique), ANSWER_UNCLAIMED, np.int64)
