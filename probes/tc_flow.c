@@ -152,10 +152,12 @@ static __always_inline int fs_account(struct __sk_buff *skb, __u8 direction)
     key.ifindex = skb->ifindex;
     key.direction = direction;
 
-    __u64 now = bpf_ktime_get_ns();
-    __u64 cgroup_id = direction == FS_DIRECTION_EGRESS ? bpf_skb_cgroup_id(skb) : 0;
+    __u64 now = fs_now();
     struct flow_stats *stats = generation ? flows_1.lookup(&key) : flows_0.lookup(&key);
     if (!stats) {
+        /* Read when the interval's entry is created, not per packet: a flow's socket, and so its cgroup,
+         * stays the same. */
+        __u64 cgroup_id = direction == FS_DIRECTION_EGRESS ? bpf_skb_cgroup_id(skb) : 0;
         struct flow_stats fresh = {};
         fresh.packets = 1;
         fresh.bytes = len;
@@ -195,8 +197,6 @@ static __always_inline int fs_account(struct __sk_buff *skb, __u8 direction)
     __sync_fetch_and_add(&stats->bytes, len);
     if (tcp_flags)
         __sync_fetch_and_or(&stats->tcp_flags, tcp_flags);
-    if (cgroup_id)
-        stats->cgroup_id = cgroup_id;
     stats->last_seen_ns = now;
     return TC_ACT_UNSPEC;
 }

@@ -40,9 +40,9 @@ struct flow_key {
 struct flow_stats {
     __u64 packets;
     __u64 bytes;
-    __u64 first_seen_ns; /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+    __u64 first_seen_ns; /* fs_now(): CLOCK_MONOTONIC as bpf_ktime_get_ns, to a tick */
     __u64 last_seen_ns;
-    __u64 cgroup_id; /* cgroup v2 id of the sending local socket (egress), 0 when none */
+    __u64 cgroup_id; /* cgroup v2 id of the sending local socket (egress) when the entry was made, 0 when none */
     __u64 tcp_flags; /* OR of the TCP flags seen (FIN=0x01 ... CWR=0x80, AE=0x100); 64 bits for atomic OR */
 };
 
@@ -112,6 +112,38 @@ BPF_PERF_OUTPUT(fs_events);
 #else
 BPF_RINGBUF_OUTPUT(fs_events, FLOWSCOPE_RING_PAGES);
 #endif
+
+/* The time for per-packet first/last-seen stamps: CLOCK_MONOTONIC read once per jiffy (by the first program
+ * to run in it, on any CPU) and shared, since bpf_ktime_get_ns() reads the TSC and costs ~30 ns a packet.
+ * bpf_jiffies64() is inlined by the JIT (a load); FS_HAVE_JIFFIES64 is set where the kernel has it (5.5).
+ * A stamp is at most one tick early (4 ms at HZ=250), never late; stamps stay in the bpf_ktime_get_ns
+ * clock, so user space converts them as before. Event times and durations keep the precise clock. */
+struct fs_clock {
+    __u64 jiffies;
+    __u64 ns;
+};
+BPF_ARRAY(fs_clock, struct fs_clock, 1);
+
+static __always_inline __u64 fs_now(void)
+{
+#ifdef FS_HAVE_JIFFIES64
+    __u32 zero = 0;
+    struct fs_clock *clock = fs_clock.lookup(&zero);
+    if (clock) {
+        __u64 jiffies = bpf_jiffies64();
+        if (clock->jiffies == jiffies)
+            return clock->ns;
+        __u64 now = bpf_ktime_get_ns();
+        clock->ns = now;
+        /* Stored before the tick that vouches for it (x86 keeps the order of stores; a reader on a weakly
+         * ordered CPU may see the previous tick's time, one tick early). */
+        asm volatile("" ::: "memory");
+        clock->jiffies = jiffies;
+        return now;
+    }
+#endif
+    return bpf_ktime_get_ns();
+}
 
 static __always_inline __u32 fs_current_generation(void)
 {
