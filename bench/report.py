@@ -478,12 +478,15 @@ def events(data: dict) -> list[str]:
         "Event source: the tc program's flow spill with a one-entry flow map. A child process runs the",
         "loaded tc egress program with BPF_PROG_TEST_RUN on packets of two flows in turns, paced to the rate",
         "asked, for 2 s: every run for the flow not in the map writes one 120-byte ring record through the",
-        "same code as live traffic, and no traffic generator competes for the CPU. `bcc callback`:",
-        "flowscope's reader (BCC's ring-buffer callback, one Python call and one bytes object per event, on",
-        "the reader's thread). `numpy mmap`: bench/ring_reader.py, which reads the ring's pages directly into",
-        "numpy every 10 ms on a thread of its own. Each with the default ring (256 pages: 1 MiB, 8192",
-        "records) and a 16 MiB one (4096 pages). produced = sent + lost as the kernel counted them;",
-        "delivered = records in the FlowBatches; agent CPU is the whole process.",
+        "same code as live traffic, and no traffic generator competes for the CPU. `mmap`: flowscope's",
+        "reader (flowscope/ring_reader.py, the default on x86-64): the ring's pages mapped into the process",
+        "and the committed records copied out as one numpy array per read, at most every 10 ms, by a thread",
+        "that sleeps in epoll while the ring is empty; a drain reads the ring itself too. `bcc callback`:",
+        "BCC's ring-buffer callback (one Python call and one bytes object per event), which flowscope keeps",
+        'for perf buffers and other CPUs (`LoadOptions.ring_reader = "bcc"`). Each with a 1 MiB ring',
+        "(256 pages, 8192 records: the default before issue 5) and the 16 MiB default (4096 pages).",
+        "produced = sent + lost as the kernel counted them; delivered = records in the FlowBatches; lost also",
+        "counts records the reader dropped (none here); agent CPU is the whole process.",
         "",
     ]
     rows = [
@@ -505,29 +508,33 @@ def events(data: dict) -> list[str]:
               "agent CPU"]  # fmt: skip
     out += _table(header, rows)
     lossless = {name: figures["max_lossless_delivered_per_s"] for name, figures in data["summary"].items()}
-    big_ring = _n(max((v for k, v in lossless.items() if k.endswith("ring 4096")), default=None))
-    small_ring = _n(max((v for k, v in lossless.items() if k.endswith("ring 256")), default=None))
+    cpu = {(run["reader"], run["ring_pages"], run["rate_asked"]): run["agent_cpu_share"] for run in data["runs"]}
+    rate = 200000
     out += [
         "What bounds it:",
         "",
-        "- The ring's size against the reader's pauses. Any reader thread in this process waits for the",
-        "  GIL while the agent's thread is inside a long numpy or pandas call (decoding and folding the",
-        "  interval's events, building the FlowBatch), and 8192 records last 80 ms at 100k events/s. With",
-        f"  the 16 MiB ring the pauses fit: no loss up to {big_ring} events/s here, against {small_ring} with",
-        "  the default ring. Proposal for the loader: default `ring_pages` to 4096 (16 MiB, allocated once).",
-        "- CPU per event. BCC's callback costs a ctypes trampoline, a `string_at` and a list append per",
-        "  event. The prototype reads the ring's memory as 128-byte slots (commit order kept, busy and",
-        "  discarded records honoured, the record size checked) and copies them out as raw bytes in one",
-        "  numpy operation (numpy copies structured arrays with padding fields element by element, ~300 ns",
-        "  a record, so it copies bytes and views them as records afterwards); compare the agent CPU at",
-        "  equal rates above. Proposed for `kernel_reader.py` (the lead integrates it): an event pump that",
-        "  reads this way, in place of `open_ring_buffer` and its callback; BCC's perf-buffer path stays for",
-        "  kernels without a ring buffer. On weakly ordered CPUs (arm64) the three memory accesses need",
-        "  fences Python cannot issue: keep BCC's reader there, or use a few lines of C.",
-        "- Beyond ~200k events/s the reader thread falls behind the agent's thread: both share one GIL and",
-        "  the interval's events are decoded and folded (spills into flows) on the agent's thread while",
-        "  the next ones arrive. Spill folding no longer sorts (`kernel_records.unique_records`, committed",
-        "  with its figures: 400k spills 793 -> 268 ms); what remains is per-interval work proportional to",
+        "- The ring's size against the reader's pauses. The reader thread waits for the GIL while the",
+        "  agent's thread is inside a long numpy or pandas call (decoding and folding the interval's events,",
+        "  building the FlowBatch), and 8192 records last 41 ms at 200k events/s. With the 16 MiB ring the",
+        f"  pauses fit: no loss up to {_n(lossless.get('mmap ring 4096'))} events/s with the mmap reader",
+        f"  ({_n(lossless.get('bcc_callback ring 4096'))} with BCC's), against {_n(lossless.get('mmap ring 256'))}",
+        f"  ({_n(lossless.get('bcc_callback ring 256'))}) with 1 MiB. Hence the default of 4096 pages (16 MiB",
+        "  of kernel memory, taken once when the probes load).",
+        "- CPU per event. BCC's callback costs a ctypes trampoline, a `string_at` and a list append per event;",
+        "  the mmap reader a share of one vectorised copy. At 200k events/s with the 16 MiB ring the agent",
+        f"  used {cpu.get(('bcc_callback', 4096, rate), 0):.0%} of a core with BCC's reader and"
+        f" {cpu.get(('mmap', 4096, rate), 0):.0%} with the mmap reader.",
+        "- Correctness of the mmap reader: the kernel moves producer_pos when it reserves a record and clears",
+        "  the record's busy bit when it commits it; the reader loads producer_pos, then the headers, then",
+        "  the records, and stores consumer_pos last. x86-64 keeps loads in order and never moves a store",
+        "  before an earlier load, so plain accesses suffice there; a weakly ordered CPU (arm64) needs acquire",
+        "  loads and a release store that Python cannot issue, so flowscope uses BCC's reader there. A record",
+        "  still being written stops the read (commit order); a drain waits up to 10 ms for records reserved",
+        "  before it, so an interval's events are all in its batch.",
+        "- Beyond that the reader thread falls behind the agent's thread: both share one GIL, and the",
+        "  interval's events are decoded and folded (spills into flows) on the agent's thread while the next",
+        "  ones arrive. Selecting and carrying events now copies raw bytes (numpy copies EVENT records one",
+        "  at a time: 400k cost ~270 ms a drain before); what remains is per-interval work proportional to",
         "  the events, which a reader in C or in another process would take out of the GIL.",
         "",
     ]
@@ -541,8 +548,8 @@ def identity(data: dict) -> list[str]:
     out = [
         f"A Kubernetes catalog of {data['pods']:,} pods (1000 Deployments through ReplicaSets, 100 namespaces),",
         f"filled through flowscope's own parsers of API objects; FlowBatches of {data['rows']:,} flows (60% pod to",
-        "pod, 25% pod to outside, 15% outside to pod). `Enricher.enrich` timed on a first batch, then on fresh",
-        "batches of the same traffic.",
+        "pod, 25% pod to outside, 15% outside to pod). `Enricher.enrich` timed on a first batch (cold: every",
+        "address's timeline and every owner's identity built), then on fresh batches of the same traffic.",
         "",
     ]
     out += _table(
@@ -555,22 +562,52 @@ def identity(data: dict) -> list[str]:
         ],
     )
     named = "yes" if data["every_side_named_as_built"] else "**no**"
+    out += [f"Every side named as the batch was built: {named}.", ""]
+    cases = {case["name"]: case for case in data.get("cases", [])}
+    if cases:
+        what = {
+            "rows_10k": "the same traffic, 10k-row batches",
+            "few_peers": "100k rows between 200 of the pods",
+            "node_local": "a node's own 100 pods: socket table, cgroup, veth, then IP (500 services, nodes)",
+            "churn": "100 pods replaced (their addresses reused) before each batch",
+        }
+        out += [
+            "The same measurement on other mixes (steady state; each checked the same way):",
+            "",
+            *_table(
+                ["case", "rows", "distinct addresses", "median ms", "CPU ms", "us per row", "named as built"],
+                [
+                    [f"`{name}`: {what.get(name, '')}", _n(case["rows"]), _n(case["distinct_addresses"]),
+                     _n(case["median_ms"], 1), _n(case["median_cpu_ms"], 1), _n(case["us_per_row"], 2),
+                     "yes" if case["every_side_named_as_built"] else "**no**"]
+                    for name, case in cases.items()
+                ],
+            ),
+        ]  # fmt: skip
     out += [
-        f"Every side named as the batch was built: {named}.",
-        "",
         "Where the time goes (cProfile of one more batch, by own time; flowscope's functions):",
         "",
         "```",
         *(line.replace(f"{ROOT}/", "") for line in data["profile_top"][:12]),
         "```",
         "",
-        "What bounds it (for the identity module's owner): the IP stage resolves every distinct address of",
-        "the batch in Python (`by_ip`, `_owner`, `_pod_code`, about 10 us each), and a batch that touches all",
-        "10k pods has ~20k of them. A vectorised path would resolve, in one `np.searchsorted` over a sorted",
-        "array of IPv4 (and IPv6 as two uint64) keys, every address whose owner did not change during the",
-        "batch's time window, and leave Python only the addresses with a claim change in the window.",
-        "bench/enrich.py (identity's own micro-benchmark, with a per-row baseline) measures the same function",
-        "on another mix; one of the two should absorb the other.",
+        "How it works, and what bounds it. The IP stage used to resolve every distinct address of a batch in",
+        "Python (~10 us each, 205 ms for this batch). Now each catalog's IP index keeps every address's",
+        "timeline as flat segment arrays (address id, start, end, answer), rebuilt only for addresses whose",
+        "claims changed; a batch's distinct addresses are answered by one hash lookup of their ids and one",
+        "`searchsorted` on (address id, rank of the time), over the batch's whole time span, and only the rows",
+        "of an address that changed hands within that span are answered one by one. Owners (pod, service,",
+        "node) are numbered, and their identity rows are kept by number and rebuilt only when the catalog",
+        "logs a change to them (pod, its ReplicaSet or Job, service, node), so Python runs per changed owner,",
+        "not per address: the `churn` case. The socket table is joined through a columnar copy of itself",
+        "(a hash index over the 5-tuple hashes) instead of a dictionary probe per 5-tuple: `node_local`.",
+        f"The first batch ({_n(data['first_ms'], 1)} ms) still builds every timeline and identity in Python.",
+        "",
+        "What remains is per row and in pandas, for each side: factorizing the address column (hashing",
+        "100k strings), and taking and storing the seven identity columns (one Python object per cell: the",
+        "text columns are pandas `string`). Categorical identity columns would make those takes integer",
+        "copies (a schema decision). Addresses that arrive as shared string objects (the map reader formats",
+        "each distinct address once) factorize about a quarter faster than this benchmark's, one per row.",
         "",
     ]
     return out
@@ -629,13 +666,16 @@ def _idle_finding(data: dict) -> list[str]:
     if idle is None:
         return []
     return [
-        f"Idle, with no traffic at all, the agent still uses {idle['cpu_share']:.0%} of a core: each interval's",
-        f"empty FlowBatch takes {_n(idle['median_drain_and_batch_ms'])} ms (wall). A profile of such an interval",
-        "(cProfile, loopback with a few flows) finds no work proportional to data: it is pandas' fixed cost",
-        "per operation, summed over `schema.conform` (8 calls an interval), each family's event and counter",
-        "frames and joins (`kernel_events.contribute_tcp`, `contribute_drops`, `event_rows`) and the counter",
-        "read (two syscalls per counter). For the owners: skip a family's stage when its maps and events are",
-        "empty, conform once at the end, and read the per-CPU counters with one batch lookup.",
+        f"Idle, with no traffic at all, the agent uses {idle['cpu_share']:.0%} of a core (4% before issue 5); an",
+        f"interval's drain and empty FlowBatch take {_n(idle['median_drain_and_batch_ms'])} ms of wall time (48 ms",
+        "before), most of it the RCU grace period after the generation flip, which the kernel waits out",
+        "without CPU. A cProfile of an idle interval (every family, no traffic) put 32 ms of CPU into it,",
+        "all pandas' fixed cost per operation and syscalls; now 2.5 ms: a family's counter rows and joins",
+        "are skipped when its map is empty, its event rows when it has no events; empty frames are copies",
+        "of one built per schema (`schema.empty_frame`); the batch is conformed to the schema once, and",
+        "only where a stage left it off; the per-CPU counters are read with one batch lookup an interval",
+        "(32 lookups and 32 updates before); the mmap event reader sleeps in epoll instead of polling every",
+        "20 ms. The same changes take a 100k-flow FlowBatch (few addresses, no joins) from 131 to 58 ms.",
         "",
     ]
 
