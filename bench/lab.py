@@ -12,6 +12,7 @@ the host's) and attaches flowscope there; nothing outside the lab sees its filte
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import shutil
@@ -98,17 +99,27 @@ def enter_client_netns() -> None:
         os.close(fd)
 
 
+LAB_LOCK = Path("/run/lock/flowscope-bench.lock")
+
+
 @contextmanager
 def lab() -> Iterator[None]:
-    """Creates the lab, enters its client namespace, and removes it afterwards (even on failure)."""
+    """Creates the lab, enters its client namespace, and removes it afterwards (even on failure). The lab's
+    names are fixed, so a second benchmark process waits here until the first one's lab is gone."""
     if os.geteuid() != 0:
         raise SystemExit("the benchmarks load BPF programs and create network namespaces; run them as root.")
-    create_lab()
-    try:
-        enter_client_netns()
-        yield
-    finally:
-        delete_lab()
+    with open(LAB_LOCK, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another benchmark holds the lab ({LAB_LOCK}); waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        create_lab()
+        try:
+            enter_client_netns()
+            yield
+        finally:
+            delete_lab()
 
 
 # ---- traffic -------------------------------------------------------------------------------------------
