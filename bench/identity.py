@@ -255,7 +255,7 @@ def main() -> None:
     profile = cProfile.Profile()
     profile.runcall(enricher.enrich, cluster_batch(args.rows, seed=args.repeats + 1)[0])
     text = io.StringIO()
-    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+    pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(40)
 
     cases = []
     small = [cluster_batch(args.rows // 10, seed) for seed in range(args.repeats + 1)]

@@ -585,7 +585,7 @@ def identity(data: dict) -> list[str]:
             ),
         ]  # fmt: skip
     out += [
-        "Where the time goes (cProfile of one more batch, by own time; flowscope's functions):",
+        "Where the time goes (cProfile of one more batch, cumulative; flowscope's functions, pandas below them):",
         "",
         "```",
         *(line.replace(f"{ROOT}/", "") for line in data["profile_top"][:12]),
