@@ -157,6 +157,8 @@ class _RingPump(threading.Thread):
             self._closing = True
         os.eventfd_write(self._wakeup, 1)
         self.join(timeout=5)
+        if self.is_alive():
+            return  # unmapping the ring under a thread still reading it would crash the process
         self._epoll.close()
         os.close(self._wakeup)
         self.ring.close()

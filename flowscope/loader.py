@@ -12,6 +12,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from flowscope.btf import BtfError
 from flowscope.features import KernelFeatures, probe_features
@@ -34,10 +35,11 @@ class LoadOptions:
     tcp_map_size: int = 16384
     perf_events: bool = False  # force the perf-buffer path even where the ring buffer exists
     # Event ring size in pages (power of two). 4096 pages (16 MiB, 131,072 events, allocated once when the
-    # probes load) ride out ~0.3 s without a read at 400k events/s, the longest the reader thread waits for
-    # the GIL behind a large batch; 256 (1 MiB) lost events from 100k/s on (docs/benchmarks.md, section 4).
+    # probes load) ride out ~0.3 s without a read at 400k events/s (the reader thread waits for the GIL while
+    # the agent builds a large batch); 256 pages (1 MiB) lost events from 200k/s on with the mmap reader, from
+    # 100k/s with BCC's (docs/benchmarks.md, section 4).
     ring_pages: int = 4096
-    ring_reader: str = "mmap"  # "mmap": read the ring's mapped pages (x86-64; else "bcc": BCC's callback)
+    ring_reader: Literal["mmap", "bcc"] = "mmap"  # the ring's pages read directly (x86-64 only), or BCC's callback
     perf_pages: int = 64  # per-CPU perf buffer pages (power of two)
     drop_events_per_second: int = 1000  # drop events sent to user space per CPU; the rest only counted
     tcp_events_per_second: int = 1000  # retransmit/reset events sent per CPU; the rest only counted
