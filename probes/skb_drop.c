@@ -46,13 +46,27 @@ static __always_inline int fs_is_drop(__u32 reason)
 #endif
 }
 
+/* The current generation's entry for `key`: one map per lookup call, so that the verifier inlines each (see
+ * fs_flow_lookup in tc_flow.c). */
+static __always_inline struct drop_stats *fs_drop_lookup(__u32 generation, struct drop_key *key)
+{
+    struct drop_stats *stats;
+    if (generation) {
+        stats = drops_1.lookup(key);
+        asm volatile("" : "+r"(stats));
+    } else {
+        stats = drops_0.lookup(key);
+    }
+    return stats;
+}
+
 static __always_inline void fs_drop(void *ctx, const void *skb, __u64 location, __u32 reason, const void *rx_sk)
 {
     struct fs_skb view = {};
     if (!skb || !fs_is_drop(reason) || !fs_skb_read(skb, &view))
         return;
     __u32 generation = fs_current_generation();
-    __u64 now = bpf_ktime_get_ns();
+    __u64 now = fs_now();
     __u32 len = fs_skb_len(&view);
     struct drop_key key = {};
     if (!fs_key_from_skb(&view, &key.flow))
@@ -61,7 +75,7 @@ static __always_inline void fs_drop(void *ctx, const void *skb, __u64 location, 
     key.reason = reason;
     fs_count(generation, FS_CNT_DROPS, 1);
 
-    struct drop_stats *stats = generation ? drops_1.lookup(&key) : drops_0.lookup(&key);
+    struct drop_stats *stats = fs_drop_lookup(generation, &key);
     if (!stats) {
         struct drop_stats fresh = {};
         fresh.first_seen_ns = now;
@@ -70,7 +84,7 @@ static __always_inline void fs_drop(void *ctx, const void *skb, __u64 location, 
         else
             drops_0.insert(&key, &fresh);
         /* Looked up again: another CPU may have inserted the key first. */
-        stats = generation ? drops_1.lookup(&key) : drops_0.lookup(&key);
+        stats = fs_drop_lookup(generation, &key);
     }
     if (stats) {
         __sync_fetch_and_add(&stats->packets, 1);
@@ -87,7 +101,7 @@ static __always_inline void fs_drop(void *ctx, const void *skb, __u64 location, 
     }
     struct fs_event event = {};
     fs_event_from_key(&event, &key.flow);
-    event.ts_ns = now;
+    event.ts_ns = bpf_ktime_get_ns(); /* precise: events are rate-limited */
     event.kind = FS_EV_DROP;
     event.netns = key.netns;
     event.reason = reason;

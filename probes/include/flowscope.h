@@ -189,12 +189,15 @@ struct fs_token_bucket {
 
 BPF_PERCPU_ARRAY(fs_event_buckets, struct fs_token_bucket, FS_BUCKET_MAX);
 
-/* 1 when an event may be sent at `now` (bpf_ktime_get_ns) and takes its token, else 0. */
+/* 1 when an event may be sent at `now` and takes its token, else 0. Each bucket is fed by one clock (drops:
+ * fs_now, TCP events: bpf_ktime_get_ns). */
 static __always_inline int fs_take_token(__u32 bucket, __u64 per_second, __u64 now)
 {
     struct fs_token_bucket *state = fs_event_buckets.lookup(&bucket);
     if (!state || per_second == 0)
         return 0;
+    if (now < state->last_ns)
+        now = state->last_ns; /* fs_now steps back a hair when two CPUs refresh it at once: no credit for it */
     __u64 elapsed = now - state->last_ns;
     if (elapsed > FS_NS_PER_SECOND)
         elapsed = FS_NS_PER_SECOND;

@@ -280,6 +280,17 @@ static __always_inline int fs_key_from_skb(const struct fs_skb *view, struct flo
 static __always_inline __u32 fs_skb_place(const struct fs_skb *view, const void *fallback_sk, struct flow_key *key)
 {
     __u32 ifindex = 0, netns = 0;
+#if defined(FS_OFF_DEV_NET) && FS_OFF_DEV_NET > FS_OFF_DEV_IFINDEX && FS_OFF_DEV_NET - FS_OFF_DEV_IFINDEX <= 64
+    /* The device's ifindex and network namespace in one read of the window that holds both (each read
+     * costs ~30 ns in a drop storm). */
+    __u8 window[FS_OFF_DEV_NET - FS_OFF_DEV_IFINDEX + 8];
+    if (view->dev && bpf_probe_read_kernel(window, sizeof(window), (const char *)view->dev + FS_OFF_DEV_IFINDEX) == 0) {
+        void *net;
+        __builtin_memcpy(&ifindex, window, sizeof(ifindex));
+        __builtin_memcpy(&net, window + FS_OFF_DEV_NET - FS_OFF_DEV_IFINDEX, sizeof(net));
+        netns = fs_netns_of_net(net);
+    }
+#else
     if (view->dev && FS_READ(ifindex, view->dev, FS_OFF_DEV_IFINDEX) == 0) {
 #ifdef FS_OFF_DEV_NET
         netns = fs_netns_of_net(fs_read_ptr(view->dev, FS_OFF_DEV_NET));
@@ -287,6 +298,7 @@ static __always_inline __u32 fs_skb_place(const struct fs_skb *view, const void 
     } else {
         ifindex = 0;
     }
+#endif
     if (!netns)
         netns = fs_sock_netns(view->sk ? view->sk : fallback_sk);
     key->direction = view->iif ? FS_DIRECTION_INGRESS : FS_DIRECTION_EGRESS;
