@@ -10,8 +10,8 @@
  * live on this node, tcp_send_reset and tcp_receive_reset both fire for one RST: the sender notes the RST
  * in fs_resets_sent and the receiver consumes the note instead of counting the RST again.
  *
- * RTT: tcp_probe fires for every segment an established socket receives; each socket is sampled at most
- * once per FLOWSCOPE_RTT_SAMPLE_NS (an LRU keyed by the socket's address), so its cost stays one lookup.
+ * RTT: tcp_probe fires for every segment an established socket receives; each socket is sampled about once
+ * per FLOWSCOPE_RTT_SAMPLE_NS per CPU (fs_rtt_slots), so most segments cost an array access.
  */
 #include "flowscope.h"
 #include "fs_kernel.h"
@@ -25,8 +25,8 @@
 #ifndef FLOWSCOPE_RTT_SAMPLE_NS
 #define FLOWSCOPE_RTT_SAMPLE_NS 100000000ULL
 #endif
-#ifndef FLOWSCOPE_RTT_SOCKETS
-#define FLOWSCOPE_RTT_SOCKETS 16384
+#ifndef FLOWSCOPE_RTT_SLOTS
+#define FLOWSCOPE_RTT_SLOTS 4096 /* per CPU; a power of two */
 #endif
 #ifndef FLOWSCOPE_RESETS_PENDING
 #define FLOWSCOPE_RESETS_PENDING 4096
@@ -58,12 +58,32 @@ struct fs_rst_key {
 
 BPF_HASH(tcp_0, struct tcp_key, struct tcp_stats, FLOWSCOPE_TCP_MAP_SIZE);
 BPF_HASH(tcp_1, struct tcp_key, struct tcp_stats, FLOWSCOPE_TCP_MAP_SIZE);
-BPF_TABLE("lru_hash", __u64, __u64, fs_rtt_sampled, FLOWSCOPE_RTT_SOCKETS);
+/* The sockets a CPU sampled lately, direct-mapped by socket address: a segment of a socket sampled less
+ * than FLOWSCOPE_RTT_SAMPLE_NS ago costs one array access, not a hash lookup. Two sockets that share a slot
+ * evict each other, and each then samples again: more samples, never fewer. */
+struct fs_rtt_slot {
+    __u64 socket;
+    __u64 sampled_ns;
+};
+BPF_PERCPU_ARRAY(fs_rtt_slots, struct fs_rtt_slot, FLOWSCOPE_RTT_SLOTS);
 BPF_TABLE("lru_hash", struct fs_rst_key, __u64, fs_resets_sent, FLOWSCOPE_RESETS_PENDING);
+
+/* One map per lookup call, so that the verifier inlines each (see fs_flow_lookup in tc_flow.c). */
+static __always_inline struct tcp_stats *fs_tcp_lookup(__u32 generation, struct tcp_key *key)
+{
+    struct tcp_stats *stats;
+    if (generation) {
+        stats = tcp_1.lookup(key);
+        asm volatile("" : "+r"(stats));
+    } else {
+        stats = tcp_0.lookup(key);
+    }
+    return stats;
+}
 
 static __always_inline struct tcp_stats *fs_tcp_entry(__u32 generation, struct tcp_key *key, __u64 now)
 {
-    struct tcp_stats *stats = generation ? tcp_1.lookup(key) : tcp_0.lookup(key);
+    struct tcp_stats *stats = fs_tcp_lookup(generation, key);
     if (stats)
         return stats;
     struct tcp_stats fresh = {};
@@ -72,7 +92,7 @@ static __always_inline struct tcp_stats *fs_tcp_entry(__u32 generation, struct t
         tcp_1.insert(key, &fresh);
     else
         tcp_0.insert(key, &fresh);
-    return generation ? tcp_1.lookup(key) : tcp_0.lookup(key); /* NULL: the map is full */
+    return fs_tcp_lookup(generation, key); /* NULL: the map is full */
 }
 
 static __always_inline void fs_tcp_event(void *ctx, __u32 generation, struct tcp_key *key, __u8 kind, __u64 now,
@@ -142,12 +162,16 @@ static __always_inline __u32 fs_tcp_skb_segments(const void *skb)
 
 static __always_inline void fs_tcp_rtt(const void *sk)
 {
-    __u64 now = bpf_ktime_get_ns();
-    __u64 socket = (__u64)sk;
-    __u64 *last = fs_rtt_sampled.lookup(&socket);
-    if (last && now - *last < FLOWSCOPE_RTT_SAMPLE_NS)
+    /* Fibonacci hashing of the socket's address: its high bits pick the slot. */
+    __u32 index = (__u32)(((__u64)sk * 0x9E3779B97F4A7C15ULL) >> 32) & (FLOWSCOPE_RTT_SLOTS - 1);
+    struct fs_rtt_slot *slot = fs_rtt_slots.lookup(&index);
+    if (!slot)
         return;
-    fs_rtt_sampled.update(&socket, &now);
+    __u64 now = fs_now();
+    if (slot->socket == (__u64)sk && now - slot->sampled_ns < FLOWSCOPE_RTT_SAMPLE_NS)
+        return;
+    slot->socket = (__u64)sk;
+    slot->sampled_ns = now;
     __u32 srtt8 = 0; /* tcp_sock.srtt_us holds 8 times the smoothed RTT in microseconds */
     FS_READ(srtt8, sk, FS_OFF_TCP_SRTT_US);
     if (srtt8 == 0)
