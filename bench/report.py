@@ -510,16 +510,20 @@ def events(data: dict) -> list[str]:
     lossless = {name: figures["max_lossless_delivered_per_s"] for name, figures in data["summary"].items()}
     cpu = {(run["reader"], run["ring_pages"], run["rate_asked"]): run["agent_cpu_share"] for run in data["runs"]}
     rate = 200000
+
+    def lossless_rate(config: str) -> str:
+        return _n(lossless[config]) if lossless.get(config) else "none of the rates asked"
+
     out += [
         "What bounds it:",
         "",
         "- The ring's size against the reader's pauses. The reader thread waits for the GIL while the",
         "  agent's thread is inside a long numpy or pandas call (decoding and folding the interval's events,",
-        "  building the FlowBatch), and 8192 records last 41 ms at 200k events/s. With the 16 MiB ring the",
-        f"  pauses fit: no loss up to {_n(lossless.get('mmap ring 4096'))} events/s with the mmap reader",
-        f"  ({_n(lossless.get('bcc_callback ring 4096'))} with BCC's), against {_n(lossless.get('mmap ring 256'))}",
-        f"  ({_n(lossless.get('bcc_callback ring 256'))}) with 1 MiB. Hence the default of 4096 pages (16 MiB",
-        "  of kernel memory, taken once when the probes load).",
+        "  building the FlowBatch), and 8192 records last 41 ms at 200k events/s. The highest rate without",
+        "  loss, 16 MiB and 1 MiB ring:",
+        f"  mmap reader {lossless_rate('mmap ring 4096')} and {lossless_rate('mmap ring 256')} events/s,",
+        f"  BCC's reader {lossless_rate('bcc_callback ring 4096')} and {lossless_rate('bcc_callback ring 256')}.",
+        "  Hence the default of 4096 pages (16 MiB of kernel memory, taken once when the probes load).",
         "- CPU per event. BCC's callback costs a ctypes trampoline, a `string_at` and a list append per event;",
         "  the mmap reader a share of one vectorised copy. At 200k events/s with the 16 MiB ring the agent",
         f"  used {cpu.get(('bcc_callback', 4096, rate), 0):.0%} of a core with BCC's reader and"
