@@ -647,7 +647,7 @@ def agent(data: dict) -> list[str]:
               "drain + FlowBatch ms", "enrich ms (CPU)", "flow-map loss"]  # fmt: skip
     out += _table(header, rows)
     out += [
-        "What bounds the memory: the idle agent already holds ~250 MB. Step by step: Python with numpy and",
+        "What bounds the memory: the idle agent already holds ~280 MB. Step by step: Python with numpy and",
         "pandas ~66 MB, flowscope's imports ~15 MB, `import bcc` ~60 MB (libbcc and LLVM mapped), compiling",
         "and loading the probes ~110 MB more (LLVM's heap; `malloc_trim(0)` after the load gives ~38 MB back",
         "while idle, but under load the heap is reused anyway: 364 against 360 MB at 100k flows, so it is",
@@ -655,9 +655,9 @@ def agent(data: dict) -> list[str]:
         "(45 columns) plus its text objects, and at the peak the drained arrays, the aggregator's and the",
         "enricher's frames and the previous interval's batch are alive together. Under 300 MB at 100k flows",
         "needs fewer live copies and compact text columns (categoricals, or Arrow-backed strings); far under",
-        "it needs probes compiled ahead of time (libbpf CO-RE: no LLVM in the agent). The event ring (16 MiB",
-        "since issue 5, 1 MiB before) shows twice in RSS: the kernel maps its data pages twice in a row, so",
-        "that records wrap around contiguously, and /proc counts each mapping; its memory is the map's,",
+        "it needs probes compiled ahead of time (libbpf CO-RE: no LLVM in the agent). The event ring adds",
+        "32 MB of RSS (16 MiB since issue 5, 1 MiB before): the kernel maps its data pages twice in a row,",
+        "so that records wrap around contiguously, and /proc counts each mapping; its memory is the map's,",
         "allocated once in the kernel (and charged once to the cgroup), 16 MiB.",
         "",
         *_idle_finding(data),
@@ -684,7 +684,7 @@ def _idle_finding(data: dict) -> list[str]:
         else []
     )
     return [
-        f"Idle, with no traffic at all, the agent uses {idle['cpu_share']:.0%} of a core (4% before issue 5); an",
+        f"Idle, with no traffic at all, the agent uses {idle['cpu_share']:.1%} of a core (4% before issue 5); an",
         f"interval's drain and FlowBatch take {_n(idle['median_drain_and_batch_ms'])} ms of wall time (48 ms before).",
         "A cProfile of an interval with nothing in it (every family) put 32 ms of CPU into it, all pandas'",
         "fixed cost per operation and syscalls; now 2.5 ms, of ~15 ms of wall time that is mostly the RCU",
