@@ -6,7 +6,8 @@
    the figure is the ratio of the medians.
 2. Per-packet cost of every program flowscope loaded, from the kernel's own run statistics
    (run_time_ns / run_cnt, bpf_stats_enabled on only for this phase), under each workload, plus a
-   stream of packets that are all new flows (tcpreplay of distinct 5-tuples).
+   stream of packets that are all new flows (tcpreplay of distinct 5-tuples). Empty programs on the
+   same hooks (tc on fsb0a, tcp_probe, kfree_skb) give what the statistics add to any program.
 3. The tc programs alone on one crafted 64-byte UDP packet, BPF_PROG_TEST_RUN with 1e6 repeats: the
    existing-flow path with hot caches, without any stack around it; an empty tc program measured the
    same way gives the harness's own cost. The same run on variants of probes/tc_flow.c, changed here
@@ -57,29 +58,52 @@ int fs_hash_floor(struct __sk_buff *skb) {
 }
 """
 # What-if variants of the tc program: (name, what it changes, [(text in the probe source, replacement)]).
+# Each removes or undoes one part of the per-packet path, so its saving against as_is is that part's cost.
+FLOW_LOOKUP = "struct flow_stats *stats = fs_flow_lookup(generation, &key);"
 VARIANTS = (
     ("as_is", "probes/tc_flow.c as committed", ()),
     (
-        "coarse_clock",
-        "bpf_ktime_get_coarse_ns() (tick resolution, no TSC read) instead of bpf_ktime_get_ns()",
-        (("bpf_ktime_get_ns()", "bpf_ktime_get_coarse_ns()"),),
+        "precise_clock",
+        "bpf_ktime_get_ns() on every packet instead of fs_now() (the clock read once per jiffy)",
+        (("__u64 now = fs_now();", "__u64 now = bpf_ktime_get_ns();"),),
     ),
     (
-        "plain_percpu_add",
-        "per-CPU counters added with a plain add instead of a locked atomic add",
-        (("__sync_fetch_and_add(value, n);", "*value += n;"),),
+        "merged_lookup",
+        "`generation ? flows_1.lookup() : flows_0.lookup()`: one call on a selected map, which the verifier "
+        "cannot inline",
+        ((FLOW_LOOKUP, "struct flow_stats *stats = generation ? flows_1.lookup(&key) : flows_0.lookup(&key);"),),
     ),
     (
-        "no_cgroup_id",
-        "no bpf_skb_cgroup_id() on egress",
-        (("bpf_skb_cgroup_id(skb)", "0"),),
+        "one_map",
+        "no generation read, one flow map (no double buffering)",
+        (("__u32 generation = fs_current_generation();", "__u32 generation = 0;"),),
     ),
     (
-        "coarse_clock_plain_percpu_add",
-        "both of the first two",
-        (("bpf_ktime_get_ns()", "bpf_ktime_get_coarse_ns()"), ("__sync_fetch_and_add(value, n);", "*value += n;")),
+        "no_tc_counters",
+        "without the per-CPU tc_packets/tc_bytes counters (the 'produced' of the loss accounting)",
+        (("    fs_count(generation, FS_CNT_TC_PACKETS, 1);\n    fs_count(generation, FS_CNT_TC_BYTES, len);\n", ""),),
+    ),
+    (
+        "array_not_hash",
+        "the flow-map lookup replaced by a one-entry array's: what the hash lookup itself costs",
+        (
+            (
+                "static __always_inline int fs_account(",
+                "BPF_ARRAY(fs_bench_one, struct flow_stats, 1);\nstatic __always_inline int fs_account(",
+            ),
+            (FLOW_LOOKUP, "__u32 zero = 0;\n    struct flow_stats *stats = fs_bench_one.lookup(&zero);"),
+        ),
     ),
 )
+# Programs that do nothing, attached beside flowscope's during the run-statistics phase: their ns per run is
+# what the statistics themselves (two sched_clock() reads) and the hook's dispatch add to every program.
+REFERENCE_LIVE_PROGRAMS = """
+#include <uapi/linux/pkt_cls.h>
+int reference_empty_tc(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }
+RAW_TRACEPOINT_PROBE(tcp_probe) { return 0; }
+RAW_TRACEPOINT_PROBE(kfree_skb) { return 0; }
+"""
+REFERENCE_PREFIX = "reference_empty_"
 
 
 def agent_options(flow_map_size: int = 65536):
@@ -139,33 +163,48 @@ def throughput(rounds: int, seconds: float) -> dict:
 
 def per_packet_cost(seconds: float, new_flows: int) -> dict:
     """Per workload: each program's runs and ns per run, and the programs' time as a share of one core."""
-    from flowscope import bpf_syscall
+    import bcc
+
+    from flowscope import bpf_syscall, tc
 
     result = {}
     stats_fd = bpf_syscall.enable_run_time_stats()
     try:
         with lab.Agent(agent_options(flow_map_size=2 * new_flows)) as agent:
             fds = lab.program_fds(agent.source.loaded)
+            references = bcc.BPF(text=REFERENCE_LIVE_PROGRAMS)  # its raw tracepoints attach as it loads
+            attachments = tc.TcAttachments()
+            try:
+                empty_tc = references.load_func(b"reference_empty_tc", bcc.BPF.SCHED_CLS).fd
+                attachments.attach(lab.VETH_CLIENT, empty_tc, empty_tc)  # after flowscope's filters
+                for name, function in references.funcs.items():
+                    fds[REFERENCE_PREFIX + name.decode().removeprefix(REFERENCE_PREFIX)] = function.fd
 
-            def measure(name: str, traffic) -> None:
-                before, started = lab.run_stats(fds), time.monotonic()
-                throughput = traffic()
-                programs = lab.run_stats_delta(before, lab.run_stats(fds))
-                wall = time.monotonic() - started
-                result[name] = {
-                    "programs": programs,
-                    "wall_s": round(wall, 2),
-                    "throughput": throughput,
-                    "core_share": round(sum(p["ns"] for p in programs.values()) / (wall * 1e9), 4),
-                }
+                def measure(name: str, traffic) -> None:
+                    before, started = lab.run_stats(fds), time.monotonic()
+                    throughput = traffic()
+                    programs = lab.run_stats_delta(before, lab.run_stats(fds))
+                    wall = time.monotonic() - started
+                    own = sum(p["ns"] for n, p in programs.items() if not n.startswith(REFERENCE_PREFIX))
+                    result[name] = {
+                        "programs": programs,
+                        "wall_s": round(wall, 2),
+                        "throughput": throughput,
+                        "core_share": round(own / (wall * 1e9), 4),
+                    }
 
-            for name, (host, flags, figure, unit) in WORKLOADS.items():
-                measure(name, lambda host=host, flags=flags, figure=figure: figure(lab.iperf3(host, seconds, *flags)))
-                result[name]["unit"] = unit
-            with tempfile.TemporaryDirectory(prefix="fsbench-") as directory:
-                pcap = lab.write_udp_flows_pcap(Path(directory) / "flows.pcap", new_flows)
-                measure("new_flows", lambda: lab.tcpreplay_rate(lab.tcpreplay(pcap).communicate()[0])[1])
-                result["new_flows"]["unit"] = "packets/s"
+                for name, (host, flags, figure, unit) in WORKLOADS.items():
+                    measure(
+                        name, lambda host=host, flags=flags, figure=figure: figure(lab.iperf3(host, seconds, *flags))
+                    )
+                    result[name]["unit"] = unit
+                with tempfile.TemporaryDirectory(prefix="fsbench-") as directory:
+                    pcap = lab.write_udp_flows_pcap(Path(directory) / "flows.pcap", new_flows)
+                    measure("new_flows", lambda: lab.tcpreplay_rate(lab.tcpreplay(pcap).communicate()[0])[1])
+                    result["new_flows"]["unit"] = "packets/s"
+            finally:  # before the agent detaches, so that the clsact it made is left with no filter of ours
+                attachments.detach()
+                references.cleanup()
     finally:
         os.close(stats_fd)
     for workload, figures in result.items():
