@@ -374,7 +374,7 @@ class Agent:
 
 def program_fds(loaded) -> dict[str, int]:
     """Every program flowscope loaded (tc, tracepoints, ...): name -> fd."""
-    return {name.decode(): function.fd for name, function in loaded.bpf.funcs.items()}
+    return dict(loaded.programs)
 
 
 def run_stats(fds: dict[str, int]) -> dict[str, tuple[int, int]]:

@@ -100,7 +100,7 @@ def drain(flows: int, repeats: int) -> dict:
         rows = []
         profile = cProfile.Profile()
         for repeat in range(repeats + 1):
-            update_batch(loaded.bpf[f"flows_{reader.generation}"].map_fd, keys, stats)
+            update_batch(loaded.maps[f"flows_{reader.generation}"].fd, keys, stats)
             window = (pd.Timestamp.now(tz="UTC"), pd.Timestamp.now(tz="UTC"))
             if repeat == repeats:
                 profile.enable()

@@ -28,6 +28,7 @@ BPF_ENABLE_STATS = 32
 
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERF_EVENT_ARRAY = 4
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
 BPF_MAP_TYPE_RINGBUF = 27
@@ -176,6 +177,23 @@ class GracePeriod:
 def enable_run_time_stats() -> int:
     """Turns on the kernel's per-program run_time_ns/run_cnt statistics while the returned fd is open."""
     return bpf(BPF_ENABLE_STATS, struct.pack("<I", BPF_STATS_RUN_TIME))
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    fd: int
+    map_type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+def map_info(map_fd: int) -> MapInfo:
+    """What the kernel says the map behind `map_fd` is (struct bpf_map_info)."""
+    info = ctypes.create_string_buffer(88)
+    bpf(BPF_OBJ_GET_INFO_BY_FD, struct.pack("<IIQ", map_fd, len(info), ctypes.addressof(info)))
+    map_type, _id, key_size, value_size, max_entries = struct.unpack_from("<5I", info)
+    return MapInfo(map_fd, map_type, key_size, value_size, max_entries)
 
 
 def prog_run_stats(prog_fd: int) -> tuple[int, int]:

@@ -347,18 +347,19 @@ def doctor_report() -> dict[str, Any]:
         for s in statuses
     ]
     if root and report.get("bcc") and "error" not in report["headers"]:
-        report["load_check"] = _load_check(options, features)
+        report["load_check"] = _load_check(options)
     elif not root:
         report["load_check"] = "skipped: not root (run `sudo flowscope doctor` to compile and load the probes)"
     return report
 
 
-def _load_check(options: Any, features: Any) -> str:
-    """Compiles and loads the runnable probes (without attaching tc) to prove they work here."""
+def _load_check(options: Any) -> str:
+    """Compiles and loads the runnable probes (without attaching tc) to prove they work here; the same
+    compile step in a process of its own as `capture` runs."""
     from flowscope.loader import LoaderError, load
 
     try:
-        loaded = load(options, features)
+        loaded = load(options)
     except LoaderError as err:
         return f"failed: {err}"
     loaded.close()

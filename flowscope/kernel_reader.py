@@ -39,13 +39,13 @@ READ_EVERY_S = 0.01
 COMMIT_WAIT_S = 0.01
 
 
-def possible_cpus() -> int:
-    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-    count = 0
-    for part in text.split(","):
+def cpu_list(which: str) -> list[int]:
+    """The CPUs of /sys/devices/system/cpu/<which> ("possible", "online"): "0-3,8" -> [0, 1, 2, 3, 8]."""
+    cpus = []
+    for part in Path(f"/sys/devices/system/cpu/{which}").read_text().strip().split(","):
         low, _, high = part.partition("-")
-        count += int(high or low) - int(low) + 1
-    return count
+        cpus.extend(range(int(low), int(high or low) + 1))
+    return cpus
 
 
 @dataclass
@@ -165,13 +165,16 @@ class _RingPump(threading.Thread):
 
 
 class _BccPump(threading.Thread):
-    """Reads the perf buffers (or, where the mmap reader cannot run, the ring) with BCC's per-event
-    callbacks on a thread of its own. Events wait here until the next drain takes them; beyond
-    `pending_max` they are dropped and counted per kind (shown as lost in the interval's accounting)."""
+    """Reads the perf buffers (or, where the mmap reader cannot run, the ring) with libbcc's C readers and
+    a callback per event, on a thread of its own. Nothing is compiled here, but loading libbcc maps LLVM
+    with it (~60 MB resident). Events wait here until the next drain takes them; beyond `pending_max` they
+    are dropped and counted per kind (shown as lost in the interval's accounting)."""
 
-    def __init__(self, bpf, perf_events: bool, perf_pages: int, pending_max: int) -> None:
+    def __init__(self, events_fd: int, perf_events: bool, perf_pages: int, pending_max: int) -> None:
         super().__init__(name="flowscope-events", daemon=True)
-        self.bpf = bpf
+        from bcc.libbcc import _LOST_CB_TYPE, _RAW_CB_TYPE, _RINGBUF_CB_TYPE, lib
+
+        self._lib = lib
         self.perf_events = perf_events
         self.pending_max = pending_max
         self._changed = threading.Condition()
@@ -181,11 +184,28 @@ class _BccPump(threading.Thread):
         self._requested = self._served = 0  # flush tickets
         self._closing = False
         self.error: BaseException | None = None
-        events = bpf[b"fs_events"]
+        self._readers: list[int] = []
+        self._ring = None
         if perf_events:
-            events.open_perf_buffer(self._on_perf_event, page_cnt=perf_pages, lost_cb=self._on_lost)
+            self._callbacks = (_RAW_CB_TYPE(self._on_perf_event), _LOST_CB_TYPE(self._on_lost))
+            try:
+                for cpu in cpu_list("online"):
+                    reader = lib.bpf_open_perf_buffer(*self._callbacks, None, -1, cpu, perf_pages)
+                    if not reader:
+                        raise LoaderError(f"cannot open the perf buffer of CPU {cpu}")
+                    self._readers.append(reader)
+                    bpf_syscall.map_update(
+                        events_fd, struct.pack("<I", cpu), struct.pack("<I", lib.perf_reader_fd(reader))
+                    )
+            except BaseException:
+                self._free()
+                raise
+            self._reader_array = (ctypes.c_void_p * len(self._readers))(*self._readers)
         else:
-            events.open_ring_buffer(self._on_ring_event)
+            self._callbacks = (_RINGBUF_CB_TYPE(self._on_ring_event),)
+            self._ring = lib.bpf_new_ringbuf(events_fd, self._callbacks[0], None)
+            if not self._ring:
+                raise LoaderError("cannot open the event ring buffer with libbcc")
 
     def _keep(self, data, size: int) -> None:
         record = ctypes.string_at(data, min(size, EVENT.itemsize))
@@ -201,25 +221,25 @@ class _BccPump(threading.Thread):
         self._keep(data, size)
         return 0
 
-    def _on_perf_event(self, _cpu, data, size) -> None:
+    def _on_perf_event(self, _cookie, data, size) -> None:
         self._keep(data, size)
 
-    def _on_lost(self, count: int) -> None:
+    def _on_lost(self, _cookie, count: int) -> None:
         with self._changed:
             self._perf_lost += count
 
     def _read(self, timeout_ms: int) -> None:
         if self.perf_events:
-            self.bpf.perf_buffer_poll(timeout=timeout_ms)
+            self._lib.perf_reader_poll(len(self._readers), self._reader_array, timeout_ms)
         else:
-            self.bpf.ring_buffer_poll(timeout=timeout_ms)
+            self._lib.bpf_poll_ringbuf(self._ring, timeout_ms)
 
     def _read_all(self) -> None:
         """Everything in the buffers now, whether or not a wakeup was signalled."""
         if self.perf_events:
-            self.bpf.perf_buffer_consume()
+            self._lib.perf_reader_consume(len(self._readers), self._reader_array)
         else:
-            self.bpf.ring_buffer_consume()
+            self._lib.bpf_consume_ringbuf(self._ring)
 
     def run(self) -> None:
         try:
@@ -253,25 +273,41 @@ class _BccPump(threading.Thread):
         events = np.frombuffer(b"".join(r.ljust(EVENT.itemsize, b"\0") for r in raw), dtype=EVENT)
         return EventsRead(events, dropped, perf_lost)
 
+    def _free(self) -> None:
+        for reader in self._readers:
+            self._lib.perf_reader_free(reader)
+        self._readers = []
+        if self._ring:
+            self._lib.bpf_free_ringbuf(self._ring)
+            self._ring = None
+
     def close(self) -> None:
         self._closing = True
-        self.join(timeout=5)
+        if self.is_alive():
+            self.join(timeout=5)
+        if not self.is_alive():  # never free the buffers under a thread still reading them
+            self._free()
 
 
 class KernelReader:
     def __init__(self, loaded: LoadedProbes, pending_events_max: int = PENDING_EVENTS_MAX) -> None:
         self.loaded = loaded
-        self.bpf = loaded.bpf
         self.generation = 0
-        self._generation_fd = self.bpf[b"fs_generation"].map_fd
-        self._counters = _Counters(self.bpf[b"fs_counters"].map_fd, possible_cpus())
+        maps = loaded.maps
+        self._generation_fd = maps["fs_generation"].fd
+        self._counters = _Counters(maps["fs_counters"].fd, len(cpu_list("possible")))
         self._maps: dict[str, tuple[tuple[int, int], bpf_syscall.BatchBuffers, np.dtype, np.dtype]] = {}
         for family in loaded.active:
             for drained in family.drained_maps:
-                fds = (self.bpf[f"{drained.name}_0".encode()].map_fd, self.bpf[f"{drained.name}_1".encode()].map_fd)
-                capacity = getattr(loaded.options, drained.size_option)
-                buffers = bpf_syscall.BatchBuffers(drained.key.itemsize, drained.value.itemsize, capacity)
-                self._maps[drained.name] = (fds, buffers, drained.key, drained.value)
+                halves = (maps[f"{drained.name}_0"], maps[f"{drained.name}_1"])
+                if (halves[0].key_size, halves[0].value_size) != (drained.key.itemsize, drained.value.itemsize):
+                    raise LoaderError(
+                        f"the probes' map {drained.name} has {halves[0].key_size}-byte keys and "
+                        f"{halves[0].value_size}-byte values where flowscope reads {drained.key.itemsize} and "
+                        f"{drained.value.itemsize}; reinstall flowscope (its probes and readers differ)."
+                    )
+                buffers = bpf_syscall.BatchBuffers(drained.key.itemsize, drained.value.itemsize, halves[0].max_entries)
+                self._maps[drained.name] = ((halves[0].fd, halves[1].fd), buffers, drained.key, drained.value)
         self._carried = np.zeros(0, dtype=EVENT)  # events of the generation under way, read early
         self._carried_dropped = np.zeros(EVENT_KIND_MAX, dtype=np.int64)
         options = loaded.options
@@ -279,13 +315,11 @@ class KernelReader:
         self._pump: _RingPump | _BccPump
         if self.mmap_ring:
             try:
-                self._pump = _RingPump(
-                    self.bpf[b"fs_events"].map_fd, options.ring_pages * mmap.PAGESIZE, pending_events_max
-                )
+                self._pump = _RingPump(maps["fs_events"].fd, options.ring_pages * mmap.PAGESIZE, pending_events_max)
             except ring_reader.RingError as err:
                 raise LoaderError(f"{err}; --perf-buffer reads events through perf buffers instead.") from None
         else:
-            self._pump = _BccPump(self.bpf, loaded.perf_events, options.perf_pages, pending_events_max)
+            self._pump = _BccPump(maps["fs_events"].fd, loaded.perf_events, options.perf_pages, pending_events_max)
         self._grace = bpf_syscall.GracePeriod()
         self._pump.start()
 

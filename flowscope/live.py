@@ -1,4 +1,5 @@
-"""The live BatchSource: loads the probes, attaches tc, and yields one FlowBatch per interval."""
+"""The live BatchSource: loads the probes (compiled in a process of their own, flowscope.compile_child),
+attaches tc, and yields one FlowBatch per interval."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pandas as pd
 
 from flowscope import tc
 from flowscope.aggregator import AggregationContext, build_batch
+from flowscope.kallsyms import KernelSymbols
 from flowscope.kernel_reader import KernelReader
 from flowscope.kernel_records import monotonic_to_utc_offset_ns
 from flowscope.loader import LoadedProbes, LoaderError, LoadOptions, load, probe_statuses
@@ -30,6 +32,7 @@ class LiveSource:
         self.interval = interval
         self.node = node or socket.gethostname()
         self._attachments = tc.TcAttachments()
+        self._symbols = KernelSymbols()
         self._reader: KernelReader | None = None
         interfaces = options.interfaces if options.interfaces is not None else tc.default_interfaces()
         missing = tc.missing_interfaces(interfaces)
@@ -62,10 +65,7 @@ class LiveSource:
         self._window_start = pd.Timestamp.now(tz="UTC")
 
     def _symbolize(self, address: int) -> str | None:
-        if not address:
-            return None
-        name = self.loaded.bpf.ksym(address, show_offset=True)
-        return name.decode(errors="replace") if name and name != b"[unknown]" else None
+        return self._symbols.name(address) if address else None
 
     def probes(self) -> list[ProbeStatus]:
         return probe_statuses(self.loaded.statuses)

@@ -3,20 +3,26 @@
 BCC only treats functions of the main source text as programs (and only rewrites map-method syntax
 there), so the module's text is the shared header followed by each enabled family's file, read from
 probes/ as they are; every option reaches the C code as a -D flag.
+
+`compile_and_load` runs BCC in the process that calls it; `load` runs it in a short-lived process of its
+own (flowscope.compile_child) and keeps only the file descriptors, so that the agent never holds LLVM.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from flowscope import bpf_syscall
 from flowscope.btf import BtfError
 from flowscope.features import KernelFeatures, probe_features
-from flowscope.kernel_headers import Headers, HeadersError, export_for_bcc, find_headers
+from flowscope.kernel_headers import HeadersError, export_for_bcc, find_headers
 from flowscope.probe_catalog import CATALOG, FamilyStatus, ProbeFamily, Requirement
 from flowscope.source import ProbeStatus
 
@@ -158,13 +164,18 @@ def module_text(active: list[ProbeFamily]) -> str:
 
 @dataclass
 class LoadedProbes:
-    bpf: object  # bcc.BPF
-    features: KernelFeatures
-    headers: Headers
+    """The loaded probes as file descriptors handed over by the compile step (flowscope.compile_child):
+    maps, programs, and the attachments that keep the tracepoint and kprobe programs attached. Everything
+    stays loaded while these are open; `close()` (or the end of the process) detaches and unloads it."""
+
     statuses: list[FamilyStatus]
     perf_events: bool
     options: LoadOptions
-    tc_programs: dict[str, int] = field(default_factory=dict)  # "ingress"/"egress" -> program fd
+    maps: dict[str, bpf_syscall.MapInfo] = field(default_factory=dict)  # every map of the module, by name
+    programs: dict[str, int] = field(default_factory=dict)  # every loaded program: name -> fd
+    attachments: dict[str, int] = field(default_factory=dict)  # "raw_tracepoint:kfree_skb" -> fd
+    tc_programs: dict[str, int] = field(default_factory=dict)  # "ingress"/"egress" -> program fd (in programs)
+    compile_seconds: float = 0.0  # how long the compile step took, process start to handover
 
     @property
     def active(self) -> list[ProbeFamily]:
@@ -174,9 +185,11 @@ class LoadedProbes:
         return any(f.name == name for f in self.active)
 
     def close(self) -> None:
-        cleanup = getattr(self.bpf, "cleanup", None)
-        if cleanup is not None:
-            cleanup()
+        """Detaches first (the attachments), then lets go of the programs and maps."""
+        fds = [*self.attachments.values(), *self.programs.values(), *(m.fd for m in self.maps.values())]
+        self.attachments, self.programs, self.maps, self.tc_programs = {}, {}, {}, {}
+        for fd in fds:
+            os.close(fd)
 
 
 # include/uapi/linux/capability.h
@@ -203,21 +216,37 @@ def require_privileges() -> None:
         )
 
 
+BCC_MISSING = (
+    "the BCC Python module is missing; install python3-bpfcc (make setup does) and run flowscope "
+    "from the .venv that make setup creates."
+)
+
+
 def import_bcc():
     try:
         import bcc
     except ImportError:
-        raise LoaderError(
-            "the BCC Python module is missing; install python3-bpfcc (make setup does) and run flowscope "
-            "from the .venv that make setup creates."
-        ) from None
+        raise LoaderError(BCC_MISSING) from None
     return bcc
 
 
-def load(options: LoadOptions, features: KernelFeatures | None = None) -> LoadedProbes:
+@dataclass
+class CompiledModule:
+    """The compile step's result, in the process that compiled it."""
+
+    bpf: object  # bcc.BPF
+    statuses: list[FamilyStatus]
+    perf_events: bool
+    tc_programs: dict[str, str] = field(default_factory=dict)  # "ingress"/"egress" -> program name
+
+
+def compile_and_load(options: LoadOptions) -> CompiledModule:
+    """Compiles the runnable families with BCC, loads them (BCC attaches the tracepoint and kprobe
+    programs), loads the tc programs and runs the families' one-time preparations. Leaves LLVM's memory in
+    the process that calls it: flowscope.compile_child runs it in a short-lived process of its own."""
     bcc = import_bcc()
     require_privileges()
-    features = features or probe_features()
+    features = probe_features()
     try:
         headers = find_headers()
     except HeadersError as err:
@@ -234,13 +263,24 @@ def load(options: LoadOptions, features: KernelFeatures | None = None) -> Loaded
         raise LoaderError(
             f"the probes failed to compile or load ({err}); run `flowscope doctor` and report the output."
         ) from None
-    loaded = LoadedProbes(bpf, features, headers, statuses, perf_events, options)
-    if loaded.is_active("tc_flows"):
-        loaded.tc_programs = {
-            "ingress": bpf.load_func(b"fs_tc_ingress", bcc.BPF.SCHED_CLS).fd,
-            "egress": bpf.load_func(b"fs_tc_egress", bcc.BPF.SCHED_CLS).fd,
-        }
+    module = CompiledModule(bpf, statuses, perf_events)
+    if any(f.name == "tc_flows" for f in active):
+        for hook in ("ingress", "egress"):
+            name = f"fs_tc_{hook}"
+            bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS)
+            module.tc_programs[hook] = name
     for family in active:
         if family.prepare is not None:
             family.prepare(bpf)
-    return loaded
+    return module
+
+
+def load(options: LoadOptions) -> LoadedProbes:
+    """Compiles and loads the probes in a short-lived process (flowscope.compile_child) and takes over
+    their file descriptors: LLVM and libbcc never enter this process, nor stay in its memory."""
+    if importlib.util.find_spec("bcc") is None:  # said here too: the child would only say it later
+        raise LoaderError(BCC_MISSING)
+    require_privileges()
+    from flowscope import compile_child  # it imports this module
+
+    return compile_child.load_in_child(options)
