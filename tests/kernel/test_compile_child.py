@@ -1,0 +1,124 @@
+"""The agent holds no compiler: BCC compiles and loads the probes in a short-lived child process, which
+hands the agent the file descriptors of the maps, programs and attachments. The probes run while the agent
+holds them and go with it, after a SIGINT and after a SIGKILL (the tc programs then stay on their filters
+until the next start removes them, as before); a load error in the child is one sentence in the agent.
+
+Each test runs `flowscope capture` as users do, in its own namespaces (fsmem-*, veth fsmeA/fsmeB,
+10.208.0.0/16, fd00:208::/64), and reads what the process holds from /proc/<pid>/fdinfo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from flowscope.features import probe_features
+from flowscope.loader import LoaderError, LoadOptions, load, plan_families
+from tests.kernel.capture import Capture
+from tests.kernel.lab import Lab, Netns
+
+BPF_PROG_TYPE_SCHED_CLS = 3
+GONE_WITHIN_S = 10.0  # the kernel frees a program after its last reference, in a work item
+
+
+@pytest.fixture
+def agent_netns() -> Iterator[Netns]:
+    with Lab("fsmem-", "10.208.0.0/16", "fd00:208::/64") as lab:
+        a, b = lab.namespace("a"), lab.namespace("b")
+        lab.link(a, "fsmeA", b, "fsmeB", subnet=1)
+        yield a
+
+
+@dataclass
+class Held:
+    """The BPF objects a process holds, from its fdinfo."""
+
+    programs: dict[int, int]  # program id -> program type
+    raw_tracepoints: dict[str, int]  # tracepoint -> program id, of the raw tracepoint links
+
+    @property
+    def tc_programs(self) -> set[int]:
+        return {id_ for id_, kind in self.programs.items() if kind == BPF_PROG_TYPE_SCHED_CLS}
+
+
+def held_by(pid: int) -> Held:
+    programs: dict[int, int] = {}
+    links: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fields = dict(
+                line.split(":\t", 1)
+                for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines()
+                if ":\t" in line
+            )
+        except OSError:
+            continue
+        if "prog_type" in fields:
+            programs[int(fields["prog_id"])] = int(fields["prog_type"])
+        elif fields.get("link_type") == "raw_tracepoint":
+            links[fields["tp_name"]] = int(fields["prog_id"])
+    return Held(programs, links)
+
+
+def loaded_programs() -> set[int]:
+    listing = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    return {entry["id"] for entry in json.loads(listing)}
+
+
+def remaining_after(ids: set[int], expected: set[int]) -> set[int]:
+    """Which of `ids` are still loaded, once only `expected` are (or GONE_WITHIN_S has passed)."""
+    deadline = time.monotonic() + GONE_WITHIN_S
+    while (left := ids & loaded_programs()) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def expected_raw_tracepoints() -> set[str]:
+    statuses = plan_families(probe_features(), LoadOptions())
+    return {r.target for s in statuses if s.active for r in s.family.requires if r.kind == "raw_tracepoint"}
+
+
+def test_the_agent_maps_no_compiler_and_its_probes_go_with_it(agent_netns: Netns) -> None:
+    run = Capture.start(agent_netns, ["fsmeA"], 0.5)
+    pid = run.process.pid
+    libraries = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if ".so" in line}
+    assert [name for name in libraries if any(part in name for part in ("libLLVM", "libclang", "libbcc"))] == []
+    assert Path(f"/proc/{pid}/task/{pid}/children").read_text() == ""  # the compile step has exited
+    held = held_by(pid)
+    # One link per raw tracepoint the running families hook, each holding one of the agent's programs.
+    assert set(held.raw_tracepoints) == expected_raw_tracepoints()
+    assert set(held.raw_tracepoints.values()) <= set(held.programs)
+    assert len(held.tc_programs) == 2
+    assert set(held.programs) <= loaded_programs()
+    assert run.stop().returncode == 0
+    assert remaining_after(set(held.programs), set()) == set()
+
+
+def test_after_a_sigkill_only_the_tc_filters_hold_programs_until_the_next_start(agent_netns: Netns) -> None:
+    run = Capture.start(agent_netns, ["fsmeA"], 0.5)
+    held = held_by(run.process.pid)
+    assert run.stop(signal.SIGKILL).returncode == -signal.SIGKILL
+    # The attachments lived only in the agent's descriptors: the tracepoint programs are gone with it.
+    assert remaining_after(set(held.programs), held.tc_programs) == held.tc_programs
+    Capture.start(agent_netns, ["fsmeA"], 0.5).stop()  # the next start removes the filters left behind
+    assert remaining_after(set(held.programs), set()) == set()
+
+
+def test_a_load_error_in_the_child_is_one_sentence(capfd: pytest.CaptureFixture[str]) -> None:
+    # A ring of 3 pages: the kernel refuses the map (a power of two is required), BCC fails the load.
+    with pytest.raises(LoaderError) as raised:
+        load(LoadOptions(ring_pages=3))
+    assert str(raised.value) == (
+        "the probes failed to compile or load (Failed to compile BPF module <text>); "
+        "run `flowscope doctor` and report the output."
+    )
+    captured = capfd.readouterr()
+    assert captured.out == ""  # BCC's own words go to stderr, never into the agent's output
+    assert "could not open bpf map: fs_events, error: Invalid argument" in captured.err
