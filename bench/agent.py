@@ -35,7 +35,9 @@ def child(flow_map_size: int) -> None:
 
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    started = time.monotonic()
     source = LiveSource(LoadOptions(interfaces=[lab.VETH_CLIENT], flow_map_size=flow_map_size), interval=1.0)
+    start = {"start_s": round(time.monotonic() - started, 2), "compile_s": source.loaded.compile_seconds}
     enricher = build_enricher(flags.Namespace(node_name="bench", kubeconfig=None, metadata=None))
     print("ready", flush=True)
     intervals = []
@@ -59,7 +61,7 @@ def child(flow_map_size: int) -> None:
     finally:
         enricher.close()
         source.close()
-    print(json.dumps({"intervals": intervals, "coverage": coverage.to_dict()}), flush=True)
+    print(json.dumps({"intervals": intervals, "coverage": coverage.to_dict(), **start}), flush=True)
 
 
 def measure(flows: int, flow_map_size: int, warmup: float, window: float, pcap: Path | None) -> dict:
@@ -105,6 +107,9 @@ def measure(flows: int, flow_map_size: int, warmup: float, window: float, pcap: 
         "median_enrich_ms": round(lab.median([i["enrich_ms"] for i in steady]), 1),
         "median_enrich_cpu_ms": round(lab.median([i["enrich_cpu_ms"] for i in steady]), 1),
         "coverage": report["coverage"],  # over the whole run, by source (produced = delivered + lost)
+        # LiveSource's start (probes compiled in a child process, tc attached), and the child's part of it
+        "start_s": report["start_s"],
+        "compile_s": report["compile_s"],
     }
     lab.log(
         f"agent with {flows:,} active flows: CPU {result['cpu_share']:.0%} of a core, RSS {result['rss_mb']} MB "
