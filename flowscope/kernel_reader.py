@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowscope import bpf_syscall, ring_reader
+from flowscope import bpf_syscall, perf_reader, ring_reader
 from flowscope.kernel_records import (
     COUNTER_EVENT_LOST_BASE,
     COUNTER_MAX,
@@ -99,31 +99,35 @@ class EventsRead:
     malformed: int = 0  # ring records of an unexpected length, skipped
 
 
-class _RingPump(threading.Thread):
-    """Reads the event ring buffer through its mapped pages (flowscope.ring_reader) on a thread of its own,
-    so that a slow interval in the main thread does not leave the ring unread until it overflows. The
-    thread sleeps in epoll until the kernel signals records, then reads at most every READ_EVERY_S; a
-    drain reads the ring itself too (the two take turns on a lock), so it needs no round trip to the
-    thread. Records wait in PendingEvents until a drain takes them."""
+class _MmapPump(threading.Thread):
+    """Reads the event buffers through their mapped pages (the ring with flowscope.ring_reader, perf
+    buffers with flowscope.perf_reader) on a thread of its own, so that a slow interval in the main thread
+    does not leave them unread until they overflow. The thread sleeps in epoll until the kernel signals
+    records, then reads at most every READ_EVERY_S; a drain reads the buffers itself too (the two take
+    turns on a lock), so it needs no round trip to the thread. Records wait in PendingEvents until a drain
+    takes them."""
 
-    def __init__(self, map_fd: int, data_size: int, pending_max: int) -> None:
+    def __init__(self, buffers: ring_reader.MmapRing | perf_reader.PerfBuffers, fds: list[int], pending_max: int):
         super().__init__(name="flowscope-events", daemon=True)
-        self.ring = ring_reader.MmapRing(map_fd, data_size, EVENT.itemsize)
+        self.buffers = buffers
         self._pending = ring_reader.PendingEvents(pending_max)
         self._malformed = 0
+        self._lost = 0
         self._lock = threading.Lock()
         self._epoll = select.epoll()
-        self._epoll.register(map_fd, select.EPOLLIN)
+        for fd in fds:
+            self._epoll.register(fd, select.EPOLLIN)
         self._wakeup = os.eventfd(0, os.EFD_CLOEXEC)  # close() writes it to end the epoll wait
         self._epoll.register(self._wakeup, select.EPOLLIN)
         self._closing = False
         self.error: BaseException | None = None
 
     def _read(self) -> None:
-        """Takes what the ring holds (the caller holds the lock)."""
-        read = self.ring.read()
+        """Takes what the buffers hold (the caller holds the lock)."""
+        read = self.buffers.read()
         self._pending.add(read.records)
         self._malformed += read.malformed
+        self._lost += read.lost
 
     def run(self) -> None:
         try:
@@ -142,15 +146,16 @@ class _RingPump(threading.Thread):
         if self.error is not None:
             raise RuntimeError(f"the event reader failed: {self.error}") from self.error
         with self._lock:
-            reserved = self.ring.producer
+            reserved = self.buffers.reserved()
             deadline = time.monotonic() + COMMIT_WAIT_S
             self._read()
-            while self.ring.consumer < reserved and time.monotonic() < deadline:
+            while not self.buffers.read_past(reserved) and time.monotonic() < deadline:
                 time.sleep(0.0001)  # a record reserved before the call is still being written
                 self._read()
             events, dropped = self._pending.take()
             malformed, self._malformed = self._malformed, 0
-        return EventsRead(events, dropped, malformed=malformed)
+            lost, self._lost = self._lost, 0
+        return EventsRead(events, dropped, lost, malformed)
 
     def close(self) -> None:
         with self._lock:
@@ -161,7 +166,7 @@ class _RingPump(threading.Thread):
             return  # unmapping the ring under a thread still reading it would crash the process
         self._epoll.close()
         os.close(self._wakeup)
-        self.ring.close()
+        self.buffers.close()
 
 
 class _BccPump(threading.Thread):
@@ -311,15 +316,23 @@ class KernelReader:
         self._carried = np.zeros(0, dtype=EVENT)  # events of the generation under way, read early
         self._carried_dropped = np.zeros(EVENT_KIND_MAX, dtype=np.int64)
         options = loaded.options
+        events_fd = maps["fs_events"].fd
         self.mmap_ring = not loaded.perf_events and options.ring_reader == "mmap" and ring_reader.supported()
-        self._pump: _RingPump | _BccPump
+        self._pump: _MmapPump | _BccPump
         if self.mmap_ring:
             try:
-                self._pump = _RingPump(maps["fs_events"].fd, options.ring_pages * mmap.PAGESIZE, pending_events_max)
+                ring = ring_reader.MmapRing(events_fd, options.ring_pages * mmap.PAGESIZE, EVENT.itemsize)
             except ring_reader.RingError as err:
                 raise LoaderError(f"{err}; --perf-buffer reads events through perf buffers instead.") from None
+            self._pump = _MmapPump(ring, [events_fd], pending_events_max)
+        elif loaded.perf_events and ring_reader.supported():  # the ring reader's memory ordering argument holds
+            try:
+                perf = perf_reader.PerfBuffers(events_fd, cpu_list("online"), options.perf_pages, EVENT.itemsize)
+            except ring_reader.RingError as err:
+                raise LoaderError(f"{err}; run `flowscope doctor` and report the output.") from None
+            self._pump = _MmapPump(perf, perf.fds, pending_events_max)
         else:
-            self._pump = _BccPump(maps["fs_events"].fd, loaded.perf_events, options.perf_pages, pending_events_max)
+            self._pump = _BccPump(events_fd, loaded.perf_events, options.perf_pages, pending_events_max)
         self._grace = bpf_syscall.GracePeriod()
         self._pump.start()
 

@@ -57,6 +57,7 @@ class RingRead:
     records: np.ndarray  # (n, record size) uint8, a copy, in commit order
     consumer: int  # the position after the last record read or skipped
     malformed: int  # committed records of another length, skipped
+    lost: int = 0  # the ring reports no losses here: the probes count what did not fit
 
 
 def walk_records(data: np.ndarray, consumer: int, producer: int, record_size: int) -> RingRead:
@@ -121,6 +122,13 @@ class MmapRing:
     @property
     def producer(self) -> int:
         return int(self._producer[0])
+
+    def reserved(self) -> int:
+        """The position up to which records are reserved now (the last ones may still be being written)."""
+        return self.producer
+
+    def read_past(self, position: int) -> bool:
+        return self.consumer >= position
 
     def read(self) -> RingRead:
         """Every committed record from the consumer position on; frees their space in the ring."""
