@@ -85,8 +85,9 @@ def expected_raw_tracepoints() -> set[str]:
     return {r.target for s in statuses if s.active for r in s.family.requires if r.kind == "raw_tracepoint"}
 
 
-def test_the_agent_maps_no_compiler_and_its_probes_go_with_it(agent_netns: Netns) -> None:
-    run = Capture.start(agent_netns, ["fsmeA"], 0.5)
+@pytest.mark.parametrize("transport", [(), ("--perf-buffer",)], ids=["ring", "perf"])
+def test_the_agent_maps_no_compiler_and_its_probes_go_with_it(agent_netns: Netns, transport: tuple[str, ...]) -> None:
+    run = Capture.start(agent_netns, ["fsmeA"], 0.5, *transport)
     pid = run.process.pid
     libraries = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if ".so" in line}
     assert [name for name in libraries if any(part in name for part in ("libLLVM", "libclang", "libbcc"))] == []
