@@ -31,7 +31,7 @@ class KernelSymbols:
         raw = np.frombuffer(text, dtype=np.uint8)
         ends = np.flatnonzero(raw == ord("\n"))
         starts = np.concatenate(([0], ends[:-1] + 1)) if len(ends) else np.zeros(0, dtype=np.int64)
-        width = int(np.flatnonzero(raw == ord(" "))[0]) if len(ends) else 0  # address digits (16 on 64-bit)
+        width = text.find(b" ") if len(ends) else 0  # address digits (16 on 64-bit), as on the first line
         types = raw[starts + width + 1] if len(starts) else raw[:0]
         keep = np.isin(types, np.frombuffer(FUNCTION_TYPES, dtype=np.uint8))
         starts, ends = starts[keep], ends[keep]
