@@ -11,22 +11,27 @@ import numpy as np
 import pandas as pd
 
 from flowscope.coverage import Coverage
+from flowscope.kernel_events import event_rows, host_netns, kernel_names
 from flowscope.kernel_reader import KernelDrain
 from flowscope.kernel_records import (
     COUNTER_EVENT_LOST_BASE,
     COUNTER_EVENT_SENT_BASE,
     COUNTERS,
+    EVENT,
     EVENT_KIND_MAX,
     EVENT_KINDS,
     FLOW_KEY,
     FLOW_STATS,
     KIND_FLOW_SPILL,
-    flows_from_map,
+    FlowRows,
+    concat_records,
+    flow_frame,
     merge_map_entries,
+    select_records,
     spills_as_map_entries,
 )
 from flowscope.probe_catalog import ProbeFamily
-from flowscope.schema import EVENT_COLUMNS, FLOW_COLUMNS, FlowBatch, conform, empty_frame
+from flowscope.schema import EVENT_COLUMNS, FlowBatch, empty_frame
 
 
 @dataclass
@@ -60,7 +65,7 @@ def event_counts(drain: KernelDrain, coverage: Coverage) -> None:
         coverage.add("events:malformed", produced=drain.events_malformed, lost=drain.events_malformed)
 
 
-def flow_rows(drain: KernelDrain, context: AggregationContext, coverage: Coverage) -> pd.DataFrame:
+def flow_rows(drain: KernelDrain, context: AggregationContext, coverage: Coverage) -> FlowRows:
     keys, stats = drain.maps.get("flows", (np.zeros(0, FLOW_KEY), np.zeros(0, FLOW_STATS)))
     spill_keys, spill_stats = spills_as_map_entries(drain.events)
     produced = counter(drain, "tc_packets")
@@ -72,9 +77,24 @@ def flow_rows(drain: KernelDrain, context: AggregationContext, coverage: Coverag
         lost=spill_lost,
     )
     keys, stats = merge_map_entries(keys, stats, spill_keys, spill_stats)
-    flows = flows_from_map(keys, stats, context.offset_ns, context.ifnames, context.node)
-    flows["netns"] = pd.Series(context.netns, index=flows.index, dtype="UInt32")
-    return flows
+    return FlowRows.from_map(keys, stats, netns=context.netns)
+
+
+def event_frame(records: list[np.ndarray], context: AggregationContext) -> pd.DataFrame:
+    """The families' event records decoded at once, in time order (of equal times, in family order)."""
+    events = concat_records(np.zeros(0, EVENT), *records)
+    if len(events) == 0:
+        return empty_frame(EVENT_COLUMNS)
+    events = select_records(events, np.argsort(events["ts_ns"], kind="stable"))
+    return event_rows(
+        events,
+        kernel_names(context),
+        context.offset_ns,
+        context.ifnames,
+        context.node,
+        host_netns(context),
+        context.symbolize,
+    )
 
 
 def build_batch(
@@ -84,41 +104,22 @@ def build_batch(
 ) -> FlowBatch:
     coverage = Coverage()
     active = {family.name for family in context.active}
-    flows = flow_rows(drain, context, coverage) if "tc_flows" in active else empty_frame(FLOW_COLUMNS)
+    no_rows = FlowRows.from_map(np.zeros(0, FLOW_KEY), np.zeros(0, FLOW_STATS))
+    rows = flow_rows(drain, context, coverage) if "tc_flows" in active else no_rows
     event_counts(drain, coverage)
-    events = [empty_frame(EVENT_COLUMNS)]
+    records = []
     for family in context.active:
         if family.contribute is not None:
-            flows, family_events = family.contribute(flows, drain, context, coverage)
-            events.append(family_events)
+            rows, family_events = family.contribute(rows, drain, context, coverage)
+            records.append(family_events)
     # Counters of probes that ran are facts (0 when nothing happened); of probes that did not, unknown.
-    filled = {column for family in context.active for column in family.fills}
-    for column in ("drop_packets", "drop_bytes", "retransmits", "resets"):
-        if column in filled:
-            flows[column] = flows[column].fillna(0)
-    non_empty = [e for e in events if not e.empty]
-    event_frame = pd.concat(non_empty, ignore_index=True) if non_empty else events[0]
-    if not event_frame.empty:
-        event_frame = event_frame.sort_values("time", kind="stable", ignore_index=True)
-    return FlowBatch(
-        window[0],
-        window[1],
-        _in_schema(flows, FLOW_COLUMNS),
-        _in_schema(event_frame, EVENT_COLUMNS),
-        coverage,
+    measured = {column for family in context.active for column in family.fills}
+    flows = flow_frame(
+        rows,
+        context.offset_ns,
+        context.ifnames,
+        context.node,
+        measured,
+        lambda codes: kernel_names(context).drop_reason_names(codes),
     )
-
-
-def _in_schema(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
-    """conform(frame, columns), skipped when the stages already left the frame in the schema's shape
-    (the usual case), where it would rebuild every column for nothing: ~6 ms a frame even when empty."""
-    index = frame.index
-    if (
-        isinstance(index, pd.RangeIndex)
-        and index.start == 0
-        and index.step == 1
-        and list(frame.columns) == list(columns)
-        and [str(dtype) for dtype in frame.dtypes] == list(columns.values())
-    ):
-        return frame
-    return conform(frame, columns)
+    return FlowBatch(window[0], window[1], flows, event_frame(records, context), coverage)

@@ -2,7 +2,9 @@
 probes/tcp_events.c), their decoding into event rows and per-flow counters, and the join of those
 counters into the flow rows.
 
-Pure functions over plain arrays and frames (no BCC), so everything here is unit-tested without root.
+Pure functions over plain arrays (no BCC), so everything here is unit-tested without root. The joins work
+on FlowRows, columns of numpy arrays: their cost per interval is a few numpy calls, not a few hundred pandas
+operations (which cost ~0.1 ms each however few the rows).
 
 Join rule: a counter joins the flow row with the same 5-tuple and the same (ifindex, direction) when
 there is one (only for counters seen in this agent's network namespace, where interface numbers mean
@@ -26,16 +28,17 @@ from flowscope.kernel_records import (
     EVENT_KIND_MAX,
     EVENT_KINDS,
     FLOW_KEY,
-    FLOW_STATS,
+    ICMP_PROTOCOLS,
     KEY_NO_PORTS,
     PORT_PROTOCOLS,
+    FlowRows,
     addresses_to_text,
-    flows_from_map,
+    nullable,
     protocol_names,
     select_records,
     utc_times,
 )
-from flowscope.schema import EVENT_COLUMNS, FLOW_COLUMNS, conform, empty_frame
+from flowscope.schema import EVENT_COLUMNS, conform, empty_frame
 
 if TYPE_CHECKING:
     from flowscope.aggregator import AggregationContext
@@ -72,10 +75,6 @@ KIND_NAMES = np.array([EVENT_KINDS.get(number) for number in range(EVENT_KIND_MA
 SOCKET_KINDS = (KIND["connect"], KIND["accept"], KIND["close"])
 TCP_KINDS = (KIND["retransmit"], KIND["reset"])
 
-COUNTER_COLUMNS = ("drop_packets", "drop_bytes", "drop_reason", "retransmits", "resets", "rtt_us")
-JOIN_TUPLE = ["ip_version", "protocol", "src_ip", "src_port", "dst_ip", "dst_port", "icmp_type", "icmp_code"]
-JOIN_PLACE = ["ifindex", "direction"]
-JOIN_PORTS = ["src_port", "dst_port"]
 
 Symbolize = Callable[[int], "str | None"]
 
@@ -140,45 +139,34 @@ def event_rows(
         {
             "time": utc_times(events["ts_ns"], offset_ns),
             "kind": KIND_NAMES[np.minimum(kind, EVENT_KIND_MAX - 1)],
-            "node": node,
+            "node": np.full(len(events), node, dtype=object),
             "ifname": _object(ifname, here),
-            "ifindex": pd.Series(pd.array(ifindex, dtype="UInt32")).where(ifindex != 0, pd.NA),
-            "netns": pd.Series(pd.array(events["netns"], dtype="UInt32")).where(events["netns"] != 0, pd.NA),
-            "ip_version": pd.Series(pd.array(events["ip_version"], dtype="UInt8")).where(ip, pd.NA),
+            "ifindex": nullable(ifindex, ifindex != 0, "UInt32"),
+            "netns": nullable(events["netns"], events["netns"] != 0, "UInt32"),
+            "ip_version": nullable(events["ip_version"], ip, "UInt8"),
             "protocol": _object(protocol_names(events["proto"]), ip),
             "src_ip": addresses_to_text(events["saddr"], events["ip_version"]),
-            "src_port": pd.Series(pd.array(events["sport"], dtype="UInt16")).where(has_ports, pd.NA),
+            "src_port": nullable(events["sport"], has_ports, "UInt16"),
             "dst_ip": addresses_to_text(events["daddr"], events["ip_version"]),
-            "dst_port": pd.Series(pd.array(events["dport"], dtype="UInt16")).where(has_ports, pd.NA),
-            "bytes": pd.Series(pd.array(events["value"], dtype="UInt64")).where(drop, pd.NA),
+            "dst_port": nullable(events["dport"], has_ports, "UInt16"),
+            "bytes": nullable(events["value"], drop, "UInt64"),
             "drop_reason": _object(names.drop_reason_names(events["reason"]), drop),
             "location": _object(symbols, drop),
             "state": names.tcp_state_names(state),
-            "duration_us": pd.Series(pd.array(events["value"] // 1000, dtype="UInt64")).where(
-                close & (events["value"] > 0), pd.NA
-            ),
-            "pid": pd.Series(pd.array(events["pid"].astype(np.int64), dtype="Int64")).where(events["pid"] != 0, pd.NA),
+            "duration_us": nullable(events["value"] // 1000, close & (events["value"] > 0), "UInt64"),
+            "pid": nullable(events["pid"], events["pid"] != 0, "Int64"),
             "comm": _object(comm, comm != ""),
-            "cgroup_id": pd.Series(pd.array(events["cgroup_id"], dtype="UInt64")).where(
-                events["cgroup_id"] != 0, pd.NA
-            ),
+            "cgroup_id": nullable(events["cgroup_id"], events["cgroup_id"] != 0, "UInt64"),
             "reset_reason": _object(names.reset_reason_names(events["reason"]), reset),
         }
     )
     return conform(frame, EVENT_COLUMNS)
 
 
-def family_events(events: np.ndarray, kinds: tuple[int, ...], context: AggregationContext) -> pd.DataFrame:
-    mine = select_records(events, np.isin(events["kind"], kinds))
-    return event_rows(
-        mine,
-        kernel_names(context),
-        context.offset_ns,
-        context.ifnames,
-        context.node,
-        host_netns(context),
-        context.symbolize,
-    )
+def family_events(drain: KernelDrain, kinds: tuple[int, ...]) -> np.ndarray:
+    """The interval's event records of `kinds` (a family's), still undecoded: the aggregator decodes the
+    events of every family at once."""
+    return select_records(drain.events, np.isin(drain.events["kind"], kinds))
 
 
 # ---- counters -> rows ------------------------------------------------------------------------------------
@@ -189,43 +177,71 @@ def counter_rows(
     netns: np.ndarray,
     first_ns: np.ndarray,
     last_ns: np.ndarray,
-    offset_ns: int,
-    ifnames: Mapping[int, str],
-    node: str,
     netns_here: int,
-) -> pd.DataFrame:
-    """Flow-shaped rows (FLOW_COLUMNS, packets/bytes 0) for counter map keys, with netns and `here` columns."""
-    stats = np.zeros(len(flow_keys), dtype=FLOW_STATS)
-    stats["first_seen_ns"], stats["last_seen_ns"] = first_ns, last_ns
-    rows = flows_from_map(np.ascontiguousarray(flow_keys).view(FLOW_KEY), stats, offset_ns, ifnames, node)
-    here = np.asarray(netns) == netns_here
-    rows["ifname"] = rows["ifname"].where(here, pd.NA)
-    rows["ifindex"] = rows["ifindex"].where(rows["ifindex"] != 0, pd.NA)
-    rows["tcp_flags"] = pd.NA
-    rows["netns"] = np.asarray(netns)
-    rows["here"] = here
-    return rows
+    packets_measured: bool,
+) -> FlowRows:
+    """Rows for counter map keys, nothing counted yet: no interface where the key has none (ifindex 0), and
+    the interface's name only for counters of this network namespace (`named`, the join's `here`)."""
+    keys = np.ascontiguousarray(flow_keys).view(FLOW_KEY)
+    netns = np.asarray(netns)
+    return FlowRows.from_keys(
+        keys,
+        first_ns,
+        last_ns,
+        ifindex_known=keys["ifindex"] != 0,
+        named=netns == netns_here,
+        netns=netns,
+        packets_known=packets_measured,
+    )
 
 
-def _normalized(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """Join keys with nulls replaced by a value no real key has, so that null matches null."""
-    out = {}
-    for name in columns:
-        series = frame[name].reset_index(drop=True)
-        if pd.api.types.is_numeric_dtype(series.dtype):
-            out[name] = series.astype("Int64").fillna(-1).astype(np.int64)
-        else:
-            out[name] = series.astype(object).where(series.notna(), "\0")
-    return pd.DataFrame(out)
+def _port_keys(rows: FlowRows) -> np.ndarray:
+    """Per row, its ports (or ICMP type and code) as the frame shows them, in one integer; -1 when none."""
+    read = (rows.ip_version > 0) & (rows.key_flags & KEY_NO_PORTS == 0)
+    icmp = read & np.isin(rows.proto, ICMP_PROTOCOLS)
+    has_ports = read & np.isin(rows.proto, PORT_PROTOCOLS)
+    ports = rows.sport.astype(np.int64) << 16 | rows.dport
+    icmp_codes = (rows.sport & 0xFF).astype(np.int64) << 8 | (rows.dport & 0xFF)
+    return np.where(has_ports, ports, np.where(icmp, (1 << 32) | icmp_codes, -1))
 
 
-def _key_hashes(normalized: pd.DataFrame, columns: list[str]) -> np.ndarray:
-    """One 64-bit hash per row of the key columns: joins on one integer instead of eight columns."""
-    return pd.util.hash_pandas_object(normalized[columns], index=False).to_numpy()
+def _tuple_bytes(rows: FlowRows) -> np.ndarray:
+    """Per row, the 5-tuple as the frame shows it (ip_version, protocol, addresses as text, ports, ICMP type
+    and code), as a row of bytes: what the frame shows as null, or does not show (the prefix of an IPv4
+    address), is zeroed, so that two rows are equal here exactly when their frame columns are."""
+    n = len(rows)
+    ip = rows.ip_version > 0
+    addresses = np.concatenate(
+        [rows.saddr.view(np.uint8).reshape(n, 16), rows.daddr.view(np.uint8).reshape(n, 16)], axis=1
+    )
+    v4 = rows.ip_version == 4
+    addresses[v4, :12] = 0
+    addresses[v4, 16:28] = 0
+    addresses[~v4 & (rows.ip_version != 6)] = 0  # not IP: no address shown
+    header = np.zeros((n, 2), dtype=np.uint8)
+    header[:, 0], header[:, 1] = rows.ip_version, np.where(ip, rows.proto, 0)
+    ports = _port_keys(rows).view(np.uint8).reshape(n, 8)
+    return np.concatenate([header, ports, addresses], axis=1)
+
+
+def _place_bytes(rows: FlowRows) -> np.ndarray:
+    """Per row, (ifindex, direction) as the frame shows them, as a row of bytes (no ifindex: -1)."""
+    n = len(rows)
+    ifindex = np.where(rows.ifindex_known, rows.ifindex.astype(np.int64), -1)
+    return np.concatenate([ifindex.view(np.uint8).reshape(n, 8), rows.direction.reshape(n, 1) & 1], axis=1)
+
+
+def _codes(*parts: np.ndarray) -> np.ndarray:
+    """One integer per row of byte rows, equal for equal rows, in order of first appearance; `parts` are
+    matrices of one width, coded together (so that codes compare across them)."""
+    matrix = np.ascontiguousarray(np.concatenate(parts) if len(parts) > 1 else parts[0])
+    # "S" drops trailing NULs from each value, which stays exact because every value has the same width.
+    codes, _ = pd.factorize(matrix.view(f"S{matrix.shape[1]}").reshape(-1))
+    return codes.astype(np.int64)
 
 
 def _first_match(table: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """For each wanted hash, the position of its first occurrence in `table`, or -1."""
+    """For each wanted code, the position of its first occurrence in `table`, or -1."""
     distinct, first = np.unique(table, return_index=True)
     if len(distinct) == 0:
         return np.full(len(wanted), -1, dtype=np.int64)
@@ -233,131 +249,117 @@ def _first_match(table: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return np.where(distinct[at] == wanted, first[at], -1)
 
 
-def matching_rows(flows: pd.DataFrame, counters: pd.DataFrame) -> np.ndarray:
+def matching_rows(rows: FlowRows, counters: FlowRows) -> np.ndarray:
     """For each counter row, the index of the flow row it joins (see the module's join rule), or -1."""
     target = np.full(len(counters), -1, dtype=np.int64)
-    if flows.empty or counters.empty:
+    if len(rows) == 0 or len(counters) == 0:
         return target
     # Only rows with the ports of some counter can match: the others are left out before the keys are
-    # normalized and hashed (a few counters against 100k flows: the join's cost no longer grows with flows).
-    ports, wanted_ports = _normalized(flows, JOIN_PORTS), _normalized(counters, JOIN_PORTS)
-    candidates = np.flatnonzero(
-        np.isin(ports["src_port"], wanted_ports["src_port"]) & np.isin(ports["dst_port"], wanted_ports["dst_port"])
-    )
+    # built and hashed (a few counters against 100k flows: the join's cost does not grow with the flows).
+    candidates = np.flatnonzero(np.isin(_port_keys(rows), _port_keys(counters)))
     if len(candidates) == 0:
         return target
-    keys = JOIN_TUPLE + JOIN_PLACE
-    subset = flows.iloc[candidates]
-    rows = _normalized(subset, keys)
-    wanted = _normalized(counters, keys)
+    subset = rows.take(candidates)
     # Latest first; stable, so that of equal times the earlier row (an original before its copies) wins.
-    end = subset["time_end"].to_numpy(dtype="datetime64[ns]")
-    latest_first = np.argsort(-np.where(np.isnat(end), np.iinfo(np.int64).min + 1, end.astype(np.int64)), kind="stable")
+    latest_first = np.argsort(-subset.last_seen_ns.astype(np.int64), kind="stable")
     order = candidates[latest_first]
-    here = counters["here"].to_numpy(dtype=bool)
-    exact = _first_match(_key_hashes(rows, keys)[latest_first], _key_hashes(wanted, keys))
+    tuples = _codes(_tuple_bytes(subset), _tuple_bytes(counters))
+    places = _codes(_place_bytes(subset), _place_bytes(counters))
+    exact_codes = tuples * (places.max() + 1) + places
+    n = len(subset)
+    here = counters.named
+    exact = _first_match(exact_codes[:n][latest_first], exact_codes[n:])
     target[here & (exact >= 0)] = order[exact[here & (exact >= 0)]]
-    by_tuple = _first_match(_key_hashes(rows, JOIN_TUPLE)[latest_first], _key_hashes(wanted, JOIN_TUPLE))
-    ip = counters["ip_version"].notna().to_numpy()
-    rest = (target < 0) & ip & (by_tuple >= 0)
+    by_tuple = _first_match(tuples[:n][latest_first], tuples[n:])
+    rest = (target < 0) & (counters.ip_version > 0) & (by_tuple >= 0)
     target[rest] = order[by_tuple[rest]]
     return target
 
 
-def _with_new_rows(
-    flows: pd.DataFrame, counters: pd.DataFrame, target: np.ndarray, packets_measured: bool
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """Appends one flow row per distinct unmatched counter key; returns the flows and every counter's row."""
+def _with_new_rows(rows: FlowRows, counters: FlowRows, target: np.ndarray) -> tuple[FlowRows, np.ndarray]:
+    """Appends one row per distinct unmatched counter key (its times spanning theirs, nothing counted yet);
+    returns the rows and every counter's row."""
     unmatched = np.flatnonzero(target < 0)
     if len(unmatched) == 0:
-        return flows, target
-    group_keys = [*JOIN_TUPLE, *JOIN_PLACE, "here"]
-    pending = counters.iloc[unmatched].reset_index(drop=True)
-    codes = _normalized(pending, group_keys).groupby(group_keys, sort=False, dropna=False).ngroup().to_numpy()
-    first = pd.Series(np.arange(len(pending))).groupby(codes).first().to_numpy()
-    fresh = pending.iloc[first].reset_index(drop=True)
-    fresh["time_start"] = pending["time_start"].groupby(codes).min().to_numpy()
-    fresh["time_end"] = pending["time_end"].groupby(codes).max().to_numpy()
-    fresh[list(COUNTER_COLUMNS)] = pd.NA  # the caller adds the counters to every joined row alike
-    fresh["packets"] = 0 if packets_measured else pd.NA
-    fresh["bytes"] = 0 if packets_measured else pd.NA
-    fresh = conform(fresh[[name for name in fresh.columns if name in FLOW_COLUMNS]], FLOW_COLUMNS)
+        return rows, target
+    pending = counters.take(unmatched)
+    here = pending.named.astype(np.uint8).reshape(-1, 1)
+    groups = _codes(np.concatenate([_tuple_bytes(pending), _place_bytes(pending), here], axis=1))
+    count = int(groups.max()) + 1
+    first = np.full(count, len(groups), dtype=np.int64)
+    np.minimum.at(first, groups, np.arange(len(groups)))
+    fresh = pending.take(first)
+    fresh.first_seen_ns = np.full(count, np.iinfo(np.uint64).max, dtype=np.uint64)
+    fresh.last_seen_ns = np.zeros(count, dtype=np.uint64)
+    np.minimum.at(fresh.first_seen_ns, groups, pending.first_seen_ns)
+    np.maximum.at(fresh.last_seen_ns, groups, pending.last_seen_ns)
     target = target.copy()
-    target[unmatched] = len(flows) + codes
-    return pd.concat([flows, fresh], ignore_index=True), target
+    target[unmatched] = len(rows) + groups
+    return rows.append(fresh), target
 
 
 def _packets_measured(context: AggregationContext) -> bool:
     return any("packets" in family.fills for family in context.active)
 
 
+def _runs_start(values: np.ndarray) -> np.ndarray:
+    """Where each run of equal values begins in a sorted array."""
+    return np.concatenate([[True], values[1:] != values[:-1]]) if len(values) else np.zeros(0, dtype=bool)
+
+
 # ---- drops -----------------------------------------------------------------------------------------------
 
 
-def drop_counter_rows(
-    keys: np.ndarray,
-    stats: np.ndarray,
-    names: KernelNames,
-    offset_ns: int,
-    ifnames: Mapping[int, str],
-    node: str,
-    netns_here: int,
-) -> pd.DataFrame:
-    rows = counter_rows(
-        keys["flow"], keys["netns"], stats["first_seen_ns"], stats["last_seen_ns"], offset_ns, ifnames, node, netns_here
-    )
-    rows["drop_packets"] = stats["packets"]
-    rows["drop_bytes"] = stats["bytes"]
-    rows["drop_reason"] = names.drop_reason_names(keys["reason"])
-    return rows
-
-
-def join_drops(flows: pd.DataFrame, drops: pd.DataFrame, packets_measured: bool) -> pd.DataFrame:
-    """Flows with drop_packets/drop_bytes/drop_reason joined (one reason per row; see the module's rule)."""
-    if drops.empty:
-        return flows
-    flows = flows.reset_index(drop=True)
-    target = matching_rows(flows, drops)
-    flows, target = _with_new_rows(flows, drops, target, packets_measured)
-    reason = drops["drop_reason"].astype(object).where(drops["drop_reason"].notna(), "\0").to_numpy()
-    per_reason = (
-        pd.DataFrame(
-            {
-                "row": target,
-                "reason": reason,
-                "packets": drops["drop_packets"].to_numpy(dtype=np.uint64),
-                "bytes": drops["drop_bytes"].to_numpy(dtype=np.uint64),
-            }
-        )
-        .groupby(["row", "reason"], sort=False)
-        .sum()
-        .reset_index()
-        # The reason with the most drops stays on the flow's row; ties go to the name, so the choice is stable.
-        .sort_values(["row", "packets", "reason"], ascending=[True, False, True], kind="stable")
-    )
-    per_reason["reason"] = per_reason["reason"].where(per_reason["reason"] != "\0", None)
-    primary = ~per_reason["row"].duplicated()
-    first, others = per_reason[primary], per_reason[~primary]
-    rows = first["row"].to_numpy()
-    flows.loc[rows, "drop_packets"] = first["packets"].to_numpy()
-    flows.loc[rows, "drop_bytes"] = first["bytes"].to_numpy()
-    flows.loc[rows, "drop_reason"] = first["reason"].to_numpy()
-    if others.empty:
-        return flows
-    copies = flows.iloc[others["row"].to_numpy()].reset_index(drop=True)
-    for column in ("packets", "bytes"):
-        copies[column] = copies[column].where(copies[column].isna(), 0)
-    for column in ("tcp_flags", "retransmits", "resets", "rtt_us"):
-        copies[column] = pd.NA
-    copies["drop_packets"] = others["packets"].to_numpy()
-    copies["drop_bytes"] = others["bytes"].to_numpy()
-    copies["drop_reason"] = others["reason"].to_numpy()
-    return pd.concat([flows, copies], ignore_index=True)
+def join_drops(
+    rows: FlowRows,
+    drops: FlowRows,
+    reasons: np.ndarray,
+    reason_names: np.ndarray,
+    packets: np.ndarray,
+    nbytes: np.ndarray,
+) -> FlowRows:
+    """Rows with drop_packets/drop_bytes/drop_reason joined (one reason per row; see the module's rule).
+    `drops`: a row per drop counter (counter_rows); `reasons`: their kernel codes, `reason_names` their names."""
+    if len(drops) == 0:
+        return rows
+    target = matching_rows(rows, drops)
+    rows, target = _with_new_rows(rows, drops, target)
+    # Per (row, reason name): the drops summed. The reason with the most drops stays on the flow's row; ties
+    # go to the name (none first), so the choice is stable; the others become copies of the row.
+    text = np.where(pd.isna(reason_names), "\0", reason_names).astype(object)
+    name_codes, distinct_names = pd.factorize(text)
+    groups = _codes(np.stack([target, name_codes.astype(np.int64)], axis=1).view(np.uint8).reshape(len(target), 16))
+    count = int(groups.max()) + 1
+    first = np.full(count, len(groups), dtype=np.int64)
+    np.minimum.at(first, groups, np.arange(len(groups)))
+    row, reason = target[first], np.asarray(reasons, dtype=np.uint32)[first]
+    name_rank = np.argsort(np.argsort(np.asarray(distinct_names, dtype=object), kind="stable"))[name_codes[first]]
+    summed_packets, summed_bytes = np.zeros(count, dtype=np.uint64), np.zeros(count, dtype=np.uint64)
+    np.add.at(summed_packets, groups, np.asarray(packets, dtype=np.uint64))
+    np.add.at(summed_bytes, groups, np.asarray(nbytes, dtype=np.uint64))
+    order = np.lexsort((name_rank, ~summed_packets, row))
+    primary = _runs_start(row[order])
+    kept, others = order[primary], order[~primary]
+    rows.drop_packets[row[kept]] = summed_packets[kept]
+    rows.drop_bytes[row[kept]] = summed_bytes[kept]
+    rows.drop_reason[row[kept]] = reason[kept]
+    if len(others) == 0:
+        return rows
+    copies = rows.take(row[others])
+    copies.packets[:] = 0
+    copies.bytes[:] = 0
+    copies.tcp_flags_known[:] = False
+    copies.retransmits[:] = 0
+    copies.resets[:] = 0
+    copies.rtt_known[:] = False
+    copies.drop_packets, copies.drop_bytes = summed_packets[others], summed_bytes[others]
+    copies.drop_reason = reason[others]
+    return rows.append(copies)
 
 
 def contribute_drops(
-    flows: pd.DataFrame, drain: KernelDrain, context: AggregationContext, coverage: Coverage
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rows: FlowRows, drain: KernelDrain, context: AggregationContext, coverage: Coverage
+) -> tuple[FlowRows, np.ndarray]:
     from flowscope.aggregator import counter  # imported here: the aggregator imports the catalog, which imports this
 
     keys, stats = drain.maps.get("drops", (np.zeros(0, DROP_KEY), np.zeros(0, DROP_STATS)))
@@ -365,75 +367,51 @@ def contribute_drops(
     coverage.add("drop_map", produced=seen, delivered=int(stats["packets"].sum()), lost=counter(drain, "drop_map_full"))
     sampled_out = counter(drain, "drop_events_sampled_out")
     coverage.add("drop_event_sampling", produced=seen, delivered=seen - sampled_out, lost=sampled_out)
-    if len(keys):  # nothing to join otherwise (an idle interval: skipping saves the frames' fixed cost)
-        names = kernel_names(context)
-        netns = host_netns(context)
-        rows = drop_counter_rows(keys, stats, names, context.offset_ns, context.ifnames, context.node, netns)
-        flows = join_drops(flows, rows, _packets_measured(context))
-    return flows, family_events(drain.events, (KIND["drop"],), context)
+    if len(keys):  # nothing to join otherwise (an idle interval)
+        drops = counter_rows(
+            keys["flow"],
+            keys["netns"],
+            stats["first_seen_ns"],
+            stats["last_seen_ns"],
+            host_netns(context),
+            _packets_measured(context),
+        )
+        names = kernel_names(context).drop_reason_names(keys["reason"])
+        rows = join_drops(rows, drops, keys["reason"], names, stats["packets"], stats["bytes"])
+    return rows, family_events(drain, (KIND["drop"],))
 
 
 # ---- TCP counters ----------------------------------------------------------------------------------------
 
 
-def tcp_counter_rows(
-    keys: np.ndarray,
-    stats: np.ndarray,
-    offset_ns: int,
-    ifnames: Mapping[int, str],
-    node: str,
-    netns_here: int,
-) -> pd.DataFrame:
-    rows = counter_rows(
-        keys["flow"], keys["netns"], stats["first_seen_ns"], stats["last_seen_ns"], offset_ns, ifnames, node, netns_here
-    )
-    rows["retransmits"] = stats["retransmits"]
-    rows["resets"] = stats["resets"]
-    sampled = stats["rtt_samples"] > 0
-    rows["rtt_us"] = pd.Series(pd.array(stats["srtt_us"], dtype="UInt32")).where(sampled, pd.NA)
-    rows["rtt_sampled_ns"] = np.where(sampled, stats["last_seen_ns"].astype(np.int64), -1)
+def join_tcp(
+    rows: FlowRows,
+    counters: FlowRows,
+    retransmits: np.ndarray,
+    resets: np.ndarray,
+    srtt_us: np.ndarray,
+    rtt_sampled: np.ndarray,
+) -> FlowRows:
+    """Rows with retransmits and resets added, and rtt_us set to the latest RTT sample of the flow (by the
+    counters' last_seen_ns; of equal times, the last counter's). `counters`: a row per TCP counter."""
+    if len(counters) == 0:
+        return rows
+    target = matching_rows(rows, counters)
+    rows, target = _with_new_rows(rows, counters, target)
+    np.add.at(rows.retransmits, target, np.asarray(retransmits, dtype=np.uint64))
+    np.add.at(rows.resets, target, np.asarray(resets, dtype=np.uint64))
+    if rtt_sampled.any():
+        row, at, rtt = target[rtt_sampled], counters.last_seen_ns[rtt_sampled], srtt_us[rtt_sampled]
+        order = np.lexsort((at, row))  # stable: of equal (row, time), the later counter comes last
+        last = order[np.concatenate([_runs_start(row[order])[1:], [True]])]
+        rows.rtt_us[row[last]] = rtt[last]
+        rows.rtt_known[row[last]] = True
     return rows
 
 
-def join_tcp(flows: pd.DataFrame, counters: pd.DataFrame, packets_measured: bool) -> pd.DataFrame:
-    """Flows with retransmits and resets added, and rtt_us set to the latest RTT sample of the flow."""
-    if counters.empty:
-        return flows
-    flows = flows.reset_index(drop=True)
-    target = matching_rows(flows, counters)
-    flows, target = _with_new_rows(flows, counters, target, packets_measured)
-    per_row = (
-        pd.DataFrame(
-            {
-                "row": target,
-                "retransmits": counters["retransmits"].to_numpy(dtype=np.uint64),
-                "resets": counters["resets"].to_numpy(dtype=np.uint64),
-            }
-        )
-        .groupby("row", sort=False)[["retransmits", "resets"]]
-        .sum()
-    )
-    rows = per_row.index.to_numpy()
-    for column in ("retransmits", "resets"):
-        current = flows.loc[rows, column].astype("UInt64").fillna(0).to_numpy(dtype=np.uint64)
-        flows.loc[rows, column] = current + per_row[column].to_numpy(dtype=np.uint64)
-    sampled = counters["rtt_sampled_ns"].to_numpy() >= 0
-    if sampled.any():
-        rtt = pd.DataFrame(
-            {
-                "row": target[sampled],
-                "at": counters["rtt_sampled_ns"].to_numpy()[sampled],
-                "rtt": counters["rtt_us"].to_numpy()[sampled],
-            }
-        )
-        latest = rtt.sort_values("at", kind="stable").groupby("row").last()
-        flows.loc[latest.index.to_numpy(), "rtt_us"] = latest["rtt"].to_numpy()
-    return flows
-
-
 def contribute_tcp(
-    flows: pd.DataFrame, drain: KernelDrain, context: AggregationContext, coverage: Coverage
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rows: FlowRows, drain: KernelDrain, context: AggregationContext, coverage: Coverage
+) -> tuple[FlowRows, np.ndarray]:
     from flowscope.aggregator import counter  # imported here: the aggregator imports the catalog, which imports this
 
     keys, stats = drain.maps.get("tcp", (np.zeros(0, TCP_KEY), np.zeros(0, TCP_STATS)))
@@ -446,20 +424,29 @@ def contribute_tcp(
     samples = int(stats["rtt_samples"].sum())
     coverage.add("rtt_samples", produced=samples + rtt_lost, delivered=samples, lost=rtt_lost)
     if len(keys):
-        rows = tcp_counter_rows(keys, stats, context.offset_ns, context.ifnames, context.node, host_netns(context))
-        flows = join_tcp(flows, rows, _packets_measured(context))
-    return flows, family_events(drain.events, TCP_KINDS, context)
+        counters = counter_rows(
+            keys["flow"],
+            keys["netns"],
+            stats["first_seen_ns"],
+            stats["last_seen_ns"],
+            host_netns(context),
+            _packets_measured(context),
+        )
+        rows = join_tcp(
+            rows, counters, stats["retransmits"], stats["resets"], stats["srtt_us"], stats["rtt_samples"] > 0
+        )
+    return rows, family_events(drain, TCP_KINDS)
 
 
 # ---- connection events ------------------------------------------------------------------------------------
 
 
 def contribute_sockets(
-    flows: pd.DataFrame, drain: KernelDrain, context: AggregationContext, coverage: Coverage
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rows: FlowRows, drain: KernelDrain, context: AggregationContext, coverage: Coverage
+) -> tuple[FlowRows, np.ndarray]:
     from flowscope.aggregator import counter  # imported here: the aggregator imports the catalog, which imports this
 
     full = counter(drain, "sock_map_full")
     if full:
         coverage.add("socket_owners", produced=full, lost=full)  # connections whose events lack pid/duration
-    return flows, family_events(drain.events, SOCKET_KINDS, context)
+    return rows, family_events(drain, SOCKET_KINDS)

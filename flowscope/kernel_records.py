@@ -8,11 +8,13 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pandas as pd
 
+from flowscope.kernel_names import UNKNOWN
 from flowscope.schema import FLOW_COLUMNS, conform, empty_frame
 
 FLOW_KEY = np.dtype(
@@ -141,16 +143,187 @@ def utc_times(monotonic_ns: np.ndarray, offset_ns: int) -> pd.DatetimeIndex:
     return pd.to_datetime(monotonic_ns.astype(np.int64) + offset_ns, unit="ns", utc=True)
 
 
-def _ports(keys: np.ndarray, icmp: np.ndarray, has_ports: np.ndarray) -> tuple[pd.Series, ...]:
-    def masked(values: np.ndarray, keep: np.ndarray, dtype: str) -> pd.Series:
-        return pd.Series(pd.array(values, dtype=dtype)).where(keep, pd.NA)
+def nullable(values: np.ndarray, known: np.ndarray | bool, dtype: str) -> pd.api.extensions.ExtensionArray:
+    """`values` where `known`, null elsewhere, as a pandas masked integer array of `dtype` ("UInt16", "Int64",
+    ...), made from the arrays directly: Series(...).where(...) costs ~0.1 ms a column however few the rows."""
+    data = np.asarray(values).astype(dtype.lower(), copy=False)
+    mask = ~np.asarray(known, dtype=bool) if np.ndim(known) else np.full(len(data), not known)
+    return pd.arrays.IntegerArray(data, mask)
 
-    return (
-        masked(keys["sport"], has_ports, "UInt16"),
-        masked(keys["dport"], has_ports, "UInt16"),
-        masked(keys["sport"].astype(np.uint8), icmp, "UInt8"),
-        masked(keys["dport"].astype(np.uint8), icmp, "UInt8"),
+
+@dataclass
+class FlowRows:
+    """The rows of a FlowBatch before they become a frame: one numpy column per field, the flow key's fields
+    as the kernel wrote them. Joins, copies and new rows stay in numpy (a pandas operation costs ~0.1 ms
+    however few the rows: an interval with drops and TCP counters took 50-100 ms), and the frame is decoded
+    once (`flow_frame`). `*_known` mark where a nullable field is set; a drop_reason of UNKNOWN is none."""
+
+    saddr: np.ndarray  # V16, IPv4 as IPv4-mapped IPv6
+    daddr: np.ndarray
+    sport: np.ndarray
+    dport: np.ndarray
+    ifindex: np.ndarray
+    proto: np.ndarray
+    direction: np.ndarray
+    ip_version: np.ndarray
+    key_flags: np.ndarray
+    ifindex_known: np.ndarray  # counters seen with no interface have none
+    named: np.ndarray  # ifindex is an interface of this network namespace: its name is looked up
+    netns: np.ndarray
+    netns_known: np.ndarray
+    first_seen_ns: np.ndarray
+    last_seen_ns: np.ndarray
+    packets: np.ndarray
+    bytes: np.ndarray
+    packets_known: np.ndarray  # packets and bytes
+    tcp_flags: np.ndarray
+    tcp_flags_known: np.ndarray
+    cgroup_id: np.ndarray  # 0: none
+    drop_packets: np.ndarray
+    drop_bytes: np.ndarray
+    drop_reason: np.ndarray  # UNKNOWN: none
+    retransmits: np.ndarray
+    resets: np.ndarray
+    rtt_us: np.ndarray
+    rtt_known: np.ndarray
+
+    @classmethod
+    def from_keys(
+        cls,
+        keys: np.ndarray,
+        first_seen_ns: np.ndarray,
+        last_seen_ns: np.ndarray,
+        *,
+        ifindex_known: np.ndarray | bool,
+        named: np.ndarray | bool,
+        netns: np.ndarray | int | None,
+        packets_known: bool,
+    ) -> FlowRows:
+        """Rows for FLOW_KEY `keys` with nothing counted yet (packets and bytes 0, known or not)."""
+        n = len(keys)
+
+        def column(value, dtype) -> np.ndarray:
+            return np.array(np.broadcast_to(np.asarray(value, dtype=dtype), (n,)))
+
+        zeros = np.zeros(n, dtype=np.uint64)
+        return cls(
+            saddr=np.ascontiguousarray(keys["saddr"]),
+            daddr=np.ascontiguousarray(keys["daddr"]),
+            sport=keys["sport"].copy(),
+            dport=keys["dport"].copy(),
+            ifindex=keys["ifindex"].copy(),
+            proto=keys["proto"].copy(),
+            direction=keys["direction"].copy(),
+            ip_version=keys["ip_version"].copy(),
+            key_flags=keys["flags"].copy(),
+            ifindex_known=column(ifindex_known, bool),
+            named=column(named, bool),
+            netns=column(0 if netns is None else netns, np.uint32),
+            netns_known=column(netns is not None, bool),
+            first_seen_ns=column(first_seen_ns, np.uint64),
+            last_seen_ns=column(last_seen_ns, np.uint64),
+            packets=zeros,
+            bytes=zeros.copy(),
+            packets_known=column(packets_known, bool),
+            tcp_flags=np.zeros(n, dtype=np.uint16),
+            tcp_flags_known=np.zeros(n, dtype=bool),
+            cgroup_id=zeros.copy(),
+            drop_packets=zeros.copy(),
+            drop_bytes=zeros.copy(),
+            drop_reason=np.full(n, UNKNOWN, dtype=np.uint32),
+            retransmits=zeros.copy(),
+            resets=zeros.copy(),
+            rtt_us=np.zeros(n, dtype=np.uint32),
+            rtt_known=np.zeros(n, dtype=bool),
+        )
+
+    @classmethod
+    def from_map(cls, keys: np.ndarray, stats: np.ndarray, netns: int | None = None) -> FlowRows:
+        """One row per flow-map entry (FLOW_KEY/FLOW_STATS arrays), of the interfaces of `netns`."""
+        rows = cls.from_keys(
+            keys,
+            stats["first_seen_ns"],
+            stats["last_seen_ns"],
+            ifindex_known=True,
+            named=True,
+            netns=netns,
+            packets_known=True,
+        )
+        rows.packets, rows.bytes = stats["packets"].copy(), stats["bytes"].copy()
+        rows.tcp_flags = stats["tcp_flags"].astype(np.uint16)
+        rows.tcp_flags_known = rows.proto == 6
+        rows.cgroup_id = stats["cgroup_id"].copy()
+        return rows
+
+    def __len__(self) -> int:
+        return len(self.sport)
+
+    def take(self, index: np.ndarray) -> FlowRows:
+        return FlowRows(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def append(self, other: FlowRows) -> FlowRows:
+        if len(other) == 0:
+            return self
+        return FlowRows(
+            **{f.name: np.concatenate([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)}
+        )
+
+
+def flow_frame(
+    rows: FlowRows,
+    offset_ns: int,
+    ifnames: Mapping[int, str],
+    node: str,
+    measured: Collection[str] = (),
+    drop_reason_names: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> pd.DataFrame:
+    """The rows as a frame of FLOW_COLUMNS. The counters in `measured` (drop_packets, drop_bytes,
+    retransmits, resets) are numbers, the others null: their probe did not run. Drop reasons are named
+    by `drop_reason_names`."""
+    n = len(rows)
+    if n == 0:
+        return empty_frame(FLOW_COLUMNS)
+    proto = rows.proto
+    ip = rows.ip_version > 0
+    read = ip & (rows.key_flags & KEY_NO_PORTS == 0)
+    icmp = read & np.isin(proto, ICMP_PROTOCOLS)
+    has_ports = read & np.isin(proto, PORT_PROTOCOLS)
+    unique_if, if_inverse = np.unique(rows.ifindex, return_inverse=True)
+    names = np.array([ifnames.get(int(i)) for i in unique_if], dtype=object)[if_inverse]
+    names[~rows.named] = None
+    reasons = np.full(n, None, dtype=object)
+    if drop_reason_names is not None and (rows.drop_reason != UNKNOWN).any():
+        reasons = drop_reason_names(rows.drop_reason)
+    frame = pd.DataFrame(
+        {
+            "time_start": utc_times(rows.first_seen_ns, offset_ns),
+            "time_end": utc_times(rows.last_seen_ns, offset_ns),
+            "node": np.full(n, node, dtype=object),
+            "ifname": names,
+            "ifindex": nullable(rows.ifindex, rows.ifindex_known, "UInt32"),
+            "netns": nullable(rows.netns, rows.netns_known, "UInt32"),
+            "direction": DIRECTIONS[rows.direction & 1],
+            "ip_version": nullable(rows.ip_version, ip, "UInt8"),
+            "protocol": np.where(ip, protocol_names(proto), None),
+            "src_ip": addresses_to_text(rows.saddr, rows.ip_version),
+            "src_port": nullable(rows.sport, has_ports, "UInt16"),
+            "dst_ip": addresses_to_text(rows.daddr, rows.ip_version),
+            "dst_port": nullable(rows.dport, has_ports, "UInt16"),
+            "icmp_type": nullable(rows.sport.astype(np.uint8), icmp, "UInt8"),
+            "icmp_code": nullable(rows.dport.astype(np.uint8), icmp, "UInt8"),
+            "packets": nullable(rows.packets, rows.packets_known, "UInt64"),
+            "bytes": nullable(rows.bytes, rows.packets_known, "UInt64"),
+            "tcp_flags": nullable(rows.tcp_flags, rows.tcp_flags_known, "UInt16"),
+            "drop_packets": nullable(rows.drop_packets, "drop_packets" in measured, "UInt64"),
+            "drop_bytes": nullable(rows.drop_bytes, "drop_bytes" in measured, "UInt64"),
+            "drop_reason": reasons,
+            "retransmits": nullable(rows.retransmits, "retransmits" in measured, "UInt64"),
+            "resets": nullable(rows.resets, "resets" in measured, "UInt64"),
+            "rtt_us": nullable(rows.rtt_us, rows.rtt_known, "UInt32"),
+            "cgroup_id": nullable(rows.cgroup_id, rows.cgroup_id != 0, "UInt64"),
+        }
     )
+    return conform(frame, FLOW_COLUMNS)
 
 
 def flows_from_map(
@@ -161,41 +334,7 @@ def flows_from_map(
     node: str,
 ) -> pd.DataFrame:
     """One flow row per map entry (FLOW_COLUMNS); keys/stats are FLOW_KEY/FLOW_STATS arrays."""
-    if len(keys) == 0:
-        return empty_frame(FLOW_COLUMNS)
-    proto = keys["proto"]
-    ip = keys["ip_version"] > 0
-    read = ip & (keys["flags"] & KEY_NO_PORTS == 0)
-    icmp = read & np.isin(proto, ICMP_PROTOCOLS)
-    has_ports = read & np.isin(proto, PORT_PROTOCOLS)
-    sport, dport, icmp_type, icmp_code = _ports(keys, icmp, has_ports)
-    tcp = proto == 6
-    ifindex = keys["ifindex"]
-    unique_if, if_inverse = np.unique(ifindex, return_inverse=True)
-    names = np.array([ifnames.get(int(i)) for i in unique_if], dtype=object)[if_inverse]
-    frame = pd.DataFrame(
-        {
-            "time_start": utc_times(stats["first_seen_ns"], offset_ns),
-            "time_end": utc_times(stats["last_seen_ns"], offset_ns),
-            "node": node,
-            "ifname": names,
-            "ifindex": ifindex,
-            "direction": DIRECTIONS[keys["direction"] & 1],
-            "ip_version": pd.Series(keys["ip_version"]).where(ip, pd.NA),
-            "protocol": pd.Series(protocol_names(proto)).where(ip, pd.NA),
-            "src_ip": addresses_to_text(keys["saddr"], keys["ip_version"]),
-            "src_port": sport,
-            "dst_ip": addresses_to_text(keys["daddr"], keys["ip_version"]),
-            "dst_port": dport,
-            "icmp_type": icmp_type,
-            "icmp_code": icmp_code,
-            "packets": stats["packets"],
-            "bytes": stats["bytes"],
-            "tcp_flags": pd.Series(stats["tcp_flags"].astype(np.uint16)).where(tcp, pd.NA),
-            "cgroup_id": pd.Series(stats["cgroup_id"]).where(stats["cgroup_id"] != 0, pd.NA),
-        }
-    )
-    return conform(frame, FLOW_COLUMNS)
+    return flow_frame(FlowRows.from_map(keys, stats), offset_ns, ifnames, node)
 
 
 # numpy copies structured records with void or byte-string fields one at a time (EVENT: ~330 ns each, 130 ms
@@ -212,9 +351,9 @@ def select_records(records: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return _rows(records)[keep].reshape(-1).view(records.dtype)
 
 
-def concat_records(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """np.concatenate of two structured arrays of one dtype."""
-    return np.concatenate([_rows(first), _rows(second)]).reshape(-1).view(first.dtype)
+def concat_records(first: np.ndarray, *others: np.ndarray) -> np.ndarray:
+    """np.concatenate of structured arrays of one dtype."""
+    return np.concatenate([_rows(first), *(_rows(other) for other in others)]).reshape(-1).view(first.dtype)
 
 
 def unique_records(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

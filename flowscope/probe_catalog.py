@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 
 from flowscope import kernel_offsets
 from flowscope.btf import Btf, BtfError
@@ -23,7 +22,7 @@ from flowscope.kernel_events import (
     contribute_sockets,
     contribute_tcp,
 )
-from flowscope.kernel_records import FLOW_KEY, FLOW_STATS
+from flowscope.kernel_records import FLOW_KEY, FLOW_STATS, FlowRows
 from flowscope.listeners import seed_listeners
 
 
@@ -55,9 +54,9 @@ class ProbeFamily:
     cflags: Callable[[Btf | None, object], list[str]] | None = None
     replaces: str | None = None  # a fallback (kprobe) family runs only when this family cannot
     fills: tuple[str, ...] = ()  # flow columns this family provides (null when it does not run)
-    # Joins the family's drained counters into the flow rows and decodes its events:
-    # (flows, drain, context, coverage) -> (flows, event rows). See flowscope/aggregator.py.
-    contribute: Callable[..., tuple[pd.DataFrame, pd.DataFrame]] | None = None
+    # Joins the family's drained counters into the flow rows and picks its event records (the aggregator
+    # decodes them): (rows, drain, context, coverage) -> (rows, EVENT records). See flowscope/aggregator.py.
+    contribute: Callable[..., tuple[FlowRows, np.ndarray]] | None = None
     # Files under probes/ placed before `source` in the module text: a kprobe variant reuses the maps and
     # logic of the family it replaces (whose own programs its cflags switch off).
     shared: tuple[str, ...] = ()
