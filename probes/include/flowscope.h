@@ -160,6 +160,34 @@ static __always_inline void fs_count(__u32 generation, __u32 counter, __u64 n)
         __sync_fetch_and_add(value, n);
 }
 
+#ifndef FLOWSCOPE_PERF_EVENTS
+/* Ring wake-ups: a record wakes the reader only once every FLOWSCOPE_RING_WAKE_EVERY records (an eighth of
+ * the ring); the others are written with BPF_RB_NO_WAKEUP and wait for that wake-up or for the interval's
+ * drain, which reads the ring itself. The kernel's default wakes a reader that has caught up at the next
+ * record: under a drop or retransmit storm, the reader's thread woke ~100 times a second (as often as it
+ * reads) for a handful of records each. Records written between wake-ups are fewer than an eighth of the
+ * ring, so the reader still comes long before the ring fills. The count is shared by every CPU and not
+ * atomic: an increment lost to a race only delays a wake-up by a record. */
+#ifndef FLOWSCOPE_RING_WAKE_EVERY
+#define FLOWSCOPE_RING_WAKE_EVERY (FLOWSCOPE_RING_PAGES * PAGE_SIZE / (8 * (sizeof(struct fs_event) + 8)))
+#endif
+BPF_ARRAY(fs_ring_unsignalled, __u64, 1);
+
+static __always_inline __u64 fs_ring_wakeup_flags(void)
+{
+    __u32 zero = 0;
+    __u64 *unsignalled = fs_ring_unsignalled.lookup(&zero);
+    if (!unsignalled)
+        return 0; /* the kernel's own policy */
+    if (*unsignalled + 1 < FLOWSCOPE_RING_WAKE_EVERY) {
+        *unsignalled += 1;
+        return BPF_RB_NO_WAKEUP;
+    }
+    *unsignalled = 0;
+    return BPF_RB_FORCE_WAKEUP;
+}
+#endif
+
 /* Sends an event and counts it as sent or lost (the ring does not count its own losses); 0 when sent. */
 static __always_inline int fs_emit(void *ctx, struct fs_event *event, __u32 generation)
 {
@@ -168,7 +196,7 @@ static __always_inline int fs_emit(void *ctx, struct fs_event *event, __u32 gene
 #ifdef FLOWSCOPE_PERF_EVENTS
     err = fs_events.perf_submit(ctx, event, sizeof(*event));
 #else
-    err = fs_events.ringbuf_output(event, sizeof(*event), 0);
+    err = fs_events.ringbuf_output(event, sizeof(*event), fs_ring_wakeup_flags());
 #endif
     __u32 kind = event->kind < FS_EV_KIND_MAX ? event->kind : 0;
     fs_count(generation, (err ? FS_CNT_EVENT_LOST_BASE : FS_CNT_EVENT_SENT_BASE) + kind, 1);

@@ -10,6 +10,8 @@ exactly: the second flow's runs."""
 
 from __future__ import annotations
 
+import mmap
+import select
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +23,7 @@ from flowscope import bpf_syscall, ring_reader
 from flowscope.aggregator import AggregationContext, build_batch
 from flowscope.coverage import Coverage
 from flowscope.kernel_reader import PENDING_EVENTS_MAX, KernelReader
+from flowscope.kernel_records import EVENT
 from flowscope.loader import LoadedProbes, LoadOptions, load
 
 RUNS = 500  # program runs per BPF_PROG_TEST_RUN call: one burst of spills
@@ -142,3 +145,32 @@ def test_events_beyond_the_readers_pending_store_are_counted_as_lost(reader: str
     assert spill_counts(probes) == (10 * RUNS, 1000, 10 * RUNS - 1000)
     assert probes.packets_per_flow()[FIRST_PORT + 1][0] == 1000
     assert probes.coverage().unbalanced() == []
+
+
+def test_the_ring_wakes_its_reader_once_an_eighth_of_it_is_written() -> None:
+    """Records go to the ring with BPF_RB_NO_WAKEUP but one in FLOWSCOPE_RING_WAKE_EVERY (an eighth of the
+    ring: 1024 on 256 pages), which wakes the reader; the others wait for it or for the drain. An epoll
+    registered on the empty ring says whether the kernel signalled; the ring holds every record either way."""
+    ring_pages = 256
+    wake_every = ring_pages * mmap.PAGESIZE // (8 * (EVENT.itemsize + ring_reader.HEADER_SIZE))
+    assert wake_every == 1024
+    loaded = load(LoadOptions(interfaces=[], families={"tc_flows"}, flow_map_size=1, ring_pages=ring_pages))
+    try:
+        egress = loaded.tc_programs["egress"]
+        bpf_syscall.prog_test_run(egress, FRAMES[0], 1)  # takes the flow map's one entry: FRAMES[1] spills
+        events_fd = loaded.maps["fs_events"].fd
+        ring = ring_reader.MmapRing(events_fd, ring_pages * mmap.PAGESIZE, EVENT.itemsize)
+        try:
+            with select.epoll() as epoll:
+                epoll.register(events_fd, select.EPOLLIN)
+                for cycle in range(2):  # the second after a read: the count starts again
+                    bpf_syscall.prog_test_run(egress, FRAMES[1], wake_every - 1)
+                    assert epoll.poll(0) == [], f"cycle {cycle}: woken before {wake_every} records"
+                    bpf_syscall.prog_test_run(egress, FRAMES[1], 1)
+                    assert epoll.poll(0) == [(events_fd, select.EPOLLIN)], f"cycle {cycle}: not woken"
+                    assert len(ring.read().records) == wake_every
+                    assert epoll.poll(0) == []  # caught up: off epoll's ready list until the next wake-up
+        finally:
+            ring.close()
+    finally:
+        loaded.close()
