@@ -704,9 +704,9 @@ def _memory_finding(data: dict) -> list[str]:
         "(`--perf-buffer`, or a kernel without ring buffers) are read through their mapped pages too",
         "(flowscope/perf_reader.py), without libbcc: idle 108 MB in a one-off measurement (154 with libbcc's",
         "reader; 127 with the ring, whose double mapping counts 32 MB where 2 CPUs' perf buffers count 0.5).",
-        f"The price is at start: LiveSource took {idle['start_s']:.1f} s to start, {idle['compile_s']:.1f} s of it",
-        "in the compile step's process (a new interpreter, its imports, BCC); compiling in the agent itself",
-        "took ~1.25 s, so the child adds ~0.3 s.",
+        f"The price is at start: LiveSource took {idle['start_s']:.1f} s to start, {idle['compile_s']:.1f} s of it BCC",
+        "compiling and loading in the child; the child's interpreter and imports add ~0.3 s to what compiling",
+        "in the agent itself took (~1.25 s).",
         "",
     ]
 
