@@ -104,6 +104,10 @@ def build_batch(
 ) -> FlowBatch:
     coverage = Coverage()
     active = {family.name for family in context.active}
+    if any(family.contribute is not None for family in context.active):
+        # Read once (~140 ms of BTF), here in the first interval rather than at the first drop or TCP
+        # counter, which may come at any time under traffic.
+        kernel_names(context)
     no_rows = FlowRows.from_map(np.zeros(0, FLOW_KEY), np.zeros(0, FLOW_STATS))
     rows = flow_rows(drain, context, coverage) if "tc_flows" in active else no_rows
     event_counts(drain, coverage)
