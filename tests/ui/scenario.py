@@ -312,6 +312,21 @@ async def settle(app, pilot, after: int | None = None, timeout: float = 20.0) ->
     raise AssertionError(f"the app did not settle within {timeout}s")
 
 
+async def screen_still(app, pilot, timeout: float = 20.0) -> None:
+    """Waits until three screenshots in a row are the same: tables that just got rows lay out their
+    column widths over a few refreshes, later on a loaded machine."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    shots: list[str] = []
+    while time.monotonic() < deadline:
+        await pilot.pause(0.1)
+        shots = [*shots[-2:], app.export_screenshot()]
+        if len(shots) == 3 and len(set(shots)) == 1:
+            return
+    raise AssertionError(f"the screen kept changing for {timeout}s")
+
+
 async def press_and_settle(app, pilot, *keys: str) -> None:
     for key in keys:
         before = app.feed.published

@@ -8,7 +8,7 @@ import pytest
 from flowscope.ui.app import TopApp
 
 from flowscope.source import ReplaySource
-from tests.ui.scenario import NODE, press_and_settle, replay_finished
+from tests.ui.scenario import NODE, press_and_settle, replay_finished, screen_still
 
 SIZE = (150, 32)
 
@@ -42,7 +42,7 @@ def test_screens(snap_compare, shop_replay, name, keys):
                 await pilot.pause(0.1)
             else:
                 await press_and_settle(app, pilot, key)
-        await pilot.pause(0.3)  # let tables that just got rows lay out their column widths
+        await screen_still(app, pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -53,6 +53,6 @@ def test_bad_filter_message(snap_compare, shop_replay):
     async def run_before(pilot) -> None:
         await replay_finished(app, pilot)
         await pilot.press("slash", *"from-verdict=dropped", "enter")
-        await pilot.pause(0.1)
+        await screen_still(app, pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
