@@ -302,6 +302,18 @@ def _packets_measured(context: AggregationContext) -> bool:
     return any("packets" in family.fills for family in context.active)
 
 
+def _drained_counter_rows(keys: np.ndarray, stats: np.ndarray, context: AggregationContext) -> FlowRows:
+    """Rows for a drained counter map (drops or TCP), keyed by flow and network namespace."""
+    return counter_rows(
+        keys["flow"],
+        keys["netns"],
+        stats["first_seen_ns"],
+        stats["last_seen_ns"],
+        host_netns(context),
+        _packets_measured(context),
+    )
+
+
 def _runs_start(values: np.ndarray) -> np.ndarray:
     """Where each run of equal values begins in a sorted array."""
     return np.concatenate([[True], values[1:] != values[:-1]]) if len(values) else np.zeros(0, dtype=bool)
@@ -368,14 +380,7 @@ def contribute_drops(
     sampled_out = counter(drain, "drop_events_sampled_out")
     coverage.add("drop_event_sampling", produced=seen, delivered=seen - sampled_out, lost=sampled_out)
     if len(keys):  # nothing to join otherwise (an idle interval)
-        drops = counter_rows(
-            keys["flow"],
-            keys["netns"],
-            stats["first_seen_ns"],
-            stats["last_seen_ns"],
-            host_netns(context),
-            _packets_measured(context),
-        )
+        drops = _drained_counter_rows(keys, stats, context)
         names = kernel_names(context).drop_reason_names(keys["reason"])
         rows = join_drops(rows, drops, keys["reason"], names, stats["packets"], stats["bytes"])
     return rows, family_events(drain, (KIND["drop"],))
@@ -424,14 +429,7 @@ def contribute_tcp(
     samples = int(stats["rtt_samples"].sum())
     coverage.add("rtt_samples", produced=samples + rtt_lost, delivered=samples, lost=rtt_lost)
     if len(keys):
-        counters = counter_rows(
-            keys["flow"],
-            keys["netns"],
-            stats["first_seen_ns"],
-            stats["last_seen_ns"],
-            host_netns(context),
-            _packets_measured(context),
-        )
+        counters = _drained_counter_rows(keys, stats, context)
         rows = join_tcp(
             rows, counters, stats["retransmits"], stats["resets"], stats["srtt_us"], stats["rtt_samples"] > 0
         )
