@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from bench import lab
+from flowscope.loader import LoadOptions
 
 # (reader, ring pages): a 1 MiB ring, then the 16 MiB default (131072 records: over a second at 100k/s),
 # which rides out the moments the reader thread waits for the GIL behind a long numpy or pandas call.
@@ -110,6 +111,7 @@ def main() -> None:
             for rate in rates:
                 runs.append(one_run(reader, ring_pages, rate, args.seconds))
     summary = {}
+    defaults = LoadOptions()
     for reader, ring_pages in CONFIGS:
         mine = [r for r in runs if r["reader"] == READER_NAMES[reader] and r["ring_pages"] == ring_pages]
         lossless = [r["delivered_per_s"] for r in mine if r["lost"] == 0 and r["produced"]]
@@ -118,6 +120,7 @@ def main() -> None:
             "max_lossless_delivered_per_s": max(lossless) if lossless else 0,
             "max_delivered_per_s": max(r["delivered_per_s"] for r in mine),
             "all_balanced": all(r["balanced"] for r in mine),
+            "is_default": (reader, ring_pages) == (defaults.ring_reader, defaults.ring_pages),
         }
         lab.log(f"{name}: {summary[name]}")
     lab.save("events", {"runs": runs, "summary": summary, "elapsed_s": round(time.monotonic() - started, 1)})
