@@ -773,7 +773,8 @@ def render() -> str:
     lines = [
         "# Benchmarks",
         "",
-        f"Written by `make bench` on {run.get('finished', 'an unknown date')} in {run.get('elapsed_s', 0):.0f} s;",
+        f"Written by `{run.get('command', 'sudo make bench')}` on {run.get('finished', 'an unknown date')} in "
+        f"{run.get('elapsed_s', 0):.0f} s (the run log at the end has each script's own run);",
         "do not edit, run it again. Each script in bench/ prints its figures and writes",
         "bench/results/<name>.json, from which bench/report.py writes this page. One benchmark alone:",
         "`sudo .venv/bin/python -m bench.run --only <name>` (it rewrites this page from all results).",
