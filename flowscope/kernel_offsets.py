@@ -116,11 +116,13 @@ class Argument:
     required: bool = True
 
 
-def argument_flags(params: list[str], prefix: str, wanted: tuple[Argument, ...], what: str) -> list[str]:
-    """-D<prefix>_ARG_<suffix>=<position> for each wanted parameter found in `params` (0-based)."""
+def argument_flags(
+    params: list[str], prefix: str, wanted: tuple[Argument, ...], what: str, first: int = 0
+) -> list[str]:
+    """-D<prefix>_ARG_<suffix>=<position> for each wanted parameter found in `params` (counted from `first`)."""
     flags = []
     for argument in wanted:
-        positions = [i for i, name in enumerate(params) if name == argument.type_name]
+        positions = [i for i, name in enumerate(params, start=first) if name == argument.type_name]
         if len(positions) >= argument.occurrence:
             flags.append(f"-D{prefix}_ARG_{argument.suffix}={positions[argument.occurrence - 1]}")
         elif argument.required:
@@ -136,8 +138,7 @@ def raw_tracepoint_flags(btf: Btf, tracepoint: str, prefix: str, wanted: tuple[A
 
 def kprobe_flags(btf: Btf, function: str, prefix: str, wanted: tuple[Argument, ...]) -> list[str]:
     """Argument positions of a kprobed function, 1-based as PT_REGS_PARMn counts them."""
-    flags = argument_flags(btf.func_proto_params(function), prefix, wanted, f"kernel function {function}")
-    return [flag.rsplit("=", 1)[0] + f"={int(flag.rsplit('=', 1)[1]) + 1}" for flag in flags]
+    return argument_flags(btf.func_proto_params(function), prefix, wanted, f"kernel function {function}", first=1)
 
 
 def enum_flags(btf: Btf, enum: str, constants: dict[str, str]) -> list[str]:
