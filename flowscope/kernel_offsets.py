@@ -164,6 +164,19 @@ def first_function(btf: Btf, candidates: tuple[str, ...]) -> str:
     raise BtfError(f"the running kernel has none of the functions {', '.join(candidates)}.")
 
 
+def clock_flags(btf: Btf | None) -> list[str]:
+    """-DFS_HAVE_JIFFIES64 where the running kernel has the bpf_jiffies64 helper (Linux 5.5): fs_now() in
+    flowscope.h then reads the precise clock once a tick instead of once a packet. Without it (or without
+    BTF to tell), every stamp reads the precise clock. One flag for the whole module, as flowscope.h is."""
+    if btf is None:
+        return []
+    try:
+        helpers = btf.enum("bpf_func_id")
+    except BtfError:
+        return []
+    return ["-DFS_HAVE_JIFFIES64"] if "BPF_FUNC_jiffies64" in helpers else []
+
+
 # ---- per family -------------------------------------------------------------------------------------
 
 

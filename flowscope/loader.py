@@ -23,6 +23,7 @@ from flowscope import bpf_syscall
 from flowscope.btf import BtfError
 from flowscope.features import KernelFeatures, probe_features
 from flowscope.kernel_headers import HeadersError, export_for_bcc, find_headers
+from flowscope.kernel_offsets import clock_flags
 from flowscope.probe_catalog import CATALOG, FamilyStatus, ProbeFamily, Requirement
 from flowscope.source import ProbeStatus
 
@@ -146,6 +147,7 @@ def cflags_for(active: list[ProbeFamily], features: KernelFeatures, options: Loa
     ]
     if options.perf_events or not features.ringbuf:
         flags.append("-DFLOWSCOPE_PERF_EVENTS")
+    flags += clock_flags(features.btf)
     for family in active:
         for drained in family.drained_maps:
             flags.append(f"-D{drained.size_define}={getattr(options, drained.size_option)}")

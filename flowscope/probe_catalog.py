@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flowscope import kernel_offsets
-from flowscope.btf import Btf, BtfError
+from flowscope.btf import Btf
 from flowscope.kernel_events import (
     DROP_KEY,
     DROP_STATS,
@@ -65,33 +65,12 @@ class ProbeFamily:
     prepare: Callable[[object], object] | None = None
 
 
-def clock_flags(btf: Btf | None, _options: object = None) -> list[str]:
-    """-DFS_HAVE_JIFFIES64 where the running kernel has the bpf_jiffies64 helper (Linux 5.5): fs_now() in
-    flowscope.h then reads the precise clock once a tick instead of once a packet. Without it (or without
-    BTF to tell), every stamp reads the precise clock."""
-    if btf is None:
-        return []
-    try:
-        helpers = btf.enum("bpf_func_id")
-    except BtfError:
-        return []
-    return ["-DFS_HAVE_JIFFIES64"] if "BPF_FUNC_jiffies64" in helpers else []
-
-
-def _with_clock(
-    flags: Callable[[Btf | None, object], list[str]],
-) -> Callable[[Btf | None, object], list[str]]:
-    """A family's -D flags plus the clock's (flowscope.h serves every family of the module)."""
-    return lambda btf, options: flags(btf, options) + clock_flags(btf)
-
-
 TC_FLOWS = ProbeFamily(
     name="tc_flows",
     source="tc_flow.c",
     hook="tc clsact ingress + egress",
     requires=(Requirement("tc"),),
     drained_maps=(DrainedMap("flows", FLOW_KEY, FLOW_STATS, "flow_map_size", "FLOWSCOPE_FLOW_MAP_SIZE"),),
-    cflags=clock_flags,
     fills=("packets", "bytes", "tcp_flags"),
 )
 
@@ -107,7 +86,7 @@ SKB_DROP = ProbeFamily(
     hook="raw tracepoint skb:kfree_skb",
     requires=(Requirement("raw_tracepoint", "kfree_skb"),),
     drained_maps=(DROPS_MAP,),
-    cflags=_with_clock(kernel_offsets.drop_flags),
+    cflags=kernel_offsets.drop_flags,
     fills=DROP_COLUMNS,
     contribute=contribute_drops,
 )
@@ -120,7 +99,7 @@ TCP_EVENTS = ProbeFamily(
         for name in ("tcp_retransmit_skb", "tcp_probe", "tcp_send_reset", "tcp_receive_reset")
     ),
     drained_maps=(TCP_MAP,),
-    cflags=_with_clock(kernel_offsets.tcp_flags),
+    cflags=kernel_offsets.tcp_flags,
     fills=TCP_COLUMNS,
     contribute=contribute_tcp,
 )
@@ -129,7 +108,7 @@ SOCK_STATE = ProbeFamily(
     source="sock_state.c",
     hook="raw tracepoint sock:inet_sock_set_state",
     requires=(Requirement("raw_tracepoint", "inet_sock_set_state"),),
-    cflags=_with_clock(kernel_offsets.sock_flags),
+    cflags=kernel_offsets.sock_flags,
     contribute=contribute_sockets,
     prepare=seed_listeners,
 )
@@ -140,7 +119,7 @@ SKB_DROP_KPROBE = ProbeFamily(
     hook="kprobe sk_skb_reason_drop (kfree_skb_reason before Linux 6.11)",
     requires=(Requirement("kprobe", "sk_skb_reason_drop|kfree_skb_reason"), BTF),
     drained_maps=(DROPS_MAP,),
-    cflags=_with_clock(kernel_offsets.drop_kprobe_flags),
+    cflags=kernel_offsets.drop_kprobe_flags,
     replaces="skb_drop",
     fills=DROP_COLUMNS,
     contribute=contribute_drops,
@@ -157,7 +136,7 @@ TCP_EVENTS_KPROBE = ProbeFamily(
         BTF,
     ),
     drained_maps=(TCP_MAP,),
-    cflags=_with_clock(kernel_offsets.tcp_kprobe_flags),
+    cflags=kernel_offsets.tcp_kprobe_flags,
     replaces="tcp_events",
     fills=TCP_COLUMNS,
     contribute=contribute_tcp,
@@ -168,7 +147,7 @@ SOCK_STATE_KPROBE = ProbeFamily(
     shared=("sock_state.c",),
     hook="kprobes tcp_set_state, inet_sk_set_state",
     requires=(Requirement("kprobe", "tcp_set_state"), BTF),
-    cflags=_with_clock(kernel_offsets.sock_kprobe_flags),
+    cflags=kernel_offsets.sock_kprobe_flags,
     replaces="sock_state",
     contribute=contribute_sockets,
     prepare=seed_listeners,

@@ -1,8 +1,12 @@
 """The per-packet clock's -D flag: set only where the kernel's BTF lists the bpf_jiffies64 helper."""
 
+from pathlib import Path
+
 from flowscope.btf import Btf
-from flowscope.loader import LoadOptions
-from flowscope.probe_catalog import TC_FLOWS, clock_flags
+from flowscope.features import KernelFeatures
+from flowscope.kernel_offsets import clock_flags
+from flowscope.loader import LoadOptions, cflags_for
+from flowscope.probe_catalog import CATALOG
 from tests.unit.btf_builder import BtfBuilder
 
 
@@ -22,6 +26,10 @@ def test_no_clock_flag_without_the_helper_or_without_btf() -> None:
     assert clock_flags(None) == []
 
 
-def test_the_tc_family_asks_for_the_clock() -> None:
-    assert TC_FLOWS.cflags is not None
-    assert TC_FLOWS.cflags(kernel({"BPF_FUNC_jiffies64": 118}), LoadOptions()) == ["-DFS_HAVE_JIFFIES64"]
+def test_the_module_asks_for_the_clock_once(tmp_path: Path) -> None:
+    features = KernelFeatures("6.18.0", tmp_path, "", True, "", tmp_path / "vmlinux", "", False, "", True, True)
+    features.btf = kernel({"BPF_FUNC_jiffies64": 118})  # type: ignore[misc]  # the cached BTF, set directly
+    flags = cflags_for(CATALOG[:1], features, LoadOptions())
+    assert flags.count("-DFS_HAVE_JIFFIES64") == 1
+    features.btf = kernel({"BPF_FUNC_ktime_get_ns": 5})  # type: ignore[misc]
+    assert "-DFS_HAVE_JIFFIES64" not in cflags_for(CATALOG[:1], features, LoadOptions())
