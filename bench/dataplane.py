@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import struct
 import tempfile
 import time
 from pathlib import Path
@@ -217,12 +216,9 @@ def per_packet_cost(seconds: float, new_flows: int) -> dict:
     return result
 
 
-def udp_packet() -> bytes:
-    """One 64-byte IPv4/UDP frame of the lab's client to its server (checksums are not checked by tc)."""
-    eth = bytes.fromhex(lab.SERVER_MAC.replace(":", "") + lab.CLIENT_MAC.replace(":", "")) + b"\x08\x00"
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 50, 0, 0, 64, 17, 0, bytes([10, 205, 0, 1]), bytes([10, 205, 0, 2]))
-    udp = struct.pack("!HHHH", 40000, 5201, 30, 0)
-    return eth + ip + udp + bytes(22)
+def udp_packet(source_port: int = 40000) -> bytes:
+    """One 64-byte IPv4/UDP frame of the lab's client to its server (the test runs' packet)."""
+    return lab.udp_frame(lab.CLIENT_V4, source_port, 5201, 64)
 
 
 def prog_test_run(prog_fd: int, packet: bytes, repeat: int) -> dict:

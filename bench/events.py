@@ -35,10 +35,10 @@ RUNS_PER_CALL = 500
 def generate(prog_fd: int, rate: int, seconds: float) -> None:
     """The event source (a child process holding the program's fd): BPF_PROG_TEST_RUN in turns on two
     flows' packets, RUNS_PER_CALL runs a call, paced to `rate` spills per second (0: no pacing)."""
-    from bench.dataplane import prog_test_run, udp_packet
+    from bench.dataplane import udp_packet
+    from flowscope.bpf_syscall import prog_test_run
 
-    first = udp_packet()
-    second = first[:34] + (40001).to_bytes(2, "big") + first[36:]  # another source port: another flow
+    first, second = udp_packet(40000), udp_packet(40001)  # another source port: another flow
     started = time.monotonic()
     pairs = 0
     while (now := time.monotonic()) - started < seconds:
@@ -52,8 +52,6 @@ def generate(prog_fd: int, rate: int, seconds: float) -> None:
 
 
 def one_run(reader: str, ring_pages: int, rate: int, seconds: float) -> dict:
-    from flowscope.loader import LoadOptions
-
     options = LoadOptions(interfaces=[lab.VETH_CLIENT], flow_map_size=1, ring_pages=ring_pages, ring_reader=reader)
     agent = lab.Agent(options, interval=1.0)
     prog_fd = agent.source.loaded.tc_programs["egress"]

@@ -254,17 +254,23 @@ def udp_sink() -> Iterator[None]:
         server.stop()
 
 
+def udp_frame(source: str, source_port: int, destination_port: int, frame_len: int) -> bytes:
+    """An Ethernet IPv4/UDP frame of `frame_len` bytes from `source` to the lab's server, zero payload, with
+    no IP header checksum (tc does not check it) and no UDP checksum (none, which IPv4 allows)."""
+    eth = bytes.fromhex(SERVER_MAC.replace(":", "") + CLIENT_MAC.replace(":", "")) + b"\x08\x00"
+    ip_header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, frame_len - 14, 0, 0, 64, 17, 0, _v4(source), _v4(SERVER_V4))
+    udp = struct.pack("!HHHH", source_port, destination_port, frame_len - 34, 0)
+    return eth + ip_header + udp + bytes(frame_len - 42)
+
+
 def write_udp_flows_pcap(path: Path, flows: int) -> Path:
     """A pcap of `flows` 60-byte IPv4/UDP frames to the UDP sink, one per distinct flow.
 
     Flows differ by source port (1024-65023) and source address (10.205.0.10 upwards, one per 64000
     flows; fsbench-b routes all of 10.205.0.0/24 back through fsb0b, so reverse-path filtering keeps
-    them). Built with numpy from one template frame; the UDP checksum is left 0 (none), which IPv4 allows."""
+    them). Built with numpy from one template frame (udp_frame), whose IP header checksum is set per flow."""
     frame_len = 60
-    eth = bytes.fromhex(SERVER_MAC.replace(":", "") + CLIENT_MAC.replace(":", "")) + b"\x08\x00"
-    ip_header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, frame_len - 14, 0, 0, 64, 17, 0, bytes(4), _v4(SERVER_V4))
-    udp = struct.pack("!HHHH", 0, UDP_SINK_PORT, frame_len - 34, 0)
-    template = np.frombuffer(eth + ip_header + udp + bytes(frame_len - 42), dtype=np.uint8)
+    template = np.frombuffer(udp_frame("0.0.0.0", 0, UDP_SINK_PORT, frame_len), dtype=np.uint8)
     records = np.zeros((flows, 16 + frame_len), dtype=np.uint8)
     records[:, 16:] = template
     records[:, :16] = np.frombuffer(struct.pack("<IIII", 0, 0, frame_len, frame_len), dtype=np.uint8)
