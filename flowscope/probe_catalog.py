@@ -7,7 +7,7 @@ with the reason and the remedy, in `flowscope doctor`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -74,20 +74,14 @@ TC_FLOWS = ProbeFamily(
     fills=("packets", "bytes", "tcp_flags"),
 )
 
-DROPS_MAP = DrainedMap("drops", DROP_KEY, DROP_STATS, "drop_map_size", "FLOWSCOPE_DROP_MAP_SIZE")
-TCP_MAP = DrainedMap("tcp", TCP_KEY, TCP_STATS, "tcp_map_size", "FLOWSCOPE_TCP_MAP_SIZE")
-DROP_COLUMNS = ("drop_packets", "drop_bytes", "drop_reason")
-TCP_COLUMNS = ("retransmits", "resets", "rtt_us")
-BTF = Requirement("btf")
-
 SKB_DROP = ProbeFamily(
     name="skb_drop",
     source="skb_drop.c",
     hook="raw tracepoint skb:kfree_skb",
     requires=(Requirement("raw_tracepoint", "kfree_skb"),),
-    drained_maps=(DROPS_MAP,),
+    drained_maps=(DrainedMap("drops", DROP_KEY, DROP_STATS, "drop_map_size", "FLOWSCOPE_DROP_MAP_SIZE"),),
     cflags=kernel_offsets.drop_flags,
-    fills=DROP_COLUMNS,
+    fills=("drop_packets", "drop_bytes", "drop_reason"),
     contribute=contribute_drops,
 )
 TCP_EVENTS = ProbeFamily(
@@ -98,9 +92,9 @@ TCP_EVENTS = ProbeFamily(
         Requirement("raw_tracepoint", name)
         for name in ("tcp_retransmit_skb", "tcp_probe", "tcp_send_reset", "tcp_receive_reset")
     ),
-    drained_maps=(TCP_MAP,),
+    drained_maps=(DrainedMap("tcp", TCP_KEY, TCP_STATS, "tcp_map_size", "FLOWSCOPE_TCP_MAP_SIZE"),),
     cflags=kernel_offsets.tcp_flags,
-    fills=TCP_COLUMNS,
+    fills=("retransmits", "resets", "rtt_us"),
     contribute=contribute_tcp,
 )
 SOCK_STATE = ProbeFamily(
@@ -112,45 +106,51 @@ SOCK_STATE = ProbeFamily(
     contribute=contribute_sockets,
     prepare=seed_listeners,
 )
-SKB_DROP_KPROBE = ProbeFamily(
-    name="skb_drop_kprobe",
-    source="kprobe_skb_drop.c",
-    shared=("skb_drop.c",),
-    hook="kprobe sk_skb_reason_drop (kfree_skb_reason before Linux 6.11)",
-    requires=(Requirement("kprobe", "sk_skb_reason_drop|kfree_skb_reason"), BTF),
-    drained_maps=(DROPS_MAP,),
-    cflags=kernel_offsets.drop_kprobe_flags,
-    replaces="skb_drop",
-    fills=DROP_COLUMNS,
-    contribute=contribute_drops,
+
+
+def kprobe_variant(
+    family: ProbeFamily,
+    source: str,
+    hook: str,
+    functions: tuple[str, ...],
+    cflags: Callable[[Btf | None, object], list[str]],
+) -> ProbeFamily:
+    """The stand-in for `family` where its tracepoints are missing: kprobes on `functions` ("a|b": either),
+    with offsets from BTF. Its source follows the family's in the module text and reuses its maps and
+    logic (`cflags` switch the family's own programs off), so it drains the same maps, fills the same
+    columns and joins them the same way."""
+    return replace(
+        family,
+        name=f"{family.name}_kprobe",
+        source=source,
+        shared=(family.source,),
+        hook=hook,
+        requires=(*(Requirement("kprobe", function) for function in functions), Requirement("btf")),
+        cflags=cflags,
+        replaces=family.name,
+    )
+
+
+SKB_DROP_KPROBE = kprobe_variant(
+    SKB_DROP,
+    "kprobe_skb_drop.c",
+    "kprobe sk_skb_reason_drop (kfree_skb_reason before Linux 6.11)",
+    ("sk_skb_reason_drop|kfree_skb_reason",),
+    kernel_offsets.drop_kprobe_flags,
 )
-TCP_EVENTS_KPROBE = ProbeFamily(
-    name="tcp_events_kprobe",
-    source="kprobe_tcp_events.c",
-    shared=("tcp_events.c",),
-    hook="kprobes tcp_retransmit_skb, tcp_rcv_established, tcp_reset, tcp_v4/v6_send_reset, tcp_send_active_reset",
-    requires=(
-        Requirement("kprobe", "tcp_retransmit_skb"),
-        Requirement("kprobe", "tcp_rcv_established"),
-        Requirement("kprobe", "tcp_reset"),
-        BTF,
-    ),
-    drained_maps=(TCP_MAP,),
-    cflags=kernel_offsets.tcp_kprobe_flags,
-    replaces="tcp_events",
-    fills=TCP_COLUMNS,
-    contribute=contribute_tcp,
+TCP_EVENTS_KPROBE = kprobe_variant(
+    TCP_EVENTS,
+    "kprobe_tcp_events.c",
+    "kprobes tcp_retransmit_skb, tcp_rcv_established, tcp_reset, tcp_v4/v6_send_reset, tcp_send_active_reset",
+    ("tcp_retransmit_skb", "tcp_rcv_established", "tcp_reset"),
+    kernel_offsets.tcp_kprobe_flags,
 )
-SOCK_STATE_KPROBE = ProbeFamily(
-    name="sock_state_kprobe",
-    source="kprobe_sock_state.c",
-    shared=("sock_state.c",),
-    hook="kprobes tcp_set_state, inet_sk_set_state",
-    requires=(Requirement("kprobe", "tcp_set_state"), BTF),
-    cflags=kernel_offsets.sock_kprobe_flags,
-    replaces="sock_state",
-    contribute=contribute_sockets,
-    prepare=seed_listeners,
+SOCK_STATE_KPROBE = kprobe_variant(
+    SOCK_STATE,
+    "kprobe_sock_state.c",
+    "kprobes tcp_set_state, inet_sk_set_state",
+    ("tcp_set_state",),
+    kernel_offsets.sock_kprobe_flags,
 )
 
 CATALOG: list[ProbeFamily] = [
