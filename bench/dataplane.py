@@ -171,7 +171,7 @@ def per_packet_cost(seconds: float, new_flows: int) -> dict:
     stats_fd = bpf_syscall.enable_run_time_stats()
     try:
         with lab.Agent(agent_options(flow_map_size=2 * new_flows)) as agent:
-            fds = lab.program_fds(agent.source.loaded)
+            fds = dict(agent.source.loaded.programs)  # every program flowscope loaded: name -> fd
             export_for_bcc(find_headers())  # the agent compiles in a child process: this one has none yet
             references = bcc.BPF(text=REFERENCE_LIVE_PROGRAMS)  # its raw tracepoints attach as it loads
             attachments = tc.TcAttachments()

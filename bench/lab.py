@@ -140,10 +140,10 @@ class Server:
 
 
 @contextmanager
-def iperf3_server(netns: str = NETNS_SERVER, cpu: int = SERVER_CPU) -> Iterator[Server]:
+def iperf3_server(netns: str = NETNS_SERVER) -> Iterator[Server]:
     """An iperf3 server in `netns` (fsbench-b, or fsbench-a for the loopback runs)."""
     process = subprocess.Popen(
-        ["ip", "netns", "exec", netns, "iperf3", "-s", "-A", str(cpu)],
+        ["ip", "netns", "exec", netns, "iperf3", "-s", "-A", str(SERVER_CPU)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -295,15 +295,11 @@ def _v4(text: str) -> bytes:
     return bytes(int(part) for part in text.split("."))
 
 
-def tcpreplay(
-    pcap: Path, pps: int | None = None, loops: int = 1, interface: str = VETH_CLIENT, seconds: float | None = None
-) -> subprocess.Popen:
-    """Starts tcpreplay (rate `pps`, or as fast as it can) on an interface of this namespace; with `seconds`,
-    it stops after that long even if the loops are not done (a busy machine sends slower than asked)."""
+def tcpreplay(pcap: Path, pps: int | None = None, loops: int = 1) -> subprocess.Popen:
+    """Starts tcpreplay on fsb0a (rate `pps`, or as fast as it can)."""
     rate = ["--pps", str(pps)] if pps else ["--topspeed"]
-    limit = ["--duration", str(max(1, round(seconds)))] if seconds else []
     return subprocess.Popen(
-        ["tcpreplay", "-i", interface, "--preload-pcap", *rate, *limit, "--loop", str(loops), str(pcap)],
+        ["tcpreplay", "-i", VETH_CLIENT, "--preload-pcap", *rate, "--loop", str(loops), str(pcap)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -376,11 +372,6 @@ class Agent:
 
 
 # ---- BPF run statistics --------------------------------------------------------------------------------
-
-
-def program_fds(loaded) -> dict[str, int]:
-    """Every program flowscope loaded (tc, tracepoints, ...): name -> fd."""
-    return dict(loaded.programs)
 
 
 def run_stats(fds: dict[str, int]) -> dict[str, tuple[int, int]]:
