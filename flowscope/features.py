@@ -17,6 +17,7 @@ from flowscope.btf import VMLINUX_BTF, Btf, BtfError
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 BPFFS = Path("/sys/fs/bpf")
 KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe/type")
+KALLSYMS = Path("/proc/kallsyms")
 
 
 def _mounted(path: Path, fstype: str) -> bool:
@@ -78,6 +79,19 @@ class KernelFeatures:
             return Btf.load(self.btf_path)
         except BtfError:
             return None
+
+    @cached_property
+    def _kernel_symbols(self) -> frozenset[bytes]:
+        """Every symbol name of /proc/kallsyms ("<address> <type> <name>[\t[module]]"), read once."""
+        try:
+            text = KALLSYMS.read_bytes()
+        except OSError:
+            return frozenset()
+        return frozenset(line.split(b" ", 2)[2].split(b"\t", 1)[0] for line in text.splitlines())
+
+    def kernel_symbol(self, name: str) -> bool:
+        """Whether the kernel (or a loaded module) has a symbol of this name: a function a kprobe can name."""
+        return name.encode() in self._kernel_symbols
 
     def tracepoint(self, category: str, name: str) -> bool:
         return self.tracefs is not None and (self.tracefs / "events" / category / name / "format").exists()

@@ -14,7 +14,6 @@ import importlib.resources
 import importlib.util
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -76,7 +75,7 @@ def _requirement_unmet(requirement: Requirement, features: KernelFeatures) -> tu
     elif kind == "kprobe":
         if not features.kprobes:
             return features.kprobes_reason, "a kernel built with CONFIG_KPROBES=y (most distribution kernels)"
-        if not any(_kernel_symbol_exists(name) for name in target.split("|")):
+        if not any(features.kernel_symbol(name) for name in target.split("|")):
             return f"the kernel has no function {' or '.join(target.split('|'))} to probe", "a kernel that has it"
     elif kind == "btf" and features.btf is None:
         return features.btf_error or "BTF unreadable", "a kernel built with CONFIG_DEBUG_INFO_BTF=y"
@@ -92,15 +91,6 @@ def _cflags_unmet(family: ProbeFamily, features: KernelFeatures, options: LoadOp
     except BtfError as err:
         return str(err), "a kernel whose BTF describes it (report the kernel version to flowscope)"
     return None
-
-
-def _kernel_symbol_exists(name: str) -> bool:
-    pattern = re.compile(rf" {re.escape(name)}$")
-    try:
-        with open("/proc/kallsyms", encoding="utf-8") as symbols:
-            return any(pattern.search(line.rstrip("\n").split("\t")[0]) for line in symbols)
-    except OSError:
-        return False
 
 
 def plan_families(

@@ -91,3 +91,17 @@ def test_perf_buffer_when_forced_or_without_ring_buffer(
 def test_module_text_is_the_header_then_each_family_file() -> None:
     text = module_text(CATALOG[:1])
     assert text.index("#define FLOWSCOPE_H") < text.index("int fs_tc_ingress(")
+
+
+def test_kprobe_family_needs_one_of_its_functions_in_the_kernel(tmp_path: Path) -> None:
+    """Read from this machine's /proc/kallsyms: every kernel has `schedule`, none a flowscope function."""
+
+    def kprobe_family(target: str) -> ProbeFamily:
+        return ProbeFamily("k", "kprobe_drop.c", "kprobe", (Requirement("kprobe", target),))
+
+    kernel = features(tmp_path, [], kprobes=True)
+    found = plan_families(kernel, LoadOptions(), [kprobe_family("flowscope_no_such_function|schedule")])
+    assert found[0].active
+    missing = plan_families(kernel, LoadOptions(), [kprobe_family("flowscope_no_such_function|flowscope_nor_this")])
+    assert not missing[0].active
+    assert missing[0].reason == "the kernel has no function flowscope_no_such_function or flowscope_nor_this to probe"
