@@ -64,6 +64,10 @@ def _n(value: float | None, digits: int = 0) -> str:
     return NONE if value is None else f"{value:,.{digits}f}"
 
 
+def _share(value: float | None) -> str:
+    return NONE if value is None else f"{value:.0%}"
+
+
 def _verdict(met: bool | None) -> str:
     return NONE if met is None else ("met" if met else "**missed**")
 
@@ -161,7 +165,7 @@ def summary(results: dict[str, dict | None]) -> list[str]:
     else:
         row("agent CPU and RSS", "<= 300 MB", "not measured")
     top = results["top_refresh"]
-    refresh = _top_refresh_ms(top) if top else None
+    refresh = top.get("median_refresh_ms") if top else None
     if refresh is not None:
         row("`top` refresh with 100k flows", "<= 100 ms", f"{_n(refresh, 1)} ms", refresh <= 100)
     else:
@@ -180,13 +184,6 @@ def summary(results: dict[str, dict | None]) -> list[str]:
             "",
         ]
     return table
-
-
-def _top_refresh_ms(top: dict) -> float | None:
-    for key in ("median_refresh_ms", "median_ms", "refresh_ms"):
-        if isinstance(top.get(key), int | float):
-            return float(top[key])
-    return None
 
 
 # ---- 1. data plane ---------------------------------------------------------------------------------------
@@ -312,7 +309,7 @@ def _dataplane_findings(data: dict) -> list[str]:
         "  44-byte key, bucket walk, key compare); parsing, the generation, the clock, the counters and the",
         "  atomic adds share the rest. Two cheaper lookups were measured and dropped: a 20-byte key for IPv4",
         "  in maps of its own (5 ns less in the test run, nothing live, for a second pair of maps to drain),",
-        "  and a per-CPU hash (the same lookup: 41 against 40 ns for the bare reference above).",
+        "  and a per-CPU hash (within 1 ns of the shared map's lookup in the bare reference above).",
         f"- Double buffering (the generation read, two maps): {cost('one_map')} ns; the per-CPU counters of what",
         f"  tc saw (the 'produced' of the loss accounting): {cost('no_tc_counters')} ns. Differences of a few ns",
         "  between variants are noise (each is compiled and laid out on its own).",
@@ -381,7 +378,7 @@ def accuracy(data: dict) -> list[str]:
         "type/code) packets and bytes are compared (bytes: the L2 length).",
         "",
     ]
-    losses = sum(count["lost"] for name, count in data["coverage"].items() if name == "flow_map")
+    losses = data["coverage"].get("flow_map", {}).get("lost")
     out += _table(
         ["", "packet capture (tshark)", "flowscope"],
         [
@@ -485,9 +482,9 @@ def _drain_findings(drain: dict) -> list[str]:
         "fills absent columns from a scalar (586 to 49 ms for a 100k-row flow frame). What remains, for the",
         "owners:",
         "",
-        "- decoding the entries into the frame (`flows_from_map`: addresses to text, ports, names) and",
+        "- decoding the entries into the frame (`flow_frame`: addresses to text, ports, names) and",
         "  conforming it to the schema are the largest parts left (profile above); the drop and TCP",
-        "  families' joins, which dominated earlier runs, now join on a hash of the key columns;",
+        "  families' joins, which dominated earlier runs, are numpy joins over the rows with a counter's ports;",
         "- text columns are pandas `string` (one Python object per cell): every 100k-row text column costs",
         "  milliseconds to build and ~6 MB; categoricals for the low-cardinality ones (node, ifname,",
         "  direction, protocol, the identity columns) would cut both (a schema decision).",
@@ -506,7 +503,8 @@ def events(data: dict) -> list[str]:
         "same code as live traffic, and no traffic generator competes for the CPU. `mmap`: flowscope's",
         "reader (flowscope/ring_reader.py, the default on x86-64): the ring's pages mapped into the process",
         "and the committed records copied out as one numpy array per read, at most every 10 ms, by a thread",
-        "that sleeps in epoll while the ring is empty; a drain reads the ring itself too. `bcc callback`:",
+        "that sleeps in epoll until the kernel wakes it (once every eighth of the ring's records; the others",
+        "are written with BPF_RB_NO_WAKEUP); a drain reads the ring itself too. `bcc callback`:",
         "BCC's ring-buffer callback (one Python call and one bytes object per event), which flowscope keeps",
         'for perf buffers and other CPUs (`LoadOptions.ring_reader = "bcc"`). Each with a 1 MiB ring',
         "(256 pages, 8192 records: the default before issue 5) and the 16 MiB default (4096 pages).",
@@ -551,8 +549,8 @@ def events(data: dict) -> list[str]:
         "  Hence the default of 4096 pages (16 MiB of kernel memory, taken once when the probes load).",
         "- CPU per event. BCC's callback costs a ctypes trampoline, a `string_at` and a list append per event;",
         "  the mmap reader a share of one vectorised copy. At 200k events/s with the 16 MiB ring the agent",
-        f"  used {cpu.get(('bcc_callback', 4096, rate), 0):.0%} of a core with BCC's reader and"
-        f" {cpu.get(('mmap', 4096, rate), 0):.0%} with the mmap reader.",
+        f"  used {_share(cpu.get(('bcc_callback', 4096, rate)))} of a core with BCC's reader and"
+        f" {_share(cpu.get(('mmap', 4096, rate)))} with the mmap reader.",
         "- Correctness of the mmap reader: the kernel moves producer_pos when it reserves a record and clears",
         "  the record's busy bit when it commits it; the reader loads producer_pos, then the headers, then",
         "  the records, and stores consumer_pos last. x86-64 keeps loads in order and never moves a store",
@@ -697,12 +695,13 @@ def _memory_finding(data: dict) -> list[str]:
         "kernel maps its 16 MiB data area twice in a row, so that records wrap around contiguously, and /proc",
         "counts each mapping (its memory is the map's, allocated once in the kernel and charged once to the",
         "cgroup). Kernel symbols for drop locations come from /proc/kallsyms, read at the first drop (~8 MB",
-        "kept), not from BCC's symbol cache. 100k flows add ~110 MB: a flow frame of 100k rows is ~31 MB of",
+        f"kept), not from BCC's symbol cache. 100k flows add {_n(busy['rss_mb'] - idle['rss_before_traffic_mb'])} MB:"
+        " a flow frame of 100k rows is ~31 MB of",
         "column arrays (45 columns) plus its text objects, and at the peak the drained arrays, the aggregator's",
         "and the enricher's frames and the previous interval's batch are alive together. Perf buffers",
         "(`--perf-buffer`, or a kernel without ring buffers) are read through their mapped pages too",
         "(flowscope/perf_reader.py), without libbcc: idle 108 MB in a one-off measurement (154 with libbcc's",
-        "reader; 127 with the ring, whose double mapping counts 32 MB where 2 CPUs' perf buffers count 0.5).",
+        "reader; the ring's double mapping counts 32 MB where 2 CPUs' perf buffers count 0.5).",
         f"The price is at start: LiveSource took {idle['start_s']:.1f} s to start, {idle['compile_s']:.1f} s of it BCC",
         "compiling and loading in the child; the child's interpreter and imports add ~0.3 s to what compiling",
         "in the agent itself took (~1.25 s).",
@@ -719,8 +718,8 @@ def _idle_finding(data: dict) -> list[str]:
         [
             "In this run the idle agent also saw the rest of the host (the tracepoints watch every namespace:",
             f"{', '.join(f'{name} {_n(count)}' for name, count in sorted(seen.items()))} over the run); an",
-            "interval with a few such drops or connections pays ~20 ms for the drop family's rows, joins and",
-            "event rows (~50 ms before), still pandas' fixed cost per operation, not work proportional to data.",
+            "interval with a few such drops or connections pays 8 to 12 ms for the drop and TCP families' rows,",
+            "joins and event rows (recorded live drains; 50 to 110 ms before the joins moved to numpy).",
         ]
         if seen
         else []
@@ -729,8 +728,8 @@ def _idle_finding(data: dict) -> list[str]:
         f"Idle, with no traffic at all, the agent uses {idle['cpu_share']:.1%} of a core (4% before issue 5); an",
         f"interval's drain and FlowBatch take {_n(idle['median_drain_and_batch_ms'])} ms of wall time (48 ms before).",
         "A cProfile of an interval with nothing in it (every family) put 32 ms of CPU into it, all pandas'",
-        "fixed cost per operation and syscalls; now 2.5 ms, of ~15 ms of wall time that is mostly the RCU",
-        "grace period after the generation flip (the kernel waits it out without CPU): a family's counter",
+        "fixed cost per operation and syscalls; now 2.5 ms, and the rest of the wall time above is mostly the",
+        "RCU grace period after the generation flip (the kernel waits it out without CPU): a family's counter",
         "rows and joins are skipped when its map is empty, its event rows when it has no events; empty",
         "frames are copies of one built per schema (`schema.empty_frame`); `schema.conform` builds frames",
         "from arrays (each Series was reindexed); the batch is conformed to the schema once, and only where",
@@ -796,7 +795,7 @@ def render() -> str:
         ),
         "All traffic stays in two network namespaces made for the run (`fsbench-a`, `fsbench-b`, veth",
         "`fsb0a`/`fsb0b`, 10.205.0.0/24 and fd00:205::/64, static neighbours). The machine is a shared",
-        "2-vCPU VM: the run log at the end has the load average before and after each script. Load from",
+        f"{m['cores']}-vCPU VM: the run log at the end has the load average before and after each script. Load from",
         "elsewhere lowers throughput, raises loss and stretches wall-clock times, so compare runs made at",
         "similar load.",
         "",
