@@ -159,14 +159,7 @@ class PerfBuffers:
             head, tail = int(positions[0]), int(positions[1])  # head first: every record below it is complete
             if head == tail:
                 continue
-            size = len(data)
-            start, length = tail % size, head - tail
-            pending = (
-                data[start : start + length]
-                if start + length <= size
-                else np.concatenate((data[start:], data[: start + length - size]))
-            )
-            read = walk_records(pending, self.record_size)
+            read = walk_records(pending_bytes(data, tail, head), self.record_size)
             positions[1] = head  # last: the records were copied out
             records.append(read.records)
             lost += read.lost
