@@ -26,8 +26,6 @@ from bench import lab
 
 def child(flow_map_size: int) -> None:
     """The agent process: runs until SIGTERM, then prints its figures as JSON on stdout."""
-    import argparse as flags
-
     from flowscope.coverage import Coverage
     from flowscope.enrich import build_enricher
     from flowscope.live import LiveSource
@@ -38,7 +36,7 @@ def child(flow_map_size: int) -> None:
     started = time.monotonic()
     source = LiveSource(LoadOptions(interfaces=[lab.VETH_CLIENT], flow_map_size=flow_map_size), interval=1.0)
     start = {"start_s": round(time.monotonic() - started, 2), "compile_s": source.loaded.compile_seconds}
-    enricher = build_enricher(flags.Namespace(node_name="bench", kubeconfig=None, metadata=None))
+    enricher = build_enricher(argparse.Namespace(node_name="bench", kubeconfig=None, metadata=None))
     print("ready", flush=True)
     intervals = []
     coverage = Coverage()
