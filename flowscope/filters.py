@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from flowscope.kernel_records import PROTOCOL_NAMES
 from flowscope.schema import EVENT_KINDS
 
 FrameKind = Literal["flows", "events"]
@@ -35,10 +36,9 @@ FIELDS = SIDED_FIELDS + UNSIDED_FIELDS
 DIRECTIONS = ("ingress", "egress")
 VERDICTS = ("forwarded", "dropped")
 TYPES = ("flow", *EVENT_KINDS)
-# IANA protocol numbers of the protocols the schema names (RFC 5237 registry); others stay numbers.
-PROTOCOL_NUMBERS = {"ICMP": 1, "TCP": 6, "UDP": 17, "ICMPv6": 58, "SCTP": 132}
-_PROTOCOL_BY_TEXT = {name.upper(): name for name in PROTOCOL_NUMBERS} | {
-    str(number): name for name, number in PROTOCOL_NUMBERS.items()
+# A protocol by its name or number, as flow rows name it (kernel_records.PROTOCOL_NAMES); others stay numbers.
+_PROTOCOL_BY_TEXT = {name.upper(): name for name in PROTOCOL_NAMES.values()} | {
+    str(number): name for number, name in PROTOCOL_NAMES.items()
 }
 _REASON = re.compile(r"^[A-Z0-9_]+$")
 _DROP_REASON_PREFIX = "SKB_DROP_REASON_"
@@ -235,7 +235,7 @@ def _parse_protocol(item: str) -> str:
         return known
     if item.isdigit() and int(item) <= 255:
         return str(int(item))
-    raise ValueError(f"protocol is one of {', '.join(PROTOCOL_NUMBERS)} or an IP protocol number 0-255")
+    raise ValueError(f"protocol is one of {', '.join(PROTOCOL_NAMES.values())} or an IP protocol number 0-255")
 
 
 def _choice(choices: tuple[str, ...], what: str) -> Callable[[str], str]:

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from flowscope.filters import MATCH_ALL, FilterError, parse_filter
+from flowscope.kernel_records import protocol_names
 from flowscope.schema import events_frame, flows_frame
 
 # Five flows, one per row index, with identity on some rows only (as on a real node).
@@ -175,8 +176,8 @@ def test_event_masks(text, rows):
         ("workload=shop/", "bad filter term \"workload=shop/\": the workload name after '/' is empty"),
         (
             "protocol=gre",
-            'bad filter term "protocol=gre": protocol is one of ICMP, TCP, UDP, ICMPv6, SCTP or an IP protocol number '
-            "0-255",
+            'bad filter term "protocol=gre": protocol is one of ICMP, TCP, UDP, ICMPv6, SCTP, UDPLite or an IP '
+            "protocol number 0-255",
         ),
     ],
 )
@@ -184,6 +185,14 @@ def test_bad_filters_name_the_term(text, message):
     with pytest.raises(FilterError) as caught:
         parse_filter(text)
     assert str(caught.value) == message
+
+
+def test_protocols_match_by_name_or_number_as_flow_rows_name_them():
+    # The protocol column as the kernel reader writes it: a known protocol by name, any other by number.
+    frame = flows_frame(pd.DataFrame({"protocol": protocol_names(np.array([136, 6, 200, 132]))}))
+    assert frame["protocol"].tolist() == ["UDPLite", "TCP", "200", "SCTP"]
+    for text, rows in (("protocol=136", [0]), ("protocol=udplite", [0]), ("protocol=200", [2]), ("protocol=132", [3])):
+        assert np.flatnonzero(parse_filter(text).flows_mask(frame)).tolist() == rows, text
 
 
 def test_words_from_a_command_line_parse_like_text():
