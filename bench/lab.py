@@ -20,11 +20,11 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -125,34 +125,31 @@ def lab() -> Iterator[None]:
 # ---- traffic -------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 @contextmanager
-def iperf3_server(netns: str = NETNS_SERVER) -> Iterator[Server]:
+def serving(what: str, command: list[str], settle: float = 0.3) -> Iterator[None]:
+    """Runs a server process while the block runs: `settle` seconds to start listening, an error naming
+    `what` if it has exited by then, SIGTERM (then SIGKILL after 5 s) at the end."""
+    with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: a chatty server never blocks on it
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+        try:
+            time.sleep(settle)
+            if process.poll() is not None:
+                errors.seek(0)
+                raise RuntimeError(f"{what} did not start: {errors.read().strip() or process.returncode}")
+            yield
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def iperf3_server(netns: str = NETNS_SERVER) -> AbstractContextManager[None]:
     """An iperf3 server in `netns` (fsbench-b, or fsbench-a for the loopback runs)."""
-    process = subprocess.Popen(
-        ["ip", "netns", "exec", netns, "iperf3", "-s", "-A", str(SERVER_CPU)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = Server(process)
-    try:
-        time.sleep(0.3)
-        yield server
-    finally:
-        server.stop()
+    return serving("iperf3 -s", ["ip", "netns", "exec", netns, "iperf3", "-s", "-A", str(SERVER_CPU)])
 
 
 ECHO_PORT = 7007
@@ -176,15 +173,8 @@ Server(("::", {ECHO_PORT}), Handler).serve_forever()
 """
 
 
-@contextmanager
-def echo_server() -> Iterator[None]:
-    process = subprocess.Popen(in_server(sys.executable, "-c", ECHO_SERVER), stderr=subprocess.DEVNULL)
-    server = Server(process)
-    try:
-        time.sleep(0.5)
-        yield
-    finally:
-        server.stop()
+def echo_server() -> AbstractContextManager[None]:
+    return serving("the echo server", in_server(sys.executable, "-c", ECHO_SERVER), settle=0.5)
 
 
 def short_connections(host: str, count: int, payload: bytes = b"x" * 200) -> int:
@@ -242,16 +232,8 @@ while True:
 """
 
 
-@contextmanager
-def udp_sink() -> Iterator[None]:
-    server = Server(subprocess.Popen(in_server(sys.executable, "-c", UDP_SINK), stderr=subprocess.PIPE, text=True))
-    try:
-        time.sleep(0.3)
-        if server.process.poll() is not None:
-            raise RuntimeError(f"the UDP sink did not start: {server.process.communicate()[1].strip()}")
-        yield
-    finally:
-        server.stop()
+def udp_sink() -> AbstractContextManager[None]:
+    return serving("the UDP sink", in_server(sys.executable, "-c", UDP_SINK))
 
 
 def udp_frame(source: str, source_port: int, destination_port: int, frame_len: int) -> bytes:
