@@ -2,6 +2,7 @@
 #   make top    set up, then run `flowscope top`
 #   make test   set up (with test dependencies), then run the whole test suite
 #   make setup  set up only (idempotent; quick when everything is there)
+#   make bench  set up (with test dependencies), then run the benchmarks and rewrite docs/benchmarks.md
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
