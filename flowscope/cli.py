@@ -17,7 +17,7 @@ from typing import IO, Any, NoReturn
 import pandas as pd
 
 from flowscope.coverage import Coverage
-from flowscope.enrich import IdentityConfigError, add_identity_arguments, build_enricher
+from flowscope.enrich import IdentityConfigError, add_identity_arguments, build_enricher, node_name
 from flowscope.records import ReplayError, format_time, write_batch, write_summary
 from flowscope.schema import FlowBatch
 from flowscope.source import BatchSource, ProbeStatus, ReplaySource
@@ -113,14 +113,13 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--speed", type=positive_float, default=None, metavar="X", help="replay pace (2 = twice as fast)"
     )
-    group.add_argument("--node-name", metavar="NAME", help="this node's name (default: the host name)")
 
 
 def open_source(args: argparse.Namespace, default_speed: float = 0.0) -> BatchSource:
     """The BatchSource the flags ask for: a replay file or the live probes."""
     if args.replay:
         speed = args.speed if args.speed is not None else default_speed
-        return ReplaySource(args.replay, speed=speed, node=getattr(args, "node_name", None))
+        return ReplaySource(args.replay, speed=speed, node=node_name(args))
     from flowscope.live import LiveSource
     from flowscope.loader import LoadOptions
 
@@ -135,7 +134,7 @@ def open_source(args: argparse.Namespace, default_speed: float = 0.0) -> BatchSo
         tcp_map_size=args.tcp_map_size,
         tcp_events_per_second=args.tcp_events_rate,
     )
-    return LiveSource(options, interval=args.interval, node=getattr(args, "node_name", None))
+    return LiveSource(options, interval=args.interval, node=node_name(args))
 
 
 def _terminate_on_sigterm() -> None:

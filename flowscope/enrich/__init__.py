@@ -15,7 +15,6 @@ The `kubernetes` client is imported only when the Kubernetes source is used.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import socket
@@ -29,7 +28,7 @@ from flowscope.enrich.static import load_metadata
 DEFAULT_GRACE = 60.0
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
-__all__ = ["DEFAULT_GRACE", "Enricher", "IdentityConfigError", "add_identity_arguments", "build_enricher"]
+__all__ = ["DEFAULT_GRACE", "Enricher", "IdentityConfigError", "add_identity_arguments", "build_enricher", "node_name"]
 
 
 def _grace(text: str) -> float:
@@ -52,8 +51,7 @@ def add_identity_arguments(parser: argparse.ArgumentParser) -> None:
         "--metadata", metavar="FILE",
         help="YAML or JSON naming pods, services and nodes by IP (hosts without Kubernetes, VMs, external peers)",
     )  # fmt: skip
-    with contextlib.suppress(argparse.ArgumentError):  # the probe flags may define it already
-        group.add_argument("--node-name", metavar="NAME", help="this node's name (default: $NODE_NAME, the host name)")
+    group.add_argument("--node-name", metavar="NAME", help="this node's name (default: $NODE_NAME, the host name)")
     group.add_argument(
         "--identity-grace", type=_grace, default=DEFAULT_GRACE, metavar="SECONDS",
         help=f"keep a deleted pod's identity this long for late flows (default {DEFAULT_GRACE:g})",
@@ -61,6 +59,7 @@ def add_identity_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def node_name(args: argparse.Namespace) -> str:
+    """This node's name: --node-name, else $NODE_NAME, else the host name (flow rows and identity alike)."""
     return getattr(args, "node_name", None) or os.environ.get("NODE_NAME") or socket.gethostname()
 
 

@@ -126,13 +126,3 @@ def test_build_enricher_reports_a_bad_metadata_file_and_accepts_a_good_one(tmp_p
         assert "kubernetes" not in health["sources"]
     finally:
         enricher.close()
-
-
-def test_identity_flags_coexist_with_a_parser_that_has_node_name_already():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--node-name")
-    add_identity_arguments(parser)
-    args = parser.parse_args(["--node-name", "n1", "--kubeconfig", "k", "--metadata", "m"])
-    assert (args.node_name, args.kubeconfig, args.metadata, args.identity_grace) == ("n1", "k", "m", 60.0)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--identity-grace", "-1"])
