@@ -72,13 +72,13 @@ def pod_object(index: int, generation: int = 0, start: str = "2026-01-01T00:00:0
     }
 
 
-def cluster(pods: int = PODS, services: int = 0):
-    """A catalog of `pods` pods (with their ReplicaSets), and `services` services and the nodes if asked."""
+def cluster(services: int = 0):
+    """A catalog of the PODS pods (with their ReplicaSets), and `services` services and the nodes if asked."""
     from flowscope.enrich.catalog import Catalog
     from flowscope.enrich.model import parse_controller, parse_node, parse_pod, parse_service
 
     catalog = Catalog("kubernetes", grace=60)
-    for deployment in range(pods // PER_DEPLOYMENT):
+    for deployment in range(PODS // PER_DEPLOYMENT):
         app = f"app-{deployment:04d}"
         replica_set = {
             "metadata": {
@@ -88,7 +88,7 @@ def cluster(pods: int = PODS, services: int = 0):
             }
         }
         catalog.put("replicasets", parse_controller(replica_set), listed=True)
-    for index in range(pods):
+    for index in range(PODS):
         catalog.put("pods", parse_pod(pod_object(index)), listed=True)
     if services:
         for index, ip in enumerate(service_ip(np.arange(services)).tolist()):
