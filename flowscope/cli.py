@@ -311,12 +311,11 @@ def run_capture(args: argparse.Namespace) -> int:
 
 
 def doctor_report() -> dict[str, Any]:
-    import os
     import platform
 
     from flowscope.features import probe_features
     from flowscope.kernel_headers import HeadersError, find_headers
-    from flowscope.loader import LoaderError, LoadOptions, import_bcc, plan_families
+    from flowscope.loader import LoaderError, LoadOptions, import_bcc, plan_families, probe_statuses
 
     root = os.geteuid() == 0
     features = probe_features(with_program_types=root)
@@ -335,16 +334,7 @@ def doctor_report() -> dict[str, Any]:
     options = LoadOptions()
     statuses = plan_families(features, options)
     report["events_transport"] = "ring buffer" if features.ringbuf else "perf buffer"
-    report["probes"] = [
-        {
-            "name": s.family.name,
-            "hook": s.family.hook,
-            "active": s.active,
-            "reason": s.reason or None,
-            "remedy": s.remedy or None,
-        }
-        for s in statuses
-    ]
+    report["probes"] = probes_summary(probe_statuses(statuses))
     if root and report.get("bcc") and "error" not in report["headers"]:
         report["load_check"] = _load_check(options)
     elif not root:
