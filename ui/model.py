@@ -194,12 +194,12 @@ GROUPING_BY_NAME = {
 
 @dataclass
 class _Interval:
-    time_start: pd.Timestamp
     time_end: pd.Timestamp
     seconds: float
     flows: pd.DataFrame
     events: pd.DataFrame
     # Per view (grouping + filter), computed when first needed and dropped when the view changes.
+    passed: np.ndarray | None = None  # the flows that pass the filter (dropped when the filter changes)
     groups: pd.DataFrame | None = None  # per key: sums, rtt mean, connection counts
     drops: pd.DataFrame | None = None  # per key and drop reason: drop packets and bytes
 
@@ -289,7 +289,7 @@ class TopModel:
             if span > 0:
                 seconds = span
         flows = batch.flows[[c for c in KEPT_FLOW_COLUMNS if c in batch.flows.columns]]
-        self.window.append(_Interval(batch.time_start, batch.time_end, seconds, flows, batch.events))
+        self.window.append(_Interval(batch.time_end, seconds, flows, batch.events))
         rows = sum(len(i.flows) for i in self.window)
         while len(self.window) > 1 and (len(self.window) > self.history or rows > self.row_budget):
             rows -= len(self.window.popleft().flows)
@@ -308,16 +308,16 @@ class TopModel:
             raise ValueError(f"unknown grouping {grouping!r}; groupings are {', '.join(GROUPINGS)}")
         if sort is not None and sort not in SORT_KEYS:
             raise ValueError(f"unknown sort column {sort!r}; columns are {', '.join(SORT_KEYS)}")
-        view_changes = (grouping is not None and grouping != self.grouping) or (
-            filter is not None and filter != self.filter
-        )
+        filter_changes = filter is not None and filter != self.filter
+        view_changes = filter_changes or (grouping is not None and grouping != self.grouping)
         self.grouping = grouping or self.grouping
         self.filter = filter if filter is not None else self.filter
         self.sort = sort or self.sort
         self.descending = self.descending if descending is None else descending
-        if view_changes:
-            for interval in self.window:
-                interval.groups = interval.drops = None
+        for interval in self.window if view_changes else ():
+            interval.groups = interval.drops = None
+            if filter_changes:
+                interval.passed = None
 
     @property
     def group(self) -> Grouping:
@@ -330,7 +330,7 @@ class TopModel:
             return Totals(None, 0.0, 0, 0.0, 0.0, 0.0, 0, self.intervals, self.coverage)
         last = self.window[-1]
         flows = last.flows
-        filtered = int(self.filter.flows_mask(flows).sum()) if self.filter else len(flows)
+        filtered = int(self._passed(last).sum()) if self.filter else len(flows)
         return Totals(
             last.time_end,
             last.seconds,
@@ -452,6 +452,15 @@ class TopModel:
 
     # --- per-interval work, cached per view ----------------------------------------------------------
 
+    def _passed(self, interval: _Interval) -> np.ndarray:
+        """Which of the interval's flows pass the filter: evaluated once per interval and filter."""
+        if interval.passed is None:
+            interval.passed = self.filter.flows_mask(interval.flows)
+        return interval.passed
+
+    def _flows(self, interval: _Interval) -> pd.DataFrame:
+        return interval.flows[self._passed(interval)] if self.filter else interval.flows
+
     def _groups(self, interval: _Interval) -> pd.DataFrame:
         if interval.groups is None:
             interval.groups = self._aggregate(interval)
@@ -460,7 +469,7 @@ class TopModel:
     def _aggregate(self, interval: _Interval) -> pd.DataFrame:
         group = self.group
         names = list(group.key_names)
-        flows = self.filter.flows(interval.flows)
+        flows = self._flows(interval)
         keyed = group.keyed(flows, [c for c in (*SUMMED, "rtt_us") if c in flows.columns])
         by_key = keyed.groupby(names, sort=False)
         result = by_key[[c for c in SUMMED if c in keyed.columns]].sum(min_count=1).reindex(columns=list(SUMMED))
@@ -481,7 +490,7 @@ class TopModel:
     def _drops(self, interval: _Interval) -> pd.DataFrame:
         """Dropped packets and bytes per key and reason (only rows with drops, so this stays small)."""
         if interval.drops is None:
-            flows = self.filter.flows(interval.flows)
+            flows = self._flows(interval)
             names = list(self.group.key_names)
             if "drop_packets" in flows.columns:
                 flows = flows[flows["drop_packets"].to_numpy(dtype=np.int64, na_value=0) > 0]
@@ -532,7 +541,7 @@ class TopModel:
         peer_group = group.with_ip_fallback()
         parts = []
         for interval in intervals:
-            flows = self.filter.flows(interval.flows)
+            flows = self._flows(interval)
             for end, other, direction in (("src", "dst", "→"), ("dst", "src", "←")):
                 mine, _ = group.side_keys(flows, end)
                 here = _matches(pd.DataFrame(mine), names, key)
