@@ -28,8 +28,6 @@ BPF_ENABLE_STATS = 32
 
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
-BPF_MAP_TYPE_PERF_EVENT_ARRAY = 4
-BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
 BPF_MAP_TYPE_RINGBUF = 27
 
@@ -114,15 +112,16 @@ def drain_batch(map_fd: int, buffers: BatchBuffers, delete: bool = True) -> tupl
             0,
         )
         attr_buf = ctypes.create_string_buffer(attr, ATTR_SIZE)
-        nr = _SYSCALL_NR[platform.machine()]
-        result = _libc.syscall(nr, cmd, attr_buf, ATTR_SIZE)
-        read = struct.unpack_from("<I", attr_buf, 32)[0]  # the kernel writes back the count it read
-        total += read
-        if result < 0:
-            err = ctypes.get_errno()
-            if err == errno.ENOENT:
-                break
-            raise BpfSyscallError(err, f"batch read of map fd {map_fd} failed: {os.strerror(err)}")
+        try:
+            _bpf_in_place(cmd, attr_buf)
+            at_end = False
+        except BpfSyscallError as err:
+            if err.errno != errno.ENOENT:
+                raise BpfSyscallError(err.errno, f"batch read of map fd {map_fd} failed: {err.strerror}") from None
+            at_end = True  # the map's end, with the last entries read
+        total += struct.unpack_from("<I", attr_buf, 32)[0]  # the kernel writes back the count it read
+        if at_end:
+            break
         ctypes.memmove(buffers.token, buffers.next_token, len(buffers.token))
         first = False
     return buffers.keys[: total * buffers.key_size], buffers.values[: total * buffers.value_size], total
