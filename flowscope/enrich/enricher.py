@@ -32,7 +32,7 @@ from flowscope.enrich.catalog import Catalog
 from flowscope.enrich.ipindex import ANSWER_AMBIGUOUS, ANSWER_NONE, ANSWER_UNCLAIMED, ANSWER_VARIES, Owner
 from flowscope.enrich.model import NodeMeta, PodMeta
 from flowscope.enrich.node import NodeScanner, NodeView
-from flowscope.enrich.sockets import LOCAL_SOCKET_KINDS, Keys, SocketTable, TextColumns, TupleHashes
+from flowscope.enrich.sockets import LOCAL_SOCKET_KINDS, Keys, SocketTable, TextColumns, TupleHashes, epoch_seconds
 from flowscope.schema import FlowBatch
 
 # The identity columns that come from the resolved identity (pid and comm come from the socket).
@@ -171,13 +171,6 @@ class _Identities:
         return np.append(self._values(index), None)[positions]  # -1: the trailing None
 
 
-def _epoch_seconds(times: pd.Series, fallback: float) -> np.ndarray:
-    values = times.dt.tz_convert(None).to_numpy(dtype="datetime64[ns]")
-    seconds = values.astype("int64") / 1e9
-    seconds[np.isnat(values)] = fallback
-    return seconds
-
-
 def _text_column(values: np.ndarray) -> pd.api.extensions.ExtensionArray:
     """Text (an object array, None where missing) as a string column, converting each distinct value once."""
     codes, distinct = pd.factorize(values)
@@ -265,10 +258,10 @@ class Enricher:
         if frame.empty:
             return frame
         if kind == "flows":
-            lo = _epoch_seconds(frame["time_start"], fallback)
-            hi = _epoch_seconds(frame["time_end"], fallback)
+            lo = epoch_seconds(frame["time_start"], fallback)
+            hi = epoch_seconds(frame["time_end"], fallback)
         else:
-            lo = hi = _epoch_seconds(frame["time"], fallback)
+            lo = hi = epoch_seconds(frame["time"], fallback)
         identities = _Identities()
         sides = {}
         with contextlib.ExitStack() as stack:

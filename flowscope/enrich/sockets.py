@@ -22,6 +22,14 @@ PRUNE_EVERY = 5.0  # seconds between sweeps for sockets closed longer than the g
 _MIX = np.uint64(0x100000001B3)
 
 
+def epoch_seconds(times: pd.Series, fallback: float) -> np.ndarray:
+    """A UTC time column as float epoch seconds, `fallback` where it is missing."""
+    values = times.dt.tz_convert(None).to_numpy(dtype="datetime64[ns]")
+    seconds = values.astype("int64") / 1e9
+    seconds[np.isnat(values)] = fallback
+    return seconds
+
+
 class Socket(NamedTuple):
     cgroup_id: int | None
     netns: int | None
@@ -161,8 +169,7 @@ class SocketTable:
             local = events[events["kind"].isin(LOCAL_SOCKET_KINDS).fillna(False).to_numpy(dtype=bool)]
             tuples = TupleHashes(local)
             hashes, complete = tuples.local("src"), tuples.complete
-            stamps = local["time"].dt.tz_convert(None).to_numpy(dtype="datetime64[ns]")
-            times = np.where(np.isnat(stamps), now, stamps.astype(np.int64) / 1e9)
+            times = epoch_seconds(local["time"], now)
             rows = zip(
                 hashes[complete].tolist(),
                 local["kind"].to_numpy()[complete],
