@@ -59,15 +59,17 @@ class Hosts:
         return report
 
 
-def run_traffic(netns: Netns, *argv: str, timeout: float = 120.0) -> dict:
-    """Runs a sender of tests/kernel/traffic.py in `netns`; returns what it reports."""
-    result = netns.run(sys.executable, traffic.PATH, *argv, timeout=timeout)
+def run_traffic(netns: Netns, *argv: str, timeout: float = 120.0, script: str = traffic.PATH) -> dict:
+    """Runs a sender of tests/kernel/traffic.py (or of another script that reports one JSON line last, such
+    as socket_traffic.py) in `netns`; returns what it reports."""
+    result = netns.run(sys.executable, script, *argv, timeout=timeout)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def start_sink(netns: Netns, *argv: str) -> subprocess.Popen:
-    """Starts a sink of tests/kernel/traffic.py in `netns`; returns once it is bound."""
-    process = netns.popen(sys.executable, traffic.PATH, *argv, stdout=subprocess.PIPE)
+def start_sink(netns: Netns, *argv: str, script: str = traffic.PATH) -> subprocess.Popen:
+    """Starts a sink of tests/kernel/traffic.py (or a server of another script that prints "ready" once
+    bound) in `netns`; returns once it is bound."""
+    process = netns.popen(sys.executable, script, *argv, stdout=subprocess.PIPE)
     if process.stdout.readline().strip() != "ready":
         raise AssertionError(f"traffic sink {argv} did not start")
     return process

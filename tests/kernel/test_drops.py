@@ -3,13 +3,14 @@ the kernel dropped the packet, counted exactly per flow and joined into the flow
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 
 from tests.kernel import traffic
+from tests.kernel.tc_flows import TRANSPORT_NAMES, TRANSPORTS, run_traffic, start_sink, udp_frame
 from tests.kernel.tracepoint_lab import (
+    Pair,
     assert_balanced,
     capture,
     client_server,
@@ -22,24 +23,23 @@ from tests.kernel.tracepoint_lab import (
 pytestmark = pytest.mark.kernel
 
 SIZE = 100  # UDP payload bytes
-ETH, UDP = 14, 8
-IP_HEADER = {4: 20, 6: 40}
 PROTOCOL = "UDP"
 
 
-def wire_length(version: int) -> int:
-    return ETH + IP_HEADER[version] + UDP + SIZE
+def wire_length(version: int, extension: int = 0) -> int:
+    return udp_frame(version, SIZE, extension=extension)
 
 
-def udp_send(pair, version: int, sport: int, dport: int, count: int) -> None:
+def udp_send(pair: Pair, version: int, sport: int, dport: int, count: int, *extra: str) -> None:
     src, dst = pair.addresses(version)
-    pair.client.run(
-        sys.executable, traffic.PATH, "udp-send", "--src", src, "--dst", dst,
-        "--sport", str(sport), "--dport", str(dport), "--size", str(SIZE), "--count", str(count),
+    report = run_traffic(
+        pair.client, "udp-send", "--src", src, "--dst", dst,
+        "--sport", str(sport), "--dport", str(dport), "--size", str(SIZE), "--count", str(count), *extra,
     )  # fmt: skip
+    assert report["sent"] == count and report["refused"] == 0, report
 
 
-@pytest.mark.parametrize("transport", ["ring", "perf"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("version", [4, 6])
 def test_udp_to_a_closed_port_is_dropped_with_no_socket_on_its_flow(version: int, transport: str) -> None:
     with client_server() as pair:
@@ -49,7 +49,7 @@ def test_udp_to_a_closed_port_is_dropped_with_no_socket_on_its_flow(version: int
         udp_send(pair, version, 40001, 9, count=5)
         result = run.stop()
     assert_balanced(result)
-    assert result.summary["events_transport"] == {"ring": "ring buffer", "perf": "perf buffer"}[transport]
+    assert result.summary["events_transport"] == TRANSPORT_NAMES[transport]
     flows = rows(result.flows, src, 40001, dst, 9, PROTOCOL)
     # The flow tc counted leaving the client carries the drops that happened in the server's namespace.
     assert total(flows, "packets") == 5
@@ -71,16 +71,12 @@ def test_an_ipv6_packet_with_extension_headers_is_dropped_on_its_transport_5_tup
     with client_server() as pair:
         src, dst = pair.addresses(6)
         run = capture(pair, "ring")
-        pair.client.run(
-            sys.executable, traffic.PATH, "udp-send", "--src", src, "--dst", dst, "--sport", "40004",
-            "--dport", "9", "--size", str(SIZE), "--count", "3", "--hop-options",
-        )  # fmt: skip
+        udp_send(pair, 6, 40004, 9, 3, "--hop-options")
         result = run.stop()
     assert_balanced(result)
     flows = rows(result.flows, src, 40004, dst, 9, PROTOCOL)  # UDP, not the hop-by-hop header's number 0
-    hop_by_hop = 8
     assert total(flows, "drop_packets") == 3
-    assert total(flows, "drop_bytes") == 3 * (wire_length(6) + hop_by_hop) == total(flows, "bytes")
+    assert total(flows, "drop_bytes") == 3 * wire_length(6, extension=8) == total(flows, "bytes")  # hop-by-hop
     drops = rows(events(result), src, 40004, dst, 9, PROTOCOL)
     assert len(drops) == 3 and set(drops["drop_reason"]) == {"NO_SOCKET"}
 
@@ -91,8 +87,7 @@ def test_an_iptables_drop_rule_shows_as_netfilter_drop(version: int) -> None:
         src, dst = pair.addresses(version)
         iptables = "iptables" if version == 4 else "ip6tables"
         pair.server.run(iptables, "-A", "INPUT", "-p", "udp", "--dport", "5555", "-j", "DROP")
-        sink = pair.server.popen(sys.executable, traffic.PATH, "udp-sink", dst, "5555", stdout=subprocess.PIPE)
-        assert sink.stdout.readline().strip() == "ready"
+        start_sink(pair.server, "udp-sink", dst, "5555")
         run = capture(pair, "ring")
         udp_send(pair, version, 40002, 5555, count=4)
         result = run.stop()

@@ -8,9 +8,7 @@ The probes here are machine-wide (tracepoints), so tests select rows by their ow
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,11 +18,11 @@ import pandas as pd
 from tests.kernel import socket_traffic
 from tests.kernel.capture import Capture, CaptureResult
 from tests.kernel.lab import Lab, Netns, Port
+from tests.kernel.tc_flows import TRANSPORTS, run_traffic, start_sink
 
 PREFIX = "fstp-"
 IPV4_NET = "10.202.0.0/16"
 IPV6_NET = "fd00:202::/64"
-TRANSPORTS = {"ring": (), "perf": ("--perf-buffer",)}
 
 
 @dataclass
@@ -45,16 +43,13 @@ class Pair:
         return int(netns.run("stat", "-L", "-c", "%i", "/proc/self/ns/net").stdout)
 
     def socket_traffic(self, netns: Netns, *argv: str, timeout: float = 60.0) -> dict:
-        result = netns.run(sys.executable, socket_traffic.PATH, *argv, timeout=timeout)
-        return json.loads(result.stdout.strip().splitlines()[-1])
+        """Runs a socket_traffic command in `netns`; returns what it reports."""
+        return run_traffic(netns, *argv, timeout=timeout, script=socket_traffic.PATH)
 
     def start_server(self, address: str, port: int, connections: int = 1) -> subprocess.Popen:
         """A socket_traffic server in the server namespace, listening once this returns."""
         argv = ["server", address, str(port), "--connections", str(connections)]
-        process = self.server.popen(sys.executable, socket_traffic.PATH, *argv, stdout=subprocess.PIPE)
-        if process.stdout.readline().strip() != "ready":
-            raise AssertionError("the test server did not start")
-        return process
+        return start_sink(self.server, *argv, script=socket_traffic.PATH)
 
 
 @contextmanager
