@@ -20,13 +20,11 @@ import pandas as pd
 
 from flowscope.coverage import Coverage
 from flowscope.filters import MATCH_ALL, Filter
-from flowscope.schema import FlowBatch
+from flowscope.schema import FLOW_COUNTERS, FlowBatch
 
 GROUPINGS = ("flow", "pod", "workload", "namespace", "process", "node")
 UNKNOWN = "(unknown)"
 
-# Per-interval sums of these flow columns, per group.
-SUMMED = ("bytes", "packets", "drop_packets", "drop_bytes", "retransmits", "resets")
 CONNECT_KINDS = ("connect", "accept")
 DROP_COUNTERS = ("drop_packets", "drop_bytes")
 PEER_COUNTERS = ("bytes", "packets", "drop_packets")
@@ -62,7 +60,7 @@ KEPT_FLOW_COLUMNS = (
     "src_port",
     "dst_ip",
     "dst_port",
-    *SUMMED,
+    *FLOW_COUNTERS,
     "drop_reason",
     "rtt_us",
     *(f"{side}_{name}" for side in ("src", "dst") for name in ("namespace", "pod", "workload", "pid", "comm", "node")),
@@ -236,7 +234,6 @@ class DropsTable:
     """Drop reasons of the window ranked by dropped packets, with their top victims in the current grouping."""
 
     frame: pd.DataFrame  # reason, last, window, window_bytes, share, victims (list of (label, packets))
-    intervals: int
 
 
 @dataclass(frozen=True)
@@ -245,10 +242,11 @@ class Detail:
     key: tuple
     label: str
     series: pd.DataFrame  # per interval: time_end, bytes_per_s, packets_per_s, drops, retransmits, resets, rtt_us
-    peers: pd.DataFrame  # peer, direction (→ to the peer, ← from it), bytes, packets, drop_packets
-    drops: pd.DataFrame  # reason, packets, bytes
-    events: pd.DataFrame  # newest first: time, kind, flow, reason
-    peer_intervals: int  # how many recent intervals the peers and events cover
+    # Over the last TopModel.detail_intervals: peer, direction (→ to the peer, ← from it), bytes, packets,
+    # drop_packets
+    peers: pd.DataFrame
+    drops: pd.DataFrame  # over the window: reason, packets, bytes
+    events: pd.DataFrame  # over the last TopModel.detail_intervals, newest first: time, kind, flow, reason
 
 
 @dataclass
@@ -384,7 +382,7 @@ class TopModel:
         present = [d for d in window_drops if not d.empty]
         columns = ["reason", "last", "window", "window_bytes", "share", "victims"]
         if not present:
-            return DropsTable(pd.DataFrame(columns=columns), len(self.window))
+            return DropsTable(pd.DataFrame(columns=columns))
         every = pd.concat(present)
         names = list(self.group.key_names)
         by_reason = every.groupby("reason", sort=False)[["packets", "bytes"]].sum()
@@ -408,7 +406,7 @@ class TopModel:
                 "victims": [victim_lists.get(r, []) for r in ranked.index],
             }
         )
-        return DropsTable(frame, len(self.window))
+        return DropsTable(frame)
 
     def detail(self, key: tuple, events: int = 50) -> Detail:
         """Everything the window knows about one group: its series, peers, drops by reason and recent events."""
@@ -447,7 +445,6 @@ class TopModel:
             self._peers(recent, key),
             by_reason,
             self._events(recent, key, events),
-            len(recent),
         )
 
     # --- per-interval work, cached per view ----------------------------------------------------------
@@ -470,9 +467,14 @@ class TopModel:
         group = self.group
         names = list(group.key_names)
         flows = self._flows(interval)
-        keyed = group.keyed(flows, [c for c in (*SUMMED, "rtt_us") if c in flows.columns])
+        # Per key: the sums of the flow counters and the mean RTT.
+        keyed = group.keyed(flows, [c for c in (*FLOW_COUNTERS, "rtt_us") if c in flows.columns])
         by_key = keyed.groupby(names, sort=False)
-        result = by_key[[c for c in SUMMED if c in keyed.columns]].sum(min_count=1).reindex(columns=list(SUMMED))
+        result = (
+            by_key[[c for c in FLOW_COUNTERS if c in keyed.columns]]
+            .sum(min_count=1)
+            .reindex(columns=list(FLOW_COUNTERS))
+        )
         result["rtt_us"] = by_key["rtt_us"].mean() if "rtt_us" in keyed.columns else np.nan
         events = self.filter.events(interval.events)
         if len(events) and "kind" in events.columns:
