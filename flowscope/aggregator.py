@@ -16,7 +16,6 @@ from flowscope.kernel_reader import KernelDrain
 from flowscope.kernel_records import (
     COUNTER_EVENT_LOST_BASE,
     COUNTER_EVENT_SENT_BASE,
-    COUNTERS,
     EVENT,
     EVENT_KIND_MAX,
     EVENT_KINDS,
@@ -46,10 +45,6 @@ class AggregationContext:
     extra: dict[str, object] = field(default_factory=dict)  # per-family state (e.g. kernel names)
 
 
-def counter(drain: KernelDrain, name: str) -> int:
-    return int(drain.counters[COUNTERS.index(name)])
-
-
 def event_counts(drain: KernelDrain, coverage: Coverage) -> None:
     """Per event kind: produced in the kernel = sent + lost; delivered = what reached this process."""
     delivered = np.bincount(drain.events["kind"], minlength=EVENT_KIND_MAX)
@@ -68,7 +63,7 @@ def event_counts(drain: KernelDrain, coverage: Coverage) -> None:
 def flow_rows(drain: KernelDrain, context: AggregationContext, coverage: Coverage) -> FlowRows:
     keys, stats = drain.maps.get("flows", (np.zeros(0, FLOW_KEY), np.zeros(0, FLOW_STATS)))
     spill_keys, spill_stats = spills_as_map_entries(drain.events)
-    produced = counter(drain, "tc_packets")
+    produced = drain.counter("tc_packets")
     spill_lost = drain.events_lost(KIND_FLOW_SPILL)
     coverage.add(
         "flow_map",

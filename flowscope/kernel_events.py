@@ -372,12 +372,10 @@ def join_drops(
 def contribute_drops(
     rows: FlowRows, drain: KernelDrain, context: AggregationContext, coverage: Coverage
 ) -> tuple[FlowRows, np.ndarray]:
-    from flowscope.aggregator import counter  # imported here: the aggregator imports the catalog, which imports this
-
     keys, stats = drain.maps.get("drops", (np.zeros(0, DROP_KEY), np.zeros(0, DROP_STATS)))
-    seen = counter(drain, "drops")
-    coverage.add("drop_map", produced=seen, delivered=int(stats["packets"].sum()), lost=counter(drain, "drop_map_full"))
-    sampled_out = counter(drain, "drop_events_sampled_out")
+    seen = drain.counter("drops")
+    coverage.add("drop_map", produced=seen, delivered=int(stats["packets"].sum()), lost=drain.counter("drop_map_full"))
+    sampled_out = drain.counter("drop_events_sampled_out")
     coverage.add("drop_event_sampling", produced=seen, delivered=seen - sampled_out, lost=sampled_out)
     if len(keys):  # nothing to join otherwise (an idle interval)
         drops = _drained_counter_rows(keys, stats, context)
@@ -417,15 +415,13 @@ def join_tcp(
 def contribute_tcp(
     rows: FlowRows, drain: KernelDrain, context: AggregationContext, coverage: Coverage
 ) -> tuple[FlowRows, np.ndarray]:
-    from flowscope.aggregator import counter  # imported here: the aggregator imports the catalog, which imports this
-
     keys, stats = drain.maps.get("tcp", (np.zeros(0, TCP_KEY), np.zeros(0, TCP_STATS)))
-    seen = counter(drain, "tcp_counts")
+    seen = drain.counter("tcp_counts")
     counted = int(stats["retransmits"].sum() + stats["resets"].sum())
-    coverage.add("tcp_map", produced=seen, delivered=counted, lost=counter(drain, "tcp_map_full"))
-    sampled_out = counter(drain, "tcp_events_sampled_out")
+    coverage.add("tcp_map", produced=seen, delivered=counted, lost=drain.counter("tcp_map_full"))
+    sampled_out = drain.counter("tcp_events_sampled_out")
     coverage.add("tcp_event_sampling", produced=seen, delivered=seen - sampled_out, lost=sampled_out)
-    rtt_lost = counter(drain, "rtt_map_full")
+    rtt_lost = drain.counter("rtt_map_full")
     samples = int(stats["rtt_samples"].sum())
     coverage.add("rtt_samples", produced=samples + rtt_lost, delivered=samples, lost=rtt_lost)
     if len(keys):
@@ -442,9 +438,7 @@ def contribute_tcp(
 def contribute_sockets(
     rows: FlowRows, drain: KernelDrain, context: AggregationContext, coverage: Coverage
 ) -> tuple[FlowRows, np.ndarray]:
-    from flowscope.aggregator import counter  # imported here: the aggregator imports the catalog, which imports this
-
-    full = counter(drain, "sock_map_full")
+    full = drain.counter("sock_map_full")
     if full:
         coverage.add("socket_owners", produced=full, lost=full)  # connections whose events lack pid/duration
     return rows, family_events(drain, SOCKET_KINDS)

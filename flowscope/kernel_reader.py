@@ -21,6 +21,7 @@ from flowscope import bpf_syscall, perf_reader, ring_reader
 from flowscope.kernel_records import (
     COUNTER_EVENT_LOST_BASE,
     COUNTER_MAX,
+    COUNTERS,
     EVENT,
     EVENT_KIND_MAX,
     concat_records,
@@ -61,6 +62,10 @@ class KernelDrain:
     # pending events being full.
     events_dropped: np.ndarray = field(default_factory=lambda: np.zeros(EVENT_KIND_MAX, dtype=np.int64))
     events_malformed: int = 0  # ring records of an unexpected length, skipped (kind and interval unknown)
+
+    def counter(self, name: str) -> int:
+        """The interval's count of one of COUNTERS."""
+        return int(self.counters[COUNTERS.index(name)])
 
     def events_lost(self, kind: int) -> int:
         """Events of one kind that never reached the aggregator: ring or perf buffer full, or dropped here."""
