@@ -28,14 +28,12 @@ from flowscope.kernel_records import (
     EVENT_KIND_MAX,
     EVENT_KINDS,
     FLOW_KEY,
-    ICMP_PROTOCOLS,
-    KEY_NO_PORTS,
-    PORT_PROTOCOLS,
     FlowRows,
     addresses_to_text,
     nullable,
     protocol_names,
     select_records,
+    shown_ports,
     utc_times,
 )
 from flowscope.schema import EVENT_COLUMNS, conform, empty_frame
@@ -122,7 +120,7 @@ def event_rows(
         return empty_frame(EVENT_COLUMNS)
     kind = events["kind"]
     ip = events["ip_version"] > 0
-    has_ports = ip & np.isin(events["proto"], PORT_PROTOCOLS) & (events["key_flags"] & KEY_NO_PORTS == 0)
+    _icmp, has_ports = shown_ports(events["ip_version"], events["proto"], events["key_flags"])
     drop = kind == KIND["drop"]
     close = kind == KIND["close"]
     reset = kind == KIND["reset"]
@@ -197,9 +195,7 @@ def counter_rows(
 
 def _port_keys(rows: FlowRows) -> np.ndarray:
     """Per row, its ports (or ICMP type and code) as the frame shows them, in one integer; -1 when none."""
-    read = (rows.ip_version > 0) & (rows.key_flags & KEY_NO_PORTS == 0)
-    icmp = read & np.isin(rows.proto, ICMP_PROTOCOLS)
-    has_ports = read & np.isin(rows.proto, PORT_PROTOCOLS)
+    icmp, has_ports = shown_ports(rows.ip_version, rows.proto, rows.key_flags)
     ports = rows.sport.astype(np.int64) << 16 | rows.dport
     icmp_codes = (rows.sport & 0xFF).astype(np.int64) << 8 | (rows.dport & 0xFF)
     return np.where(has_ports, ports, np.where(icmp, (1 << 32) | icmp_codes, -1))

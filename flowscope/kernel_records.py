@@ -110,6 +110,13 @@ def protocol_names(numbers: np.ndarray) -> np.ndarray:
     return names[inverse]
 
 
+def shown_ports(ip_version: np.ndarray, proto: np.ndarray, key_flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per record, whether its ICMP type and code are shown, and whether its ports are: for IP records whose
+    transport header was read (no KEY_NO_PORTS), by protocol."""
+    read = (ip_version > 0) & (key_flags & KEY_NO_PORTS == 0)
+    return read & np.isin(proto, ICMP_PROTOCOLS), read & np.isin(proto, PORT_PROTOCOLS)
+
+
 def addresses_to_text(addresses: np.ndarray, ip_version: np.ndarray) -> np.ndarray:
     """16-byte addresses (IPv4 as IPv4-mapped IPv6) to text in their own family; None when not IP."""
     if len(addresses) == 0:
@@ -285,9 +292,7 @@ def flow_frame(
         return empty_frame(FLOW_COLUMNS)
     proto = rows.proto
     ip = rows.ip_version > 0
-    read = ip & (rows.key_flags & KEY_NO_PORTS == 0)
-    icmp = read & np.isin(proto, ICMP_PROTOCOLS)
-    has_ports = read & np.isin(proto, PORT_PROTOCOLS)
+    icmp, has_ports = shown_ports(rows.ip_version, proto, rows.key_flags)
     unique_if, if_inverse = np.unique(rows.ifindex, return_inverse=True)
     names = np.array([ifnames.get(int(i)) for i in unique_if], dtype=object)[if_inverse]
     names[~rows.named] = None
