@@ -133,7 +133,6 @@ def cflags_for(active: list[ProbeFamily], features: KernelFeatures, options: Loa
         f"-I{probes_dir() / 'include'}",
         f"-DFLOWSCOPE_RING_PAGES={options.ring_pages}",
         f"-DFLOWSCOPE_DROP_EVENTS_PER_SECOND={options.drop_events_per_second}",
-        "-Wno-macro-redefined",
     ]
     if options.perf_events or not features.ringbuf:
         flags.append("-DFLOWSCOPE_PERF_EVENTS")
@@ -143,7 +142,7 @@ def cflags_for(active: list[ProbeFamily], features: KernelFeatures, options: Loa
             flags.append(f"-D{drained.size_define}={getattr(options, drained.size_option)}")
         if family.cflags is not None:
             flags.extend(family.cflags(features.btf, options))
-    return flags
+    return list(dict.fromkeys(flags))  # each once: the families share offsets from one BTF (same values)
 
 
 def module_text(active: list[ProbeFamily]) -> str:

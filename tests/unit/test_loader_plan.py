@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from flowscope.btf import VMLINUX_BTF
 from flowscope.features import KernelFeatures
 from flowscope.loader import LoadOptions, cflags_for, module_text, plan_families
 from flowscope.probe_catalog import CATALOG, ProbeFamily, Requirement
@@ -86,6 +87,15 @@ def test_perf_buffer_when_forced_or_without_ring_buffer(
     flags = cflags_for(CATALOG[:1], features(tmp_path, [], ringbuf=ringbuf), LoadOptions(perf_events=forced))
     assert ("-DFLOWSCOPE_PERF_EVENTS" in flags) is perf
     assert "-DFLOWSCOPE_FLOW_MAP_SIZE=65536" in flags
+
+
+def test_each_flag_once(tmp_path: Path) -> None:
+    """The drop, TCP and socket families read the same structures: their offsets (this machine's BTF) once."""
+    kernel = features(tmp_path, [])
+    kernel.btf_path = VMLINUX_BTF
+    flags = cflags_for(CATALOG[:4], kernel, LoadOptions())
+    assert len(flags) == len(set(flags))
+    assert len([flag for flag in flags if flag.startswith("-DFS_OFF_SKB_HEAD=")]) == 1
 
 
 def test_module_text_is_the_header_then_each_family_file() -> None:
