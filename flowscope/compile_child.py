@@ -186,7 +186,7 @@ def request_for(options: LoadOptions) -> dict[str, Any]:
 
 def exchange(channel: socket.socket, child: subprocess.Popen, options: LoadOptions) -> LoadedProbes:
     """Asks the child at the other end of `channel` for the probes and takes them over."""
-    channel.sendall(json.dumps(request_for(options)).encode())
+    send(channel, request_for(options))
     message, fds = receive(channel)
     if message is None:
         for fd in fds:
