@@ -19,8 +19,6 @@ NLM_F_REQUEST = 0x1
 NLM_F_DUMP = 0x300
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
-IFLA_IFNAME = 3
-IFLA_LINK = 5
 IFLA_LINK_NETNSID = 37
 NETNSA_NSID = 1
 NETNSA_PID = 2
@@ -32,9 +30,7 @@ _ATTR = struct.Struct("=HH")
 @dataclass(frozen=True)
 class Link:
     index: int
-    name: str
     peer_nsid: int | None  # IFLA_LINK_NETNSID: the namespace (as numbered here) of a veth's peer
-    peer_index: int | None  # IFLA_LINK: the peer's ifindex inside that namespace
 
 
 def _attributes(data: bytes, offset: int) -> dict[int, bytes]:
@@ -77,17 +73,8 @@ def links() -> list[Link]:
     found = []
     for body in _request(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
         index = _IFINFOMSG.unpack_from(body)[2]
-        attributes = _attributes(body, _IFINFOMSG.size)
-        nsid = attributes.get(IFLA_LINK_NETNSID)
-        peer = attributes.get(IFLA_LINK)
-        found.append(
-            Link(
-                index=index,
-                name=attributes.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace"),
-                peer_nsid=struct.unpack("=i", nsid)[0] if nsid is not None else None,
-                peer_index=struct.unpack("=I", peer)[0] if peer is not None else None,
-            )
-        )
+        nsid = _attributes(body, _IFINFOMSG.size).get(IFLA_LINK_NETNSID)
+        found.append(Link(index, struct.unpack("=i", nsid)[0] if nsid is not None else None))
     return found
 
 
