@@ -143,18 +143,21 @@ class FilterInfo:
     name: str
 
 
+def _filters(ipr: IPRoute, ifindex: int, parent: int) -> list:
+    """The filter messages on one hook of an interface; none when it has no clsact (or is gone)."""
+    try:
+        return list(ipr.get_filters(ifindex, parent=parent))
+    except NetlinkError:
+        return []
+
+
 def list_bpf_filters(ipr: IPRoute, ifindex: int) -> list[FilterInfo]:
-    found = []
-    for parent in (INGRESS_PARENT, EGRESS_PARENT):
-        try:
-            messages = ipr.get_filters(ifindex, parent=parent)
-        except NetlinkError:
-            continue
-        for message in messages:
-            if message.get_attr("TCA_KIND") != "bpf" or not message["handle"]:
-                continue
-            found.append(FilterInfo(ifindex, parent, message["info"] >> 16, message["handle"], _bpf_name(message)))
-    return found
+    return [
+        FilterInfo(ifindex, parent, message["info"] >> 16, message["handle"], _bpf_name(message))
+        for parent in (INGRESS_PARENT, EGRESS_PARENT)
+        for message in _filters(ipr, ifindex, parent)
+        if message.get_attr("TCA_KIND") == "bpf" and message["handle"]
+    ]
 
 
 def _has_clsact(ipr: IPRoute, ifindex: int) -> bool:
@@ -162,13 +165,7 @@ def _has_clsact(ipr: IPRoute, ifindex: int) -> bool:
 
 
 def _all_filters(ipr: IPRoute, ifindex: int) -> int:
-    count = 0
-    for parent in (INGRESS_PARENT, EGRESS_PARENT):
-        try:
-            count += sum(1 for m in ipr.get_filters(ifindex, parent=parent) if m["handle"])
-        except NetlinkError:
-            continue
-    return count
+    return sum(1 for parent in (INGRESS_PARENT, EGRESS_PARENT) for m in _filters(ipr, ifindex, parent) if m["handle"])
 
 
 def _delete_filter(ipr: IPRoute, info: FilterInfo) -> None:
@@ -245,10 +242,7 @@ class TcAttachments:
 
     @staticmethod
     def _free_priority(ipr: IPRoute, ifindex: int, parent: int) -> int:
-        try:
-            taken = {m["info"] >> 16 for m in ipr.get_filters(ifindex, parent=parent)}
-        except NetlinkError:
-            taken = set()
+        taken = {m["info"] >> 16 for m in _filters(ipr, ifindex, parent)}
         priority = PREFERRED_PRIORITY
         while priority in taken:
             priority += 1
