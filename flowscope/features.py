@@ -96,14 +96,6 @@ class KernelFeatures:
     def tracepoint(self, category: str, name: str) -> bool:
         return self.tracefs is not None and (self.tracefs / "events" / category / name / "format").exists()
 
-    def tracepoint_format(self, category: str, name: str) -> str | None:
-        if self.tracefs is None:
-            return None
-        try:
-            return (self.tracefs / "events" / category / name / "format").read_text()
-        except OSError:
-            return None
-
     def raw_tracepoint(self, name: str) -> bool:
         """Raw tracepoints need BTF to know the argument layout (btf_trace_<name>)."""
         btf = self.btf
