@@ -40,6 +40,12 @@ class CaptureResult:
         frames = [batch.flows for batch in self.batches if not batch.flows.empty]
         return pd.concat(frames, ignore_index=True) if frames else self.batches[0].flows
 
+    @property
+    def events(self) -> pd.DataFrame:
+        """Every interval's event rows (a DataFrame)."""
+        frames = [batch.events for batch in self.batches if not batch.events.empty]
+        return pd.concat(frames, ignore_index=True) if frames else self.batches[0].events
+
     def coverage(self, source: str) -> list[dict[str, int]]:
         """One {"produced", "delivered", "lost"} per interval for `source` (zeros where it reported nothing)."""
         empty = {"produced": 0, "delivered": 0, "lost": 0}

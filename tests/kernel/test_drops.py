@@ -14,13 +14,10 @@ from tests.kernel.tracepoint_lab import (
     assert_balanced,
     capture,
     client_server,
-    events,
     kernel_function,
     rows,
     total,
 )
-
-pytestmark = pytest.mark.kernel
 
 SIZE = 100  # UDP payload bytes
 PROTOCOL = "UDP"
@@ -57,7 +54,7 @@ def test_udp_to_a_closed_port_is_dropped_with_no_socket_on_its_flow(version: int
     assert total(flows, "drop_bytes") == 5 * wire_length(version) == total(flows, "bytes")
     assert set(flows.loc[flows["drop_packets"] > 0, "drop_reason"]) == {"NO_SOCKET"}
     assert set(flows["ifname"]) == {"fstpC"} and set(flows["direction"]) == {"egress"}
-    drops = rows(events(result), src, 40001, dst, 9, PROTOCOL)
+    drops = rows(result.events, src, 40001, dst, 9, PROTOCOL)
     assert len(drops) == 5
     assert set(drops["kind"]) == {"drop"} and set(drops["drop_reason"]) == {"NO_SOCKET"}
     assert set(drops["bytes"]) == {wire_length(version)}
@@ -77,7 +74,7 @@ def test_an_ipv6_packet_with_extension_headers_is_dropped_on_its_transport_5_tup
     flows = rows(result.flows, src, 40004, dst, 9, PROTOCOL)  # UDP, not the hop-by-hop header's number 0
     assert total(flows, "drop_packets") == 3
     assert total(flows, "drop_bytes") == 3 * wire_length(6, extension=8) == total(flows, "bytes")  # hop-by-hop
-    drops = rows(events(result), src, 40004, dst, 9, PROTOCOL)
+    drops = rows(result.events, src, 40004, dst, 9, PROTOCOL)
     assert len(drops) == 3 and set(drops["drop_reason"]) == {"NO_SOCKET"}
 
 
@@ -97,7 +94,7 @@ def test_an_iptables_drop_rule_shows_as_netfilter_drop(version: int) -> None:
     assert total(flows, "drop_packets") == 4
     assert total(flows, "drop_bytes") == 4 * wire_length(version)
     assert set(flows.loc[flows["drop_packets"] > 0, "drop_reason"]) == {"NETFILTER_DROP"}
-    drops = rows(events(result), src, 40002, dst, 5555, PROTOCOL)
+    drops = rows(result.events, src, 40002, dst, 5555, PROTOCOL)
     assert len(drops) == 4 and set(drops["drop_reason"]) == {"NETFILTER_DROP"}
     # nf_hook_slow on most kernels; nft_do_chain where nftables drops by itself (6.18).
     assert all(kernel_function(location).startswith("nf") for location in drops["location"])
@@ -119,7 +116,7 @@ def test_a_drop_storm_is_counted_exactly_while_its_events_are_rate_limited() -> 
     assert total(flows, "packets") == 2000
     assert total(flows, "drop_packets") == 2000  # every drop counted in the kernel, none lost
     assert total(flows, "drop_bytes") == 2000 * wire_length(4)
-    sent_events = len(rows(events(result), src, 40003, dst, 9, PROTOCOL))
+    sent_events = len(rows(result.events, src, 40003, dst, 9, PROTOCOL))
     seconds = (result.batches[-1].time_end - result.batches[0].time_start).total_seconds()
     assert 1 <= sent_events <= rate * (1 + seconds)  # one second's burst, then the rate
     sampling = result.summary["coverage"]["drop_event_sampling"]

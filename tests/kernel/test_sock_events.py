@@ -8,12 +8,11 @@ import time
 
 import pytest
 
-from tests.kernel.tracepoint_lab import assert_balanced, capture, client_server, events, rows
+from tests.kernel.tc_flows import TRANSPORTS
+from tests.kernel.tracepoint_lab import assert_balanced, capture, client_server, rows
 
-pytestmark = pytest.mark.kernel
 
-
-@pytest.mark.parametrize("transport", ["ring", "perf"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("version", [4, 6])
 def test_connect_accept_and_close_carry_the_pids_of_their_ends(version: int, transport: str) -> None:
     with client_server() as pair:
@@ -30,7 +29,7 @@ def test_connect_accept_and_close_carry_the_pids_of_their_ends(version: int, tra
         elapsed_us = (time.monotonic() - started) * 1e6
         result = run.stop()
     assert_balanced(result)
-    everything = events(result)
+    everything = result.events
     outbound = rows(everything, client, sent["sport"], server, 5002, "TCP")
     inbound = rows(everything, server, 5002, client, sent["sport"], "TCP")
     socket_kinds = ("connect", "accept", "close")
@@ -51,7 +50,7 @@ def test_connect_accept_and_close_carry_the_pids_of_their_ends(version: int, tra
         assert 300_000 <= close["duration_us"] <= elapsed_us
 
 
-@pytest.mark.parametrize("transport", ["ring", "perf"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_refused_connect_closes_from_syn_sent_with_its_pid(transport: str) -> None:
     with client_server() as pair:
         client, server = pair.addresses(4)
@@ -59,7 +58,7 @@ def test_a_refused_connect_closes_from_syn_sent_with_its_pid(transport: str) -> 
         attempt = pair.socket_traffic(pair.client, "refused", "--src", client, "--dst", server, "--dport", "7")
         result = run.stop()
     assert_balanced(result)
-    attempts = rows(events(result), client, attempt["sport"], server, 7, "TCP")
+    attempts = rows(result.events, client, attempt["sport"], server, 7, "TCP")
     closes = attempts[attempts["kind"] == "close"]
     assert len(closes) == 1 and "connect" not in set(attempts["kind"])
     close = closes.iloc[0]
@@ -81,6 +80,6 @@ def test_accepts_of_a_listener_older_than_the_probes_carry_its_pid() -> None:
         listener.wait(timeout=30)
         result = run.stop()
     assert_balanced(result)
-    inbound = rows(events(result), server, 5004, client, sent["sport"], "TCP")
+    inbound = rows(result.events, server, 5004, client, sent["sport"], "TCP")
     assert list(inbound["kind"]) == ["accept", "close"]
     assert set(inbound["pid"]) == {listener.pid} and set(inbound["comm"]) == {server_comm}

@@ -7,19 +7,17 @@ import time
 
 import pytest
 
+from tests.kernel.tc_flows import TRANSPORTS
 from tests.kernel.tracepoint_lab import (
     assert_balanced,
     capture,
     client_server,
-    events,
     rows,
     total,
 )
 
-pytestmark = pytest.mark.kernel
 
-
-@pytest.mark.parametrize("transport", ["ring", "perf"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("version", [4, 6])
 def test_tcp_to_a_closed_port_counts_one_reset_on_the_rst_flow(version: int, transport: str) -> None:
     with client_server() as pair:
@@ -39,7 +37,7 @@ def test_tcp_to_a_closed_port_counts_one_reset_on_the_rst_flow(version: int, tra
     assert total(syn, "packets") == 1
     assert total(syn, "resets") == 0
     assert total(syn, "drop_packets") == 1 and set(syn["drop_reason"].dropna()) == {"NO_SOCKET"}
-    resets = rows(events(result), server, 7, client, sport, "TCP")
+    resets = rows(result.events, server, 7, client, sport, "TCP")
     resets = resets[resets["kind"] == "reset"]
     assert len(resets) == 1
     assert resets["reset_reason"].iloc[0] == "NO_SOCKET"

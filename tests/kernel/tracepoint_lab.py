@@ -84,11 +84,6 @@ def rows(frame: pd.DataFrame, src: str, sport: int | None, dst: str, dport: int 
     return frame[mask.fillna(False).astype(bool)].reset_index(drop=True)
 
 
-def events(result: CaptureResult) -> pd.DataFrame:
-    frames = [batch.events for batch in result.batches if not batch.events.empty]
-    return pd.concat(frames, ignore_index=True) if frames else result.batches[0].events
-
-
 def total(frame: pd.DataFrame, column: str) -> int:
     return int(frame[column].fillna(0).sum())
 
