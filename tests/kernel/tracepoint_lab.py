@@ -90,8 +90,8 @@ def total(frame: pd.DataFrame, column: str) -> int:
 
 def kernel_function(location: str) -> str:
     """The function of a "name+0xoffset" location, checked to be a function of the running kernel."""
-    name, _, offset = location.partition("+0x")
-    assert name and int(offset, 16) >= 0, location
+    name, marker, offset = location.partition("+0x")
+    assert name and marker and offset and all(digit in "0123456789abcdef" for digit in offset.lower()), location
     with open("/proc/kallsyms", encoding="utf-8") as symbols:
         assert any(line.split()[2] == name for line in symbols if line.split()[1] in "tT"), location
     return name
