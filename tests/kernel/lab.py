@@ -179,12 +179,6 @@ class Lab:
         netns.run("ip", "link", "set", name, "up")
         return Port(netns, name)
 
-    def vlan(self, lower: Port, vid: int, name: str) -> Port:
-        """An 802.1Q interface on top of `lower`, up."""
-        lower.netns.run("ip", "link", "add", "link", lower.name, "name", name, "type", "vlan", "id", str(vid))
-        lower.netns.run("ip", "link", "set", name, "up")
-        return Port(lower.netns, name)
-
     def address(self, port: Port, cidr: str) -> None:
         interface = ipaddress.ip_interface(cidr)
         extra = ["nodad"] if interface.version == 6 else []
