@@ -255,7 +255,6 @@ class TopApp(App[int]):
         self._changes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowscope-top-view")
         self._slot: Snapshot | None = None
         self._slot_lock = threading.Lock()
-        self._shown = 0
         self._keys: dict[str, tuple] = {}
         self._with_trend = False
         self._shown_grouping = self.model.grouping
@@ -344,9 +343,9 @@ class TopApp(App[int]):
     def on_snapshot_ready(self, _message: SnapshotReady) -> None:
         with self._slot_lock:
             snapshot, self._slot = self._slot, None
-        if snapshot is None or snapshot.sequence <= self._shown:
+        shown = self.last_snapshot.sequence if self.last_snapshot is not None else 0
+        if snapshot is None or snapshot.sequence <= shown:
             return
-        self._shown = snapshot.sequence
         self.last_snapshot = snapshot
         self._show_header(snapshot)
         self._show_rows(snapshot.rows)
@@ -465,17 +464,17 @@ class TopApp(App[int]):
         self._change(paused=not self.feed.paused)
 
     def action_group(self, step: int) -> None:
-        grouping = GROUPINGS[(GROUPINGS.index(self._requested("grouping")) + step) % len(GROUPINGS)]
+        grouping = GROUPINGS[(GROUPINGS.index(self._view["grouping"]) + step) % len(GROUPINGS)]
         self._view["grouping"] = grouping
         self._change(grouping=grouping)
 
     def action_sort(self, step: int) -> None:
-        sort = SORT_KEYS[(SORT_KEYS.index(self._requested("sort")) + step) % len(SORT_KEYS)]
+        sort = SORT_KEYS[(SORT_KEYS.index(self._view["sort"]) + step) % len(SORT_KEYS)]
         self._view["sort"] = sort
         self._change(sort=sort)
 
     def action_reverse(self) -> None:
-        descending = not self._requested("descending")
+        descending = not self._view["descending"]
         self._view["descending"] = descending
         self._change(descending=descending)
 
@@ -485,7 +484,7 @@ class TopApp(App[int]):
         sort = "key" if name == "label" else name
         if sort not in SORT_KEYS:
             return
-        if self._requested("sort") == sort:
+        if self._view["sort"] == sort:
             self.action_reverse()
             return
         self._view.update(sort=sort, descending=sort != "key")
@@ -500,7 +499,7 @@ class TopApp(App[int]):
 
     def action_open_filter(self) -> None:
         field = self.query_one("#filter", Input)
-        field.value = self._requested("filter_text")
+        field.value = self._view["filter_text"]
         field.add_class("open")
         field.focus()
 
@@ -552,14 +551,11 @@ class TopApp(App[int]):
     @on(DataTable.RowSelected, "#drops")
     def filter_by_reason(self, event: DataTable.RowSelected) -> None:
         reason = event.row_key.value
-        current = self._requested("filter_text")
+        current = self._view["filter_text"]
         parsed = parse_filter(f"{current} reason={reason}".strip())
         self._view["filter_text"] = parsed.text
         self.action_drops()
         self._change(filter=parsed)
-
-    def _requested(self, name: str) -> Any:
-        return self._view[name]
 
 
 def _sort_title(name: str) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pandas as pd
 
 from flowscope.coverage import Coverage
@@ -53,7 +51,7 @@ def byte_count(value: object) -> str:
 
 
 def duration_us(value: object) -> str:
-    if missing(value) or math.isnan(float(value)):
+    if missing(value):
         return MISSING
     micros = float(value)
     if micros < 1000:

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable
 from typing import IO
 
-import pandas as pd
+from flowscope.ui.format import missing
 from flowscope.ui.model import METRICS, TopModel, TopRows, Totals
 
 from flowscope.records import format_time
@@ -32,7 +32,7 @@ TITLES = {m.name: ("RTT_US" if m.name == "rtt_us" else m.title) for m in METRICS
 
 
 def _number(value: object) -> int | None:
-    return None if value is None or pd.isna(value) else round(float(value))
+    return None if missing(value) else round(float(value))
 
 
 def table_lines(node: str, totals: Totals, rows: TopRows) -> list[str]:
