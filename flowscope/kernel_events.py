@@ -30,8 +30,10 @@ from flowscope.kernel_records import (
     FLOW_KEY,
     FlowRows,
     addresses_to_text,
+    first_rows,
     nullable,
     protocol_names,
+    row_codes,
     select_records,
     shown_ports,
     utc_times,
@@ -227,15 +229,6 @@ def _place_bytes(rows: FlowRows) -> np.ndarray:
     return np.concatenate([ifindex.view(np.uint8).reshape(n, 8), rows.direction.reshape(n, 1) & 1], axis=1)
 
 
-def _codes(*parts: np.ndarray) -> np.ndarray:
-    """One integer per row of byte rows, equal for equal rows, in order of first appearance; `parts` are
-    matrices of one width, coded together (so that codes compare across them)."""
-    matrix = np.ascontiguousarray(np.concatenate(parts) if len(parts) > 1 else parts[0])
-    # "S" drops trailing NULs from each value, which stays exact because every value has the same width.
-    codes, _ = pd.factorize(matrix.view(f"S{matrix.shape[1]}").reshape(-1))
-    return codes.astype(np.int64)
-
-
 def _first_match(table: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     """For each wanted code, the position of its first occurrence in `table`, or -1."""
     distinct, first = np.unique(table, return_index=True)
@@ -259,8 +252,8 @@ def matching_rows(rows: FlowRows, counters: FlowRows) -> np.ndarray:
     # Latest first; stable, so that of equal times the earlier row (an original before its copies) wins.
     latest_first = np.argsort(-subset.last_seen_ns.astype(np.int64), kind="stable")
     order = candidates[latest_first]
-    tuples = _codes(_tuple_bytes(subset), _tuple_bytes(counters))
-    places = _codes(_place_bytes(subset), _place_bytes(counters))
+    tuples = row_codes(np.concatenate([_tuple_bytes(subset), _tuple_bytes(counters)]))
+    places = row_codes(np.concatenate([_place_bytes(subset), _place_bytes(counters)]))
     exact_codes = tuples * (places.max() + 1) + places
     n = len(subset)
     here = counters.named
@@ -280,10 +273,9 @@ def _with_new_rows(rows: FlowRows, counters: FlowRows, target: np.ndarray) -> tu
         return rows, target
     pending = counters.take(unmatched)
     here = pending.named.astype(np.uint8).reshape(-1, 1)
-    groups = _codes(np.concatenate([_tuple_bytes(pending), _place_bytes(pending), here], axis=1))
-    count = int(groups.max()) + 1
-    first = np.full(count, len(groups), dtype=np.int64)
-    np.minimum.at(first, groups, np.arange(len(groups)))
+    groups = row_codes(np.concatenate([_tuple_bytes(pending), _place_bytes(pending), here], axis=1))
+    first = first_rows(groups)
+    count = len(first)
     fresh = pending.take(first)
     fresh.first_seen_ns = np.full(count, np.iinfo(np.uint64).max, dtype=np.uint64)
     fresh.last_seen_ns = np.zeros(count, dtype=np.uint64)
@@ -336,10 +328,9 @@ def join_drops(
     # go to the name (none first), so the choice is stable; the others become copies of the row.
     text = np.where(pd.isna(reason_names), "\0", reason_names).astype(object)
     name_codes, distinct_names = pd.factorize(text)
-    groups = _codes(np.stack([target, name_codes.astype(np.int64)], axis=1).view(np.uint8).reshape(len(target), 16))
-    count = int(groups.max()) + 1
-    first = np.full(count, len(groups), dtype=np.int64)
-    np.minimum.at(first, groups, np.arange(len(groups)))
+    groups = row_codes(np.stack([target, name_codes.astype(np.int64)], axis=1).view(np.uint8).reshape(len(target), 16))
+    first = first_rows(groups)
+    count = len(first)
     row, reason = target[first], np.asarray(reasons, dtype=np.uint32)[first]
     name_rank = np.argsort(np.argsort(np.asarray(distinct_names, dtype=object), kind="stable"))[name_codes[first]]
     summed_packets, summed_bytes = np.zeros(count, dtype=np.uint64), np.zeros(count, dtype=np.uint64)

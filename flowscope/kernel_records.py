@@ -361,15 +361,29 @@ def concat_records(first: np.ndarray, *others: np.ndarray) -> np.ndarray:
     return np.concatenate([_rows(first), *(_rows(other) for other in others)]).reshape(-1).view(first.dtype)
 
 
+def row_codes(matrix: np.ndarray) -> np.ndarray:
+    """One integer per row of a 2-D uint8 array, equal for equal rows, numbered 0, 1, ... in order of first
+    appearance. The rows' bytes are hashed: np.unique would sort them, comparing rows one pair at a time
+    while holding the GIL (400k spilled packets: 0.6-0.95 s, while the event pump thread could not run);
+    hashing takes 45-100 ms."""
+    matrix = np.ascontiguousarray(matrix)
+    # "S" drops trailing NULs from each value, which stays exact because every value has the same width.
+    codes, _ = pd.factorize(matrix.view(f"S{matrix.shape[1]}").reshape(-1))
+    return codes.astype(np.int64, copy=False)
+
+
+def first_rows(codes: np.ndarray) -> np.ndarray:
+    """For codes numbered 0, 1, ... (row_codes), the index of each code's first row."""
+    first = np.full(codes.max(initial=-1) + 1, len(codes), dtype=np.int64)
+    np.minimum.at(first, codes, np.arange(len(codes)))
+    return first
+
+
 def unique_records(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct records of a structured array (in order of first appearance) and, per record, the
-    index of its distinct one: np.unique(records, return_inverse=True) without the sort. np.unique compares
-    structured records one pair at a time, holding the GIL (400k spilled packets: 0.6-0.95 s, while the
-    event pump thread could not run); hashing their bytes takes 45-100 ms."""
-    codes, _ = pd.factorize(np.ascontiguousarray(records).view(f"S{records.dtype.itemsize}").reshape(-1))
-    first = np.empty(codes.max(initial=-1) + 1, dtype=np.int64)
-    first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)  # the last write wins: each code's first row
-    return records[first], codes
+    index of its distinct one: np.unique(records, return_inverse=True) without the sort (row_codes)."""
+    codes = row_codes(_rows(records))
+    return records[first_rows(codes)], codes
 
 
 def _fold(inverse: np.ndarray, groups: int, **columns: np.ndarray) -> np.ndarray:
