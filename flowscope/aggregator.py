@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from flowscope.coverage import Coverage
-from flowscope.kernel_events import event_rows, host_netns, kernel_names
+from flowscope.kernel_events import event_rows, kernel_names
 from flowscope.kernel_reader import KernelDrain
 from flowscope.kernel_records import (
     COUNTER_EVENT_LOST_BASE,
@@ -87,7 +87,7 @@ def event_frame(records: list[np.ndarray], context: AggregationContext) -> pd.Da
         context.offset_ns,
         context.ifnames,
         context.node,
-        host_netns(context),
+        context.netns,
         context.symbolize,
     )
 

@@ -89,11 +89,6 @@ def kernel_names(context: AggregationContext) -> KernelNames:
     return names
 
 
-def host_netns(context: AggregationContext) -> int:
-    """Inode number of the network namespace where the tc probe's interface numbers live."""
-    return int(context.netns)
-
-
 # ---- events ----------------------------------------------------------------------------------------------
 
 
@@ -297,7 +292,7 @@ def _drained_counter_rows(keys: np.ndarray, stats: np.ndarray, context: Aggregat
         keys["netns"],
         stats["first_seen_ns"],
         stats["last_seen_ns"],
-        host_netns(context),
+        context.netns,
         _packets_measured(context),
     )
 

@@ -60,12 +60,9 @@ class LiveSource:
             offset_ns=monotonic_to_utc_offset_ns(),
             ifnames=tc.interface_names(),
             active=self.loaded.active,
-            symbolize=self._symbolize,
+            symbolize=self._symbols.name,  # event_rows asks only for addresses != 0
         )
         self._window_start = pd.Timestamp.now(tz="UTC")
-
-    def _symbolize(self, address: int) -> str | None:
-        return self._symbols.name(address) if address else None
 
     def probes(self) -> list[ProbeStatus]:
         return probe_statuses(self.loaded.statuses)
