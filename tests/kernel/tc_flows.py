@@ -75,6 +75,18 @@ def start_sink(netns: Netns, *argv: str, script: str = traffic.PATH) -> subproce
     return process
 
 
+def start_sender(netns: Netns, *argv: str) -> subprocess.Popen:
+    """Starts a sender of tests/kernel/traffic.py in `netns` in the background; `sender_report` waits for it."""
+    return netns.popen(sys.executable, traffic.PATH, *argv, stdout=subprocess.PIPE)
+
+
+def sender_report(process: subprocess.Popen, timeout: float = 120.0) -> dict:
+    """Waits for a sender started with `start_sender` to end; returns what it reports."""
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, f"{process.args} exited {process.returncode}"
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def two_hosts(lab: Lab, subnet: int = 1) -> Hosts:
     a, b = lab.namespace("a"), lab.namespace("b")
     port_a, port_b = lab.link(a, "fstcA", b, "fstcB", subnet=subnet)

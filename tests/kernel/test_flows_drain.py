@@ -5,21 +5,19 @@ whose generation it was sent in)."""
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
-from tests.kernel import traffic
 from tests.kernel.capture import Capture
 from tests.kernel.lab import Lab
 from tests.kernel.tc_flows import (
     TRANSPORTS,
     assert_flow_map_balanced,
     flow_totals,
+    sender_report,
+    start_sender,
     start_sink,
     two_hosts,
     udp_frame,
@@ -47,35 +45,25 @@ def test_continuous_traffic_across_drains_is_exact(tc_lab: Lab, transport: str, 
     run = Capture.start(
         hosts.a, ["fstcA"], INTERVAL, "--flow-map-size", str(map_size), *TRANSPORTS[transport]
     )  # fmt: skip
+    # a -> b over IPv4 (egress) and b -> a over IPv6 (ingress), at the same time
+    streams = {4: (hosts.a, a4, b4, 21000, 7001, "egress"), 6: (hosts.b, b6, a6, 22000, 5001, "ingress")}
     senders = {
-        # a -> b over IPv4 (egress) and b -> a over IPv6 (ingress), at the same time
-        4: hosts.a.popen(
-            sys.executable, traffic.PATH, "udp-send", "--src", a4, "--dst", b4, "--sport", "21000", "--dport", "7001",
-            "--size", str(PAYLOAD[4]), "--flows", str(FLOWS), "--pps", str(PPS), "--duration", "300",
-            stdout=subprocess.PIPE,
-        ),
-        6: hosts.b.popen(
-            sys.executable, traffic.PATH, "udp-send", "--src", b6, "--dst", a6, "--sport", "22000", "--dport", "5001",
-            "--size", str(PAYLOAD[6]), "--flows", str(FLOWS), "--pps", str(PPS), "--duration", "300",
-            stdout=subprocess.PIPE,
-        ),
+        version: start_sender(
+            netns, "udp-send", "--src", src, "--dst", dst, "--sport", str(sport), "--dport", str(dport),
+            "--size", str(PAYLOAD[version]), "--flows", str(FLOWS), "--pps", str(PPS), "--duration", "300",
+        )
+        for version, (netns, src, dst, sport, dport, _direction) in streams.items()
     }  # fmt: skip
     run.wait_intervals(run.intervals_written() + DRAINS)
-    reports = {}
     for process in senders.values():
         process.send_signal(signal.SIGINT)  # the senders end their round: every flow has sent as many
-    for version, process in senders.items():
-        out, _ = process.communicate(timeout=60)
-        assert process.returncode == 0
-        reports[version] = json.loads(out.strip().splitlines()[-1])
-        assert reports[version]["refused"] == 0, reports[version]
+    reports = {version: sender_report(process) for version, process in senders.items()}
+    for report in reports.values():
+        assert report["refused"] == 0, report
     result = run.stop()
 
     expected = {}
-    for version, (src, dst, sport, dport, direction) in {
-        4: (a4, b4, 21000, 7001, "egress"),
-        6: (b6, a6, 22000, 5001, "ingress"),
-    }.items():
+    for version, (_netns, src, dst, sport, dport, direction) in streams.items():
         per_flow = reports[version]["per_flow"]
         frame = udp_frame(version, PAYLOAD[version])
         for n in range(FLOWS):
@@ -90,11 +78,10 @@ def test_continuous_traffic_across_drains_is_exact(tc_lab: Lab, transport: str, 
     ]
     assert min(carried) >= DRAINS, carried
     produced = [counts["produced"] for counts in result.coverage("flow_map")]
-    spills = [counts["delivered"] for counts in result.coverage("events:flow_spill")]
+    spilled = [counts["delivered"] for counts in result.coverage("events:flow_spill")]
     print(f"{reports[4]['per_flow']} and {reports[6]['per_flow']} datagrams per flow; {len(result.batches)} intervals;")
-    print(f"packets per interval {produced}; spilled {spills}")
+    print(f"packets per interval {produced}; spilled {spilled}")
     if map_size == 16:
-        spilled = [counts["delivered"] for counts in result.coverage("events:flow_spill")]
         assert sum(1 for n in spilled if n) >= DRAINS, f"spills in too few intervals: {spilled}"
 
 

@@ -4,19 +4,16 @@ still come out exact."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from tests.kernel import traffic
 from tests.kernel.capture import Capture
 from tests.kernel.lab import Lab
 from tests.kernel.tc_flows import (
     TRANSPORTS,
     assert_flow_map_balanced,
     flow_totals,
+    sender_report,
+    start_sender,
     start_sink,
     two_hosts,
     udp_frame,
@@ -73,14 +70,13 @@ def test_spills_a_full_event_buffer_refuses_are_counted_as_lost(
     )  # fmt: skip
     # Both hosts send at once, unpaced, so that spills come from both CPUs faster than they are read.
     senders = [
-        netns.popen(
-            sys.executable, traffic.PATH, "udp-send", "--src", src, "--dst", dst, "--sport", str(FIRST_PORT),
+        start_sender(
+            netns, "udp-send", "--src", src, "--dst", dst, "--sport", str(FIRST_PORT),
             "--dport", "7001", "--size", str(PAYLOAD), "--count", str(PER_FLOW), "--flows", str(FLOWS),
-            stdout=subprocess.PIPE,
         )
         for netns, src, dst in ((hosts.a, a, b), (hosts.b, b, a))
     ]  # fmt: skip
-    reports = [json.loads(sender.communicate(timeout=120)[0]) for sender in senders]
+    reports = [sender_report(sender) for sender in senders]
     result = run.stop()
 
     sent = sum(report["sent"] for report in reports)
