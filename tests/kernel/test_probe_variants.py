@@ -11,8 +11,6 @@ from flowscope.kernel_headers import export_for_bcc, find_headers
 from flowscope.loader import LoadOptions, cflags_for, import_bcc, module_text, plan_families
 from flowscope.probe_catalog import SKB_DROP_KPROBE, SOCK_STATE_KPROBE, TCP_EVENTS_KPROBE
 
-pytestmark = pytest.mark.kernel
-
 VARIANTS = [SKB_DROP_KPROBE, TCP_EVENTS_KPROBE, SOCK_STATE_KPROBE]
 EXPECTED = {
     "kprobe__sk_skb_reason_drop",
