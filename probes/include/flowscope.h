@@ -15,7 +15,7 @@
 #define FLOWSCOPE_FLOW_MAP_SIZE 65536
 #endif
 #ifndef FLOWSCOPE_RING_PAGES
-#define FLOWSCOPE_RING_PAGES 256 /* 1 MiB with 4 KiB pages; must be a power of two */
+#define FLOWSCOPE_RING_PAGES 4096 /* as LoadOptions.ring_pages (the loader passes it): 16 MiB; a power of two */
 #endif
 
 #define FS_DIRECTION_INGRESS 0
