@@ -257,6 +257,15 @@ def shop_batches() -> list[FlowBatch]:
     return batches
 
 
+def replay_app(path: Path):
+    """The app of `top` on a replay file, read as fast as it goes."""
+    from flowscope.ui.app import TopApp
+
+    from flowscope.source import ReplaySource
+
+    return TopApp(ReplaySource(str(path), speed=0, node=NODE))
+
+
 def write_replay(path: Path, batches: list[FlowBatch]) -> Path:
     with open(path, "w", encoding="utf-8") as out:
         for batch in batches:
@@ -272,7 +281,6 @@ class QueueSource:
 
         self.node = node
         self.interval = interval
-        self.closed = False
         self._queue: queue.Queue = queue.Queue()
 
     def put(self, batch: FlowBatch | None) -> None:
@@ -292,7 +300,6 @@ class QueueSource:
             yield batch
 
     def close(self) -> None:
-        self.closed = True
         self._queue.put(None)
 
 

@@ -1,12 +1,24 @@
 """The Textual app driven by Pilot over replay data: grouping, sorting, filtering, drops, detail, pause, quit."""
 
 import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 from flowscope.ui.app import DetailScreen, HelpScreen, TopApp
+from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Static
 
-from flowscope.source import ReplaySource
-from tests.ui.scenario import NODE, QueueSource, press_and_settle, replay_finished, settle, shop_batches, write_replay
+from tests.ui.scenario import (
+    QueueSource,
+    press_and_settle,
+    replay_app,
+    replay_finished,
+    settle,
+    shop_batches,
+    write_replay,
+)
 
 SIZE = (150, 34)
 
@@ -20,303 +32,271 @@ def header(app: TopApp) -> str:
     return str(app.query_one("#header", Static).render())
 
 
-def replay_app(shop_replay, **kwargs) -> TopApp:
-    return TopApp(ReplaySource(str(shop_replay), speed=0, node=NODE), **kwargs)
+def runs(test):
+    """Runs an async test (with its fixtures) in an event loop of its own, for 120 s at most."""
+
+    @functools.wraps(test)
+    def run(*args, **kwargs) -> None:
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), timeout=120))
+
+    return run
 
 
-def run(scenario) -> None:
-    asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+@contextlib.asynccontextmanager
+async def finished_replay(path: Path) -> AsyncIterator[tuple[TopApp, Pilot]]:
+    """The app on a replay that has been read to its end, with its last snapshot shown."""
+    app = replay_app(path)
+    async with app.run_test(size=SIZE) as pilot:
+        await replay_finished(app, pilot)
+        yield app, pilot
 
 
-def test_rows_and_header_after_a_replay(shop_replay):
-    async def scenario():
-        app = replay_app(shop_replay)
-        async with app.run_test(size=SIZE) as pilot:
-            await replay_finished(app, pilot)
-            assert cells(app, columns=4) == [
-                ["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "70.0 kB/s", "70/s", "0"],
-                ["TCP 10.204.0.11:8443 → 10.204.0.10:43210", "56.0 kB/s", "40/s", "0"],
-                ["TCP [fd00:204::10]:50000 → [fd00:204::11]:443", "12.0 kB/s", "10/s", "0"],
-                ["TCP 192.0.2.80:51000 → 10.204.0.10:8080", "180 B/s", "3/s", "6"],
-                ["UDP 10.204.0.10:40001 → 10.204.0.53:53", "90 B/s", "1/s", "0"],
-            ]
-            assert header(app).splitlines() == [
-                "flowscope top  node node-a  interval 2s  12:00:10 UTC  intervals 5  finished",
-                "flows 5 (2.50/s)  138 kB/s  124 pkts/s  coverage 94.3% (lost 2 of 35)",
-                "probes replay",
-                "group flow  sort BYTES/S ▼  5 of 5 rows  ",
-            ]
-
-    run(scenario)
+@runs
+async def test_rows_and_header_after_a_replay(shop_replay):
+    async with finished_replay(shop_replay) as (app, _pilot):
+        assert cells(app, columns=4) == [
+            ["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "70.0 kB/s", "70/s", "0"],
+            ["TCP 10.204.0.11:8443 → 10.204.0.10:43210", "56.0 kB/s", "40/s", "0"],
+            ["TCP [fd00:204::10]:50000 → [fd00:204::11]:443", "12.0 kB/s", "10/s", "0"],
+            ["TCP 192.0.2.80:51000 → 10.204.0.10:8080", "180 B/s", "3/s", "6"],
+            ["UDP 10.204.0.10:40001 → 10.204.0.53:53", "90 B/s", "1/s", "0"],
+        ]
+        assert header(app).splitlines() == [
+            "flowscope top  node node-a  interval 2s  12:00:10 UTC  intervals 5  finished",
+            "flows 5 (2.50/s)  138 kB/s  124 pkts/s  coverage 94.3% (lost 2 of 35)",
+            "probes replay",
+            "group flow  sort BYTES/S ▼  5 of 5 rows  ",
+        ]
 
 
-def test_grouping_cycles_with_g_and_back_with_shift_g(shop_replay):
-    async def scenario():
-        app = replay_app(shop_replay)
-        async with app.run_test(size=SIZE) as pilot:
-            await replay_finished(app, pilot)
-            await press_and_settle(app, pilot, "g")
-            assert cells(app) == [
-                ["shop/checkout-7d9f", "138 kB/s"],
-                ["shop/payments-0", "138 kB/s"],
-                ["192.0.2.80", "180 B/s"],
-                ["kube-system/coredns-55", "90 B/s"],
-            ]
-            assert str(app.query_one("#rows", DataTable).columns["label"].label) == "POD"
-            await press_and_settle(app, pilot, "g", "g")
-            assert cells(app) == [["shop", "276 kB/s"], ["kube-system", "90 B/s"]]
-            await press_and_settle(app, pilot, "g", "g", "g")
-            assert cells(app)[0] == ["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "70.0 kB/s"]
-            await press_and_settle(app, pilot, "G")
-            assert cells(app) == [["node-a", "276 kB/s"], ["node-b", "90 B/s"]]
-
-    run(scenario)
+@runs
+async def test_grouping_cycles_with_g_and_back_with_shift_g(shop_replay):
+    async with finished_replay(shop_replay) as (app, pilot):
+        await press_and_settle(app, pilot, "g")
+        assert cells(app) == [
+            ["shop/checkout-7d9f", "138 kB/s"],
+            ["shop/payments-0", "138 kB/s"],
+            ["192.0.2.80", "180 B/s"],
+            ["kube-system/coredns-55", "90 B/s"],
+        ]
+        assert str(app.query_one("#rows", DataTable).columns["label"].label) == "POD"
+        await press_and_settle(app, pilot, "g", "g")
+        assert cells(app) == [["shop", "276 kB/s"], ["kube-system", "90 B/s"]]
+        await press_and_settle(app, pilot, "g", "g", "g")
+        assert cells(app)[0] == ["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "70.0 kB/s"]
+        await press_and_settle(app, pilot, "G")
+        assert cells(app) == [["node-a", "276 kB/s"], ["node-b", "90 B/s"]]
 
 
-def test_sorting_by_keys_and_by_clicking_a_heading(shop_replay):
-    async def scenario():
-        app = replay_app(shop_replay)
-        async with app.run_test(size=SIZE) as pilot:
-            await replay_finished(app, pilot)
-            await press_and_settle(app, pilot, "s")  # bytes/s -> packets/s
-            assert app.last_snapshot.rows.sort == "packets_per_s"
-            assert [row[0] for row in cells(app)][:2] == [
-                "TCP 10.204.0.10:43210 → 10.204.0.11:8443",
-                "TCP 10.204.0.11:8443 → 10.204.0.10:43210",
-            ]
-            await press_and_settle(app, pilot, "r")
-            assert cells(app, columns=3)[0] == ["UDP 10.204.0.10:40001 → 10.204.0.53:53", "90 B/s", "1/s"]
-            assert str(app.query_one("#rows", DataTable).columns["packets_per_s"].label) == "PKTS/S ▲"
-            table = app.query_one("#rows", DataTable)
-            x = sum(column.get_render_width(table) for key, column in table.columns.items() if key.value == "label")
-            x += sum(
-                column.get_render_width(table)
-                for key, column in table.columns.items()
-                if key.value in ("bytes_per_s", "packets_per_s")
-            )
+@runs
+async def test_sorting_by_keys_and_by_clicking_a_heading(shop_replay):
+    async with finished_replay(shop_replay) as (app, pilot):
+        await press_and_settle(app, pilot, "s")  # bytes/s -> packets/s
+        assert app.last_snapshot.rows.sort == "packets_per_s"
+        assert [row[0] for row in cells(app)][:2] == [
+            "TCP 10.204.0.10:43210 → 10.204.0.11:8443",
+            "TCP 10.204.0.11:8443 → 10.204.0.10:43210",
+        ]
+        await press_and_settle(app, pilot, "r")
+        assert cells(app, columns=3)[0] == ["UDP 10.204.0.10:40001 → 10.204.0.53:53", "90 B/s", "1/s"]
+        assert str(app.query_one("#rows", DataTable).columns["packets_per_s"].label) == "PKTS/S ▲"
+        table = app.query_one("#rows", DataTable)
+        x = sum(column.get_render_width(table) for key, column in table.columns.items() if key.value == "label")
+        x += sum(
+            column.get_render_width(table)
+            for key, column in table.columns.items()
+            if key.value in ("bytes_per_s", "packets_per_s")
+        )
+        before = app.feed.published
+        await pilot.click("#rows", offset=(x + 2, 0))  # the DROPS heading
+        await settle(app, pilot, after=before)
+        assert app.last_snapshot.rows.sort == "drops"
+        assert cells(app, columns=4)[0] == ["TCP 192.0.2.80:51000 → 10.204.0.10:8080", "180 B/s", "3/s", "6"]
+        assert str(table.columns["drops"].label) == "DROPS ▼"
+
+
+@runs
+async def test_good_and_bad_filters(shop_replay):
+    async with finished_replay(shop_replay) as (app, pilot):
+        await pilot.press("slash")
+        assert app.query_one("#filter", Input).has_focus
+        await pilot.press(*"port=http")
+        await pilot.press("enter")
+        await pilot.pause(0.1)
+        message = str(app.query_one("#message", Static).render())
+        assert message == 'bad filter term "port=http": a port is a number 0-65535 or a range like 8000-8080'
+        assert len(cells(app)) == 5  # still running, still showing everything
+        field = app.query_one("#filter", Input)
+        field.value = "to-port=8443,53 not protocol=udp"
+        before = app.feed.published
+        await pilot.press("enter")
+        await settle(app, pilot, after=before)
+        assert cells(app) == [["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "70.0 kB/s"]]
+        assert str(app.query_one("#message", Static).render()) == ""
+        assert header(app).splitlines()[3] == (
+            "group flow  sort BYTES/S ▼  1 of 1 rows  filter to-port=8443,53 not protocol=udp (1 of 5 flows)"
+        )
+        assert app.query_one("#rows", DataTable).has_focus
+        await pilot.press("slash")
+        app.query_one("#filter", Input).value = ""
+        before = app.feed.published
+        await pilot.press("enter")
+        await settle(app, pilot, after=before)
+        assert len(cells(app)) == 5
+
+
+@runs
+async def test_escape_closes_the_filter_without_applying_it(shop_replay):
+    async with finished_replay(shop_replay) as (app, pilot):
+        await pilot.press("slash", *"port=53", "escape")
+        await pilot.pause(0.1)
+        assert not app.query_one("#filter", Input).has_class("open")
+        assert app.last_snapshot.filter_text == ""
+        assert len(cells(app)) == 5
+
+
+@runs
+async def test_drops_view_and_drilling_into_a_reason(shop_replay):
+    async with finished_replay(shop_replay) as (app, pilot):
+        await press_and_settle(app, pilot, "g", "d")
+        assert cells(app, "#drops", columns=6) == [
+            ["NETFILTER_DROP", "12", "24", "1.44 kB", "80.0%", "192.0.2.80 (12), shop/checkout-7d9f (12)"],
+            ["TCP_INVALID_SEQUENCE", "0", "4", "4.00 kB", "13.3%", "shop/checkout-7d9f (2), shop/payments-0 (2)"],
+            ["NO_SOCKET", "0", "2", "148 B", "6.7%", "10.204.0.1 (1), shop/payments-0 (1)"],
+        ]
+        await press_and_settle(app, pilot, "enter")  # on NETFILTER_DROP: filter by it, back to the rows
+        assert app.last_snapshot.filter_text == "reason=NETFILTER_DROP"
+        assert app.query_one("#views").current == "rows"
+        assert cells(app) == [["192.0.2.80", "180 B/s"], ["shop/checkout-7d9f", "180 B/s"]]
+
+
+@runs
+async def test_detail_screen_and_back(shop_replay):
+    async with finished_replay(shop_replay) as (app, pilot):
+        await press_and_settle(app, pilot, "g", "enter")
+        assert isinstance(app.screen, DetailScreen)
+        assert str(app.screen.query_one("#detail-title", Static).render()) == "shop/checkout-7d9f"
+        assert cells(app, "#peers", columns=5) == [
+            ["shop/payments-0", "→", "720 kB", "700", "2"],
+            ["shop/payments-0", "←", "560 kB", "400", "0"],
+            ["192.0.2.80", "←", "720 B", "12", "12"],
+            ["kube-system/coredns-55", "→", "540 B", "6", "0"],
+        ]
+        assert cells(app, "#reasons", columns=3) == [
+            ["NETFILTER_DROP", "12", "720 B"],
+            ["TCP_INVALID_SEQUENCE", "2", "2.00 kB"],
+        ]
+        assert [row[1] for row in cells(app, "#events")] == [
+            "close", "close", "drop", "drop", "drop", "retransmit", "accept", "connect",
+        ]  # fmt: skip
+        assert str(app.screen.query_one("#detail-stats", Static).render()) == (
+            "over 5 intervals  ·  now 138 kB/s  ·  124 pkts/s  ·  drops 14  ·  retransmits 3  ·  resets 0  ·  "
+            "RTT 800µs .. 933µs"
+        )
+        await pilot.press("g")  # main-table keys do nothing over the detail
+        await pilot.pause(0.1)
+        assert app.last_snapshot.rows.grouping == "pod"
+        await press_and_settle(app, pilot, "escape")
+        assert not isinstance(app.screen, DetailScreen)
+        assert app.feed.detail_key is None
+
+
+@runs
+async def test_help_screen(shop_replay):
+    async with finished_replay(shop_replay) as (app, pilot):
+        await pilot.press("question_mark")
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, HelpScreen)
+        assert "pause the display" in str(app.screen.query_one("#help", Static).render())
+        await pilot.press("escape")
+        await pilot.pause(0.1)
+        assert not isinstance(app.screen, HelpScreen)
+
+
+@runs
+async def test_pause_freezes_rows_while_intervals_keep_arriving():
+    source = QueueSource()
+    batches = shop_batches()
+    app = TopApp(source)
+    async with app.run_test(size=SIZE) as pilot:
+        for batch in batches[:3]:
             before = app.feed.published
-            await pilot.click("#rows", offset=(x + 2, 0))  # the DROPS heading
+            source.put(batch)
             await settle(app, pilot, after=before)
-            assert app.last_snapshot.rows.sort == "drops"
-            assert cells(app, columns=4)[0] == ["TCP 192.0.2.80:51000 → 10.204.0.10:8080", "180 B/s", "3/s", "6"]
-            assert str(table.columns["drops"].label) == "DROPS ▼"
-
-    run(scenario)
-
-
-def test_good_and_bad_filters(shop_replay):
-    async def scenario():
-        app = replay_app(shop_replay)
-        async with app.run_test(size=SIZE) as pilot:
-            await replay_finished(app, pilot)
-            await pilot.press("slash")
-            assert app.query_one("#filter", Input).has_focus
-            await pilot.press(*"port=http")
-            await pilot.press("enter")
-            await pilot.pause(0.1)
-            message = str(app.query_one("#message", Static).render())
-            assert message == 'bad filter term "port=http": a port is a number 0-65535 or a range like 8000-8080'
-            assert len(cells(app)) == 5  # still running, still showing everything
-            field = app.query_one("#filter", Input)
-            field.value = "to-port=8443,53 not protocol=udp"
+        frozen = cells(app, columns=3)
+        assert frozen[0] == ["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "60.0 kB/s", "60/s"]
+        await press_and_settle(app, pilot, "space")
+        for batch in batches[3:]:
             before = app.feed.published
-            await pilot.press("enter")
+            source.put(batch)
             await settle(app, pilot, after=before)
-            assert cells(app) == [["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "70.0 kB/s"]]
-            assert str(app.query_one("#message", Static).render()) == ""
-            assert header(app).splitlines()[3] == (
-                "group flow  sort BYTES/S ▼  1 of 1 rows  filter to-port=8443,53 not protocol=udp (1 of 5 flows)"
-            )
-            assert app.query_one("#rows", DataTable).has_focus
-            await pilot.press("slash")
-            app.query_one("#filter", Input).value = ""
-            before = app.feed.published
-            await pilot.press("enter")
-            await settle(app, pilot, after=before)
-            assert len(cells(app)) == 5
-
-    run(scenario)
+        assert cells(app, columns=3) == frozen
+        lines = header(app).splitlines()
+        assert lines[0].endswith("intervals 5  PAUSED (2 intervals waiting)")
+        assert lines[1].endswith("coverage 94.3% (lost 2 of 35)")  # loss accounting does not pause
+        assert lines[2] == "probes tc_flows  unavailable tcp_rtt (kprobes are off)"
+        await press_and_settle(app, pilot, "space")
+        assert cells(app, columns=3)[0] == ["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "70.0 kB/s", "70/s"]
+        assert "PAUSED" not in header(app)
+    source.close()
 
 
-def test_escape_closes_the_filter_without_applying_it(shop_replay):
-    async def scenario():
-        app = replay_app(shop_replay)
-        async with app.run_test(size=SIZE) as pilot:
-            await replay_finished(app, pilot)
-            await pilot.press("slash", *"port=53", "escape")
-            await pilot.pause(0.1)
-            assert not app.query_one("#filter", Input).has_class("open")
-            assert app.last_snapshot.filter_text == ""
-            assert len(cells(app)) == 5
-
-    run(scenario)
-
-
-def test_drops_view_and_drilling_into_a_reason(shop_replay):
-    async def scenario():
-        app = replay_app(shop_replay)
-        async with app.run_test(size=SIZE) as pilot:
-            await replay_finished(app, pilot)
-            await press_and_settle(app, pilot, "g", "d")
-            assert cells(app, "#drops", columns=6) == [
-                ["NETFILTER_DROP", "12", "24", "1.44 kB", "80.0%", "192.0.2.80 (12), shop/checkout-7d9f (12)"],
-                ["TCP_INVALID_SEQUENCE", "0", "4", "4.00 kB", "13.3%", "shop/checkout-7d9f (2), shop/payments-0 (2)"],
-                ["NO_SOCKET", "0", "2", "148 B", "6.7%", "10.204.0.1 (1), shop/payments-0 (1)"],
-            ]
-            await press_and_settle(app, pilot, "enter")  # on NETFILTER_DROP: filter by it, back to the rows
-            assert app.last_snapshot.filter_text == "reason=NETFILTER_DROP"
-            assert app.query_one("#views").current == "rows"
-            assert cells(app) == [["192.0.2.80", "180 B/s"], ["shop/checkout-7d9f", "180 B/s"]]
-
-    run(scenario)
-
-
-def test_detail_screen_and_back(shop_replay):
-    async def scenario():
-        app = replay_app(shop_replay)
-        async with app.run_test(size=SIZE) as pilot:
-            await replay_finished(app, pilot)
-            await press_and_settle(app, pilot, "g", "enter")
-            assert isinstance(app.screen, DetailScreen)
-            assert str(app.screen.query_one("#detail-title", Static).render()) == "shop/checkout-7d9f"
-            assert cells(app, "#peers", columns=5) == [
-                ["shop/payments-0", "→", "720 kB", "700", "2"],
-                ["shop/payments-0", "←", "560 kB", "400", "0"],
-                ["192.0.2.80", "←", "720 B", "12", "12"],
-                ["kube-system/coredns-55", "→", "540 B", "6", "0"],
-            ]
-            assert cells(app, "#reasons", columns=3) == [
-                ["NETFILTER_DROP", "12", "720 B"],
-                ["TCP_INVALID_SEQUENCE", "2", "2.00 kB"],
-            ]
-            assert [row[1] for row in cells(app, "#events")] == [
-                "close", "close", "drop", "drop", "drop", "retransmit", "accept", "connect",
-            ]  # fmt: skip
-            assert str(app.screen.query_one("#detail-stats", Static).render()) == (
-                "over 5 intervals  ·  now 138 kB/s  ·  124 pkts/s  ·  drops 14  ·  retransmits 3  ·  resets 0  ·  "
-                "RTT 800µs .. 933µs"
-            )
-            await pilot.press("g")  # main-table keys do nothing over the detail
-            await pilot.pause(0.1)
-            assert app.last_snapshot.rows.grouping == "pod"
-            await press_and_settle(app, pilot, "escape")
-            assert not isinstance(app.screen, DetailScreen)
-            assert app.feed.detail_key is None
-
-    run(scenario)
+@runs
+async def test_rows_update_in_place_and_the_cursor_follows_its_row():
+    source = QueueSource()
+    batches = shop_batches()
+    app = TopApp(source)
+    async with app.run_test(size=SIZE) as pilot:
+        before = app.feed.published
+        source.put(batches[0])
+        await settle(app, pilot, after=before)
+        table = app.query_one("#rows", DataTable)
+        # interval 0: the reply (56 kB/s) leads; put the cursor on the request (50 kB/s), second
+        assert [row[0] for row in cells(app)][:2] == [
+            "TCP 10.204.0.11:8443 → 10.204.0.10:43210",
+            "TCP 10.204.0.10:43210 → 10.204.0.11:8443",
+        ]
+        await pilot.press("down")
+        keys_before = {row.key.value: row.key for row in table.ordered_rows}
+        before = app.feed.published
+        source.put(batches[1])  # the request grows to 55 kB/s; DNS goes quiet; curl's flows appear
+        await settle(app, pilot, after=before)
+        keys_after = {row.key.value: row.key for row in table.ordered_rows}
+        assert set(keys_before) - set(keys_after) == {"UDP 10.204.0.10:40001 → 10.204.0.53:53"}
+        assert set(keys_after) - set(keys_before) == {
+            "TCP 10.204.0.1:39000 → 10.204.0.11:9999",
+            "TCP 10.204.0.11:9999 → 10.204.0.1:39000",
+        }
+        staying = set(keys_before) & set(keys_after)
+        assert all(keys_after[key] is keys_before[key] for key in staying)  # updated, not re-added
+        assert cells(app)[1] == ["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "55.0 kB/s"]
+        selected = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        assert selected == "TCP 10.204.0.10:43210 → 10.204.0.11:8443"
+    source.close()
 
 
-def test_help_screen(shop_replay):
-    async def scenario():
-        app = replay_app(shop_replay)
-        async with app.run_test(size=SIZE) as pilot:
-            await replay_finished(app, pilot)
-            await pilot.press("question_mark")
-            await pilot.pause(0.1)
-            assert isinstance(app.screen, HelpScreen)
-            assert "pause the display" in str(app.screen.query_one("#help", Static).render())
-            await pilot.press("escape")
-            await pilot.pause(0.1)
-            assert not isinstance(app.screen, HelpScreen)
-
-    run(scenario)
-
-
-def test_pause_freezes_rows_while_intervals_keep_arriving():
-    async def scenario():
-        source = QueueSource()
-        batches = shop_batches()
-        app = TopApp(source)
-        async with app.run_test(size=SIZE) as pilot:
-            for batch in batches[:3]:
-                before = app.feed.published
-                source.put(batch)
-                await settle(app, pilot, after=before)
-            frozen = cells(app, columns=3)
-            assert frozen[0] == ["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "60.0 kB/s", "60/s"]
-            await press_and_settle(app, pilot, "space")
-            for batch in batches[3:]:
-                before = app.feed.published
-                source.put(batch)
-                await settle(app, pilot, after=before)
-            assert cells(app, columns=3) == frozen
-            lines = header(app).splitlines()
-            assert lines[0].endswith("intervals 5  PAUSED (2 intervals waiting)")
-            assert lines[1].endswith("coverage 94.3% (lost 2 of 35)")  # loss accounting does not pause
-            assert lines[2] == "probes tc_flows  unavailable tcp_rtt (kprobes are off)"
-            await press_and_settle(app, pilot, "space")
-            assert cells(app, columns=3)[0] == ["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "70.0 kB/s", "70/s"]
-            assert "PAUSED" not in header(app)
-        source.close()
-
-    run(scenario)
+@runs
+async def test_quit_stops_the_reader_and_returns():
+    source = QueueSource()
+    app = TopApp(source)
+    async with app.run_test(size=SIZE) as pilot:
+        source.put(shop_batches()[0])
+        await settle(app, pilot, after=0)
+        await pilot.press("q")
+        await pilot.pause(0.1)
+    assert app.return_code == 0
+    source.close()  # the owner closes the source (the CLI does this after the app returns)
+    await asyncio.sleep(0.1)
+    assert not app.feed._reader.is_alive()
 
 
-def test_rows_update_in_place_and_the_cursor_follows_its_row():
-    async def scenario():
-        source = QueueSource()
-        batches = shop_batches()
-        app = TopApp(source)
-        async with app.run_test(size=SIZE) as pilot:
-            before = app.feed.published
-            source.put(batches[0])
-            await settle(app, pilot, after=before)
-            table = app.query_one("#rows", DataTable)
-            # interval 0: the reply (56 kB/s) leads; put the cursor on the request (50 kB/s), second
-            assert [row[0] for row in cells(app)][:2] == [
-                "TCP 10.204.0.11:8443 → 10.204.0.10:43210",
-                "TCP 10.204.0.10:43210 → 10.204.0.11:8443",
-            ]
-            await pilot.press("down")
-            keys_before = {row.key.value: row.key for row in table.ordered_rows}
-            before = app.feed.published
-            source.put(batches[1])  # the request grows to 55 kB/s; DNS goes quiet; curl's flows appear
-            await settle(app, pilot, after=before)
-            keys_after = {row.key.value: row.key for row in table.ordered_rows}
-            assert set(keys_before) - set(keys_after) == {"UDP 10.204.0.10:40001 → 10.204.0.53:53"}
-            assert set(keys_after) - set(keys_before) == {
-                "TCP 10.204.0.1:39000 → 10.204.0.11:9999",
-                "TCP 10.204.0.11:9999 → 10.204.0.1:39000",
-            }
-            staying = set(keys_before) & set(keys_after)
-            assert all(keys_after[key] is keys_before[key] for key in staying)  # updated, not re-added
-            assert cells(app)[1] == ["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "55.0 kB/s"]
-            selected = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-            assert selected == "TCP 10.204.0.10:43210 → 10.204.0.11:8443"
-        source.close()
-
-    run(scenario)
-
-
-def test_quit_stops_the_reader_and_returns(shop_replay):
-    async def scenario():
-        source = QueueSource()
-        app = TopApp(source)
-        async with app.run_test(size=SIZE) as pilot:
-            source.put(shop_batches()[0])
-            await settle(app, pilot, after=0)
-            await pilot.press("q")
-            await pilot.pause(0.1)
-        assert app.return_code == 0
-        source.close()  # the owner closes the source (the CLI does this after the app returns)
-        await asyncio.sleep(0.1)
-        assert not app.feed._reader.is_alive()
-
-    run(scenario)
-
-
-def test_a_replay_that_breaks_off_shows_why_and_keeps_what_it_had(tmp_path):
+@runs
+async def test_a_replay_that_breaks_off_shows_why_and_keeps_what_it_had(tmp_path):
     path = write_replay(tmp_path / "broken.jsonl", shop_batches()[:2])
     with open(path, "a", encoding="utf-8") as out:
         out.write('{"type": "flow", "src_ip": \n')
-
-    async def scenario():
-        app = TopApp(ReplaySource(str(path), speed=0, node=NODE))
-        async with app.run_test(size=SIZE) as pilot:
-            await replay_finished(app, pilot)
-            first = header(app).splitlines()[0]
-            line = len(path.read_text().splitlines())  # the broken one is the last
-            assert first.endswith(f"intervals 2  source failed: {path}:{line}: not JSON (Expecting value).")
-            assert len(cells(app)) == 5  # the flows of interval 1, the last complete one
-
-    run(scenario)
+    async with finished_replay(path) as (app, _pilot):
+        first = header(app).splitlines()[0]
+        line = len(path.read_text().splitlines())  # the broken one is the last
+        assert first.endswith(f"intervals 2  source failed: {path}:{line}: not JSON (Expecting value).")
+        assert len(cells(app)) == 5  # the flows of interval 1, the last complete one

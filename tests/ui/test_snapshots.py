@@ -5,16 +5,10 @@ the new SVGs before committing them.
 """
 
 import pytest
-from flowscope.ui.app import TopApp
 
-from flowscope.source import ReplaySource
-from tests.ui.scenario import NODE, press_and_settle, replay_finished, screen_still
+from tests.ui.scenario import press_and_settle, replay_app, replay_finished, screen_still
 
 SIZE = (150, 32)
-
-
-def app_for(shop_replay) -> TopApp:
-    return TopApp(ReplaySource(str(shop_replay), speed=0, node=NODE))
 
 
 @pytest.mark.parametrize(
@@ -29,7 +23,7 @@ def app_for(shop_replay) -> TopApp:
     ],
 )
 def test_screens(snap_compare, shop_replay, name, keys):
-    app = app_for(shop_replay)
+    app = replay_app(shop_replay)
 
     async def run_before(pilot) -> None:
         await replay_finished(app, pilot)
@@ -48,7 +42,7 @@ def test_screens(snap_compare, shop_replay, name, keys):
 
 
 def test_bad_filter_message(snap_compare, shop_replay):
-    app = app_for(shop_replay)
+    app = replay_app(shop_replay)
 
     async def run_before(pilot) -> None:
         await replay_finished(app, pilot)
