@@ -1,7 +1,8 @@
 """The event reader counts every event: delivered + lost = produced, exactly, with a ring that holds them
 all, with a ring that overflows, and with the reader's own pending store full (events dropped in user
 space). For the mmap reader (flowscope.ring_reader, the default on x86-64) and BCC's callback reader (the
-fallback elsewhere).
+fallback elsewhere); where the count is exact with any buffer, for perf buffers read through their pages
+(flowscope.perf_reader) too.
 
 Events come from the loaded tc egress program run with BPF_PROG_TEST_RUN: no traffic, no interface, no
 other process's packets. With a one-entry flow map, the first flow's packet takes the entry and every
@@ -29,6 +30,8 @@ from flowscope.loader import LoadedProbes, LoadOptions, load
 RUNS = 500  # program runs per BPF_PROG_TEST_RUN call: one burst of spills
 FIRST_PORT = 40000  # the flow that holds the map's entry; FIRST_PORT + 1 spills
 READERS = ("mmap", "bcc")
+PERF = "perf"  # perf buffers (--perf-buffer), read through their pages on x86-64
+PERF_PAGES = 1024  # per CPU: 30,840 events, more than the 5,000 spills sent between two drains
 
 
 def udp_frame(sport: int) -> bytes:
@@ -43,9 +46,11 @@ FRAMES = (udp_frame(FIRST_PORT), udp_frame(FIRST_PORT + 1))
 
 @contextmanager
 def spill_probes(reader: str, ring_pages: int, pending_max: int = PENDING_EVENTS_MAX) -> Iterator[Probes]:
-    options = LoadOptions(
-        interfaces=[], families={"tc_flows"}, flow_map_size=1, ring_pages=ring_pages, ring_reader=reader
-    )
+    if reader == PERF:
+        transport = {"perf_events": True, "perf_pages": PERF_PAGES}
+    else:
+        transport = {"ring_pages": ring_pages, "ring_reader": reader}
+    options = LoadOptions(interfaces=[], families={"tc_flows"}, flow_map_size=1, **transport)
     loaded = load(options)
     try:
         probes = Probes(loaded, KernelReader(loaded, pending_max))
@@ -93,7 +98,7 @@ def spill_counts(probes: Probes) -> tuple[int, int, int]:
     return spill.produced, spill.delivered, spill.lost
 
 
-@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("reader", [*READERS, PERF])
 def test_every_spill_is_delivered_when_the_ring_holds_them(reader: str) -> None:
     with spill_probes(reader, ring_pages=4096) as probes:
         probes.send(10)
@@ -135,7 +140,7 @@ def test_spills_an_overflowing_ring_refuses_are_counted_as_lost(reader: str) -> 
     assert probes.coverage().unbalanced() == []
 
 
-@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("reader", [*READERS, PERF])
 def test_events_beyond_the_readers_pending_store_are_counted_as_lost(reader: str) -> None:
     """The ring takes all 5000 spills; the reader keeps 1000 until the drain and drops the rest, counted."""
     with spill_probes(reader, ring_pages=4096, pending_max=1000) as probes:
