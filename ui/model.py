@@ -200,6 +200,7 @@ class _Interval:
     passed: np.ndarray | None = None  # the flows that pass the filter (dropped when the filter changes)
     groups: pd.DataFrame | None = None  # per key: sums, rtt mean, connection counts
     drops: pd.DataFrame | None = None  # per key and drop reason: drop packets and bytes
+    peers: tuple[tuple, pd.DataFrame] | None = None  # a detail's key and its peers here (see _interval_peers)
 
 
 @dataclass(frozen=True)
@@ -313,7 +314,7 @@ class TopModel:
         self.sort = sort or self.sort
         self.descending = self.descending if descending is None else descending
         for interval in self.window if view_changes else ():
-            interval.groups = interval.drops = None
+            interval.groups = interval.drops = interval.peers = None
             if filter_changes:
                 interval.passed = None
 
@@ -539,20 +540,8 @@ class TopModel:
         group = self.group
         if group.name == "flow":
             return self._flow_peers(intervals, key)
-        names = list(group.key_names)
         peer_group = group.with_ip_fallback()
-        parts = []
-        for interval in intervals:
-            flows = self._flows(interval)
-            for end, other, direction in (("src", "dst", "→"), ("dst", "src", "←")):
-                mine, _ = group.side_keys(flows, end)
-                here = _matches(pd.DataFrame(mine), names, key)
-                if here.any():
-                    theirs, _ = peer_group.side_keys(flows[here], other)
-                    part = pd.DataFrame(theirs).assign(direction=direction)
-                    for counter in PEER_COUNTERS:
-                        part[counter] = _number(flows, counter)[here].clip(min=0)
-                    parts.append(part)
+        parts = [part for part in (self._interval_peers(i, key) for i in intervals) if len(part)]
         if not parts:
             return pd.DataFrame({"peer": [], "direction": [], **{c: [] for c in PEER_COUNTERS}})
         peer_names = list(peer_group.key_names)
@@ -565,6 +554,31 @@ class TopModel:
                 **{c: summed[c].to_numpy() for c in PEER_COUNTERS},
             }
         )
+
+    def _interval_peers(self, interval: _Interval, key: tuple) -> pd.DataFrame:
+        """The peers of one group in one interval with their counters, summed; kept for the key last asked
+        (an open detail reads the same intervals on every refresh, and only the newest is new)."""
+        if interval.peers is not None and interval.peers[0] == key:
+            return interval.peers[1]
+        group = self.group
+        peer_group = group.with_ip_fallback()
+        flows = self._flows(interval)
+        parts = []
+        for end, other, direction in (("src", "dst", "→"), ("dst", "src", "←")):
+            mine, _ = group.side_keys(flows, end)
+            here = _matches(mine, list(group.key_names), key)
+            if here.any():
+                theirs, _ = peer_group.side_keys(flows[here], other)
+                part = pd.DataFrame(theirs).assign(direction=direction)
+                for counter in PEER_COUNTERS:
+                    part[counter] = _number(flows, counter)[here].clip(min=0)
+                parts.append(part)
+        peers = pd.DataFrame()
+        if parts:
+            by_peer = pd.concat(parts, ignore_index=True).groupby([*peer_group.key_names, "direction"], sort=False)
+            peers = by_peer.sum().reset_index()
+        interval.peers = (key, peers)
+        return peers
 
     def _flow_peers(self, intervals: list[_Interval], key: tuple) -> pd.DataFrame:
         protocol, src_ip, src_port, dst_ip, dst_port = key
@@ -662,10 +676,10 @@ def _row(groups: pd.DataFrame, key: tuple) -> pd.Series | None:
     return groups.iloc[groups.index.get_loc(key)]
 
 
-def _matches(frame: pd.DataFrame, names: list[str], key: tuple) -> np.ndarray:
-    mask = np.ones(len(frame), dtype=bool)
+def _matches(columns: pd.DataFrame | dict[str, np.ndarray], names: list[str], key: tuple) -> np.ndarray:
+    mask = np.ones(len(columns[names[0]]), dtype=bool)
     for name, value in zip(names, key, strict=True):
-        mask &= frame[name].to_numpy() == value
+        mask &= np.asarray(columns[name]) == value
     return mask
 
 

@@ -166,6 +166,42 @@ def test_pod_detail(model):
     assert detail.events["reason"].tolist()[2:5] == ["NETFILTER_DROP", "TCP_INVALID_SEQUENCE", "NETFILTER_DROP"]
 
 
+def test_detail_peers_follow_new_intervals_and_view_changes():
+    batches = shop_batches()
+    top = TopModel()
+    for batch in batches[:4]:
+        top.add(batch)
+    top.set_view(grouping="pod")
+    assert top.detail(CHECKOUT_POD).peers.values.tolist() == [
+        ["shop/payments-0", "→", 556000, 540, 2],
+        ["shop/payments-0", "←", 448000, 320, 0],
+        ["kube-system/coredns-55", "→", 360, 4, 0],
+        ["192.0.2.80", "←", 360, 6, 6],
+    ]
+    top.add(batches[4])  # the open detail refreshes: the new interval counts, the older ones still do
+    assert top.detail(CHECKOUT_POD).peers.values.tolist() == [
+        ["shop/payments-0", "→", 720000, 700, 2],
+        ["shop/payments-0", "←", 560000, 400, 0],
+        ["192.0.2.80", "←", 720, 12, 12],
+        ["kube-system/coredns-55", "→", 540, 6, 0],
+    ]
+    top.set_view(filter=parse_filter("not namespace=kube-system"))
+    assert [row[0] for row in top.detail(CHECKOUT_POD).peers.values.tolist()] == [
+        "shop/payments-0",
+        "shop/payments-0",
+        "192.0.2.80",
+    ]
+    top.set_view(grouping="namespace", filter=parse_filter(""))
+    assert top.detail(("shop",)).peers.values.tolist() == [
+        ["shop", "→", 1280000, 1100, 2],
+        ["shop", "←", 1280000, 1100, 2],
+        ["192.0.2.80", "←", 720, 12, 12],
+        ["kube-system", "→", 540, 6, 0],
+        ["10.204.0.1", "←", 74, 1, 1],
+        ["10.204.0.1", "→", 54, 1, 0],
+    ]
+
+
 def test_flow_detail_shows_the_reply_as_peer(model):
     detail = model.detail(CHECKOUT_TO_PAYMENTS)
     assert detail.peers.values.tolist() == [
