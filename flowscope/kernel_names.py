@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from flowscope.btf import KIND_ENUM, KIND_ENUM64, VMLINUX_BTF, Btf, BtfError
+from flowscope.features import TRACEFS_CANDIDATES
 
 ENUM_KINDS = (KIND_ENUM, KIND_ENUM64)
 UNKNOWN = 0xFFFFFFFF  # FS_UNKNOWN in probes/include/fs_kernel.h: the kernel gave no reason or state
@@ -25,7 +26,6 @@ DROP_REASON_PREFIXES = ("SKB_DROP_REASON_", "SKB_")
 DROP_SUBSYSTEM_PREFIX = "SKB_DROP_REASON_SUBSYS_"
 TCP_STATE_PREFIX = "TCP_"
 RESET_REASON_PREFIX = "SK_RST_REASON_"
-TRACEFS_DIRS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 
 
 def _strip(name: str, prefixes: tuple[str, ...]) -> str:
@@ -113,7 +113,7 @@ class KernelNames:
         )
 
     @classmethod
-    def load(cls, btf_path: Path = VMLINUX_BTF, tracefs_dirs: tuple[Path, ...] = TRACEFS_DIRS) -> KernelNames:
+    def load(cls, btf_path: Path = VMLINUX_BTF, tracefs_dirs: tuple[Path, ...] = TRACEFS_CANDIDATES) -> KernelNames:
         """The running kernel's names: BTF, completed from the tracepoint formats where BTF lacks a table."""
         try:
             names = cls.from_btf(Btf.load(btf_path))
