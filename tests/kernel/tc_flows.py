@@ -112,12 +112,15 @@ def udp_id(direction: str, version: int, src: str, sport: int, dst: str, dport: 
 def assert_flow_map_balanced(result: CaptureResult, lost: int | None = 0) -> int:
     """In every interval, the tc programs' packets = packets delivered (map + spills) + packets lost; and
     `lost` in all (0: nothing lost; None: any number). Spill events likewise: sent + lost = delivered + lost.
+    The packets delivered are those the flow rows carry, so the accounting cannot pass on counts of zero.
     Returns the packets lost."""
     assert result.returncode == 0, result.stderr
     intervals = result.coverage("flow_map")
     assert intervals, "capture wrote no interval"
     for number, counts in enumerate(intervals):
         assert counts["produced"] == counts["delivered"] + counts["lost"], f"interval {number}: {counts}"
+    delivered = sum(counts["delivered"] for counts in intervals)
+    assert delivered == int(result.flows["packets"].fillna(0).sum()) > 0, intervals
     for number, counts in enumerate(result.coverage("events:flow_spill")):
         assert counts["produced"] == counts["delivered"] + counts["lost"], f"interval {number}: {counts}"
     total_lost = sum(counts["lost"] for counts in intervals)
