@@ -13,7 +13,11 @@ Figures (medians over the measured intervals):
   refresh_filtered_ms   the same by flow with the filter `namespace=ns-3,ns-4 not port=53`
   regroup_ms            a key press that changes the grouping, until its rows are ready
   regroup_trends_ms     then the 12 intervals the rows' trends read, grouped anew (the trends follow)
-  drops_ms, detail_ms   the drops view, and the detail of the busiest pod
+  drops_ms              the drops view
+  detail_ms             a key press that opens the detail of one of the three busiest pods (its peers over
+                        the last 10 intervals, its series over the window)
+  detail_refresh_ms     an open detail once a new interval has come (its rows already grouped, as the feed
+                        does); the peers of the older intervals are kept
   filter_mask_ms        parse_filter(...).flows_mask on one 100k batch (CIDR, ports, pod prefix)
   ui_apply_ms           time on the UI thread to put one snapshot (50 rows) on screen (Textual, headless)
 
@@ -216,8 +220,14 @@ def main() -> None:
     model.set_view(grouping="pod")
     model.rows(50)
     drops = [timed(model.drops)[0] for _ in range(3)]
-    busiest = model.rows(1).frame["key"].iloc[0]
-    detail = [timed(lambda: model.detail(busiest))[0] for _ in range(3)]
+    busiest = model.rows(3).frame["key"].tolist()
+    detail = [timed(lambda k=key: model.detail(k))[0] for key in busiest]
+    detail_refresh = []
+    for _ in range(3):
+        model.add(traffic.batch(interval))
+        interval += 1
+        model.rows(50)
+        detail_refresh.append(timed(lambda: model.detail(busiest[-1]))[0])
     flows = model.window[-1].flows
     mask_filter = parse_filter("ip=10.204.0.0/23,192.0.2.0/24 port=443,8000-8443 not pod=ns-1/app-3")
     masks = [timed(lambda: mask_filter.flows_mask(flows))[0] for _ in range(3)]
@@ -235,6 +245,7 @@ def main() -> None:
         "regroup_trends_ms": round(max(backfill), 1),
         "drops_ms": round(lab.median(drops), 1),
         "detail_ms": round(lab.median(detail), 1),
+        "detail_refresh_ms": round(lab.median(detail_refresh), 1),
         "filter_mask_ms": round(lab.median(masks), 1),
         "median_ui_apply_ms": round(lab.median(ui), 1),
         "max_ui_apply_ms": round(max(ui), 1) if ui else None,
