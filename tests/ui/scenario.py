@@ -341,6 +341,14 @@ async def press_and_settle(app, pilot, *keys: str) -> None:
         await settle(app, pilot, after=before)
 
 
+async def put_and_settle(app, pilot, source: QueueSource, *batches: FlowBatch) -> None:
+    """Hands the source one batch at a time, each shown before the next comes."""
+    for batch in batches:
+        before = app.feed.published
+        source.put(batch)
+        await settle(app, pilot, after=before)
+
+
 async def replay_finished(app, pilot) -> None:
     """Waits until a replay has been read to its end and its last snapshot is shown."""
     import asyncio

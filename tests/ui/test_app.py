@@ -13,6 +13,7 @@ from textual.widgets import DataTable, Input, Static
 from tests.ui.scenario import (
     QueueSource,
     press_and_settle,
+    put_and_settle,
     replay_app,
     replay_finished,
     settle,
@@ -219,17 +220,11 @@ async def test_pause_freezes_rows_while_intervals_keep_arriving():
     batches = shop_batches()
     app = TopApp(source)
     async with app.run_test(size=SIZE) as pilot:
-        for batch in batches[:3]:
-            before = app.feed.published
-            source.put(batch)
-            await settle(app, pilot, after=before)
+        await put_and_settle(app, pilot, source, *batches[:3])
         frozen = cells(app, columns=3)
         assert frozen[0] == ["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "60.0 kB/s", "60/s"]
         await press_and_settle(app, pilot, "space")
-        for batch in batches[3:]:
-            before = app.feed.published
-            source.put(batch)
-            await settle(app, pilot, after=before)
+        await put_and_settle(app, pilot, source, *batches[3:])
         assert cells(app, columns=3) == frozen
         lines = header(app).splitlines()
         assert lines[0].endswith("intervals 5  PAUSED (2 intervals waiting)")
@@ -247,9 +242,7 @@ async def test_rows_update_in_place_and_the_cursor_follows_its_row():
     batches = shop_batches()
     app = TopApp(source)
     async with app.run_test(size=SIZE) as pilot:
-        before = app.feed.published
-        source.put(batches[0])
-        await settle(app, pilot, after=before)
+        await put_and_settle(app, pilot, source, batches[0])
         table = app.query_one("#rows", DataTable)
         # interval 0: the reply (56 kB/s) leads; put the cursor on the request (50 kB/s), second
         assert [row[0] for row in cells(app)][:2] == [
@@ -258,9 +251,8 @@ async def test_rows_update_in_place_and_the_cursor_follows_its_row():
         ]
         await pilot.press("down")
         keys_before = {row.key.value: row.key for row in table.ordered_rows}
-        before = app.feed.published
-        source.put(batches[1])  # the request grows to 55 kB/s; DNS goes quiet; curl's flows appear
-        await settle(app, pilot, after=before)
+        # the request grows to 55 kB/s; DNS goes quiet; curl's flows appear
+        await put_and_settle(app, pilot, source, batches[1])
         keys_after = {row.key.value: row.key for row in table.ordered_rows}
         assert set(keys_before) - set(keys_after) == {"UDP 10.204.0.10:40001 → 10.204.0.53:53"}
         assert set(keys_after) - set(keys_before) == {
