@@ -3,7 +3,8 @@
 line saying what happened, as the kernel reported it to the socket (ground truth for the probes), with the
 process's pid and comm.
 
-  refused  --src A --dst B --dport Q            connect to a closed port; reports the source port
+  refused  --src A --dst B --dport Q            connect to a closed port; reports the source port and how
+                                                long connect() took
   server   ADDRESS PORT --connections N         prints "ready", accepts N connections, reads each to its
                                                 end, closes it; reports the connections (local/remote)
   client   --src A --dst B --dport Q --bytes N [--chunk C] [--pause S]
@@ -40,12 +41,13 @@ def refused(args: argparse.Namespace) -> None:
     sock = socket.socket(family(args.dst), socket.SOCK_STREAM)
     sock.bind((args.src, 0))
     sport = sock.getsockname()[1]
+    started = time.monotonic()
     try:
         sock.connect((args.dst, args.dport))
     except ConnectionRefusedError:
-        report(sport=sport, refused=True)
+        report(sport=sport, refused=True, seconds=time.monotonic() - started)
         return
-    report(sport=sport, refused=False)
+    report(sport=sport, refused=False, seconds=time.monotonic() - started)
 
 
 def server(args: argparse.Namespace) -> None:

@@ -58,13 +58,15 @@ def test_a_refused_connect_closes_from_syn_sent_with_its_pid(transport: str) -> 
         attempt = pair.socket_traffic(pair.client, "refused", "--src", client, "--dst", server, "--dport", "7")
         result = run.stop()
     assert_balanced(result)
+    assert attempt["refused"], attempt
     attempts = rows(result.events, client, attempt["sport"], server, 7, "TCP")
     closes = attempts[attempts["kind"] == "close"]
     assert len(closes) == 1 and "connect" not in set(attempts["kind"])
     close = closes.iloc[0]
     assert close["state"] == "SYN_SENT"
     assert close["pid"] == attempt["pid"] and close["comm"] == attempt["comm"]
-    assert close["duration_us"] > 0
+    # The socket lived from its SYN to the RST, both within the client's connect().
+    assert 0 < close["duration_us"] <= attempt["seconds"] * 1e6
 
 
 def test_accepts_of_a_listener_older_than_the_probes_carry_its_pid() -> None:
