@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 # The helpers' own asserts say what differed, as the tests' do.
-pytest.register_assert_rewrite("tests.kernel.capture", "tests.kernel.pcap", "tests.kernel.tc_flows")
+pytest.register_assert_rewrite(
+    "tests.kernel.capture", "tests.kernel.pcap", "tests.kernel.tc_flows", "tests.kernel.tracepoint_lab"
+)
 
 from tests.kernel.lab import Lab  # noqa: E402 - after the rewrite hook
 
