@@ -14,40 +14,35 @@ def missing(value: object) -> bool:
     return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
 
 
-def _scaled(value: float, units: tuple[str, ...], step: float = 1000.0) -> str:
-    """3 significant figures at most: 999, 1.23k, 12.3k, 123k, 1.23M ..."""
+def _scaled(value: object, units: tuple[str, ...], step: float = 1000.0) -> str:
+    """3 significant figures at most: 999, 1.23k, 12.3k, 123k, 1.23M ...; MISSING for a missing value."""
+    if missing(value):
+        return MISSING
+    number = float(value)  # type: ignore[arg-type]
     for unit in units:
-        if abs(value) < step or unit == units[-1]:
-            if unit == units[0] and float(value).is_integer():
-                return f"{int(value)}{unit}"
-            digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
-            return f"{value:.{digits}f}{unit}"
-        value /= step
+        if abs(number) < step or unit == units[-1]:
+            if unit == units[0] and number.is_integer():
+                return f"{int(number)}{unit}"
+            digits = 2 if abs(number) < 10 else 1 if abs(number) < 100 else 0
+            return f"{number:.{digits}f}{unit}"
+        number /= step
     raise AssertionError("unreachable")
 
 
 def bytes_rate(value: object) -> str:
-    if missing(value):
-        return MISSING
-    return _scaled(float(value), (" B/s", " kB/s", " MB/s", " GB/s", " TB/s"))
+    return _scaled(value, (" B/s", " kB/s", " MB/s", " GB/s", " TB/s"))
 
 
 def rate(value: object) -> str:
-    if missing(value):
-        return MISSING
-    return _scaled(float(value), ("/s", "k/s", "M/s", "G/s"))
+    return _scaled(value, ("/s", "k/s", "M/s", "G/s"))
 
 
 def count(value: object) -> str:
-    if missing(value):
-        return MISSING
-    return _scaled(float(value), ("", "k", "M", "G"))
+    return _scaled(value, ("", "k", "M", "G"))
 
 
 def byte_count(value: object) -> str:
-    if missing(value):
-        return MISSING
-    return _scaled(float(value), (" B", " kB", " MB", " GB", " TB"))
+    return _scaled(value, (" B", " kB", " MB", " GB", " TB"))
 
 
 def duration_us(value: object) -> str:
