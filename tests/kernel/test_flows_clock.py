@@ -4,23 +4,16 @@ stamp may be up to one tick early, never late. Checked against the wall clock ar
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pandas as pd
 import pytest
 
 from tests.kernel.capture import Capture
 from tests.kernel.lab import Lab
-from tests.kernel.tc_flows import Hosts, assert_flow_map_balanced, start_sink
+from tests.kernel.tc_flows import assert_flow_map_balanced, start_sink, two_hosts
 
 TICK_SLACK = pd.Timedelta(milliseconds=20)  # one tick at HZ >= 100, and the capture's clock offset
 LATE_SLACK = pd.Timedelta(milliseconds=5)  # realtime against monotonic drift over the test (NTP slews)
-
-
-@pytest.fixture
-def clock_lab() -> Iterator[Lab]:
-    with Lab("fscost-", "10.207.0.0/16", "fd00:207::/64") as lab:
-        yield lab
 
 
 def now() -> pd.Timestamp:
@@ -28,12 +21,10 @@ def now() -> pd.Timestamp:
 
 
 @pytest.mark.parametrize("version", [4, 6])
-def test_first_and_last_seen_bracket_the_sends(clock_lab: Lab, version: int) -> None:
-    a, b = clock_lab.namespace("a"), clock_lab.namespace("b")
-    port_a, port_b = clock_lab.link(a, "fscoA", b, "fscoB", subnet=1)
-    hosts = Hosts(clock_lab, a, b, port_a, port_b)
-    start_sink(b, "udp-sink", hosts.address("b", version), "7001")
-    run = Capture.start(a, ["fscoA"], 0.5)
+def test_first_and_last_seen_bracket_the_sends(tc_lab: Lab, version: int) -> None:
+    hosts = two_hosts(tc_lab)
+    start_sink(hosts.b, "udp-sink", hosts.address("b", version), "7001")
+    run = Capture.start(hosts.a, ["fstcA"], 0.5)
     first_before = now()
     hosts.udp("a", version, 5001, 7001, 100, 5)
     first_after = now()
@@ -44,7 +35,7 @@ def test_first_and_last_seen_bracket_the_sends(clock_lab: Lab, version: int) -> 
     result = run.stop()
 
     flows = result.flows
-    mine = flows[(flows["ifname"] == "fscoA") & (flows["src_port"] == 5001) & (flows["protocol"] == "UDP")]
+    mine = flows[(flows["ifname"] == "fstcA") & (flows["src_port"] == 5001) & (flows["protocol"] == "UDP")]
     assert int(mine["packets"].sum()) == 10
     first, last = mine["time_start"].min(), mine["time_end"].max()
     print(f"first seen {first} in [{first_before}, {first_after}], last seen {last} in [{last_before}, {last_after}]")
