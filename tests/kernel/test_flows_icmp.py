@@ -61,9 +61,8 @@ def test_icmp_echo_and_errors_are_exact(tc_lab: Lab, transport: str) -> None:
         quoted = IP_HEADER[version] + 8 + payload
         error_frame = ETHERNET + IP_HEADER[version] + ICMP_HEADER + quoted
         expected[icmp_id("ingress", version, b, a, unreachable, code)] = (datagrams, datagrams * error_frame)
-    assert flow_totals(
-        result.flows, "fstcA", {hosts.port_a.ip4, hosts.port_b.ip4, hosts.port_a.ip6, hosts.port_b.ip6}
-    ) == expected
+    addresses = {hosts.port_a.ip4, hosts.port_b.ip4, hosts.port_a.ip6, hosts.port_b.ip6}
+    assert flow_totals(result.flows, "fstcA", addresses) == expected
     icmp = result.flows[(result.flows["ifname"] == "fstcA") & result.flows["protocol"].isin(["ICMP", "ICMPv6"])]
     assert icmp["src_port"].isna().all() and icmp["dst_port"].isna().all() and icmp["tcp_flags"].isna().all()
     assert_flow_map_balanced(result)
