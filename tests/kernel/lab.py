@@ -87,9 +87,9 @@ class Netns:
         return json.loads(self.run("ip", "-j", "link", "show", "dev", ifname).stdout)[0]
 
     def tc_filters(self, ifname: str, hook: str) -> list[dict]:
-        """`tc -j filter show` of one clsact hook ("ingress" or "egress"); [] without a clsact qdisc."""
-        result = self.run("tc", "-j", "filter", "show", "dev", ifname, hook, check=False)
-        return json.loads(result.stdout or "[]") if result.returncode == 0 else []
+        """`tc -j filter show` of one clsact hook ("ingress" or "egress"); [] without a clsact qdisc (tc says
+        so with exit status 0; a failure, e.g. no such interface, raises LabError rather than reading as none)."""
+        return json.loads(self.run("tc", "-j", "filter", "show", "dev", ifname, hook).stdout or "[]")
 
     def qdiscs(self, ifname: str) -> list[dict]:
         return json.loads(self.run("tc", "-j", "qdisc", "show", "dev", ifname).stdout)
