@@ -120,9 +120,15 @@ class TopFeed:
                     while self._waiting:
                         self.model.keep(self._waiting.popleft())
         self.publish()
-        with self._lock:
-            regrouped = self.model.backfill()
-        if regrouped:  # the trends of a new view
+        # The trends of a new view, one interval per turn of the lock: the reader's next batch waits for
+        # one interval's grouping at most, not for all of them.
+        regrouped = False
+        while True:
+            with self._lock:
+                if not self.model.backfill(limit=1):
+                    break
+            regrouped = True
+        if regrouped:
             self.publish()
 
     def snapshot(self) -> Snapshot:

@@ -521,13 +521,14 @@ class TopModel:
             matrix[:, column] = rates.to_numpy(dtype=float, na_value=0.0) / interval.seconds
         return sparklines(matrix)
 
-    def backfill(self, intervals: int = TREND_WIDTH) -> bool:
-        """Groups the recent intervals that trends read and the current view has not grouped yet.
+    def backfill(self, intervals: int = TREND_WIDTH, limit: int | None = None) -> bool:
+        """Groups the recent intervals that trends read and the current view has not grouped yet (the
+        newest first, at most `limit` of them).
 
         After a view change the rows come first (only the last interval is grouped for them) and the
         trends follow once this has run; returns whether there was anything to do.
         """
-        missing = [i for i in list(self.window)[-intervals:] if i.groups is None]
+        missing = [i for i in reversed(list(self.window)[-intervals:]) if i.groups is None][:limit]
         for interval in missing:
             self._groups(interval)
         return bool(missing)

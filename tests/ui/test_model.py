@@ -266,6 +266,8 @@ def test_trends_after_a_view_change_fill_in_with_backfill():
         top.add(batch)
     top.set_view(grouping="namespace")
     assert table(top, ("label", "trend")) == [("shop", "▁▁▁▁█"), ("kube-system", "▁▁▁▁█")]
+    assert top.backfill(limit=1) is True  # the newest missing interval first (kube-system: silent in it)
+    assert table(top, ("label", "trend")) == [("shop", "▁▁▁██"), ("kube-system", "▁▁▁▁█")]
     assert top.backfill() is True
     assert table(top, ("label", "trend")) == [("shop", "▇████"), ("kube-system", "█▁█▁█")]
     assert top.backfill() is False
