@@ -17,7 +17,7 @@ from typing import IO, Any, NoReturn
 import pandas as pd
 
 from flowscope.coverage import Coverage
-from flowscope.enrich import IdentityConfigError, add_identity_arguments, build_enricher, node_name
+from flowscope.enrich import IdentityConfigError, add_identity_arguments, enricher_for, node_name
 from flowscope.records import ReplayError, format_time, write_batch, write_summary
 from flowscope.schema import FlowBatch
 from flowscope.source import BatchSource, ProbeStatus, ReplaySource
@@ -254,18 +254,20 @@ def run_capture(args: argparse.Namespace) -> int:
     intervals = 0
     first: pd.Timestamp | None = None
     last: pd.Timestamp | None = None
-    enricher = build_enricher(args)
+    enricher = enricher_for(args)
     try:
         source = open_source(args)
     except BaseException:
-        enricher.close()
+        if enricher is not None:
+            enricher.close()
         raise
     stop = threading.Event()
     _stop_on_signals(stop)
     interrupted = False
     try:
         for batch in _intervals(source, args.duration, args.interval, stop):
-            batch = enricher.enrich(batch)
+            if enricher is not None:
+                batch = enricher.enrich(batch)
             intervals += 1
             total.merge(batch.coverage)
             first = batch.time_start if first is None else first
@@ -281,8 +283,9 @@ def run_capture(args: argparse.Namespace) -> int:
         probes = source.probes()
         transport = getattr(source, "events_transport", None)
         source.close()
-        identity = enricher.health()
-        enricher.close()
+        identity = enricher.health() if enricher is not None else None  # a replay's identity is the recording's
+        if enricher is not None:
+            enricher.close()
     summary = {
         "time_start": format_time(first),
         "time_end": format_time(last),

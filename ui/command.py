@@ -97,7 +97,7 @@ def add_top_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_top(args: argparse.Namespace) -> int:
     from flowscope.cli import UsageError, open_source
-    from flowscope.enrich import build_enricher
+    from flowscope.enrich import enricher_for
 
     try:
         view_filter = parse_filter(args.filter)
@@ -111,8 +111,7 @@ def run_top(args: argparse.Namespace) -> int:
         args.interval = args.interval_seconds
     model = TopModel(history=args.history, fallback_seconds=args.interval)
     model.set_view(grouping=args.group, filter=view_filter, sort=args.sort)
-    # A recording carries the identity of its own node; only the identity flags add to it.
-    enricher = build_enricher(args) if not args.replay or args.kubeconfig or args.metadata else None
+    enricher = enricher_for(args)
     try:
         source: BatchSource = open_source(args, default_speed=1.0)
         if enricher is not None:

@@ -28,7 +28,15 @@ from flowscope.enrich.static import load_metadata
 DEFAULT_GRACE = 60.0
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
-__all__ = ["DEFAULT_GRACE", "Enricher", "IdentityConfigError", "add_identity_arguments", "build_enricher", "node_name"]
+__all__ = [
+    "DEFAULT_GRACE",
+    "Enricher",
+    "IdentityConfigError",
+    "add_identity_arguments",
+    "build_enricher",
+    "enricher_for",
+    "node_name",
+]
 
 
 def _grace(text: str) -> float:
@@ -88,6 +96,15 @@ def build_enricher(args: argparse.Namespace) -> Enricher:
     if kubernetes is not None:
         kubernetes.start()
     return Enricher(node_name(args), catalogs, scanner, sources, grace)
+
+
+def enricher_for(args: argparse.Namespace) -> Enricher | None:
+    """The enricher a command's records get, or None for a replay without identity flags: a recording carries
+    the identity of the node it was made on, and this machine's cgroups and interfaces would name it wrongly;
+    only --kubeconfig and --metadata add to it."""
+    if getattr(args, "replay", None) and args.kubeconfig is None and args.metadata is None:
+        return None
+    return build_enricher(args)
 
 
 def in_cluster() -> bool:
