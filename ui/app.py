@@ -54,7 +54,7 @@ HELP = """\
   [b]?[/b]           this help
   [b]q[/b]           quit (probes are detached)
 
-[b]Filter[/b] (the language of flowscope observe)
+[b]Filter[/b] (the same as `flowscope top --filter`)
   port=80,443 protocol=tcp     terms are ANDed, commas OR values
   not namespace=kube-system    not or ! negates a term, so does field!=value
   from-pod=shop/checkout       from- / to- pin a side; without them either side matches

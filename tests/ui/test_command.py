@@ -130,3 +130,15 @@ def test_the_installed_entry_point_runs(shop_replay):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[2].endswith("TCP 10.204.0.11:8443 -> 10.204.0.10:43210")
+
+
+def test_the_help_texts_name_every_filter_field():
+    import re
+
+    from flowscope.ui.app import HELP
+    from flowscope.ui.command import EPILOG
+
+    from flowscope.filters import FIELDS
+
+    for text in (HELP, EPILOG):
+        assert [field for field in FIELDS if not re.search(rf"\b{field}\b", text)] == []
