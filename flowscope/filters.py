@@ -1,4 +1,4 @@
-"""The filter language shared by `top`, `observe`, the gRPC API and the pandas helpers.
+"""The filter language of `top` (`--filter` and `/`), meant to serve `observe`, the gRPC API and pandas too.
 
     port=80,443 not namespace=kube-system from-pod=shop/checkout verdict=dropped
 
