@@ -88,7 +88,6 @@ def test_the_scanner_maps_cgroup_ids_to_pods_and_processes_and_keeps_vanished_on
 
 def test_without_cgroup_v2_the_scanner_says_so():
     scanner = NodeScanner(cgroup_root=None)
-    scanner.cgroup_root = None
     scanner.scan()
     health = scanner.health()
     assert health["state"] == "unavailable" and "no cgroup v2 mount" in health["note"]
