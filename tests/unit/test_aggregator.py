@@ -1,5 +1,3 @@
-import ipaddress
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,8 +9,6 @@ from flowscope.kernel_reader import KernelDrain
 from flowscope.kernel_records import (
     COUNTER_EVENT_LOST_BASE,
     COUNTER_EVENT_SENT_BASE,
-    COUNTER_MAX,
-    COUNTERS,
     EVENT,
     FLOW_KEY,
     FLOW_STATS,
@@ -20,35 +16,15 @@ from flowscope.kernel_records import (
 )
 from flowscope.probe_catalog import SKB_DROP, SOCK_STATE, TC_FLOWS, TCP_EVENTS
 from flowscope.schema import EVENT_COLUMNS, FLOW_COLUMNS, empty_frame
-
-OFFSET_NS = 1_800_000_000 * 10**9  # monotonic 0 = 2027-01-15T08:00:00Z
-
-
-def v4(text: str) -> bytes:
-    return b"\0" * 10 + b"\xff\xff" + ipaddress.IPv4Address(text).packed
-
-
-def key(src: str, sport: int, dst: str, dport: int, proto: int = 17, ifindex: int = 2, direction: int = 1):
-    k = np.zeros(1, dtype=FLOW_KEY)
-    k["saddr"], k["daddr"] = np.void(v4(src)), np.void(v4(dst))
-    k["sport"], k["dport"], k["proto"], k["ifindex"], k["direction"], k["ip_version"] = (
-        sport, dport, proto, ifindex, direction, 4,
-    )  # fmt: skip
-    return k
-
-
-def stats(packets: int, nbytes: int, first: int, last: int):
-    s = np.zeros(1, dtype=FLOW_STATS)
-    s["packets"], s["bytes"], s["first_seen_ns"], s["last_seen_ns"] = packets, nbytes, first, last
-    return s
+from tests.unit.kernel_entries import OFFSET_NS, WINDOW, address, counters, flow_key, flow_stats
 
 
 def spill(src: str, sport: int, dst: str, dport: int, length: int, ts: int):
     e = np.zeros(1, dtype=EVENT)
     e["kind"], e["saddr"], e["daddr"], e["sport"], e["dport"] = (
         KIND_FLOW_SPILL,
-        np.void(v4(src)),
-        np.void(v4(dst)),
+        np.void(address(src)),
+        np.void(address(dst)),
         sport,
         dport,
     )
@@ -56,31 +32,20 @@ def spill(src: str, sport: int, dst: str, dport: int, length: int, ts: int):
     return e
 
 
-def counters(**values: int) -> np.ndarray:
-    array = np.zeros(COUNTER_MAX, dtype=np.uint64)
-    for name, value in values.items():
-        array[COUNTERS.index(name)] = value
-    return array
-
-
 def context() -> AggregationContext:
     return AggregationContext(node="node-a", offset_ns=OFFSET_NS, ifnames={2: "veth0"}, active=[TC_FLOWS])
 
 
-def window():
-    return pd.Timestamp("2027-01-15T08:00:00Z"), pd.Timestamp("2027-01-15T08:00:01Z")
-
-
 def test_map_entries_and_spills_of_the_same_flow_are_summed_and_accounted() -> None:
-    keys = np.concatenate([key("10.0.0.1", 1000, "10.0.0.2", 53), key("10.0.0.1", 1001, "10.0.0.2", 53)])
-    values = np.concatenate([stats(3, 300, 10, 20), stats(1, 100, 15, 15)])
+    keys = np.concatenate([flow_key("10.0.0.1", 1000, "10.0.0.2", 53), flow_key("10.0.0.1", 1001, "10.0.0.2", 53)])
+    values = np.concatenate([flow_stats(3, 300, 10, 20), flow_stats(1, 100, 15, 15)])
     events = np.concatenate(
         [spill("10.0.0.1", 1000, "10.0.0.2", 53, 100, 25), spill("10.0.0.3", 7, "10.0.0.2", 53, 60, 5)]
     )
     c = counters(tc_packets=7, flow_map_full=3)
     c[COUNTER_EVENT_SENT_BASE + KIND_FLOW_SPILL] = 2
     c[COUNTER_EVENT_LOST_BASE + KIND_FLOW_SPILL] = 1
-    batch = build_batch(KernelDrain(0, {"flows": (keys, values)}, events, c), context(), window())
+    batch = build_batch(KernelDrain(0, {"flows": (keys, values)}, events, c), context(), WINDOW)
 
     flows = batch.flows.sort_values(["src_ip", "src_port"]).reset_index(drop=True)
     assert flows[["src_ip", "src_port", "dst_ip", "dst_port", "packets", "bytes"]].values.tolist() == [
@@ -101,11 +66,11 @@ def test_map_entries_and_spills_of_the_same_flow_are_summed_and_accounted() -> N
 def test_counters_of_probes_that_did_not_run_stay_null() -> None:
     drain = KernelDrain(
         0,
-        {"flows": (key("10.0.0.1", 1, "10.0.0.2", 2), stats(1, 60, 1, 1))},
+        {"flows": (flow_key("10.0.0.1", 1, "10.0.0.2", 2), flow_stats(1, 60, 1, 1))},
         np.zeros(0, EVENT),
         counters(tc_packets=1),
     )
-    flows = build_batch(drain, context(), window()).flows
+    flows = build_batch(drain, context(), WINDOW).flows
     assert flows["drop_packets"].isna().all() and flows["retransmits"].isna().all() and flows["rtt_us"].isna().all()
     assert flows.loc[0, "packets"] == 1
 
@@ -117,7 +82,7 @@ def test_a_lost_delivery_shows_as_unbalanced() -> None:
     drain = KernelDrain(
         0, {"flows": (np.zeros(0, FLOW_KEY), np.zeros(0, FLOW_STATS))}, spill("10.0.0.1", 1, "10.0.0.2", 2, 60, 1), c
     )
-    coverage = build_batch(drain, context(), window()).coverage
+    coverage = build_batch(drain, context(), WINDOW).coverage
     assert sorted(coverage.unbalanced()) == ["events:flow_spill", "flow_map"]
 
 
@@ -145,7 +110,7 @@ def every_family_context() -> AggregationContext:
 
 
 def test_an_interval_with_nothing_gives_empty_frames_of_the_schema_and_zero_accounting() -> None:
-    batch = build_batch(every_family_drain(), every_family_context(), window())
+    batch = build_batch(every_family_drain(), every_family_context(), WINDOW)
     pd.testing.assert_frame_equal(batch.flows, empty_frame(FLOW_COLUMNS), check_exact=True)
     pd.testing.assert_frame_equal(batch.events, empty_frame(EVENT_COLUMNS), check_exact=True)
     zero = {"produced": 0, "delivered": 0, "lost": 0}
@@ -170,21 +135,21 @@ def tcp(flow: np.ndarray, retransmits: int):
 @pytest.mark.parametrize(
     "drain",
     [
-        every_family_drain(flows=[(key("10.0.0.1", 1, "10.0.0.2", 2), stats(1, 60, 1, 2))]),
+        every_family_drain(flows=[(flow_key("10.0.0.1", 1, "10.0.0.2", 2), flow_stats(1, 60, 1, 2))]),
         every_family_drain(events=[spill("10.0.0.1", 1, "10.0.0.2", 2, 60, 3)]),
         every_family_drain(
-            flows=[(key("10.0.0.1", 1, "10.0.0.2", 2, proto=6), stats(4, 240, 1, 2))],
-            drops=[drop(key("10.0.0.1", 1, "10.0.0.2", 2, proto=6), 2, 1),
-                   drop(key("10.0.0.1", 1, "10.0.0.2", 2, proto=6), 3, 2),
-                   drop(key("10.0.0.9", 9, "10.0.0.2", 2), 3, 1)],
-            tcp=[tcp(key("10.0.0.1", 1, "10.0.0.2", 2, proto=6), 2),
-                 tcp(key("10.0.0.8", 8, "10.0.0.2", 2, proto=6), 1)],
+            flows=[(flow_key("10.0.0.1", 1, "10.0.0.2", 2, proto=6), flow_stats(4, 240, 1, 2))],
+            drops=[drop(flow_key("10.0.0.1", 1, "10.0.0.2", 2, proto=6), 2, 1),
+                   drop(flow_key("10.0.0.1", 1, "10.0.0.2", 2, proto=6), 3, 2),
+                   drop(flow_key("10.0.0.9", 9, "10.0.0.2", 2), 3, 1)],
+            tcp=[tcp(flow_key("10.0.0.1", 1, "10.0.0.2", 2, proto=6), 2),
+                 tcp(flow_key("10.0.0.8", 8, "10.0.0.2", 2, proto=6), 1)],
         ),
     ],
     ids=["flows", "spills", "joins and new rows"],
 )  # fmt: skip
 def test_every_batch_has_the_schemas_columns_and_types(drain: KernelDrain) -> None:
-    batch = build_batch(drain, every_family_context(), window())
+    batch = build_batch(drain, every_family_context(), WINDOW)
     assert list(batch.flows.columns) == list(FLOW_COLUMNS)
     assert [str(dtype) for dtype in batch.flows.dtypes] == list(FLOW_COLUMNS.values())
     assert list(batch.events.columns) == list(EVENT_COLUMNS)

@@ -1,7 +1,5 @@
 """The decoders of the kernel's flow records (flowscope/kernel_records.py), on hand-built map entries."""
 
-import ipaddress
-
 import numpy as np
 import pandas as pd
 
@@ -9,8 +7,6 @@ from flowscope.aggregator import AggregationContext, build_batch
 from flowscope.kernel_reader import KernelDrain
 from flowscope.kernel_records import (
     COUNTER_EVENT_SENT_BASE,
-    COUNTER_MAX,
-    COUNTERS,
     EVENT,
     EVENT_KIND_MAX,
     FLOW_KEY,
@@ -23,30 +19,18 @@ from flowscope.kernel_records import (
     spills_as_map_entries,
 )
 from flowscope.probe_catalog import TC_FLOWS
+from tests.unit.kernel_entries import OFFSET_NS, address, counters, flow_stats
 
-OFFSET_NS = 1_800_000_000 * 10**9  # monotonic 0 = 2027-01-15T08:00:00Z
 IFNAMES = {2: "eth0", 7: "veth7"}
-
-
-def packed(address: str) -> bytes:
-    ip = ipaddress.ip_address(address)
-    return b"\0" * 10 + b"\xff\xff" + ip.packed if ip.version == 4 else ip.packed
 
 
 def entry(src="", dst="", sport=0, dport=0, proto=17, version=4, ifindex=2, direction=1, flags=0):
     key = np.zeros(1, dtype=FLOW_KEY)
     if version:
-        key["saddr"], key["daddr"] = np.void(packed(src)), np.void(packed(dst))
+        key["saddr"], key["daddr"] = np.void(address(src)), np.void(address(dst))
     key["sport"], key["dport"], key["proto"], key["ip_version"] = sport, dport, proto, version
     key["ifindex"], key["direction"], key["flags"] = ifindex, direction, flags
     return key
-
-
-def counts(packets=1, nbytes=100, first=10, last=20, tcp_flags=0, cgroup=0):
-    stats = np.zeros(1, dtype=FLOW_STATS)
-    stats["packets"], stats["bytes"], stats["first_seen_ns"], stats["last_seen_ns"] = packets, nbytes, first, last
-    stats["tcp_flags"], stats["cgroup_id"] = tcp_flags, cgroup
-    return stats
 
 
 def spill(key: np.ndarray, length: int, ts: int, tcp_flags=0, cgroup=0, kind=KIND_FLOW_SPILL) -> np.ndarray:
@@ -101,7 +85,7 @@ def test_udp_and_tcp_rows_carry_ports_counters_times_and_the_interface() -> None
             entry("10.0.0.1", "10.0.0.2", 40000, 53, ifindex=7, direction=1),
             entry("fd00::2", "fd00::1", 443, 51000, proto=6, version=6, direction=0),
         ],
-        [counts(3, 222, first=5, last=9, cgroup=4242), counts(10, 15000, tcp_flags=0x1B)],
+        [flow_stats(3, 222, first=5, last=9, cgroup=4242), flow_stats(10, 15000, tcp_flags=0x1B)],
     )
     columns = ("ifname", "direction", "ip_version", "protocol", "src_ip", "src_port", "dst_ip", "dst_port")
     assert row(frame, 0, *columns) == ["veth7", "egress", 4, "UDP", "10.0.0.1", 40000, "10.0.0.2", 53]
@@ -123,7 +107,7 @@ def test_icmp_rows_carry_type_and_code_and_no_ports() -> None:
             entry("fd00::1", "fd00::2", 128, 0, proto=58, version=6),
             entry("fe80::1", "ff02::16", 143, 0, proto=58, version=6),
         ],
-        [counts()] * 4,
+        [flow_stats()] * 4,
     )
     columns = ("protocol", "icmp_type", "icmp_code", "src_port", "dst_port")
     assert [row(frame, i, *columns) for i in range(4)] == [
@@ -144,7 +128,7 @@ def test_ports_are_null_where_there_are_none() -> None:
             entry(version=0, proto=0, ifindex=7, direction=0),  # not IP (ARP)
             entry("10.0.0.1", "10.0.0.2", 0, 0, proto=17),  # UDP port 0 is a port (read from the header)
         ],
-        [counts(packets=p) for p in (1, 2, 3, 4, 5, 6)],
+        [flow_stats(packets=p) for p in (1, 2, 3, 4, 5, 6)],
     )
     columns = ("protocol", "ip_version", "src_ip", "src_port", "dst_port", "icmp_type", "icmp_code", "packets")
     assert [row(frame, i, *columns) for i in range(6)] == [
@@ -159,7 +143,7 @@ def test_ports_are_null_where_there_are_none() -> None:
 
 
 def test_an_interface_that_is_gone_has_no_name() -> None:
-    frame = decode([entry("10.0.0.1", "10.0.0.2", 1, 2, ifindex=99)], [counts()])
+    frame = decode([entry("10.0.0.1", "10.0.0.2", 1, 2, ifindex=99)], [flow_stats()])
     assert row(frame, 0, "ifname", "ifindex") == [None, 99]
 
 
@@ -206,9 +190,9 @@ def test_merging_sums_shared_keys_and_keeps_the_others() -> None:
     other = entry("10.0.0.3", "10.0.0.2", 51001, 443, proto=6)
     keys, stats = merge_map_entries(
         np.concatenate([dns, web]),
-        np.concatenate([counts(5, 500, 10, 50, cgroup=3), counts(2, 120, 7, 8, tcp_flags=0x02)]),
+        np.concatenate([flow_stats(5, 500, 10, 50, cgroup=3), flow_stats(2, 120, 7, 8, tcp_flags=0x02)]),
         np.concatenate([web, other]),
-        np.concatenate([counts(1, 60, 3, 60, tcp_flags=0x11, cgroup=9), counts(1, 54, 4, 4)]),
+        np.concatenate([flow_stats(1, 60, 3, 60, tcp_flags=0x11, cgroup=9), flow_stats(1, 54, 4, 4)]),
     )
     merged = {(int(k["sport"]), int(k["proto"])): s for k, s in zip(keys, stats, strict=True)}
     assert len(keys) == 3
@@ -220,7 +204,7 @@ def test_merging_sums_shared_keys_and_keeps_the_others() -> None:
 def test_byte_sums_stay_exact_beyond_float_precision() -> None:
     flow = entry("10.0.0.1", "10.0.0.2", 1, 2)
     big = 2**53 + 1  # a float64 sum would round this
-    _keys, stats = merge_map_entries(flow, counts(1, big), flow, counts(1, big))
+    _keys, stats = merge_map_entries(flow, flow_stats(1, big), flow, flow_stats(1, big))
     assert int(stats["bytes"][0]) == 2 * big
     events = np.concatenate([spill(flow, 2**52 + 1, ts=1)] * 3)
     _keys, folded = spills_as_map_entries(events)
@@ -229,20 +213,19 @@ def test_byte_sums_stay_exact_beyond_float_precision() -> None:
 
 def test_merging_nothing_returns_the_map_entries_unchanged() -> None:
     flow = entry("10.0.0.1", "10.0.0.2", 1, 2)
-    keys, stats = merge_map_entries(flow, counts(4, 400), np.zeros(0, FLOW_KEY), np.zeros(0, FLOW_STATS))
+    keys, stats = merge_map_entries(flow, flow_stats(4, 400), np.zeros(0, FLOW_KEY), np.zeros(0, FLOW_STATS))
     assert keys.tolist() == flow.tolist() and stats["packets"].tolist() == [4]
 
 
 def test_events_dropped_in_user_space_count_as_lost_and_keep_the_balance() -> None:
     # 5 packets: 2 in the map, 3 spilled; the kernel sent the 3 spills, the reader kept 2 and dropped 1.
     flow = entry("10.0.0.1", "10.0.0.2", 1000, 53)
-    counters = np.zeros(COUNTER_MAX, dtype=np.uint64)
-    counters[COUNTERS.index("tc_packets")] = 5
-    counters[COUNTER_EVENT_SENT_BASE + KIND_FLOW_SPILL] = 3
+    drained_counters = counters(tc_packets=5)
+    drained_counters[COUNTER_EVENT_SENT_BASE + KIND_FLOW_SPILL] = 3
     dropped = np.zeros(EVENT_KIND_MAX, dtype=np.int64)
     dropped[KIND_FLOW_SPILL] = 1
     events = np.concatenate([spill(flow, 100, ts=30), spill(flow, 100, ts=40)])
-    drain = KernelDrain(0, {"flows": (flow, counts(2, 200))}, events, counters, 0, dropped)
+    drain = KernelDrain(0, {"flows": (flow, flow_stats(2, 200))}, events, drained_counters, 0, dropped)
     context = AggregationContext(node="node-a", offset_ns=OFFSET_NS, ifnames=IFNAMES, active=[TC_FLOWS])
     window = (pd.Timestamp("2027-01-15T08:00:00Z"), pd.Timestamp("2027-01-15T08:00:01Z"))
     batch = build_batch(drain, context, window)

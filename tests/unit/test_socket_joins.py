@@ -13,8 +13,6 @@ from flowscope.kernel_names import UNKNOWN, KernelNames
 from flowscope.kernel_reader import KernelDrain
 from flowscope.kernel_records import (
     COUNTER_EVENT_SENT_BASE,
-    COUNTER_MAX,
-    COUNTERS,
     EVENT,
     FLOW_KEY,
     FLOW_STATS,
@@ -22,8 +20,8 @@ from flowscope.kernel_records import (
 )
 from flowscope.probe_catalog import SKB_DROP, SOCK_STATE, TC_FLOWS, TCP_EVENTS
 from flowscope.schema import FLOW_COLUMNS
+from tests.unit.kernel_entries import OFFSET_NS, WINDOW, address, counters, flow_key, flow_stats
 
-OFFSET_NS = 1_800_000_000 * 10**9  # monotonic 0 = 2027-01-15T08:00:00Z
 HERE, ELSEWHERE = 4026531840, 4026532999  # network namespace inodes: the agent's, a pod's
 INGRESS, EGRESS = 0, 1
 TCP, UDP = 6, 17
@@ -35,24 +33,8 @@ NAMES = KernelNames(
 SYMBOLS = {0xFFFFFFFF81F2AF98: "nf_hook_slow+0x48", 0xFFFFFFFF81E0104C: "__udp4_lib_rcv+0x4bc"}
 
 
-def address(text: str) -> bytes:
-    ip = ipaddress.ip_address(text)
-    return (b"\0" * 10 + b"\xff\xff" + ip.packed) if ip.version == 4 else ip.packed
-
-
-def flow_key(src, sport, dst, dport, proto=UDP, ifindex=2, direction=EGRESS) -> np.ndarray:
-    key = np.zeros(1, dtype=FLOW_KEY)
-    key["saddr"], key["daddr"] = np.void(address(src)), np.void(address(dst))
-    key["sport"], key["dport"], key["proto"] = sport, dport, proto
-    key["ifindex"], key["direction"] = ifindex, direction
-    key["ip_version"] = ipaddress.ip_address(src).version
-    return key
-
-
 def flow_entry(key: np.ndarray, packets: int, nbytes: int, first: int, last: int):
-    stats = np.zeros(1, dtype=FLOW_STATS)
-    stats["packets"], stats["bytes"], stats["first_seen_ns"], stats["last_seen_ns"] = packets, nbytes, first, last
-    return key, stats
+    return key, flow_stats(packets, nbytes, first, last)
 
 
 def drop_entry(key: np.ndarray, reason: int, packets: int, nbytes: int, first: int, last: int, netns: int = HERE):
@@ -82,13 +64,6 @@ def join(*entries: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarra
     return np.concatenate([e[0] for e in entries]), np.concatenate([e[1] for e in entries])
 
 
-def counters(**values: int) -> np.ndarray:
-    array = np.zeros(COUNTER_MAX, dtype=np.uint64)
-    for name, value in values.items():
-        array[COUNTERS.index(name)] = value
-    return array
-
-
 def context(*families) -> AggregationContext:
     return AggregationContext(
         node="node-a",
@@ -99,9 +74,6 @@ def context(*families) -> AggregationContext:
         netns=HERE,
         extra={"kernel_names": NAMES},
     )
-
-
-WINDOW = (pd.Timestamp("2027-01-15T08:00:00Z"), pd.Timestamp("2027-01-15T08:00:01Z"))
 
 
 def batch(maps, events=None, families=(TC_FLOWS, SKB_DROP, TCP_EVENTS, SOCK_STATE), **counts):
