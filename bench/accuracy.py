@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="seconds of bulk TCP and of UDP")
     args = parser.parse_args()
     lab.require_tools("iperf3", "dumpcap", "tshark")
-    from flowscope.loader import LoadOptions
+    from flowscope.kernel.loader import LoadOptions
 
     started = time.monotonic()
     frames: list[pd.DataFrame] = []

@@ -28,8 +28,8 @@ def child(flow_map_size: int) -> None:
     """The agent process: runs until SIGTERM, then prints its figures as JSON on stdout."""
     from flowscope.coverage import Coverage
     from flowscope.enrich import build_enricher
-    from flowscope.live import LiveSource
-    from flowscope.loader import LoadOptions
+    from flowscope.kernel.loader import LoadOptions
+    from flowscope.pipeline.live import LiveSource
 
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))

@@ -106,7 +106,7 @@ REFERENCE_PREFIX = "reference_empty_"
 
 
 def agent_options(flow_map_size: int = 65536):
-    from flowscope.loader import LoadOptions
+    from flowscope.kernel.loader import LoadOptions
 
     return LoadOptions(interfaces=[lab.VETH_CLIENT, "lo"], flow_map_size=flow_map_size)
 
@@ -164,8 +164,8 @@ def per_packet_cost(seconds: float, new_flows: int) -> dict:
     """Per workload: each program's runs and ns per run, and the programs' time as a share of one core."""
     import bcc
 
-    from flowscope import bpf_syscall, tc
-    from flowscope.kernel_headers import export_for_bcc, find_headers
+    from flowscope.kernel import bpf_syscall, tc
+    from flowscope.kernel.headers import export_for_bcc, find_headers
 
     result = {}
     stats_fd = bpf_syscall.enable_run_time_stats()
@@ -223,7 +223,7 @@ def udp_packet(source_port: int = 40000) -> bytes:
 
 def prog_test_run(prog_fd: int, packet: bytes, repeat: int) -> dict:
     """BPF_PROG_TEST_RUN: the kernel runs the program `repeat` times on `packet` and reports the mean ns."""
-    from flowscope import bpf_syscall
+    from flowscope.kernel import bpf_syscall
 
     retval, ns_per_run = bpf_syscall.prog_test_run(prog_fd, packet, repeat)
     return {"repeat": repeat, "ns_per_run": ns_per_run, "retval": retval}
@@ -233,9 +233,9 @@ def tc_variants() -> dict:
     """BPF_PROG_TEST_RUN of the tc egress program and of its variants, and of an empty program."""
     import bcc
 
-    from flowscope.features import probe_features
-    from flowscope.kernel_headers import export_for_bcc, find_headers
-    from flowscope.loader import LoadOptions, cflags_for, module_text, plan_families
+    from flowscope.kernel.features import probe_features
+    from flowscope.kernel.headers import export_for_bcc, find_headers
+    from flowscope.kernel.loader import LoadOptions, cflags_for, module_text, plan_families
 
     options = LoadOptions(families={"tc_flows"})
     features = probe_features()

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench import lab
-from flowscope.loader import LoadOptions
+from flowscope.kernel.loader import LoadOptions
 
 # (reader, ring pages): a 1 MiB ring, then the 16 MiB default (131072 records: over a second at 100k/s),
 # which rides out the moments the reader thread waits for the GIL behind a long numpy or pandas call.
@@ -36,7 +36,7 @@ def generate(prog_fd: int, rate: int, seconds: float) -> None:
     """The event source (a child process holding the program's fd): BPF_PROG_TEST_RUN in turns on two
     flows' packets, RUNS_PER_CALL runs a call, paced to `rate` spills per second (0: no pacing)."""
     from bench.dataplane import udp_packet
-    from flowscope.bpf_syscall import prog_test_run
+    from flowscope.kernel.bpf_syscall import prog_test_run
 
     first, second = udp_packet(40000), udp_packet(40001)  # another source port: another flow
     started = time.monotonic()

@@ -307,7 +307,7 @@ class Agent:
 
     def __init__(self, options, interval: float = 1.0, on_batch: Callable | None = None) -> None:
         from flowscope.coverage import Coverage
-        from flowscope.live import LiveSource
+        from flowscope.pipeline.live import LiveSource
 
         self.source = LiveSource(options, interval=interval)
         self.interval = interval
@@ -357,7 +357,7 @@ class Agent:
 
 
 def run_stats(fds: dict[str, int]) -> dict[str, tuple[int, int]]:
-    from flowscope.bpf_syscall import prog_run_stats
+    from flowscope.kernel.bpf_syscall import prog_run_stats
 
     return {name: prog_run_stats(fd) for name, fd in fds.items()}
 

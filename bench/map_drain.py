@@ -32,7 +32,7 @@ BPF_MAP_UPDATE_BATCH = 26
 
 def update_batch(map_fd: int, keys: np.ndarray, values: np.ndarray) -> None:
     """Writes every (key, value) into a map with BPF_MAP_UPDATE_BATCH."""
-    from flowscope import bpf_syscall
+    from flowscope.kernel import bpf_syscall
 
     keys, values = np.ascontiguousarray(keys), np.ascontiguousarray(values)
     attr = struct.pack("<QQQQIIQQ", 0, 0, keys.ctypes.data, values.ctypes.data, len(keys), map_fd, 0, 0)
@@ -40,7 +40,7 @@ def update_batch(map_fd: int, keys: np.ndarray, values: np.ndarray) -> None:
 
 
 def synthetic_flows(count: int, ifindex: int, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    from flowscope.kernel_records import FLOW_KEY, FLOW_STATS
+    from flowscope.decode.flows import FLOW_KEY, FLOW_STATS
 
     rng = np.random.default_rng(seed)
     keys = np.zeros(count, dtype=FLOW_KEY)
@@ -80,11 +80,11 @@ def synthetic_flows(count: int, ifindex: int, seed: int = 5) -> tuple[np.ndarray
 
 
 def drain(flows: int, repeats: int) -> dict:
-    from flowscope import tc
-    from flowscope.aggregator import AggregationContext, build_batch
-    from flowscope.kernel_reader import KernelReader
-    from flowscope.kernel_records import monotonic_to_utc_offset_ns
-    from flowscope.loader import LoadOptions, load
+    from flowscope.decode.batch import AggregationContext, build_batch
+    from flowscope.decode.flows import monotonic_to_utc_offset_ns
+    from flowscope.kernel import tc
+    from flowscope.kernel.loader import LoadOptions, load
+    from flowscope.readers.drain import KernelReader
 
     map_size = 1 << (flows - 1).bit_length()
     loaded = load(LoadOptions(interfaces=[lab.VETH_CLIENT], flow_map_size=map_size))
@@ -142,7 +142,7 @@ def drain(flows: int, repeats: int) -> dict:
 
 def new_flow_rates(runs: list[tuple[int, int | None]], seconds: float) -> list[dict]:
     """One agent run per (flow map size, new flows per second); rate None: as fast as tcpreplay can."""
-    from flowscope.loader import LoadOptions
+    from flowscope.kernel.loader import LoadOptions
 
     results = []
     with tempfile.TemporaryDirectory(prefix="fsbench-") as directory:

@@ -33,12 +33,12 @@ import time
 
 import numpy as np
 import pandas as pd
-from flowscope.ui.model import TopModel
 
 from bench import lab
 from flowscope.coverage import Coverage
 from flowscope.filters import parse_filter
 from flowscope.schema import FlowBatch, events_frame, flows_frame
+from flowscope.ui.model import TopModel
 
 PODS, NAMESPACES, OUTSIDE = 500, 20, 2000
 REASONS = np.array(["NO_SOCKET", "NETFILTER_DROP", "TCP_INVALID_SEQUENCE", "SOCKET_FILTER"], dtype=object)
@@ -132,9 +132,8 @@ def ui_apply_ms(traffic: Traffic, intervals: int) -> list[float]:
     """Runs the real app headless on a queue of batches and times its snapshot handler on the UI thread."""
     import queue
 
+    from flowscope.pipeline.source import ProbeStatus
     from flowscope.ui.app import TopApp
-
-    from flowscope.source import ProbeStatus
 
     class Feed:
         node, interval = "node-a", 1.0

@@ -18,9 +18,9 @@ import pandas as pd
 
 from flowscope.coverage import Coverage
 from flowscope.enrich import IdentityConfigError, add_identity_arguments, enricher_for, node_name
-from flowscope.records import ReplayError, format_time, write_batch, write_summary
+from flowscope.formats.jsonl import ReplayError, format_time, write_batch, write_summary
+from flowscope.pipeline.source import BatchSource, ProbeStatus, ReplaySource
 from flowscope.schema import FlowBatch
-from flowscope.source import BatchSource, ProbeStatus, ReplaySource
 
 log = logging.getLogger("flowscope")
 
@@ -120,8 +120,8 @@ def open_source(args: argparse.Namespace, default_speed: float = 0.0) -> BatchSo
     if args.replay:
         speed = args.speed if args.speed is not None else default_speed
         return ReplaySource(args.replay, speed=speed, node=node_name(args))
-    from flowscope.live import LiveSource
-    from flowscope.loader import LoadOptions
+    from flowscope.kernel.loader import LoadOptions
+    from flowscope.pipeline.live import LiveSource
 
     options = LoadOptions(
         interfaces=args.interfaces,
@@ -316,9 +316,9 @@ def run_capture(args: argparse.Namespace) -> int:
 def doctor_report() -> dict[str, Any]:
     import platform
 
-    from flowscope.features import probe_features
-    from flowscope.kernel_headers import HeadersError, find_headers
-    from flowscope.loader import LoaderError, LoadOptions, import_bcc, plan_families, probe_statuses
+    from flowscope.kernel.features import probe_features
+    from flowscope.kernel.headers import HeadersError, find_headers
+    from flowscope.kernel.loader import LoaderError, LoadOptions, import_bcc, plan_families, probe_statuses
 
     root = os.geteuid() == 0
     features = probe_features(with_program_types=root)
@@ -348,7 +348,7 @@ def doctor_report() -> dict[str, Any]:
 def _load_check(options: Any) -> str:
     """Compiles and loads the runnable probes (without attaching tc) to prove they work here; the same
     compile step in a process of its own as `capture` runs."""
-    from flowscope.loader import LoaderError, load
+    from flowscope.kernel.loader import LoaderError, load
 
     try:
         loaded = load(options)
@@ -433,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="flowscope: %(message)s", stream=sys.stderr
     )
     _terminate_on_sigterm()
-    from flowscope.loader import LoaderError
-    from flowscope.tc import TcError
+    from flowscope.kernel.loader import LoaderError
+    from flowscope.kernel.tc import TcError
 
     try:
         return args.run(args)

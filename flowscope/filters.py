@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from flowscope.kernel_records import PROTOCOL_NAMES
+from flowscope.decode.flows import PROTOCOL_NAMES
 from flowscope.schema import EVENT_KINDS
 
 FrameKind = Literal["flows", "events"]

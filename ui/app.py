@@ -14,9 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import pandas as pd
-from flowscope.ui import format as fmt
-from flowscope.ui.feed import Snapshot, TopFeed
-from flowscope.ui.model import GROUPINGS, METRICS, SORT_KEYS, TREND_WIDTH, Detail, DropsTable, TopModel, TopRows
 from rich.text import Text
 from textual import on
 from textual.app import App, ComposeResult
@@ -27,7 +24,10 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import ContentSwitcher, DataTable, Footer, Input, Sparkline, Static
 
 from flowscope.filters import FilterError, parse_filter
-from flowscope.source import BatchSource
+from flowscope.pipeline.source import BatchSource
+from flowscope.ui import format as fmt
+from flowscope.ui.feed import Snapshot, TopFeed
+from flowscope.ui.model import GROUPINGS, METRICS, SORT_KEYS, TREND_WIDTH, Detail, DropsTable, TopModel, TopRows
 
 # Widths of the metric columns: enough for the widest formatted value and the heading with its sort mark.
 METRIC_WIDTHS = {

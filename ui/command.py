@@ -10,12 +10,11 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from flowscope.filters import FilterError, parse_filter
+from flowscope.pipeline.source import BatchSource, ProbeStatus
+from flowscope.schema import FlowBatch
 from flowscope.ui.model import GROUPINGS, METRICS, TopModel
 from flowscope.ui.text import print_top
-
-from flowscope.filters import FilterError, parse_filter
-from flowscope.schema import FlowBatch
-from flowscope.source import BatchSource, ProbeStatus
 
 if TYPE_CHECKING:
     from flowscope.enrich import Enricher

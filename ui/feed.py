@@ -13,11 +13,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flowscope.ui.model import Detail, DropsTable, TopModel, TopRows, Totals
-
 from flowscope.filters import Filter
+from flowscope.pipeline.source import BatchSource, ProbeStatus
 from flowscope.schema import FlowBatch
-from flowscope.source import BatchSource, ProbeStatus
+from flowscope.ui.model import Detail, DropsTable, TopModel, TopRows, Totals
 
 UNCHANGED = object()  # change(detail_key=...) left out
 

@@ -12,11 +12,10 @@ import json
 from collections.abc import Iterable
 from typing import IO
 
+from flowscope.formats.jsonl import format_time
+from flowscope.schema import FlowBatch
 from flowscope.ui.format import missing
 from flowscope.ui.model import METRICS, TopModel, TopRows, Totals
-
-from flowscope.records import format_time
-from flowscope.schema import FlowBatch
 
 COLUMN_WIDTHS = {
     "bytes_per_s": 12,

@@ -266,7 +266,7 @@ class NodeScanner:
         if self.cgroup_root is None:
             self.cgroup_root = cgroup2_mount()
         if self.cgroup_root is None:
-            from flowscope.features import _mount
+            from flowscope.kernel.features import _mount
 
             self.mount_error = _mount("cgroup2", PRIVATE_CGROUP2)
             if self.mount_error is None:

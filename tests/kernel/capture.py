@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from flowscope.records import read_batches
+from flowscope.formats.jsonl import read_batches
 from flowscope.schema import FlowBatch
 from tests.kernel.lab import Netns
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from flowscope.features import probe_features
-from flowscope.loader import LoaderError, LoadOptions, load, plan_families
+from flowscope.kernel.features import probe_features
+from flowscope.kernel.loader import LoaderError, LoadOptions, load, plan_families
 from tests.kernel.capture import Capture
 from tests.kernel.lab import Lab, Netns
 

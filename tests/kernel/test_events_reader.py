@@ -1,8 +1,8 @@
 """The event reader counts every event: delivered + lost = produced, exactly, with a ring that holds them
 all, with a ring that overflows, and with the reader's own pending store full (events dropped in user
-space). For the mmap reader (flowscope.ring_reader, the default on x86-64) and BCC's callback reader (the
+space). For the mmap reader (flowscope.readers.ring, the default on x86-64) and BCC's callback reader (the
 fallback elsewhere); where the count is exact with any buffer, for perf buffers read through their pages
-(flowscope.perf_reader) too.
+(flowscope.readers.perf) too.
 
 Events come from the loaded tc egress program run with BPF_PROG_TEST_RUN: no traffic, no interface, no
 other process's packets. With a one-entry flow map, the first flow's packet takes the entry and every
@@ -20,12 +20,13 @@ from contextlib import contextmanager
 import pandas as pd
 import pytest
 
-from flowscope import bpf_syscall, ring_reader
-from flowscope.aggregator import AggregationContext, build_batch
 from flowscope.coverage import Coverage
-from flowscope.kernel_reader import PENDING_EVENTS_MAX, KernelReader
-from flowscope.kernel_records import EVENT
-from flowscope.loader import LoadedProbes, LoadOptions, load
+from flowscope.decode.batch import AggregationContext, build_batch
+from flowscope.decode.flows import EVENT
+from flowscope.kernel import bpf_syscall
+from flowscope.kernel.loader import LoadedProbes, LoadOptions, load
+from flowscope.readers import ring as ring_reader
+from flowscope.readers.drain import PENDING_EVENTS_MAX, KernelReader
 
 RUNS = 500  # program runs per BPF_PROG_TEST_RUN call: one burst of spills
 FIRST_PORT = 40000  # the flow that holds the map's entry; FIRST_PORT + 1 spills

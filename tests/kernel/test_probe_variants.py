@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from flowscope.features import probe_features
-from flowscope.kernel_headers import export_for_bcc, find_headers
-from flowscope.loader import LoadOptions, cflags_for, import_bcc, module_text, plan_families
-from flowscope.probe_catalog import SKB_DROP_KPROBE, SOCK_STATE_KPROBE, TCP_EVENTS_KPROBE
+from flowscope.kernel.catalog import SKB_DROP_KPROBE, SOCK_STATE_KPROBE, TCP_EVENTS_KPROBE
+from flowscope.kernel.features import probe_features
+from flowscope.kernel.headers import export_for_bcc, find_headers
+from flowscope.kernel.loader import LoadOptions, cflags_for, import_bcc, module_text, plan_families
 
 VARIANTS = [SKB_DROP_KPROBE, TCP_EVENTS_KPROBE, SOCK_STATE_KPROBE]
 EXPECTED = {

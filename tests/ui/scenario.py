@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from flowscope.coverage import Coverage
-from flowscope.records import write_batch
+from flowscope.formats.jsonl import write_batch
 from flowscope.schema import FlowBatch, events_frame, flows_frame
 
 NODE = "node-a"
@@ -259,9 +259,8 @@ def shop_batches() -> list[FlowBatch]:
 
 def replay_app(path: Path):
     """The app of `top` on a replay file, read as fast as it goes."""
+    from flowscope.pipeline.source import ReplaySource
     from flowscope.ui.app import TopApp
-
-    from flowscope.source import ReplaySource
 
     return TopApp(ReplaySource(str(path), speed=0, node=NODE))
 
@@ -288,7 +287,7 @@ class QueueSource:
         self._queue.put(batch)
 
     def probes(self):
-        from flowscope.source import ProbeStatus
+        from flowscope.pipeline.source import ProbeStatus
 
         return [
             ProbeStatus("tc_flows", True, "tc clsact ingress+egress"),

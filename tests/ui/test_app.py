@@ -6,10 +6,10 @@ import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from flowscope.ui.app import DetailScreen, HelpScreen, TopApp
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Static
 
+from flowscope.ui.app import DetailScreen, HelpScreen, TopApp
 from tests.ui.scenario import (
     QueueSource,
     press_and_settle,

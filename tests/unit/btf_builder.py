@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from flowscope.btf import (
+from flowscope.kernel.btf import (
     KIND_ENUM,
     KIND_FUNC_PROTO,
     KIND_INT,

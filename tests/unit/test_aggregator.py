@@ -2,11 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flowscope.aggregator import AggregationContext, build_batch
-from flowscope.kernel_events import DROP_KEY, DROP_STATS, TCP_KEY, TCP_STATS
-from flowscope.kernel_names import KernelNames
-from flowscope.kernel_reader import KernelDrain
-from flowscope.kernel_records import (
+from flowscope.decode.batch import AggregationContext, build_batch
+from flowscope.decode.events import DROP_KEY, DROP_STATS, TCP_KEY, TCP_STATS
+from flowscope.decode.flows import (
     COUNTER_EVENT_LOST_BASE,
     COUNTER_EVENT_SENT_BASE,
     EVENT,
@@ -14,7 +12,9 @@ from flowscope.kernel_records import (
     FLOW_STATS,
     KIND_FLOW_SPILL,
 )
-from flowscope.probe_catalog import SKB_DROP, SOCK_STATE, TC_FLOWS, TCP_EVENTS
+from flowscope.kernel.catalog import SKB_DROP, SOCK_STATE, TC_FLOWS, TCP_EVENTS
+from flowscope.kernel.names import KernelNames
+from flowscope.readers.drain import KernelDrain
 from flowscope.schema import EVENT_COLUMNS, FLOW_COLUMNS, empty_frame
 from tests.unit.kernel_entries import OFFSET_NS, WINDOW, address, counters, flow_key, flow_stats
 

@@ -1,6 +1,6 @@
 import pytest
 
-from flowscope.btf import Btf, BtfError, Member
+from flowscope.kernel.btf import Btf, BtfError, Member
 from tests.unit.btf_builder import BtfBuilder
 
 

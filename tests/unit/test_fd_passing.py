@@ -1,4 +1,4 @@
-"""The compile step's handover (flowscope.compile_child): descriptors passed over a unix socket reach the
+"""The compile step's handover (flowscope.kernel.compile_child): descriptors passed over a unix socket reach the
 parent as the same open files, close-on-exec; what the child says or fails to say is one sentence in the
 parent. Real processes and real descriptors (pipes, eventfds), no BPF: no root needed."""
 
@@ -13,8 +13,8 @@ import textwrap
 
 import pytest
 
-from flowscope import compile_child
-from flowscope.loader import LoaderError, LoadOptions
+from flowscope.kernel import compile_child
+from flowscope.kernel.loader import LoaderError, LoadOptions
 
 DOCTOR = "run `flowscope doctor` and report the output."
 
@@ -24,7 +24,7 @@ def a_child(body: str) -> list[str]:
     script = textwrap.dedent(
         """
         import socket, sys
-        from flowscope import compile_child
+        from flowscope.kernel import compile_child
         channel = socket.socket(fileno=int(sys.argv[-1]))
         request, _ = compile_child.receive(channel)
         """

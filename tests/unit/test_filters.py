@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from flowscope.decode.flows import protocol_names
 from flowscope.filters import MATCH_ALL, FilterError, parse_filter
-from flowscope.kernel_records import protocol_names
 from flowscope.schema import events_frame, flows_frame
 
 # Five flows, one per row index, with identity on some rows only (as on a real node).

@@ -1,11 +1,11 @@
-"""Kernel addresses to "function+0xoffset" from a kallsyms table (flowscope.kallsyms), as BCC's ksym names
+"""Kernel addresses to "function+0xoffset" from a kallsyms table (flowscope.kernel.kallsyms), as BCC's ksym names
 them: the nearest function symbol at or below the address, the last listed of several at one address."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from flowscope.kallsyms import KernelSymbols
+from flowscope.kernel.kallsyms import KernelSymbols
 
 TABLE = """\
 ffffffff81000000 T srso_alias_untrain_ret

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from flowscope.kernel_headers import HeadersError, find_headers, version_tuple
+from flowscope.kernel.headers import HeadersError, find_headers, version_tuple
 
 
 def make_tree(path: Path, files: dict[str, str]) -> Path:

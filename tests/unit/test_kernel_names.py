@@ -4,8 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flowscope.btf import Btf
-from flowscope.kernel_names import UNKNOWN, KernelNames, name_values, print_symbolic
+from flowscope.kernel.btf import Btf
+from flowscope.kernel.names import UNKNOWN, KernelNames, name_values, print_symbolic
 from tests.unit.btf_builder import BtfBuilder
 
 # Excerpts of the running kernel's format files (6.18), as the kernel writes them.

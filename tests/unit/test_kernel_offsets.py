@@ -4,8 +4,9 @@ import struct
 
 import pytest
 
-from flowscope.btf import KIND_FUNC, KIND_STRUCT, Btf, BtfError
-from flowscope.kernel_offsets import (
+from flowscope.kernel.btf import KIND_FUNC, KIND_STRUCT, Btf, BtfError
+from flowscope.kernel.loader import LoadOptions
+from flowscope.kernel.offsets import (
     Argument,
     drop_flags,
     kprobe_flags,
@@ -14,7 +15,6 @@ from flowscope.kernel_offsets import (
     structure_flags,
     tcp_flags,
 )
-from flowscope.loader import LoadOptions
 from tests.unit.btf_builder import BtfBuilder
 
 

@@ -3,9 +3,8 @@
 import numpy as np
 import pandas as pd
 
-from flowscope.aggregator import AggregationContext, build_batch
-from flowscope.kernel_reader import KernelDrain
-from flowscope.kernel_records import (
+from flowscope.decode.batch import AggregationContext, build_batch
+from flowscope.decode.flows import (
     COUNTER_EVENT_SENT_BASE,
     EVENT,
     EVENT_KIND_MAX,
@@ -18,7 +17,8 @@ from flowscope.kernel_records import (
     merge_map_entries,
     spills_as_map_entries,
 )
-from flowscope.probe_catalog import TC_FLOWS
+from flowscope.kernel.catalog import TC_FLOWS
+from flowscope.readers.drain import KernelDrain
 from tests.unit.kernel_entries import OFFSET_NS, address, counters, flow_stats
 
 IFNAMES = {2: "eth0", 7: "veth7"}

@@ -4,7 +4,7 @@ import os
 import struct
 from pathlib import Path
 
-from flowscope.listeners import Listener, find_listeners, listener_entry, listening_sockets, proc_net_address
+from flowscope.kernel.listeners import Listener, find_listeners, listener_entry, listening_sockets, proc_net_address
 
 MAPPED = bytes(10) + b"\xff\xff"
 TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode

@@ -2,10 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from flowscope.btf import VMLINUX_BTF
-from flowscope.features import KernelFeatures
-from flowscope.loader import LoadOptions, cflags_for, module_text, plan_families
-from flowscope.probe_catalog import CATALOG, ProbeFamily, Requirement
+from flowscope.kernel.btf import VMLINUX_BTF
+from flowscope.kernel.catalog import CATALOG, ProbeFamily, Requirement
+from flowscope.kernel.features import KernelFeatures
+from flowscope.kernel.loader import LoadOptions, cflags_for, module_text, plan_families
 
 
 def features(tmp_path: Path, tracepoints: list[str], kprobes: bool = False, ringbuf: bool = True) -> KernelFeatures:

@@ -1,4 +1,4 @@
-"""The perf-buffer record walker (flowscope.perf_reader) on synthetic perf memory laid out as the kernel
+"""The perf-buffer record walker (flowscope.readers.perf) on synthetic perf memory laid out as the kernel
 lays it out: 8-byte headers, raw samples padded to 8 bytes, LOST records, a data area mapped once whose
 records wrap around its end."""
 
@@ -8,8 +8,8 @@ import struct
 
 import numpy as np
 
-from flowscope.kernel_records import EVENT
-from flowscope.perf_reader import PERF_RECORD_LOST, PERF_RECORD_SAMPLE, pending_bytes, sample_span, walk_records
+from flowscope.decode.flows import EVENT
+from flowscope.readers.perf import PERF_RECORD_LOST, PERF_RECORD_SAMPLE, pending_bytes, sample_span, walk_records
 
 PERF_RECORD_COMM = 3
 

@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-from flowscope.btf import Btf
-from flowscope.features import KernelFeatures
-from flowscope.kernel_offsets import clock_flags
-from flowscope.loader import LoadOptions, cflags_for
-from flowscope.probe_catalog import CATALOG
+from flowscope.kernel.btf import Btf
+from flowscope.kernel.catalog import CATALOG
+from flowscope.kernel.features import KernelFeatures
+from flowscope.kernel.loader import LoadOptions, cflags_for
+from flowscope.kernel.offsets import clock_flags
 from tests.unit.btf_builder import BtfBuilder
 
 

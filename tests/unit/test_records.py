@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from flowscope.coverage import Coverage
-from flowscope.records import ReplayError, read_batches, write_batch, write_summary
+from flowscope.formats.jsonl import ReplayError, read_batches, write_batch, write_summary
 from flowscope.schema import EVENT_COLUMNS, FLOW_COLUMNS, FlowBatch, events_frame, flows_frame
 
 

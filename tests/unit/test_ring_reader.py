@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowscope.kernel_records import EVENT, EVENT_KIND_MAX
-from flowscope.ring_reader import (
+from flowscope.decode.flows import EVENT, EVENT_KIND_MAX
+from flowscope.readers.ring import (
     BUSY_BIT,
     DISCARD_BIT,
     PendingEvents,

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowscope import bpf_syscall, perf_reader, ring_reader
-from flowscope.kernel_records import (
+from flowscope.decode.flows import (
     COUNTER_EVENT_LOST_BASE,
     COUNTER_MAX,
     COUNTERS,
@@ -27,7 +26,10 @@ from flowscope.kernel_records import (
     concat_records,
     select_records,
 )
-from flowscope.loader import LoadedProbes, LoaderError
+from flowscope.kernel import bpf_syscall
+from flowscope.kernel.loader import LoadedProbes, LoaderError
+from flowscope.readers import perf as perf_reader
+from flowscope.readers import ring as ring_reader
 
 PUMP_POLL_MS = 20  # how long a drain may wait for BCC's pump to come round
 PENDING_EVENTS_MAX = 1 << 20  # events held between drains (128 MiB); more are dropped and counted
@@ -105,8 +107,8 @@ class EventsRead:
 
 
 class _MmapPump(threading.Thread):
-    """Reads the event buffers through their mapped pages (the ring with flowscope.ring_reader, perf
-    buffers with flowscope.perf_reader) on a thread of its own, so that a slow interval in the main thread
+    """Reads the event buffers through their mapped pages (the ring with flowscope.readers.ring, perf
+    buffers with flowscope.readers.perf) on a thread of its own, so that a slow interval in the main thread
     does not leave them unread until they overflow. The thread sleeps in epoll until the kernel signals
     records, then reads at most every READ_EVERY_S; a drain reads the buffers itself too (the two take
     turns on a lock), so it needs no round trip to the thread. Records wait in PendingEvents until a drain

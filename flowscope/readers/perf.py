@@ -1,5 +1,5 @@
 """Reads the BPF perf event output buffers (one per CPU) through their mmap'd pages into numpy, as
-flowscope.ring_reader reads the ring: no libbcc (which maps LLVM, ~60 MB resident) and no Python call per
+flowscope.readers.ring reads the ring: no libbcc (which maps LLVM, ~60 MB resident) and no Python call per
 event.
 
 Layout (include/uapi/linux/perf_event.h): page 0 of each buffer is struct perf_event_mmap_page, with
@@ -14,7 +14,7 @@ other record is skipped by its size (a sample of another length is counted as ma
 
 Memory ordering: the kernel writes a record, then (after a write barrier) data_head; a record below
 data_head is complete. The reader loads data_head, then the records, and stores data_tail last: plain
-accesses are correct on x86-64 (see flowscope.ring_reader), so `ring_reader.supported()` gates this
+accesses are correct on x86-64 (see flowscope.readers.ring), so `ring_reader.supported()` gates this
 reader too, and other machines keep libbcc's.
 """
 
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowscope import bpf_syscall
-from flowscope.ring_reader import RingError
+from flowscope.kernel import bpf_syscall
+from flowscope.readers.ring import RingError
 
 PERF_EVENT_OPEN_X86_64 = 298
 PERF_TYPE_SOFTWARE = 1

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import pandas as pd
 
-from flowscope.kernel_names import UNKNOWN
+from flowscope.kernel.names import UNKNOWN
 from flowscope.schema import FLOW_COLUMNS, conform, empty_frame
 
 FLOW_KEY = np.dtype(

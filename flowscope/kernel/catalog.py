@@ -11,9 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from flowscope import kernel_offsets
-from flowscope.btf import Btf
-from flowscope.kernel_events import (
+from flowscope.decode.events import (
     DROP_KEY,
     DROP_STATS,
     TCP_KEY,
@@ -22,8 +20,10 @@ from flowscope.kernel_events import (
     contribute_sockets,
     contribute_tcp,
 )
-from flowscope.kernel_records import FLOW_KEY, FLOW_STATS, FlowRows
-from flowscope.listeners import seed_listeners
+from flowscope.decode.flows import FLOW_KEY, FLOW_STATS, FlowRows
+from flowscope.kernel import offsets as kernel_offsets
+from flowscope.kernel.btf import Btf
+from flowscope.kernel.listeners import seed_listeners
 
 
 @dataclass(frozen=True)

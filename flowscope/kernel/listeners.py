@@ -138,7 +138,7 @@ def listener_entry(listener: Listener) -> tuple[bytes, bytes]:
 
 def seed_listeners(bpf: object) -> int:
     """Writes the listeners found in /proc into the loaded sock_state probe; returns how many it wrote."""
-    from flowscope import bpf_syscall
+    from flowscope.kernel import bpf_syscall
 
     table_fd = bpf["fs_listeners"].map_fd  # type: ignore[index]
     written = full = 0

@@ -5,7 +5,7 @@ there), so the module's text is the shared header followed by each enabled famil
 probes/ as they are; every option reaches the C code as a -D flag.
 
 `compile_and_load` runs BCC in the process that calls it; `load` runs it in a short-lived process of its
-own (flowscope.compile_child) and keeps only the file descriptors, so that the agent never holds LLVM.
+own (flowscope.kernel.compile_child) and keeps only the file descriptors, so that the agent never holds LLVM.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from flowscope import bpf_syscall
-from flowscope.btf import BtfError
-from flowscope.features import KernelFeatures, probe_features
-from flowscope.kernel_headers import HeadersError, export_for_bcc, find_headers
-from flowscope.kernel_offsets import clock_flags
-from flowscope.probe_catalog import CATALOG, FamilyStatus, ProbeFamily, Requirement
-from flowscope.source import ProbeStatus
+from flowscope.kernel import bpf_syscall
+from flowscope.kernel.btf import BtfError
+from flowscope.kernel.catalog import CATALOG, FamilyStatus, ProbeFamily, Requirement
+from flowscope.kernel.features import KernelFeatures, probe_features
+from flowscope.kernel.headers import HeadersError, export_for_bcc, find_headers
+from flowscope.kernel.offsets import clock_flags
+from flowscope.pipeline.source import ProbeStatus
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def module_text(active: list[ProbeFamily]) -> str:
 
 @dataclass
 class LoadedProbes:
-    """The loaded probes as file descriptors handed over by the compile step (flowscope.compile_child):
+    """The loaded probes as file descriptors handed over by the compile step (flowscope.kernel.compile_child):
     maps, programs, and the attachments that keep the tracepoint and kprobe programs attached. Everything
     stays loaded while these are open; `close()` (or the end of the process) detaches and unloads it."""
 
@@ -234,7 +234,7 @@ class CompiledModule:
 def compile_and_load(options: LoadOptions) -> CompiledModule:
     """Compiles the runnable families with BCC, loads them (BCC attaches the tracepoint and kprobe
     programs), loads the tc programs and runs the families' one-time preparations. Leaves LLVM's memory in
-    the process that calls it: flowscope.compile_child runs it in a short-lived process of its own."""
+    the process that calls it: flowscope.kernel.compile_child runs it in a short-lived process of its own."""
     bcc = import_bcc()
     require_privileges()
     features = probe_features()
@@ -267,11 +267,11 @@ def compile_and_load(options: LoadOptions) -> CompiledModule:
 
 
 def load(options: LoadOptions) -> LoadedProbes:
-    """Compiles and loads the probes in a short-lived process (flowscope.compile_child) and takes over
+    """Compiles and loads the probes in a short-lived process (flowscope.kernel.compile_child) and takes over
     their file descriptors: LLVM and libbcc never enter this process, nor stay in its memory."""
     if importlib.util.find_spec("bcc") is None:  # said here too: the child would only say it later
         raise LoaderError(BCC_MISSING)
     require_privileges()
-    from flowscope import compile_child  # it imports this module
+    from flowscope.kernel import compile_child  # it imports this module
 
     return compile_child.load_in_child(options)

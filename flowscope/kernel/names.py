@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flowscope.btf import KIND_ENUM, KIND_ENUM64, VMLINUX_BTF, Btf, BtfError
-from flowscope.features import TRACEFS_CANDIDATES
+from flowscope.kernel.btf import KIND_ENUM, KIND_ENUM64, VMLINUX_BTF, Btf, BtfError
+from flowscope.kernel.features import TRACEFS_CANDIDATES
 
 ENUM_KINDS = (KIND_ENUM, KIND_ENUM64)
 UNKNOWN = 0xFFFFFFFF  # FS_UNKNOWN in probes/include/fs_kernel.h: the kernel gave no reason or state

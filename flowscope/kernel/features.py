@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from flowscope import bpf_syscall
-from flowscope.btf import VMLINUX_BTF, Btf, BtfError
+from flowscope.kernel import bpf_syscall
+from flowscope.kernel.btf import VMLINUX_BTF, Btf, BtfError
 
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 BPFFS = Path("/sys/fs/bpf")

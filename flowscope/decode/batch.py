@@ -11,9 +11,8 @@ import numpy as np
 import pandas as pd
 
 from flowscope.coverage import Coverage
-from flowscope.kernel_events import event_rows, kernel_names
-from flowscope.kernel_reader import KernelDrain
-from flowscope.kernel_records import (
+from flowscope.decode.events import event_rows, kernel_names
+from flowscope.decode.flows import (
     COUNTER_EVENT_LOST_BASE,
     COUNTER_EVENT_SENT_BASE,
     EVENT,
@@ -29,7 +28,8 @@ from flowscope.kernel_records import (
     select_records,
     spills_as_map_entries,
 )
-from flowscope.probe_catalog import ProbeFamily
+from flowscope.kernel.catalog import ProbeFamily
+from flowscope.readers.drain import KernelDrain
 from flowscope.schema import EVENT_COLUMNS, FlowBatch, empty_frame
 
 

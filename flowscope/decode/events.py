@@ -23,8 +23,7 @@ import numpy as np
 import pandas as pd
 
 from flowscope.coverage import Coverage
-from flowscope.kernel_names import KernelNames
-from flowscope.kernel_records import (
+from flowscope.decode.flows import (
     EVENT_KIND_MAX,
     EVENT_KINDS,
     FLOW_KEY,
@@ -38,11 +37,12 @@ from flowscope.kernel_records import (
     shown_ports,
     utc_times,
 )
+from flowscope.kernel.names import KernelNames
 from flowscope.schema import EVENT_COLUMNS, conform, empty_frame
 
 if TYPE_CHECKING:
-    from flowscope.aggregator import AggregationContext
-    from flowscope.kernel_reader import KernelDrain
+    from flowscope.decode.batch import AggregationContext
+    from flowscope.readers.drain import KernelDrain
 
 DROP_KEY = np.dtype([("flow", FLOW_KEY), ("netns", "<u4"), ("reason", "<u4")])
 DROP_STATS = np.dtype(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flowscope.btf import KIND_ENUM, KIND_ENUM64, KIND_FUNC, Btf, BtfError, Member
+from flowscope.kernel.btf import KIND_ENUM, KIND_ENUM64, KIND_FUNC, Btf, BtfError, Member
 
 
 @dataclass(frozen=True)

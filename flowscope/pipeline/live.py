@@ -1,4 +1,4 @@
-"""The live BatchSource: loads the probes (compiled in a process of their own, flowscope.compile_child),
+"""The live BatchSource: loads the probes (compiled in a process of their own, flowscope.kernel.compile_child),
 attaches tc, and yields one FlowBatch per interval."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
-from flowscope import tc
-from flowscope.aggregator import AggregationContext, build_batch
-from flowscope.kallsyms import KernelSymbols
-from flowscope.kernel_reader import KernelReader
-from flowscope.kernel_records import monotonic_to_utc_offset_ns
-from flowscope.loader import LoadedProbes, LoaderError, LoadOptions, load, probe_statuses
+from flowscope.decode.batch import AggregationContext, build_batch
+from flowscope.decode.flows import monotonic_to_utc_offset_ns
+from flowscope.kernel import tc
+from flowscope.kernel.kallsyms import KernelSymbols
+from flowscope.kernel.loader import LoadedProbes, LoaderError, LoadOptions, load, probe_statuses
+from flowscope.pipeline.source import ProbeStatus
+from flowscope.readers.drain import KernelReader
 from flowscope.schema import FlowBatch
-from flowscope.source import ProbeStatus
 
 log = logging.getLogger(__name__)
 

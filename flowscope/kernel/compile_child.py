@@ -3,9 +3,9 @@ process that asked for them receives every file descriptor it needs over a unix 
 
 Why: `import bcc` maps libbcc with LLVM and clang (~60 MB resident), and compiling leaves ~110 MB of
 LLVM's heap behind; none of it is needed once the programs are in the kernel. The agent (the parent)
-keeps only file descriptors: maps (read with flowscope.bpf_syscall and the ring reader), programs (tc
+keeps only file descriptors: maps (read with flowscope.kernel.bpf_syscall and the ring reader), programs (tc
 attaches them by fd) and the attachments of the tracepoint and kprobe programs, whose closing detaches
-them. The child is a fresh interpreter (`python -m flowscope.compile_child FD`), not a fork of a
+them. The child is a fresh interpreter (`python -m flowscope.kernel.compile_child FD`), not a fork of a
 process that may run threads.
 
 Protocol on a SOCK_SEQPACKET socketpair: the parent sends one message, {"options": LoadOptions as a
@@ -31,9 +31,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from flowscope import bpf_syscall
-from flowscope.loader import CompiledModule, LoadedProbes, LoaderError, LoadOptions, compile_and_load
-from flowscope.probe_catalog import CATALOG, FamilyStatus
+from flowscope.kernel import bpf_syscall
+from flowscope.kernel.catalog import CATALOG, FamilyStatus
+from flowscope.kernel.loader import CompiledModule, LoadedProbes, LoaderError, LoadOptions, compile_and_load
 
 log = logging.getLogger(__name__)
 
@@ -200,12 +200,12 @@ def exchange(channel: socket.socket, child: subprocess.Popen, options: LoadOptio
 
 def load_in_child(options: LoadOptions, command: list[str] | None = None) -> LoadedProbes:
     """Runs the compile step in a child process and returns what it handed over. `command` (the argv
-    before the socket's fd number) is `python -m flowscope.compile_child` unless said otherwise."""
+    before the socket's fd number) is `python -m flowscope.kernel.compile_child` unless said otherwise."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     started = time.monotonic()
     with ours:
         with theirs:
-            argv = [*(command or [sys.executable, "-m", "flowscope.compile_child"]), str(theirs.fileno())]
+            argv = [*(command or [sys.executable, "-m", "flowscope.kernel.compile_child"]), str(theirs.fileno())]
             # stdout to stderr: nothing BCC or clang print may end up in the parent's output (capture -o jsonl)
             child = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=2)
         try:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from flowscope.records import open_replay
+from flowscope.formats.jsonl import open_replay
 from flowscope.schema import FlowBatch
 
 
