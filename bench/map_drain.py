@@ -40,7 +40,7 @@ def update_batch(map_fd: int, keys: np.ndarray, values: np.ndarray) -> None:
 
 
 def synthetic_flows(count: int, ifindex: int, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    from flowscope.decode.flows import FLOW_KEY, FLOW_STATS
+    from flowscope.kernel.layouts import FLOW_KEY, FLOW_STATS
 
     rng = np.random.default_rng(seed)
     keys = np.zeros(count, dtype=FLOW_KEY)
@@ -80,10 +80,12 @@ def synthetic_flows(count: int, ifindex: int, seed: int = 5) -> tuple[np.ndarray
 
 
 def drain(flows: int, repeats: int) -> dict:
-    from flowscope.decode.batch import AggregationContext, build_batch
+    from flowscope.decode.batch import build_batch
+    from flowscope.decode.context import AggregationContext
     from flowscope.decode.flows import monotonic_to_utc_offset_ns
     from flowscope.kernel import tc
-    from flowscope.kernel.loader import LoadOptions, load
+    from flowscope.kernel.compile_child import load
+    from flowscope.kernel.loader import LoadOptions
     from flowscope.readers.drain import KernelReader
 
     map_size = 1 << (flows - 1).bit_length()

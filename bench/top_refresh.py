@@ -35,10 +35,10 @@ import numpy as np
 import pandas as pd
 
 from bench import lab
+from flowscope.analysis.top import TopModel
 from flowscope.coverage import Coverage
 from flowscope.filters import parse_filter
 from flowscope.schema import FlowBatch, events_frame, flows_frame
-from flowscope.ui.model import TopModel
 
 PODS, NAMESPACES, OUTSIDE = 500, 20, 2000
 REASONS = np.array(["NO_SOCKET", "NETFILTER_DROP", "TCP_INVALID_SEQUENCE", "SOCKET_FILTER"], dtype=object)
@@ -132,7 +132,7 @@ def ui_apply_ms(traffic: Traffic, intervals: int) -> list[float]:
     """Runs the real app headless on a queue of batches and times its snapshot handler on the UI thread."""
     import queue
 
-    from flowscope.pipeline.source import ProbeStatus
+    from flowscope.kernel.catalog import ProbeStatus
     from flowscope.ui.app import TopApp
 
     class Feed:

@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
+SINK_PREFIX = "sink:"
+
+
 @dataclass
 class SourceCount:
     produced: int = 0
@@ -36,13 +39,19 @@ class Coverage:
         for source, count in other.sources.items():
             self.add(source, count.produced, count.delivered, count.lost)
 
+    # The totals are of the data path (kernel and readers: packets and events); the outputs' own counts
+    # (`sink:<name>`, in records) are of another unit and stay apart, in sinks().
+
     @property
     def produced(self) -> int:
-        return sum(c.produced for c in self.sources.values())
+        return sum(c.produced for name, c in self.sources.items() if not name.startswith(SINK_PREFIX))
 
     @property
     def lost(self) -> int:
-        return sum(c.lost for c in self.sources.values())
+        return sum(c.lost for name, c in self.sources.items() if not name.startswith(SINK_PREFIX))
+
+    def sinks(self) -> dict[str, SourceCount]:
+        return {n.removeprefix(SINK_PREFIX): c for n, c in self.sources.items() if n.startswith(SINK_PREFIX)}
 
     def unbalanced(self) -> list[str]:
         """Sources whose produced count differs from delivered + lost (a bug in accounting)."""

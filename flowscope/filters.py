@@ -23,8 +23,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from flowscope.decode.flows import PROTOCOL_NAMES
-from flowscope.schema import EVENT_KINDS
+from flowscope.schema import DIRECTIONS, EVENT_KINDS, PROTOCOL_NAMES
 
 FrameKind = Literal["flows", "events"]
 Side = Literal["src", "dst"]
@@ -33,10 +32,9 @@ SIDED_FIELDS = ("pod", "namespace", "workload", "ip", "port", "node")
 UNSIDED_FIELDS = ("protocol", "direction", "verdict", "reason", "ifname", "type")
 FIELDS = SIDED_FIELDS + UNSIDED_FIELDS
 
-DIRECTIONS = ("ingress", "egress")
 VERDICTS = ("forwarded", "dropped")
 TYPES = ("flow", *EVENT_KINDS)
-# A protocol by its name or number, as flow rows name it (kernel_records.PROTOCOL_NAMES); others stay numbers.
+# A protocol by its name or number, as flow rows name it (schema.PROTOCOL_NAMES); others stay numbers.
 _PROTOCOL_BY_TEXT = {name.upper(): name for name in PROTOCOL_NAMES.values()} | {
     str(number): name for number, name in PROTOCOL_NAMES.items()
 }

@@ -66,6 +66,9 @@ FLOW_COLUMNS: dict[str, str] = {
 }
 
 EVENT_KINDS = ("connect", "accept", "close", "drop", "retransmit", "reset")
+DIRECTIONS = ("ingress", "egress")
+# IANA protocol numbers (a network standard, not a kernel enum): the names of the protocol column.
+PROTOCOL_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP", 136: "UDPLite"}
 
 EVENT_COLUMNS: dict[str, str] = {
     "time": UTC_TIME,

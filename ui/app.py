@@ -23,11 +23,12 @@ from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import ContentSwitcher, DataTable, Footer, Input, Sparkline, Static
 
+from flowscope import display as fmt
+from flowscope.analysis.top import GROUPINGS, METRICS, SORT_KEYS, TREND_WIDTH, Detail, DropsTable, TopModel, TopRows
+from flowscope.enrich import Enricher
 from flowscope.filters import FilterError, parse_filter
 from flowscope.pipeline.source import BatchSource
-from flowscope.ui import format as fmt
 from flowscope.ui.feed import Snapshot, TopFeed
-from flowscope.ui.model import GROUPINGS, METRICS, SORT_KEYS, TREND_WIDTH, Detail, DropsTable, TopModel, TopRows
 
 # Widths of the metric columns: enough for the widest formatted value and the heading with its sort mark.
 METRIC_WIDTHS = {
@@ -246,12 +247,13 @@ class TopApp(App[int]):
         model: TopModel | None = None,
         rows: int | None = None,
         handle_signals: bool = False,
+        enricher: Enricher | None = None,
     ) -> None:
         super().__init__()
         self.model = model or TopModel()
         self.fixed_rows = rows
         self.handle_signals = handle_signals
-        self.feed = TopFeed(source, self.model, self._receive, limit=rows or 50)
+        self.feed = TopFeed(source, self.model, self._receive, limit=rows or 50, enricher=enricher)
         self._changes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowscope-top-view")
         self._slot: Snapshot | None = None
         self._slot_lock = threading.Lock()
@@ -571,6 +573,6 @@ def _cursor_key(table: DataTable) -> str | None:
         return None
 
 
-def run_app(source: BatchSource, model: TopModel, rows: int | None) -> int:
-    """Runs the TUI until the user quits (or SIGTERM/SIGHUP arrive); the caller closes the source."""
-    return TopApp(source, model, rows, handle_signals=True).run() or 0
+def run_app(source: BatchSource, model: TopModel, rows: int | None, enricher: Enricher | None = None) -> int:
+    """Runs the TUI until the user quits (or SIGTERM/SIGHUP arrive); its pipeline closes the source."""
+    return TopApp(source, model, rows, handle_signals=True, enricher=enricher).run() or 0

@@ -1,7 +1,9 @@
-"""Runs a BatchSource and the TopModel off the UI thread and hands ready snapshots to a callback.
+"""Runs the pipeline (source -> identity -> this feed) and the TopModel off the UI thread and hands ready
+snapshots to a callback.
 
-A reader thread takes every batch the source yields (so the kernel side never backs up, even while the
-display is paused), adds it to the model and computes a snapshot for the current view. View changes
+The pipeline's thread takes every batch the source yields (so the kernel side never backs up, even while the
+display is paused); the feed, a sink of that pipeline, adds each to the model and computes a snapshot for the
+current view. View changes
 (grouping, sort, filter, detail, pause) are applied by `change()`, which the app calls from a worker
 thread. Snapshots carry a sequence number so that an older one arriving late is not shown.
 """
@@ -13,10 +15,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from flowscope.analysis.top import Detail, DropsTable, TopModel, TopRows, Totals
+from flowscope.enrich import Enricher
 from flowscope.filters import Filter
-from flowscope.pipeline.source import BatchSource, ProbeStatus
+from flowscope.kernel.catalog import ProbeStatus
+from flowscope.pipeline.pipeline import Pipeline
+from flowscope.pipeline.source import BatchSource
 from flowscope.schema import FlowBatch
-from flowscope.ui.model import Detail, DropsTable, TopModel, TopRows, Totals
 
 UNCHANGED = object()  # change(detail_key=...) left out
 
@@ -37,12 +42,15 @@ class Snapshot:
 
 
 class TopFeed:
+    name = "top"
+
     def __init__(
         self,
         source: BatchSource,
         model: TopModel,
         on_snapshot: Callable[[Snapshot], None],
         limit: int = 50,
+        enricher: Enricher | None = None,
     ) -> None:
         self.source = source
         self.model = model
@@ -58,6 +66,7 @@ class TopFeed:
         self.published = 0  # sequence of the newest snapshot handed to on_snapshot
         self._probes: tuple[ProbeStatus, ...] = ()
         self._stop = threading.Event()
+        self.pipeline = Pipeline(source, [self], enricher=enricher)
         self._reader = threading.Thread(target=self._read, name="flowscope-top-reader", daemon=True)
         self.finished = threading.Event()  # set when the source has ended or failed
 
@@ -66,31 +75,46 @@ class TopFeed:
         self._reader.start()
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Stops handing out snapshots; the owner of the source closes it (which ends a blocked read)."""
+        """Stops the pipeline (which detaches the probes) and the snapshots."""
         self._stop.set()
         if self._reader.is_alive() and threading.current_thread() is not self._reader:
             self._reader.join(timeout)
 
     def _read(self) -> None:
         try:
-            for batch in self.source:
-                if self._stop.is_set():
-                    return
-                self._probes = tuple(self.source.probes())
-                with self._lock:
-                    self.model.account(batch)
-                    if self.paused:
-                        self._waiting.append(batch)  # beyond the window's length the oldest goes
-                    else:
-                        self.model.keep(batch)
-                self.publish()
-            self.state = "finished"
+            self.pipeline.start()
+            self.pipeline.run(self._stop)
+            state = "finished"
         except Exception as err:  # a failing source is shown in the header, not a traceback
-            if self._stop.is_set():
-                return
-            self.state = f"source failed: {err}"
+            state = f"source failed: {err}"
+        finally:
+            self.pipeline.close()  # writes what is queued to the model first
+        if self._stop.is_set():
+            return
+        self.state = state
         self.publish()
         self.finished.set()
+
+    # ---- the pipeline's sink ------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        return None
+
+    def write(self, batch: FlowBatch) -> None:
+        self._probes = tuple(self.source.probes())
+        with self._lock:
+            self.model.account(batch)
+            if self.paused:
+                self._waiting.append(batch)  # beyond the window's length the oldest goes
+            else:
+                self.model.keep(batch)
+        self.publish()
+
+    def close(self) -> None:
+        return None
+
+    def health(self) -> dict[str, object]:
+        return {"state": "ok", "intervals": self.model.intervals}
 
     def change(
         self,

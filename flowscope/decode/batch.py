@@ -3,52 +3,50 @@ other families' counters joined into them, events decoded, and the interval's lo
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 
 from flowscope.coverage import Coverage
-from flowscope.decode.events import event_rows, kernel_names
-from flowscope.decode.flows import (
+from flowscope.decode.context import AggregationContext, kernel_names
+from flowscope.decode.events import contribute_drops, contribute_sockets, contribute_tcp, event_rows
+from flowscope.decode.flows import FlowRows, flow_frame, merge_map_entries, spills_as_map_entries
+from flowscope.kernel.catalog import ProbeFamily
+from flowscope.kernel.layouts import (
     COUNTER_EVENT_LOST_BASE,
     COUNTER_EVENT_SENT_BASE,
     EVENT,
     EVENT_KIND_MAX,
-    EVENT_KINDS,
     FLOW_KEY,
     FLOW_STATS,
     KIND_FLOW_SPILL,
-    FlowRows,
+    KIND_NUMBER,
     concat_records,
-    flow_frame,
-    merge_map_entries,
     select_records,
-    spills_as_map_entries,
 )
-from flowscope.kernel.catalog import ProbeFamily
 from flowscope.readers.drain import KernelDrain
 from flowscope.schema import EVENT_COLUMNS, FlowBatch, empty_frame
 
+# What each family adds to an interval besides the flow map: its drained counters joined into the flow rows,
+# and its event records picked for decoding: (rows, drain, context, coverage) -> (rows, EVENT records).
+# A kprobe variant contributes as the family it replaces (same maps, same records).
+Contribution = Callable[[FlowRows, KernelDrain, AggregationContext, Coverage], tuple[FlowRows, np.ndarray]]
+CONTRIBUTIONS: dict[str, Contribution] = {
+    "skb_drop": contribute_drops,
+    "tcp_events": contribute_tcp,
+    "sock_state": contribute_sockets,
+}
 
-@dataclass
-class AggregationContext:
-    node: str
-    offset_ns: int  # CLOCK_MONOTONIC -> UTC
-    ifnames: Mapping[int, str]
-    active: list[ProbeFamily]
-    symbolize: Callable[[int], str | None] = lambda _address: None
-    # Inode of the network namespace the tc probe's interfaces live in (their ifindex means something there).
-    netns: int = field(default_factory=lambda: os.stat("/proc/self/ns/net").st_ino)
-    extra: dict[str, object] = field(default_factory=dict)  # per-family state (e.g. kernel names)
+
+def contribution(family: ProbeFamily) -> Contribution | None:
+    return CONTRIBUTIONS.get(family.replaces or family.name)
 
 
 def event_counts(drain: KernelDrain, coverage: Coverage) -> None:
     """Per event kind: produced in the kernel = sent + lost; delivered = what reached this process."""
     delivered = np.bincount(drain.events["kind"], minlength=EVENT_KIND_MAX)
-    for kind, name in EVENT_KINDS.items():
+    for name, kind in KIND_NUMBER.items():
         sent = int(drain.counters[COUNTER_EVENT_SENT_BASE + kind])
         lost_in_kernel = int(drain.counters[COUNTER_EVENT_LOST_BASE + kind])
         got = int(delivered[kind])
@@ -99,7 +97,8 @@ def build_batch(
 ) -> FlowBatch:
     coverage = Coverage()
     active = {family.name for family in context.active}
-    if any(family.contribute is not None for family in context.active):
+    contributions = [c for c in map(contribution, context.active) if c is not None]
+    if contributions:
         # Read once (~140 ms of BTF), here in the first interval rather than at the first drop or TCP
         # counter, which may come at any time under traffic.
         kernel_names(context)
@@ -107,10 +106,9 @@ def build_batch(
     rows = flow_rows(drain, context, coverage) if "tc_flows" in active else no_rows
     event_counts(drain, coverage)
     records = []
-    for family in context.active:
-        if family.contribute is not None:
-            rows, family_events = family.contribute(rows, drain, context, coverage)
-            records.append(family_events)
+    for contribute in contributions:
+        rows, family_events = contribute(rows, drain, context, coverage)
+        records.append(family_events)
     # Counters of probes that ran are facts (0 when nothing happened); of probes that did not, unknown.
     measured = {column for family in context.active for column in family.fills}
     flows = flow_frame(

@@ -17,76 +17,43 @@ becomes a row of its own, with packets 0.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from flowscope.coverage import Coverage
+from flowscope.decode.context import AggregationContext, kernel_names
 from flowscope.decode.flows import (
-    EVENT_KIND_MAX,
-    EVENT_KINDS,
-    FLOW_KEY,
     FlowRows,
     addresses_to_text,
     first_rows,
     nullable,
     protocol_names,
     row_codes,
-    select_records,
     shown_ports,
     utc_times,
 )
+from flowscope.kernel.layouts import (
+    DROP_KEY,
+    DROP_STATS,
+    EVENT_KIND_MAX,
+    FLOW_KEY,
+    KIND_NUMBER,
+    TCP_KEY,
+    TCP_STATS,
+    select_records,
+)
 from flowscope.kernel.names import KernelNames
+from flowscope.readers.drain import KernelDrain
 from flowscope.schema import EVENT_COLUMNS, conform, empty_frame
 
-if TYPE_CHECKING:
-    from flowscope.decode.batch import AggregationContext
-    from flowscope.readers.drain import KernelDrain
-
-DROP_KEY = np.dtype([("flow", FLOW_KEY), ("netns", "<u4"), ("reason", "<u4")])
-DROP_STATS = np.dtype(
-    [
-        ("packets", "<u8"),
-        ("bytes", "<u8"),
-        ("first_seen_ns", "<u8"),
-        ("last_seen_ns", "<u8"),
-        ("location", "<u8"),
-    ]
-)
-TCP_KEY = np.dtype([("flow", FLOW_KEY), ("netns", "<u4")])
-TCP_STATS = np.dtype(
-    [
-        ("retransmits", "<u8"),
-        ("resets", "<u8"),
-        ("rtt_samples", "<u8"),
-        ("srtt_sum_us", "<u8"),
-        ("first_seen_ns", "<u8"),
-        ("last_seen_ns", "<u8"),
-        ("srtt_us", "<u4"),
-        ("pad", "<u4"),
-    ]
-)
-assert DROP_KEY.itemsize == 52 and DROP_STATS.itemsize == 40
-assert TCP_KEY.itemsize == 48 and TCP_STATS.itemsize == 56
-
-KIND = {name: number for number, name in EVENT_KINDS.items()}
-KIND_NAMES = np.array([EVENT_KINDS.get(number) for number in range(EVENT_KIND_MAX)], dtype=object)
+KIND = KIND_NUMBER
+KIND_NAMES = np.array([None, *KIND_NUMBER], dtype=object)  # by number; EVENT_KIND_MAX - 1 is no kind
 SOCKET_KINDS = (KIND["connect"], KIND["accept"], KIND["close"])
 TCP_KINDS = (KIND["retransmit"], KIND["reset"])
 
 
 Symbolize = Callable[[int], "str | None"]
-
-
-# ---- shared state of the families, kept in AggregationContext.extra ------------------------------------
-
-
-def kernel_names(context: AggregationContext) -> KernelNames:
-    names = context.extra.get("kernel_names")
-    if names is None:
-        names = context.extra["kernel_names"] = KernelNames.load()
-    return names
 
 
 # ---- events ----------------------------------------------------------------------------------------------

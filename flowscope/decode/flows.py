@@ -14,92 +14,11 @@ from dataclasses import dataclass, fields
 import numpy as np
 import pandas as pd
 
+from flowscope.kernel.layouts import FLOW_KEY, FLOW_STATS, KEY_NO_PORTS, KIND_FLOW_SPILL, record_bytes, select_records
 from flowscope.kernel.names import UNKNOWN
-from flowscope.schema import FLOW_COLUMNS, conform, empty_frame
+from flowscope.schema import DIRECTIONS, FLOW_COLUMNS, PROTOCOL_NAMES, conform, empty_frame
 
-FLOW_KEY = np.dtype(
-    [
-        ("saddr", "V16"),
-        ("daddr", "V16"),
-        ("sport", "<u2"),
-        ("dport", "<u2"),
-        ("ifindex", "<u4"),
-        ("proto", "u1"),
-        ("direction", "u1"),
-        ("ip_version", "u1"),
-        ("flags", "u1"),
-    ]
-)
-FLOW_STATS = np.dtype(
-    [
-        ("packets", "<u8"),
-        ("bytes", "<u8"),
-        ("first_seen_ns", "<u8"),
-        ("last_seen_ns", "<u8"),
-        ("cgroup_id", "<u8"),
-        ("tcp_flags", "<u8"),
-    ]
-)
-EVENT = np.dtype(
-    [
-        ("ts_ns", "<u8"),
-        ("saddr", "V16"),
-        ("daddr", "V16"),
-        ("sport", "<u2"),
-        ("dport", "<u2"),
-        ("kind", "u1"),
-        ("proto", "u1"),
-        ("ip_version", "u1"),
-        ("direction", "u1"),
-        ("ifindex", "<u4"),
-        ("netns", "<u4"),
-        ("pid", "<u4"),
-        ("reason", "<u4"),
-        ("cgroup_id", "<u8"),
-        ("location", "<u8"),
-        ("value", "<u8"),
-        ("old_state", "<i4"),
-        ("new_state", "<i4"),
-        ("comm", "S16"),
-        ("tcp_flags", "<u2"),
-        ("generation", "u1"),
-        ("key_flags", "u1"),
-        ("pad", "V4"),
-    ]
-)
-assert FLOW_KEY.itemsize == 44 and FLOW_STATS.itemsize == 48 and EVENT.itemsize == 120
-
-# enum fs_event_kind
-EVENT_KINDS = {1: "connect", 2: "accept", 3: "close", 4: "drop", 5: "retransmit", 6: "reset", 7: "flow_spill"}
-KIND_FLOW_SPILL = 7
-EVENT_KIND_MAX = 8
-
-# enum fs_counter
-COUNTERS = (
-    "tc_packets",
-    "tc_bytes",
-    "flow_map_full",
-    "spill_lost_bytes",
-    "drop_map_full",
-    "drop_events_sampled_out",
-    "tcp_map_full",
-    "tcp_events_sampled_out",
-    "sock_map_full",
-    "drops",
-    "tcp_counts",
-    "rtt_map_full",
-)
-COUNTER_EVENT_SENT_BASE = 16
-COUNTER_EVENT_LOST_BASE = COUNTER_EVENT_SENT_BASE + EVENT_KIND_MAX
-COUNTER_MAX = COUNTER_EVENT_LOST_BASE + EVENT_KIND_MAX
-
-# flow_key.flags
-KEY_NO_PORTS = 0x01  # no transport header was read: ports and ICMP type/code are unknown
-
-DIRECTIONS = np.array(["ingress", "egress"], dtype=object)
-
-# IANA protocol numbers (a network standard, not a kernel enum).
-PROTOCOL_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP", 136: "UDPLite"}
+DIRECTION_NAMES = np.array(DIRECTIONS, dtype=object)  # by the key's direction bit
 ICMP_PROTOCOLS = (1, 58)
 PORT_PROTOCOLS = (6, 17, 132, 136)  # TCP, UDP, SCTP, UDP-Lite
 
@@ -307,7 +226,7 @@ def flow_frame(
             "ifname": names,
             "ifindex": nullable(rows.ifindex, rows.ifindex_known, "UInt32"),
             "netns": nullable(rows.netns, rows.netns_known, "UInt32"),
-            "direction": DIRECTIONS[rows.direction & 1],
+            "direction": DIRECTION_NAMES[rows.direction & 1],
             "ip_version": nullable(rows.ip_version, ip, "UInt8"),
             "protocol": np.where(ip, protocol_names(proto), None),
             "src_ip": addresses_to_text(rows.saddr, rows.ip_version),
@@ -347,20 +266,6 @@ def flows_from_map(
 # records go through their bytes.
 
 
-def _rows(records: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(records).view(np.uint8).reshape(len(records), records.dtype.itemsize)
-
-
-def select_records(records: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """records[keep] (a copy) of a structured array."""
-    return _rows(records)[keep].reshape(-1).view(records.dtype)
-
-
-def concat_records(first: np.ndarray, *others: np.ndarray) -> np.ndarray:
-    """np.concatenate of structured arrays of one dtype."""
-    return np.concatenate([_rows(first), *(_rows(other) for other in others)]).reshape(-1).view(first.dtype)
-
-
 def row_codes(matrix: np.ndarray) -> np.ndarray:
     """One integer per row of a 2-D uint8 array, equal for equal rows, numbered 0, 1, ... in order of first
     appearance. The rows' bytes are hashed: np.unique would sort them, comparing rows one pair at a time
@@ -382,7 +287,7 @@ def first_rows(codes: np.ndarray) -> np.ndarray:
 def unique_records(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct records of a structured array (in order of first appearance) and, per record, the
     index of its distinct one: np.unique(records, return_inverse=True) without the sort (row_codes)."""
-    codes = row_codes(_rows(records))
+    codes = row_codes(record_bytes(records))
     return records[first_rows(codes)], codes
 
 

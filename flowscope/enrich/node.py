@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from flowscope.enrich import netlink
+from flowscope.kernel.features import cgroup2_mount, mount_pseudo_fs
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +61,6 @@ class NodeView:
     host_netns: frozenset[int] = frozenset()
     ifindex_pods: dict[int, str] = field(default_factory=dict)  # host-side interface -> pod uid
     scanned_at: float = 0.0
-
-
-def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified in hybrid mode)."""
-    try:
-        with open(mountinfo, encoding="utf-8") as handle:
-            for line in handle:
-                before, _, after = line.partition(" - ")
-                if after.split(" ", 1)[0] == "cgroup2":
-                    return before.split(" ")[4]
-    except OSError:
-        return None
-    return None
 
 
 def classify(path_components: list[str]) -> CgroupEntry:
@@ -266,9 +254,7 @@ class NodeScanner:
         if self.cgroup_root is None:
             self.cgroup_root = cgroup2_mount()
         if self.cgroup_root is None:
-            from flowscope.kernel.features import _mount
-
-            self.mount_error = _mount("cgroup2", PRIVATE_CGROUP2)
+            self.mount_error = mount_pseudo_fs("cgroup2", PRIVATE_CGROUP2)
             if self.mount_error is None:
                 self.cgroup_root, self.mounted = str(PRIVATE_CGROUP2), True
         self.scan()

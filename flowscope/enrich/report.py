@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
+from flowscope.config import IdentityConfig
 from flowscope.enrich import IdentityConfigError, build_enricher
 
 
-def identity_report(args: argparse.Namespace, wait: float = 3.0) -> dict[str, Any]:
-    """Health of the identity sources the flags configure, after up to `wait` seconds for the API's first list."""
+def identity_report(identity: IdentityConfig, wait: float = 3.0) -> dict[str, Any]:
+    """Health of the identity sources the settings configure, after up to `wait` seconds for the API's first list."""
     try:
-        enricher = build_enricher(args)
+        enricher = build_enricher(identity)
     except IdentityConfigError as err:
         return {"error": str(err)}
     try:

@@ -11,19 +11,21 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from flowscope.decode.events import (
-    DROP_KEY,
-    DROP_STATS,
-    TCP_KEY,
-    TCP_STATS,
-    contribute_drops,
-    contribute_sockets,
-    contribute_tcp,
-)
-from flowscope.decode.flows import FLOW_KEY, FLOW_STATS, FlowRows
 from flowscope.kernel import offsets as kernel_offsets
 from flowscope.kernel.btf import Btf
+from flowscope.kernel.layouts import DROP_KEY, DROP_STATS, FLOW_KEY, FLOW_STATS, TCP_KEY, TCP_STATS
 from flowscope.kernel.listeners import seed_listeners
+
+
+@dataclass(frozen=True)
+class ProbeStatus:
+    """What a BatchSource reports of one probe: whether it runs, on what, and if not why and what would help."""
+
+    name: str  # e.g. "tc_flows", "sock_state", "skb_drop"
+    active: bool
+    hook: str  # what it attaches to, e.g. "tracepoint skb:kfree_skb"
+    reason: str = ""  # why it is unavailable (empty when active)
+    remedy: str = ""  # what would make it available
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,6 @@ class ProbeFamily:
     cflags: Callable[[Btf | None, object], list[str]] | None = None
     replaces: str | None = None  # a fallback (kprobe) family runs only when this family cannot
     fills: tuple[str, ...] = ()  # flow columns this family provides (null when it does not run)
-    # Joins the family's drained counters into the flow rows and picks its event records (the aggregator
-    # decodes them): (rows, drain, context, coverage) -> (rows, EVENT records). See flowscope/aggregator.py.
-    contribute: Callable[..., tuple[FlowRows, np.ndarray]] | None = None
     # Files under probes/ placed before `source` in the module text: a kprobe variant reuses the maps and
     # logic of the family it replaces (whose own programs its cflags switch off).
     shared: tuple[str, ...] = ()
@@ -82,7 +81,6 @@ SKB_DROP = ProbeFamily(
     drained_maps=(DrainedMap("drops", DROP_KEY, DROP_STATS, "drop_map_size", "FLOWSCOPE_DROP_MAP_SIZE"),),
     cflags=kernel_offsets.drop_flags,
     fills=("drop_packets", "drop_bytes", "drop_reason"),
-    contribute=contribute_drops,
 )
 TCP_EVENTS = ProbeFamily(
     name="tcp_events",
@@ -95,7 +93,6 @@ TCP_EVENTS = ProbeFamily(
     drained_maps=(DrainedMap("tcp", TCP_KEY, TCP_STATS, "tcp_map_size", "FLOWSCOPE_TCP_MAP_SIZE"),),
     cflags=kernel_offsets.tcp_flags,
     fills=("retransmits", "resets", "rtt_us"),
-    contribute=contribute_tcp,
 )
 SOCK_STATE = ProbeFamily(
     name="sock_state",
@@ -103,7 +100,6 @@ SOCK_STATE = ProbeFamily(
     hook="raw tracepoint sock:inet_sock_set_state",
     requires=(Requirement("raw_tracepoint", "inet_sock_set_state"),),
     cflags=kernel_offsets.sock_flags,
-    contribute=contribute_sockets,
     prepare=seed_listeners,
 )
 

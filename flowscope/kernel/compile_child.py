@@ -21,6 +21,7 @@ import array
 import contextlib
 import ctypes
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -29,11 +30,24 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from flowscope.kernel import bpf_syscall
 from flowscope.kernel.catalog import CATALOG, FamilyStatus
-from flowscope.kernel.loader import CompiledModule, LoadedProbes, LoaderError, LoadOptions, compile_and_load
+from flowscope.kernel.features import probe_features
+from flowscope.kernel.headers import HeadersError, export_for_bcc, find_headers
+from flowscope.kernel.loader import (
+    BCC_MISSING,
+    LoadedProbes,
+    LoaderError,
+    LoadOptions,
+    cflags_for,
+    import_bcc,
+    module_text,
+    plan_families,
+    require_privileges,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +82,51 @@ def receive(channel: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
 
 
 # ---- the child -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompiledModule:
+    """The compile step's result, in the process that compiled it."""
+
+    bpf: object  # bcc.BPF
+    statuses: list[FamilyStatus]
+    perf_events: bool
+    tc_programs: dict[str, str] = field(default_factory=dict)  # "ingress"/"egress" -> program name
+
+
+def compile_and_load(options: LoadOptions) -> CompiledModule:
+    """Compiles the runnable families with BCC, loads them (BCC attaches the tracepoint and kprobe
+    programs), loads the tc programs and runs the families' one-time preparations. Leaves LLVM's memory in
+    the process that calls it: flowscope.kernel.compile_child runs it in a short-lived process of its own."""
+    bcc = import_bcc()
+    require_privileges()
+    features = probe_features()
+    try:
+        headers = find_headers()
+    except HeadersError as err:
+        raise LoaderError(str(err)) from None
+    export_for_bcc(headers)
+    statuses = plan_families(features, options)
+    active = [s.family for s in statuses if s.active]
+    if not active:
+        raise LoaderError("no probe can run on this kernel; run `flowscope doctor` to see why.")
+    perf_events = options.perf_events or not features.ringbuf
+    try:
+        bpf = bcc.BPF(text=module_text(active).encode(), cflags=cflags_for(active, features, options))
+    except Exception as err:  # BCC raises a bare Exception on compile or load failure
+        raise LoaderError(
+            f"the probes failed to compile or load ({err}); run `flowscope doctor` and report the output."
+        ) from None
+    module = CompiledModule(bpf, statuses, perf_events)
+    if any(f.name == "tc_flows" for f in active):
+        for hook in ("ingress", "egress"):
+            name = f"fs_tc_{hook}"
+            bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS)
+            module.tc_programs[hook] = name
+    for family in active:
+        if family.prepare is not None:
+            family.prepare(bpf)
+    return module
 
 
 def _module_maps(bpf: Any) -> dict[str, int]:
@@ -221,6 +280,15 @@ def load_in_child(options: LoadOptions, command: list[str] | None = None) -> Loa
         loaded.compile_seconds,
     )
     return loaded
+
+
+def load(options: LoadOptions) -> LoadedProbes:
+    """Compiles and loads the probes in a short-lived process (flowscope.kernel.compile_child) and takes over
+    their file descriptors: LLVM and libbcc never enter this process, nor stay in its memory."""
+    if importlib.util.find_spec("bcc") is None:  # said here too: the child would only say it later
+        raise LoaderError(BCC_MISSING)
+    require_privileges()
+    return load_in_child(options)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def _mounted(path: Path, fstype: str) -> bool:
         return False
 
 
-def _mount(fstype: str, path: Path) -> str | None:
+def mount_pseudo_fs(fstype: str, path: Path) -> str | None:
     """Mounts a pseudo file system; returns None on success, else why not."""
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -38,12 +38,25 @@ def _mount(fstype: str, path: Path) -> str | None:
     return None if result.returncode == 0 else (result.stderr.strip() or f"mount exited {result.returncode}")
 
 
+def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified in hybrid mode)."""
+    try:
+        with open(mountinfo, encoding="utf-8") as handle:
+            for line in handle:
+                before, _, after = line.partition(" - ")
+                if after.split(" ", 1)[0] == "cgroup2":
+                    return before.split(" ")[4]
+    except OSError:
+        return None
+    return None
+
+
 def ensure_tracefs() -> tuple[Path | None, str]:
     """The tracefs directory, mounting it when absent; (None, why) when impossible."""
     for path in TRACEFS_CANDIDATES:
         if (path / "events").is_dir():
             return path, ""
-    error = _mount("tracefs", TRACEFS_CANDIDATES[0])
+    error = mount_pseudo_fs("tracefs", TRACEFS_CANDIDATES[0])
     if error is None and (TRACEFS_CANDIDATES[0] / "events").is_dir():
         return TRACEFS_CANDIDATES[0], "mounted by flowscope"
     return None, f"tracefs is not mounted and mounting it failed: {error}"
@@ -52,7 +65,7 @@ def ensure_tracefs() -> tuple[Path | None, str]:
 def ensure_bpffs() -> tuple[bool, str]:
     if _mounted(BPFFS, "bpf"):
         return True, ""
-    error = _mount("bpf", BPFFS)
+    error = mount_pseudo_fs("bpf", BPFFS)
     return (True, "mounted by flowscope") if error is None else (False, f"mounting bpffs failed: {error}")
 
 

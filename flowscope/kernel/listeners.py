@@ -94,7 +94,7 @@ def _cgroup_id(proc: str, pid: str, cgroup_root: str | None) -> int:
 def cgroup_root() -> str | None:
     """The cgroup v2 hierarchy: where this process sees it mounted, else as pid 1 sees it (`ip netns exec`
     gives a process its own /sys, without the cgroup mounts)."""
-    from flowscope.enrich.node import cgroup2_mount  # here: the catalog imports this module, not the enrichers
+    from flowscope.kernel.features import cgroup2_mount
 
     mount = cgroup2_mount()
     if mount is not None:

@@ -12,12 +12,14 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
-from flowscope.decode.batch import AggregationContext, build_batch
+from flowscope.decode.batch import build_batch
+from flowscope.decode.context import AggregationContext
 from flowscope.decode.flows import monotonic_to_utc_offset_ns
 from flowscope.kernel import tc
+from flowscope.kernel.catalog import ProbeStatus
+from flowscope.kernel.compile_child import load
 from flowscope.kernel.kallsyms import KernelSymbols
-from flowscope.kernel.loader import LoadedProbes, LoaderError, LoadOptions, load, probe_statuses
-from flowscope.pipeline.source import ProbeStatus
+from flowscope.kernel.loader import LoadedProbes, LoaderError, LoadOptions, probe_statuses
 from flowscope.readers.drain import KernelReader
 from flowscope.schema import FlowBatch
 
@@ -85,9 +87,9 @@ class LiveSource:
             self._context.ifnames = tc.interface_names()  # an interface appeared since the last look
         return build_batch(drain, self._context, (start, self._window_start))
 
-    def __iter__(self) -> Iterator[FlowBatch]:
-        while True:
-            yield self.next_batch(self.interval)
+    def batches(self, stop: threading.Event) -> Iterator[FlowBatch]:
+        while not stop.is_set():
+            yield self.next_batch(self.interval, stop)
 
     def close(self) -> None:
         try:

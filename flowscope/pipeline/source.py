@@ -4,22 +4,13 @@ BatchSource and never care which one it is."""
 from __future__ import annotations
 
 import socket
-import time
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
 from flowscope.formats.jsonl import open_replay
+from flowscope.kernel.catalog import ProbeStatus
 from flowscope.schema import FlowBatch
-
-
-@dataclass(frozen=True)
-class ProbeStatus:
-    name: str  # e.g. "tc_flows", "sock_state", "skb_drop"
-    active: bool
-    hook: str  # what it attaches to, e.g. "tracepoint skb:kfree_skb"
-    reason: str = ""  # why it is unavailable (empty when active)
-    remedy: str = ""  # what would make it available
 
 
 class BatchSource(Protocol):
@@ -28,7 +19,9 @@ class BatchSource(Protocol):
 
     def probes(self) -> list[ProbeStatus]: ...
 
-    def __iter__(self) -> Iterator[FlowBatch]: ...
+    def batches(self, stop: threading.Event) -> Iterator[FlowBatch]:
+        """One FlowBatch per interval until the source ends or `stop` is set."""
+        ...
 
     def close(self) -> None: ...
 
@@ -45,13 +38,15 @@ class ReplaySource:
     def probes(self) -> list[ProbeStatus]:
         return [ProbeStatus("replay", True, f"file {self.path}")]
 
-    def __iter__(self) -> Iterator[FlowBatch]:
+    def batches(self, stop: threading.Event) -> Iterator[FlowBatch]:
         previous_end = None
         for batch in open_replay(self.path):
+            if stop.is_set():
+                return
             if previous_end is not None and self.speed > 0 and batch.time_end is not None:
                 gap = (batch.time_end - previous_end).total_seconds()
-                if gap > 0:
-                    time.sleep(gap / self.speed)
+                if gap > 0 and stop.wait(gap / self.speed):
+                    return
             if batch.time_start is not None and batch.time_end is not None and self.interval == 0.0:
                 self.interval = max((batch.time_end - batch.time_start).total_seconds(), 0.0)
             previous_end = batch.time_end

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flowscope.decode.flows import (
+from flowscope.kernel import bpf_syscall
+from flowscope.kernel.layouts import (
     COUNTER_EVENT_LOST_BASE,
     COUNTER_MAX,
     COUNTERS,
@@ -26,7 +27,6 @@ from flowscope.decode.flows import (
     concat_records,
     select_records,
 )
-from flowscope.kernel import bpf_syscall
 from flowscope.kernel.loader import LoadedProbes, LoaderError
 from flowscope.readers import perf as perf_reader
 from flowscope.readers import ring as ring_reader

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowscope.decode.flows import EVENT, EVENT_KIND_MAX
+from flowscope.kernel.layouts import EVENT, EVENT_KIND_MAX
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30

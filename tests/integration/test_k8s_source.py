@@ -4,7 +4,6 @@ deletion grace, bookmarks, 410 Gone, an unreachable API and malformed objects.""
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
@@ -12,11 +11,13 @@ import pandas as pd
 import pytest
 from test_k8s_apiserver import FakeApiServer, controller, node, pod, service
 
-from flowscope.enrich import IdentityConfigError, add_identity_arguments, build_enricher
+from flowscope.config import IdentityConfig
+from flowscope.enrich import IdentityConfigError, build_enricher
 from flowscope.enrich.catalog import Catalog
 from flowscope.enrich.enricher import Enricher
 from flowscope.enrich.kube import KubernetesSource
 from flowscope.schema import FlowBatch, events_frame, flows_frame
+from tests.settings import identity_settings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -316,10 +317,8 @@ def test_a_rejected_token_is_reported_as_an_error_not_a_crash(api, tmp_path):
         source.close()
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_identity_arguments(parser)
-    return parser.parse_args(argv)
+def parse(argv: list[str]) -> IdentityConfig:
+    return identity_settings(*argv)
 
 
 def test_build_enricher_with_a_kubeconfig_watches_the_api(api, tmp_path):

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from flowscope.kernel.compile_child import load
 from flowscope.kernel.features import probe_features
-from flowscope.kernel.loader import LoaderError, LoadOptions, load, plan_families
+from flowscope.kernel.loader import LoaderError, LoadOptions, plan_families
 from tests.kernel.capture import Capture
 from tests.kernel.lab import Lab, Netns
 

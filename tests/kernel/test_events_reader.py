@@ -21,10 +21,12 @@ import pandas as pd
 import pytest
 
 from flowscope.coverage import Coverage
-from flowscope.decode.batch import AggregationContext, build_batch
-from flowscope.decode.flows import EVENT
+from flowscope.decode.batch import build_batch
+from flowscope.decode.context import AggregationContext
 from flowscope.kernel import bpf_syscall
-from flowscope.kernel.loader import LoadedProbes, LoadOptions, load
+from flowscope.kernel.compile_child import load
+from flowscope.kernel.layouts import EVENT
+from flowscope.kernel.loader import LoadedProbes, LoadOptions
 from flowscope.readers import ring as ring_reader
 from flowscope.readers.drain import PENDING_EVENTS_MAX, KernelReader
 

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from flowscope.enrich.node import cgroup2_mount
+from flowscope.kernel.features import cgroup2_mount
 from tests.integration.test_k8s_apiserver import FakeApiServer, controller, node, pod
 from tests.kernel import traffic
 from tests.kernel.capture import Capture, CaptureResult

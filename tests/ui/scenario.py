@@ -287,15 +287,23 @@ class QueueSource:
         self._queue.put(batch)
 
     def probes(self):
-        from flowscope.pipeline.source import ProbeStatus
+        from flowscope.kernel.catalog import ProbeStatus
 
         return [
             ProbeStatus("tc_flows", True, "tc clsact ingress+egress"),
             ProbeStatus("tcp_rtt", False, "kprobe tcp_rcv_established", "kprobes are off"),
         ]
 
-    def __iter__(self):
-        while (batch := self._queue.get()) is not None:
+    def batches(self, stop):
+        import queue
+
+        while not stop.is_set():
+            try:
+                batch = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if batch is None:
+                return
             yield batch
 
     def close(self) -> None:

@@ -137,7 +137,7 @@ def test_the_help_texts_name_every_filter_field():
 
     from flowscope.filters import FIELDS
     from flowscope.ui.app import HELP
-    from flowscope.ui.command import EPILOG
+    from flowscope.cli.top import EPILOG
 
     for text in (HELP, EPILOG):
         assert [field for field in FIELDS if not re.search(rf"\b{field}\b", text)] == []

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from flowscope.analysis.top import TopModel, sparklines
 from flowscope.filters import parse_filter
 from flowscope.schema import FlowBatch, events_frame, flows_frame
-from flowscope.ui.model import TopModel, sparklines
 from tests.ui.scenario import shop_batches
 
 CHECKOUT_TO_PAYMENTS = ("TCP", "10.204.0.10", 43210, "10.204.0.11", 8443)

@@ -8,7 +8,7 @@ import ipaddress
 import numpy as np
 import pandas as pd
 
-from flowscope.decode.flows import COUNTER_MAX, COUNTERS, FLOW_KEY, FLOW_STATS
+from flowscope.kernel.layouts import COUNTER_MAX, COUNTERS, FLOW_KEY, FLOW_STATS
 
 OFFSET_NS = 1_800_000_000 * 10**9  # monotonic 0 = 2027-01-15T08:00:00Z
 WINDOW = (pd.Timestamp("2027-01-15T08:00:00Z"), pd.Timestamp("2027-01-15T08:00:01Z"))

@@ -30,7 +30,7 @@ def assert_one_sentence(result: subprocess.CompletedProcess[str], code: int, mes
     [
         (
             ["--interval", "0"],
-            "flowscope capture: argument --interval: '0' must be a positive number; see `flowscope capture --help`.",
+            "flowscope capture: argument --interval: '0' must be positive; see `flowscope capture --help`.",
         ),
         (
             ["--duration", "soon"],
@@ -48,7 +48,7 @@ def assert_one_sentence(result: subprocess.CompletedProcess[str], code: int, mes
         ),
         (
             ["--flow-map-size", "1000000000"],
-            "flowscope capture: argument --flow-map-size: '1000000000' is more than 4194304; "
+            "flowscope capture: argument --flow-map-size: '1000000000' must be at most 4194304; "
             "see `flowscope capture --help`.",
         ),
         (

@@ -5,11 +5,12 @@ import socket
 
 import pytest
 
-from flowscope.cli import build_parser, open_source
+from flowscope.cli.options import open_source
 from flowscope.enrich import node_name
+from tests.settings import command_config
 
 
-@pytest.mark.parametrize("command", ["capture", "top"])
+@pytest.mark.parametrize("command", ["capture", "top", "agent"])
 @pytest.mark.parametrize(
     ("flags", "environment", "expected"),
     [
@@ -23,14 +24,14 @@ def test_the_source_and_identity_name_the_same_node(monkeypatch, tmp_path, comma
         monkeypatch.delenv("NODE_NAME", raising=False)
     else:
         monkeypatch.setenv("NODE_NAME", environment)
-    args = build_parser().parse_args([command, "--replay", str(tmp_path / "flows.jsonl"), *flags])
-    source = open_source(args)
+    config = command_config(command, "--replay", str(tmp_path / "flows.jsonl"), *flags)
+    source = open_source(config)
     try:
-        assert (source.node, node_name(args)) == (expected, expected)
+        assert (source.node, node_name(config.identity)) == (expected, expected)
     finally:
         source.close()
 
 
 def test_identity_flags_parse_beside_the_probe_flags():
-    args = build_parser().parse_args(["capture", "--node-name", "n1", "--kubeconfig", "k", "--metadata", "m"])
-    assert (args.node_name, args.kubeconfig, args.metadata, args.identity_grace) == ("n1", "k", "m", 60.0)
+    identity = command_config("capture", "--node-name", "n1", "--kubeconfig", "k", "--metadata", "m").identity
+    assert (identity.node_name, identity.kubeconfig, identity.metadata, identity.grace) == ("n1", "k", "m", 60.0)

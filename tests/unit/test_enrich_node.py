@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from flowscope.enrich.node import CgroupEntry, NodeScanner, cgroup2_mount, classify
+from flowscope.enrich.node import CgroupEntry, NodeScanner, classify
+from flowscope.kernel.features import cgroup2_mount
 
 UID = "1a2b3c4d-0000-4111-8222-333344445555"
 SYSTEMD_UID = UID.replace("-", "_")

@@ -1,15 +1,12 @@
 """What doctor and the capture summary say about identity."""
 
-import argparse
-
-from flowscope.enrich import add_identity_arguments
+from flowscope.config import IdentityConfig
 from flowscope.enrich.report import identity_lines, identity_report, identity_summary
+from tests.settings import identity_settings
 
 
-def args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_identity_arguments(parser)
-    return parser.parse_args(list(argv))
+def args(*argv: str) -> IdentityConfig:
+    return identity_settings(*argv)
 
 
 def test_doctor_lists_the_sources_in_use(tmp_path):

@@ -1,14 +1,14 @@
 """The static metadata file: YAML and JSON, what it names, and one-sentence errors that say where."""
 
-import argparse
 import json
 
 import pytest
 
-from flowscope.enrich import IdentityConfigError, add_identity_arguments, build_enricher
+from flowscope.enrich import IdentityConfigError, build_enricher
 from flowscope.enrich.catalog import Catalog
 from flowscope.enrich.model import Controller
 from flowscope.enrich.static import load_metadata
+from tests.settings import identity_settings
 
 DOCUMENT = """
 pods:
@@ -106,16 +106,15 @@ def test_an_unreadable_file_is_one_sentence(tmp_path):
 
 
 def test_build_enricher_reports_a_bad_metadata_file_and_accepts_a_good_one(tmp_path):
-    parser = argparse.ArgumentParser()
-    add_identity_arguments(parser)
     bad = tmp_path / "bad.yaml"
     bad.write_text("nodes: [{ips: [1.2.3.4]}]")
     with pytest.raises(IdentityConfigError, match=r"nodes\[0\]: name is missing"):
-        build_enricher(parser.parse_args(["--metadata", str(bad)]))
+        build_enricher(identity_settings("--metadata", str(bad)))
     good = tmp_path / "good.yaml"
     good.write_text(DOCUMENT)
-    enricher = build_enricher(parser.parse_args(["--metadata", str(good), "--node-name", "node-a",
-                                                 "--identity-grace", "5"]))  # fmt: skip
+    enricher = build_enricher(
+        identity_settings("--metadata", str(good), "--node-name", "node-a", "--identity-grace", "5")
+    )
     try:
         health = enricher.health()
         assert health["node_name"] == "node-a" and health["grace_seconds"] == 5

@@ -3,8 +3,11 @@
 import numpy as np
 import pandas as pd
 
-from flowscope.decode.batch import AggregationContext, build_batch
-from flowscope.decode.flows import (
+from flowscope.decode.batch import build_batch
+from flowscope.decode.context import AggregationContext
+from flowscope.decode.flows import addresses_to_text, flows_from_map, merge_map_entries, spills_as_map_entries
+from flowscope.kernel.catalog import TC_FLOWS
+from flowscope.kernel.layouts import (
     COUNTER_EVENT_SENT_BASE,
     EVENT,
     EVENT_KIND_MAX,
@@ -12,12 +15,7 @@ from flowscope.decode.flows import (
     FLOW_STATS,
     KEY_NO_PORTS,
     KIND_FLOW_SPILL,
-    addresses_to_text,
-    flows_from_map,
-    merge_map_entries,
-    spills_as_map_entries,
 )
-from flowscope.kernel.catalog import TC_FLOWS
 from flowscope.readers.drain import KernelDrain
 from tests.unit.kernel_entries import OFFSET_NS, address, counters, flow_stats
 

@@ -8,7 +8,7 @@ import struct
 
 import numpy as np
 
-from flowscope.decode.flows import EVENT
+from flowscope.kernel.layouts import EVENT
 from flowscope.readers.perf import PERF_RECORD_LOST, PERF_RECORD_SAMPLE, pending_bytes, sample_span, walk_records
 
 PERF_RECORD_COMM = 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowscope.decode.flows import EVENT, EVENT_KIND_MAX
+from flowscope.kernel.layouts import EVENT, EVENT_KIND_MAX
 from flowscope.readers.ring import (
     BUSY_BIT,
     DISCARD_BIT,

@@ -7,16 +7,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flowscope.decode.batch import AggregationContext, build_batch
-from flowscope.decode.events import DROP_KEY, DROP_STATS, TCP_KEY, TCP_STATS
-from flowscope.decode.flows import (
+from flowscope.decode.batch import build_batch
+from flowscope.decode.context import AggregationContext
+from flowscope.kernel.catalog import SKB_DROP, SOCK_STATE, TC_FLOWS, TCP_EVENTS
+from flowscope.kernel.layouts import (
     COUNTER_EVENT_SENT_BASE,
+    DROP_KEY,
+    DROP_STATS,
     EVENT,
     FLOW_KEY,
     FLOW_STATS,
     KEY_NO_PORTS,
+    TCP_KEY,
+    TCP_STATS,
 )
-from flowscope.kernel.catalog import SKB_DROP, SOCK_STATE, TC_FLOWS, TCP_EVENTS
 from flowscope.kernel.names import UNKNOWN, KernelNames
 from flowscope.readers.drain import KernelDrain
 from flowscope.schema import FLOW_COLUMNS

@@ -7,17 +7,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+import threading
+from typing import Any
 
+from flowscope.analysis.top import GROUPINGS, METRICS, TopModel
+from flowscope.cli.capture import stop_on_signals
+from flowscope.cli.options import (
+    UsageError,
+    add_config_file,
+    add_settings,
+    config_from,
+    open_source,
+    positive_float,
+    positive_int,
+)
+from flowscope.enrich import enricher_for
 from flowscope.filters import FilterError, parse_filter
-from flowscope.pipeline.source import BatchSource, ProbeStatus
-from flowscope.schema import FlowBatch
-from flowscope.ui.model import GROUPINGS, METRICS, TopModel
-from flowscope.ui.text import print_top
-
-if TYPE_CHECKING:
-    from flowscope.enrich import Enricher
+from flowscope.pipeline.pipeline import Pipeline
 
 # --sort accepts the column titles people see, in lower case, and a few short names.
 SORT_NAMES = {m.title.lower(): m.name for m in METRICS} | {
@@ -45,22 +51,6 @@ verdict (forwarded|dropped), reason (kernel drop reason, e.g. NO_SOCKET), ifname
 """
 
 
-def _interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"interval {text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"interval {text!r} must be positive")
-    return value
-
-
-def _count(text: str) -> int:
-    if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"count {text!r} must be a positive whole number")
-    return int(text)
-
-
 def _sort(text: str) -> str:
     name = SORT_NAMES.get(text.lower())
     if name is None:
@@ -68,8 +58,18 @@ def _sort(text: str) -> str:
     return name
 
 
+def register(commands: Any) -> None:
+    top = commands.add_parser("top", help="live top talkers, drops and TCP health (Textual UI; -o table for scripts)")
+    add_config_file(top)
+    add_settings(top, "probes")
+    add_settings(top, "identity")
+    add_settings(top, "replay", skip=("replay.exit_at_end",))
+    add_top_arguments(top)
+    top.set_defaults(run=run_top)
+
+
 def add_top_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `top` beyond the probe flags that the CLI adds for every live command."""
+    """The flags of `top` beyond the settings it shares with capture and agent."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     parser.add_argument(
@@ -82,22 +82,19 @@ def add_top_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--filter", default="", metavar="TEXT", help="only flows and events matching TEXT")
     parser.add_argument(
-        "--rows", type=_count, metavar="N", help="rows to show (default: what fits the screen; 20 with -o table)"
+        "--rows", type=positive_int, metavar="N", help="rows to show (default: what fits the screen; 20 with -o table)"
     )
     parser.add_argument(
-        "--history", type=_count, default=60, metavar="N", help="intervals kept for trends, drops and details"
+        "--history", type=positive_int, default=60, metavar="N", help="intervals kept for trends, drops and details"
     )
     parser.add_argument(
-        "interval_seconds", nargs="?", type=_interval, metavar="interval",
+        "interval_seconds", nargs="?", type=positive_float, metavar="interval",
         help="seconds per interval (overrides --interval; a replay keeps its recorded intervals)",
     )  # fmt: skip
-    parser.add_argument("count", nargs="?", type=_count, help="print COUNT intervals, then exit (-o table|jsonl)")
+    parser.add_argument("count", nargs="?", type=positive_int, help="print COUNT intervals, then exit (-o table|jsonl)")
 
 
 def run_top(args: argparse.Namespace) -> int:
-    from flowscope.cli import UsageError, open_source
-    from flowscope.enrich import enricher_for
-
     try:
         view_filter = parse_filter(args.filter)
     except FilterError as err:
@@ -106,45 +103,34 @@ def run_top(args: argparse.Namespace) -> int:
         raise UsageError("a count needs -o table or -o jsonl (the TUI runs until you press q).")
     if args.output == "tui" and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("the TUI needs a terminal; use -o table or -o jsonl for plain output.")
+    config = config_from(args)
     if args.interval_seconds is not None:
-        args.interval = args.interval_seconds
-    model = TopModel(history=args.history, fallback_seconds=args.interval)
+        config = config.model_copy(
+            update={"probes": config.probes.model_copy(update={"interval": args.interval_seconds})}
+        )
+    model = TopModel(history=args.history, fallback_seconds=config.probes.interval)
     model.set_view(grouping=args.group, filter=view_filter, sort=args.sort)
-    enricher = enricher_for(args)
+    enricher = enricher_for(config)
     try:
-        source: BatchSource = open_source(args, default_speed=1.0)
-        if enricher is not None:
-            source = EnrichedSource(source, enricher)
-        try:
-            if args.output == "tui":
-                from flowscope.ui.app import run_app
-
-                return run_app(source, model, args.rows)
-            rows = args.rows or 20
-            print_top(source, model, source.node, sys.stdout, rows=rows, count=args.count, output=args.output)
-            return 0
-        finally:
-            source.close()
-    finally:
+        source = open_source(config, default_speed=1.0)
+    except BaseException:
         if enricher is not None:
             enricher.close()
+        raise
+    if args.output == "tui":
+        from flowscope.ui.app import run_app
 
+        return run_app(source, model, args.rows, enricher=enricher)  # its pipeline closes source and enricher
+    from flowscope.exporters.stream import whole_writes
+    from flowscope.exporters.table import TopRowsSink
 
-class EnrichedSource:
-    """A BatchSource whose batches get identity (pod, workload, process, ...) before anyone sees them."""
-
-    def __init__(self, source: BatchSource, enricher: Enricher) -> None:
-        self.source = source
-        self.enricher = enricher
-        self.node = source.node
-        self.interval = source.interval
-
-    def probes(self) -> list[ProbeStatus]:
-        return self.source.probes()
-
-    def __iter__(self) -> Iterator[FlowBatch]:
-        for batch in self.source:
-            yield self.enricher.enrich(batch)
-
-    def close(self) -> None:
-        self.source.close()
+    sink = TopRowsSink(model, source.node, whole_writes(sys.stdout), rows=args.rows or 20, output=args.output)
+    pipeline = Pipeline(source, [sink], enricher=enricher)
+    stop = threading.Event()
+    stop_on_signals(stop)
+    try:
+        pipeline.start()
+        pipeline.run(stop, count=args.count)
+    finally:
+        pipeline.close(timeout=config.stop_timeout)
+    return 0

@@ -3,27 +3,30 @@
 Everything here is pandas and runs off the UI thread; the Textual app and the plain `-o table` output only
 receive the ready results (`TopRows`, `DropsTable`, `Detail`, `Totals`). Nothing here imports textual.
 
-Grouping by pod, workload, namespace, process or node counts a flow for both of its ends (a pod's row is
-what it sent plus what it received). Pods and workloads without identity fall back to their IP address,
-so a node without Kubernetes still shows who talks. For the other groupings an end without identity is
-left out unless neither end has one; those flows show as "(unknown)".
+Rows are keyed by flowscope.analysis.grouping.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from flowscope.analysis.grouping import (
+    GROUPING_BY_NAME,
+    GROUPINGS,
+    UNKNOWN,
+    Grouping,
+    key_mask,
+    number_column,
+    text_column,
+)
 from flowscope.coverage import Coverage
+from flowscope.display import endpoint
 from flowscope.filters import MATCH_ALL, Filter
 from flowscope.schema import FLOW_COUNTERS, FlowBatch
-
-GROUPINGS = ("flow", "pod", "workload", "namespace", "process", "node")
-UNKNOWN = "(unknown)"
 
 CONNECT_KINDS = ("connect", "accept")
 DROP_COUNTERS = ("drop_packets", "drop_bytes")
@@ -68,123 +71,6 @@ KEPT_FLOW_COLUMNS = (
 
 SPARK = "▁▂▃▄▅▆▇█"
 TREND_WIDTH = 12  # intervals a row's trend shows
-
-
-# --- group keys -------------------------------------------------------------------------------------------
-
-
-def _text(frame: pd.DataFrame, name: str) -> np.ndarray:
-    """A text column as an object array with "" for null (keys must not be null to group and align)."""
-    if name not in frame.columns:
-        return np.full(len(frame), "", dtype=object)
-    column = frame[name]
-    if not isinstance(column.dtype, pd.StringDtype):
-        column = column.astype("string")
-    return column.to_numpy(dtype=object, na_value="")
-
-
-def _number(frame: pd.DataFrame, name: str) -> np.ndarray:
-    if name not in frame.columns:
-        return np.full(len(frame), -1, dtype=np.int64)
-    return frame[name].to_numpy(dtype=np.int64, na_value=-1)
-
-
-@dataclass(frozen=True)
-class Grouping:
-    """How rows are keyed: the identity fields of one end of a flow, and how a key reads."""
-
-    name: str
-    fields: tuple[str, ...]  # identity fields of one side (src_/dst_ prefixed in the frames)
-    ip_fallback: bool  # an end without identity is keyed by its address
-
-    @property
-    def key_names(self) -> tuple[str, ...]:
-        if self.name == "flow":
-            return ("protocol", "src_ip", "src_port", "dst_ip", "dst_port")
-        return (*self.fields, "ip") if self.ip_fallback else self.fields
-
-    def side_keys(self, frame: pd.DataFrame, side: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """The key columns of one end and whether that end has identity."""
-        keys: dict[str, np.ndarray] = {}
-        for name in self.fields:
-            column = f"{side}_{name}"
-            keys[name] = _number(frame, column) if name == "pid" else _text(frame, column)
-        known = np.zeros(len(frame), dtype=bool)
-        for name, values in keys.items():
-            known |= values != (-1 if name == "pid" else "")
-        if self.ip_fallback:
-            keys["ip"] = np.where(known, "", _text(frame, f"{side}_ip"))
-        return keys, known
-
-    def keyed(self, frame: pd.DataFrame, values: Sequence[str]) -> pd.DataFrame:
-        """`frame`'s `values` columns with this grouping's key columns; a row per counted end of a flow.
-
-        Column "row" is the position of the row in `frame` that the key came from.
-        """
-        if self.name == "flow":
-            keys = {
-                "protocol": _text(frame, "protocol"),
-                "src_ip": _text(frame, "src_ip"),
-                "src_port": _number(frame, "src_port"),
-                "dst_ip": _text(frame, "dst_ip"),
-                "dst_port": _number(frame, "dst_port"),
-            }
-            return _keyed_part(frame, keys, np.ones(len(frame), dtype=bool), values)
-        src_keys, src_known = self.side_keys(frame, "src")
-        dst_keys, dst_known = self.side_keys(frame, "dst")
-        if self.ip_fallback:
-            src_rows = dst_rows = np.ones(len(frame), dtype=bool)
-        else:
-            src_rows, dst_rows = src_known | ~dst_known, dst_known
-        parts = [_keyed_part(frame, src_keys, src_rows, values), _keyed_part(frame, dst_keys, dst_rows, values)]
-        return pd.concat(parts, ignore_index=True)
-
-    def label(self, key: tuple, arrow: str = "→") -> str:
-        parts = dict(zip(self.key_names, key, strict=True))
-        if self.name == "flow":
-            source = _endpoint(parts["src_ip"], parts["src_port"])
-            return f"{parts['protocol'] or '?'} {source} {arrow} {_endpoint(parts['dst_ip'], parts['dst_port'])}"
-        if self.name == "process":
-            comm, pid = parts["comm"], parts["pid"]
-            identity = (f"{comm or '?'}[{pid}]" if pid >= 0 else comm) if comm or pid >= 0 else ""
-        elif parts[self.fields[-1]]:
-            namespace = parts["namespace"] if len(self.fields) > 1 else ""
-            identity = f"{namespace}/{parts[self.fields[-1]]}" if namespace else parts[self.fields[-1]]
-        else:
-            identity = ""
-        return identity or parts.get("ip") or UNKNOWN
-
-    def with_ip_fallback(self) -> Grouping:
-        return Grouping(self.name, self.fields, True)
-
-
-def _keyed_part(frame: pd.DataFrame, keys: dict[str, np.ndarray], rows: np.ndarray, values: Sequence[str]):
-    part = {name: column[rows] for name, column in keys.items()}
-    part["row"] = np.flatnonzero(rows)
-    part.update({v: _values(frame[v])[rows] for v in values})
-    return pd.DataFrame(part)
-
-
-def _values(column: pd.Series) -> np.ndarray:
-    """Counters as float64 with NaN for null: pandas sums those in compiled code (nullable ints it does not)."""
-    if pd.api.types.is_numeric_dtype(column.dtype) and not pd.api.types.is_bool_dtype(column.dtype):
-        return column.to_numpy(dtype=np.float64, na_value=np.nan)
-    return column.to_numpy()
-
-
-def _endpoint(ip: str, port: int) -> str:
-    address = f"[{ip}]" if ":" in ip else (ip or "?")
-    return f"{address}:{port}" if port >= 0 else address
-
-
-GROUPING_BY_NAME = {
-    "flow": Grouping("flow", (), False),
-    "pod": Grouping("pod", ("namespace", "pod"), True),
-    "workload": Grouping("workload", ("namespace", "workload"), True),
-    "namespace": Grouping("namespace", ("namespace",), False),
-    "process": Grouping("process", ("comm", "pid"), False),
-    "node": Grouping("node", ("node",), False),
-}
 
 
 # --- the window ---------------------------------------------------------------------------------------
@@ -430,7 +316,7 @@ class TopModel:
             )
             interval_drops = self._drops(interval)
             if not interval_drops.empty:
-                drops.append(interval_drops[_matches(interval_drops, names, key)])
+                drops.append(interval_drops[key_mask(interval_drops, names, key)])
         series = pd.DataFrame(series_rows)
         if drops and any(not d.empty for d in drops):
             by_reason = pd.concat(drops).groupby("reason", sort=False)[["packets", "bytes"]].sum()
@@ -499,7 +385,7 @@ class TopModel:
                 flows = flows[flows["drop_packets"].to_numpy(dtype=np.int64, na_value=0) > 0]
             else:
                 flows = flows.iloc[0:0]
-            keyed = self.group.keyed(flows.assign(reason=_text(flows, "drop_reason")), ["reason", *DROP_COUNTERS])
+            keyed = self.group.keyed(flows.assign(reason=text_column(flows, "drop_reason")), ["reason", *DROP_COUNTERS])
             keyed["reason"] = keyed["reason"].replace("", UNKNOWN)
             interval.drops = (
                 keyed.groupby(["reason", *names], sort=False)[list(DROP_COUNTERS)]
@@ -567,12 +453,12 @@ class TopModel:
         parts = []
         for end, other, direction in (("src", "dst", "→"), ("dst", "src", "←")):
             mine, _ = group.side_keys(flows, end)
-            here = _matches(mine, list(group.key_names), key)
+            here = key_mask(mine, list(group.key_names), key)
             if here.any():
                 theirs, _ = peer_group.side_keys(flows[here], other)
                 part = pd.DataFrame(theirs).assign(direction=direction)
                 for counter in PEER_COUNTERS:
-                    part[counter] = _number(flows, counter)[here].clip(min=0)
+                    part[counter] = number_column(flows, counter)[here].clip(min=0)
                 parts.append(part)
         peers = pd.DataFrame()
         if parts:
@@ -592,7 +478,7 @@ class TopModel:
                 for counter in PEER_COUNTERS:
                     if row is not None and not pd.isna(row[counter]):
                         sums[counter] += int(row[counter])
-            rows.append({"peer": _endpoint(dst_ip, dst_port), "direction": direction, **sums})
+            rows.append({"peer": endpoint(dst_ip, dst_port), "direction": direction, **sums})
         return pd.DataFrame(rows)
 
     def _events(self, intervals: list[_Interval], key: tuple, limit: int) -> pd.DataFrame:
@@ -602,7 +488,7 @@ class TopModel:
             events = self.filter.events(interval.events)
             if len(events):
                 keyed = self.group.keyed(events, [])
-                rows = np.unique(keyed["row"].to_numpy()[_matches(keyed, names, key)])  # once if both ends match
+                rows = np.unique(keyed["row"].to_numpy()[key_mask(keyed, names, key)])  # once if both ends match
                 parts.append(events.iloc[rows])
         if not parts:
             return pd.DataFrame({"time": [], "kind": [], "flow": [], "reason": []})
@@ -612,9 +498,9 @@ class TopModel:
         return pd.DataFrame(
             {
                 "time": recent["time"].to_numpy(),
-                "kind": _text(recent, "kind"),
+                "kind": text_column(recent, "kind"),
                 "flow": [flows.label(k) for k in flow_keys.itertuples(index=False, name=None)],
-                "reason": _text(recent, "drop_reason"),
+                "reason": text_column(recent, "drop_reason"),
             }
         )
 
@@ -655,7 +541,9 @@ def _first_per_connection(events: pd.DataFrame, kinds: tuple[str, ...]) -> np.nd
     """
     chosen = events["kind"].isin(kinds).to_numpy(dtype=bool, na_value=False)
     ends = [
-        pd.Series(_text(events, f"{side}_ip")) + " " + pd.Series(_number(events, f"{side}_port")).astype(str)
+        pd.Series(text_column(events, f"{side}_ip"))
+        + " "
+        + pd.Series(number_column(events, f"{side}_port")).astype(str)
         for side in ("src", "dst")
     ]
     one = ends[0].to_numpy(dtype=object)
@@ -663,7 +551,7 @@ def _first_per_connection(events: pd.DataFrame, kinds: tuple[str, ...]) -> np.nd
     connection = pd.DataFrame(
         {
             "chosen": chosen,
-            "protocol": _text(events, "protocol"),
+            "protocol": text_column(events, "protocol"),
             "low": np.where(one <= other, one, other),
             "high": np.where(one <= other, other, one),
         }
@@ -675,13 +563,6 @@ def _row(groups: pd.DataFrame, key: tuple) -> pd.Series | None:
     if key not in groups.index:
         return None
     return groups.iloc[groups.index.get_loc(key)]
-
-
-def _matches(columns: pd.DataFrame | dict[str, np.ndarray], names: list[str], key: tuple) -> np.ndarray:
-    mask = np.ones(len(columns[names[0]]), dtype=bool)
-    for name, value in zip(names, key, strict=True):
-        mask &= np.asarray(columns[name]) == value
-    return mask
 
 
 def _total(frame: pd.DataFrame, name: str) -> float:

@@ -1,4 +1,5 @@
-"""Numbers as people read them in the TUI (the plain `-o table` output prints raw numbers for scripts)."""
+"""Records as people read them: missing values, endpoints, and numbers (the TUI; the plain `-o table`
+outputs print raw numbers for scripts)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ MISSING = "-"
 
 def missing(value: object) -> bool:
     """Null, NA or NaN: a value no probe measured."""
-    return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
+    return value is None or (not isinstance(value, str | dict | list | tuple) and bool(pd.isna(value)))
+
+
+def endpoint(ip: object, port: object) -> str:
+    """An address and port as tools print them: 10.0.0.2:80, [fd00::2]:80; MISSING for no address."""
+    address = MISSING if missing(ip) or ip == "" else f"[{ip}]" if ":" in str(ip) else str(ip)
+    return address if missing(port) or int(port) < 0 else f"{address}:{int(port)}"
 
 
 def _scaled(value: object, units: tuple[str, ...], step: float = 1000.0) -> str:
