@@ -178,7 +178,7 @@ class Pipeline:
             "probes": [
                 {"name": p.name, "active": p.active, "hook": p.hook, "reason": p.reason or None} for p in self.probes()
             ],
-            "coverage": {name: counts for name, counts in coverage.to_dict().items() if not name.startswith(SINK_PREFIX)},
+            "coverage": {n: c for n, c in coverage.to_dict().items() if not n.startswith(SINK_PREFIX)},
             "sinks": sinks,
             "identity": self.enricher.health() if self.enricher is not None else None,
         }

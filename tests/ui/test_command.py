@@ -135,9 +135,9 @@ def test_the_installed_entry_point_runs(shop_replay):
 def test_the_help_texts_name_every_filter_field():
     import re
 
+    from flowscope.cli.top import EPILOG
     from flowscope.filters import FIELDS
     from flowscope.ui.app import HELP
-    from flowscope.cli.top import EPILOG
 
     for text in (HELP, EPILOG):
         assert [field for field in FIELDS if not re.search(rf"\b{field}\b", text)] == []
