@@ -17,8 +17,11 @@ PYTEST_ARGS ?=
 
 .PHONY: setup setup-test system-packages test-packages top test bench lint clean
 
-# System packages are checked every time (dpkg-query is quick); the venv is rebuilt when
-# pyproject.toml changes.
+# System packages are checked every time (dpkg-query is quick); the venv is brought up to date when
+# pyproject.toml or requirements.lock changes. Python packages install at the lock's exact versions
+# (scripts/lock regenerates it).
+LOCK := requirements.lock
+PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c $(LOCK)
 setup: system-packages .stamp-venv
 
 setup-test: setup test-packages .stamp-venv-test
@@ -32,13 +35,13 @@ system-packages:
 test-packages: system-packages
 	@scripts/install-packages $(TEST_PACKAGES)
 
-.stamp-venv: pyproject.toml
+.stamp-venv: pyproject.toml $(LOCK)
 	@scripts/make-venv $(VENV) $(SYSTEM_PYTHON)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	$(PIP_INSTALL) -e .
 	@touch $@
 
-.stamp-venv-test: .stamp-venv pyproject.toml
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+.stamp-venv-test: .stamp-venv pyproject.toml $(LOCK)
+	$(PIP_INSTALL) -e '.[test]'
 	@touch $@
 
 top: setup

@@ -26,6 +26,7 @@ from bench import lab
 
 def child(flow_map_size: int) -> None:
     """The agent process: runs until SIGTERM, then prints its figures as JSON on stdout."""
+    from flowscope.config import IdentityConfig
     from flowscope.coverage import Coverage
     from flowscope.enrich import build_enricher
     from flowscope.kernel.loader import LoadOptions
@@ -36,7 +37,7 @@ def child(flow_map_size: int) -> None:
     started = time.monotonic()
     source = LiveSource(LoadOptions(interfaces=[lab.VETH_CLIENT], flow_map_size=flow_map_size), interval=1.0)
     start = {"start_s": round(time.monotonic() - started, 2), "compile_s": source.loaded.compile_seconds}
-    enricher = build_enricher(argparse.Namespace(node_name="bench", kubeconfig=None, metadata=None))
+    enricher = build_enricher(IdentityConfig(node_name="bench"))
     print("ready", flush=True)
     intervals = []
     coverage = Coverage()

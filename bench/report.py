@@ -44,7 +44,22 @@ def machine() -> dict[str, Any]:
         "clocksource": clocksource.read_text().strip() if clocksource.exists() else "unknown",
         "iperf3": _first_line(["iperf3", "--version"]),
         "tcpreplay": _first_line(["tcpreplay", "--version"]),
+        "python_packages": python_packages(),
     }
+
+
+def python_packages() -> dict[str, str]:
+    """The versions of the Python packages the figures depend on (requirements.lock pins them all)."""
+    import importlib.metadata
+
+    wanted = ("numpy", "pandas", "pyarrow", "pyroute2", "textual", "pydantic", "grpcio", "clickhouse-driver")
+    found = {}
+    for name in wanted:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
 
 
 def _first_line(command: list[str]) -> str:
@@ -790,6 +805,7 @@ def render() -> str:
                 ["OS", m["os"]],
                 ["Python / BCC", f"{m['python']} / {m['bcc']}"],
                 ["traffic", f"{m['iperf3']}; {m['tcpreplay']}"],
+                ["packages", ", ".join(f"{k} {v}" for k, v in m.get("python_packages", {}).items()) or NONE],
                 ["command", f"`{run.get('command', 'sudo make bench')}`"],
             ],
         ),
