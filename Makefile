@@ -11,7 +11,7 @@ SYSTEM_PYTHON := /usr/bin/python3
 # iptables (the NETFILTER_DROP reasons it names are about rules users inspect with it).
 RUNTIME_PACKAGES := python3-bpfcc bpfcc-tools bpftool iproute2 iptables python3-venv ethtool
 # What the tests add: traffic generators and packet capture for ground truth.
-TEST_PACKAGES := iperf3 tshark tcpreplay procps
+TEST_PACKAGES := iperf3 tshark tcpreplay procps systemd
 ARGS ?=
 PYTEST_ARGS ?=
 

@@ -18,6 +18,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from flowscope.coverage import SINK_PREFIX, Coverage
@@ -106,7 +107,10 @@ class Pipeline:
         """One batch through identity to every sink, with the sinks' settled counts in its coverage."""
         if self.enricher is not None:
             batch = self.enricher.enrich(batch)
-        self._settle(batch.coverage)
+        coverage = Coverage()  # the source's batch stays as it was: the sinks' counts go on a copy
+        coverage.merge(batch.coverage)
+        self._settle(coverage)
+        batch = replace(batch, coverage=coverage)
         with self._lock:
             self.coverage.merge(batch.coverage)
             self.intervals += 1
@@ -137,8 +141,10 @@ class Pipeline:
         return self.coverage
 
     def _close_sinks(self, deadline: float) -> None:
+        for runner in self._open:  # all at once: a stuck sink must not spend the others' time
+            runner.request_stop()
         for runner in self._open:
-            runner.close(deadline)
+            runner.finish(deadline)
 
     def _settle(self, coverage: Coverage) -> None:
         for runner in self._open:

@@ -121,30 +121,28 @@ class SinkRunner:
             health = {"state": "failing", "error": f"health() failed: {err}"}
         return SinkState(self.name, counts, self._queue.qsize(), self.capacity, health, error)
 
-    def close(self, deadline: float) -> bool:
-        """Lets the thread write what is queued and close the sink, until `deadline` (time.monotonic()).
-        What is still queued then is counted as lost; returns whether the sink closed in time."""
-        while True:
-            try:
-                self._queue.put(_STOP, timeout=0.05)
-                break
-            except queue.Full:
-                if time.monotonic() >= deadline or not self._thread.is_alive():
-                    break
+    def request_stop(self) -> None:
+        """No more batches: the thread writes what is queued, then closes the sink (see finish())."""
+        try:
+            self._queue.put_nowait(_STOP)
+        except queue.Full:  # behind the batches queued: a thread waits for the room, finish() bounds the wait
+            threading.Thread(target=self._queue.put, args=(_STOP,), daemon=True).start()
+
+    def finish(self, deadline: float) -> bool:
+        """Waits until `deadline` (time.monotonic()) for the thread to write what is queued and close the sink.
+        What it still holds then is counted as lost; returns whether the sink closed in time."""
         self._thread.join(max(0.0, deadline - time.monotonic()))
-        if self._thread.is_alive():
-            self._discard_queued()
-            with self._lock:  # the batch under way is lost too, and nothing the thread settles later counts
-                writing, self._writing = self._writing, 0
-                for total in (self._total, self._unreported):
-                    total.produced += writing
-                    total.lost += writing
-                self._abandoned = True
-            log.warning(
-                "sink %s did not finish within the stop timeout; what it still held is counted as lost", self.name
-            )
-            return False
-        return True
+        if not self._thread.is_alive():
+            return True
+        self._discard_queued()
+        with self._lock:  # the batch under way is lost too, and nothing the thread settles later counts
+            writing, self._writing = self._writing, 0
+            for total in (self._total, self._unreported):
+                total.produced += writing
+                total.lost += writing
+            self._abandoned = True
+        log.warning("sink %s did not finish in time; what it still held is counted as lost", self.name)
+        return False
 
     # ---- the sink's thread -----------------------------------------------------------------------------
 

@@ -87,17 +87,18 @@ def test_continuous_traffic_across_drains_is_exact(tc_lab: Lab, transport: str, 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_stuck_output_does_not_stall_the_event_readers(tc_lab: Lab, transport: str) -> None:
-    """Nobody reads capture's output for a while: its writes block, and so do its drains. The kernel keeps
-    counting into a full 16-entry map and spilling the rest, more spills than the ring or the perf buffers
-    hold; they are read on capture's event thread meanwhile, so once the output moves again every packet
-    is there."""
+    """Nobody reads capture's output for a while: its writes block, but not its drains: the pipeline queues
+    the intervals for the output (up to 64) and keeps draining the 16-entry map and the spills, so once the
+    output moves again every packet is there, none lost."""
     hosts = two_hosts(tc_lab)
     a4, b4 = hosts.port_a.ip4, hosts.port_b.ip4
     start_sink(hosts.b, "udp-sink", b4, "7001")
     run = Capture.start(hosts.a, ["fstcA"], INTERVAL, "--flow-map-size", "16", *TRANSPORTS[transport])
+    paused = pd.Timestamp.now(tz="UTC")
     run.pause_reading()
     flows = 100  # 84 of them spill whenever the map is full
     report = hosts.udp("a", 4, 21000, 7001, 80, 360, "--flows", str(flows), "--pps", "6000")
+    resumed = pd.Timestamp.now(tz="UTC")
     run.resume_reading()
     result = run.stop()
 
@@ -107,9 +108,10 @@ def test_a_stuck_output_does_not_stall_the_event_readers(tc_lab: Lab, transport:
     assert flow_totals(result.flows, "fstcA", {a4, b4}) == {
         udp_id("egress", 4, a4, 21000 + n, b4, 7001): (per_flow, per_flow * frame) for n in range(flows)
     }
-    # The output did block the drains: one interval spans most of the traffic, and it spilled more than the
-    # kernel buffers hold (1 MiB ring: 8192 events; perf: 64 pages per CPU, 1927 events each).
-    longest = max(batch.time_end - batch.time_start for batch in result.batches)
-    spilled = max(counts["delivered"] for counts in result.coverage("events:flow_spill"))
-    assert longest.total_seconds() > 4 and spilled > 8192, (longest, spilled)
-    print(f"{per_flow} datagrams x {flows} flows; longest interval {longest.total_seconds():.2f} s, {spilled} spills")
+    # The drains went on while the output was stuck (the traffic takes 6 s: dozens of 0.2-s intervals), and
+    # the output's queue lost nothing.
+    drained_meanwhile = sum(1 for batch in result.batches if paused <= batch.time_end <= resumed)
+    output = result.coverage("sink:jsonl")
+    assert drained_meanwhile >= 2, drained_meanwhile
+    assert sum(c["lost"] for c in output) == 0 and sum(c["delivered"] for c in output) > 0, output
+    print(f"{per_flow} datagrams x {flows} flows; {drained_meanwhile} intervals drained while the output was stuck")
