@@ -143,7 +143,7 @@ def test_a_stuck_sink_loses_only_its_own_records_and_counts_them_exactly():
     stuck.waiting.wait(10)  # batch 0 is being written (held), the queue is empty again
     for number, batch in enumerate(SHOP[1:], 2):
         pipeline.publish(batch)  # 1 and 2 queue; 3 and 4 find the queue full
-        wait_for(lambda: len(fine.written) == number)  # (the other sink keeps up)
+        wait_for(lambda n=number: len(fine.written) == n)  # (the other sink keeps up)
     assert pipeline.status()["sinks"]["stuck"]["queued"] == 2
     stuck.gate.set()
     total = pipeline.close()
@@ -159,7 +159,7 @@ def test_a_failed_write_is_counted_as_lost_and_the_sink_goes_on():
     stop = threading.Event()
     for batch in batches(pipeline.source, stop):
         pipeline.publish(batch)
-        wait_for(lambda: failing.count == pipeline.intervals)
+        wait_for(lambda: failing.count == pipeline.intervals)  # noqa: B023 - read at once
         if failing.count == 2:
             assert pipeline.status()["sinks"]["disk"]["error"] == "OSError: [Errno 28] No space left on device"
     assert pipeline.status()["sinks"]["disk"]["error"] is None  # the next write succeeded
