@@ -159,7 +159,7 @@ def test_a_failed_write_is_counted_as_lost_and_the_sink_goes_on():
     stop = threading.Event()
     for batch in batches(pipeline.source, stop):
         pipeline.publish(batch)
-        wait_for(lambda: failing.count == pipeline.intervals)  # noqa: B023 - read at once
+        wait_for(lambda: failing.count == pipeline.intervals)
         if failing.count == 2:
             assert pipeline.status()["sinks"]["disk"]["error"] == "OSError: [Errno 28] No space left on device"
     assert pipeline.status()["sinks"]["disk"]["error"] is None  # the next write succeeded
