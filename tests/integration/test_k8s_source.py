@@ -5,7 +5,6 @@ deletion grace, bookmarks, 410 Gone, an unreachable API and malformed objects.""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import pandas as pd
 import pytest
@@ -18,16 +17,9 @@ from flowscope.enrich.enricher import Enricher
 from flowscope.enrich.kube import KubernetesSource
 from flowscope.schema import FlowBatch, events_frame, flows_frame
 from tests.settings import identity_settings
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 def batch(pairs: list[tuple[str, str]], at: float | tuple[float, float] | None = None) -> FlowBatch:

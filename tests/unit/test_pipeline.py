@@ -12,17 +12,10 @@ from flowscope.pipeline.pipeline import Pipeline, batches
 from flowscope.pipeline.sink import records
 from flowscope.schema import FlowBatch
 from tests.ui.scenario import NODE, shop_batches
+from tests.waiting import wait_for
 
 SHOP = shop_batches()
 RECORDS = [records(batch) for batch in SHOP]  # flow rows + event rows of each interval
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("the condition did not come true in time")
-        time.sleep(0.005)
 
 
 class ListSource:
