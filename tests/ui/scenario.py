@@ -257,12 +257,25 @@ def shop_batches() -> list[FlowBatch]:
     return batches
 
 
+def steady_app(source):
+    """The app of `top` on `source`, its filter field's cursor drawn steadily: a screenshot must not
+    depend on the phase of a blink (every 0.5 s)."""
+    from textual.widgets import Input
+
+    from flowscope.ui.app import TopApp
+
+    class SteadyTopApp(TopApp):
+        def on_mount(self) -> None:  # Textual runs TopApp.on_mount after this one
+            self.query_one("#filter", Input).cursor_blink = False
+
+    return SteadyTopApp(source)
+
+
 def replay_app(path: Path):
     """The app of `top` on a replay file, read as fast as it goes."""
     from flowscope.pipeline.source import ReplaySource
-    from flowscope.ui.app import TopApp
 
-    return TopApp(ReplaySource(str(path), speed=0, node=NODE))
+    return steady_app(ReplaySource(str(path), speed=0, node=NODE))
 
 
 def write_replay(path: Path, batches: list[FlowBatch]) -> Path:
@@ -324,6 +337,16 @@ async def settle(app, pilot, after: int | None = None, timeout: float = 20.0) ->
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"the app did not settle within {timeout}s")
+
+
+async def until(pilot, condition, what: str, timeout: float = 20.0) -> None:
+    """Lets the app run until `condition()` holds (`what` says what was awaited when it never does)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
+        await pilot.pause(0.02)
 
 
 async def screen_still(app, pilot, timeout: float = 20.0) -> None:

@@ -18,6 +18,7 @@ from tests.ui.scenario import (
     replay_finished,
     settle,
     shop_batches,
+    until,
     write_replay,
 )
 
@@ -117,15 +118,46 @@ async def test_sorting_by_keys_and_by_clicking_a_heading(shop_replay):
 
 
 @runs
+async def test_shift_s_sorts_by_the_previous_column(shop_replay):
+    async with finished_replay(shop_replay) as (app, pilot):
+        table = app.query_one("#rows", DataTable)
+        await press_and_settle(app, pilot, "S")  # bytes/s -> the column before it: the flow's key
+        # Descending by (protocol, source address, ...) as text: UDP after TCP, "fd00:" after "192." after "10."
+        assert [row[0] for row in cells(app, columns=1)] == [
+            "UDP 10.204.0.10:40001 → 10.204.0.53:53",
+            "TCP [fd00:204::10]:50000 → [fd00:204::11]:443",
+            "TCP 192.0.2.80:51000 → 10.204.0.10:8080",
+            "TCP 10.204.0.11:8443 → 10.204.0.10:43210",
+            "TCP 10.204.0.10:43210 → 10.204.0.11:8443",
+        ]
+        assert header(app).splitlines()[3] == "group flow  sort KEY ▼  5 of 5 rows  "
+        assert str(table.columns["label"].label) == "FLOW ▼"
+        await press_and_settle(app, pilot, "S")  # from the first column round to the last: closes
+        # The last interval closes the TCP 8443 connection at both ends: one close, on the row of the first
+        # close event's direction; ties go by bytes/s.
+        assert [(row[0], row[8]) for row in cells(app, columns=9)] == [
+            ("TCP 10.204.0.10:43210 → 10.204.0.11:8443", "1"),
+            ("TCP 10.204.0.11:8443 → 10.204.0.10:43210", "0"),
+            ("TCP [fd00:204::10]:50000 → [fd00:204::11]:443", "0"),
+            ("TCP 192.0.2.80:51000 → 10.204.0.10:8080", "0"),
+            ("UDP 10.204.0.10:40001 → 10.204.0.53:53", "0"),
+        ]
+        assert str(table.columns["closes"].label) == "CLOSE ▼"
+        assert str(table.columns["label"].label) == "FLOW"
+
+
+@runs
 async def test_good_and_bad_filters(shop_replay):
     async with finished_replay(shop_replay) as (app, pilot):
         await pilot.press("slash")
         assert app.query_one("#filter", Input).has_focus
         await pilot.press(*"port=http")
         await pilot.press("enter")
-        await pilot.pause(0.1)
-        message = str(app.query_one("#message", Static).render())
-        assert message == 'bad filter term "port=http": a port is a number 0-65535 or a range like 8000-8080'
+        message = app.query_one("#message", Static)
+        await until(pilot, lambda: message.has_class("shown"), "the bad filter is reported")
+        assert (
+            str(message.render()) == 'bad filter term "port=http": a port is a number 0-65535 or a range like 8000-8080'
+        )
         assert len(cells(app)) == 5  # still running, still showing everything
         field = app.query_one("#filter", Input)
         field.value = "to-port=8443,53 not protocol=udp"
@@ -206,12 +238,10 @@ async def test_detail_screen_and_back(shop_replay):
 async def test_help_screen(shop_replay):
     async with finished_replay(shop_replay) as (app, pilot):
         await pilot.press("question_mark")
-        await pilot.pause(0.1)
-        assert isinstance(app.screen, HelpScreen)
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen), "the help screen opens")
         assert "pause the display" in str(app.screen.query_one("#help", Static).render())
         await pilot.press("escape")
-        await pilot.pause(0.1)
-        assert not isinstance(app.screen, HelpScreen)
+        await until(pilot, lambda: not isinstance(app.screen, HelpScreen), "the help screen closes")
 
 
 @runs
@@ -275,10 +305,9 @@ async def test_quit_stops_the_reader_and_returns():
         source.put(shop_batches()[0])
         await settle(app, pilot, after=0)
         await pilot.press("q")
-        await pilot.pause(0.1)
     assert app.return_code == 0
     source.close()  # the owner closes the source (the CLI does this after the app returns)
-    await asyncio.sleep(0.1)
+    app.feed._reader.join(timeout=20)
     assert not app.feed._reader.is_alive()
 
 

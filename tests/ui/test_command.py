@@ -106,9 +106,29 @@ def terminal(shop_replay):
         term.close()
 
 
+# The whole screen of `top` on the shop replay once it is read: the last interval's figures as in test_app
+# (70.0 kB/s = 140 packets of 1000 B in 2 s, ...), RTT the interval's 1600 µs, one close for the connection
+# (on the first close event's row), trends of each row's bytes/s over the 5 intervals scaled to its own peak
+# in 8 levels rounded up (50..70 kB/s: levels 5 6 6 7 7; present in 3 of 5: full and lowest bars).
+FINISHED_SCREEN = [
+    " flowscope top  node node-a  interval 2s  12:00:10 UTC  intervals 5  finished",
+    " flows 5 (2.50/s)  138 kB/s  124 pkts/s  coverage 94.3% (lost 2 of 35)",
+    " probes replay",
+    " group flow  sort BYTES/S ▼  5 of 5 rows",
+    " FLOW                                           BYTES/S ▼    PKTS/S    DROPS    RETX     RST      RTT    CONN    CLOSE  TREND",  # noqa: E501
+    " TCP 10.204.0.10:43210 → 10.204.0.11:8443       70.0 kB/s      70/s        0       0       0    1.6ms       0        1  ▆▇▇██",  # noqa: E501
+    " TCP 10.204.0.11:8443 → 10.204.0.10:43210       56.0 kB/s      40/s        0       0       0    900µs       0        0  █████",  # noqa: E501
+    " TCP [fd00:204::10]:50000 → [fd00:204::11]:443  12.0 kB/s      10/s        0       0       0    300µs       0        0  █████",  # noqa: E501
+    " TCP 192.0.2.80:51000 → 10.204.0.10:8080          180 B/s       3/s        6       0       0        -       0        0  ▁▁▁██",  # noqa: E501
+    " UDP 10.204.0.10:40001 → 10.204.0.53:53            90 B/s       1/s        0       0       0        -       0        0  █▁█▁█",  # noqa: E501
+    *[""] * 25,
+    f"{' q Quit  space Pause  g Group  s Sort  r Reverse  d Drops  / Filter  ? Help':<138}▏^p palette",
+]  # fmt: skip
+
+
 def test_q_quits_and_restores_the_terminal(terminal):
     term = terminal()
-    term.read_until(b"finished")
+    term.read_until_screen(FINISHED_SCREEN)
     os.write(term.master, b"q")
     assert term.wait() == 0
     restored(term)
@@ -116,7 +136,7 @@ def test_q_quits_and_restores_the_terminal(terminal):
 
 def test_sigterm_quits_and_restores_the_terminal(terminal):
     term = terminal()
-    term.read_until(b"finished")
+    term.read_until_screen(FINISHED_SCREEN)
     term.process.send_signal(signal.SIGTERM)
     assert term.wait() == 0
     restored(term)
@@ -132,6 +152,11 @@ def test_the_installed_entry_point_runs(shop_replay):
     assert result.stdout.splitlines()[2].endswith("TCP 10.204.0.11:8443 -> 10.204.0.10:43210")
 
 
+# The filter fields as the README lists them, in its order.
+README_FIELDS = ["pod", "namespace", "workload", "ip", "port", "node", "protocol", "direction", "verdict", "reason",
+                 "ifname", "type"]  # fmt: skip
+
+
 def test_the_help_texts_name_every_filter_field():
     import re
 
@@ -139,5 +164,14 @@ def test_the_help_texts_name_every_filter_field():
     from flowscope.filters import FIELDS
     from flowscope.ui.app import HELP
 
-    for text in (HELP, EPILOG):
-        assert [field for field in FIELDS if not re.search(rf"\b{field}\b", text)] == []
+    def without_notes(text: str) -> str:
+        return re.sub(r"\([^)]*\)", "", text)
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    readme_list = readme[readme.index("Fields: `pod`") : readme.index("A bad term is reported")]
+    assert re.findall(r"`([a-z]+)`", without_notes(readme_list)) == README_FIELDS
+    assert sorted(FIELDS) == sorted(README_FIELDS)  # the language has the fields the README lists
+    help_list = without_notes(HELP[HELP.index("fields: ") + len("fields: ") :])
+    assert help_list.split() == README_FIELDS
+    epilog_list = without_notes(EPILOG[EPILOG.index("Fields: ") + len("Fields: ") :]).strip().removesuffix(".")
+    assert [field.strip() for field in epilog_list.split(",")] == README_FIELDS

@@ -6,7 +6,8 @@ the new SVGs before committing them.
 
 import pytest
 
-from tests.ui.scenario import press_and_settle, replay_app, replay_finished, screen_still
+from flowscope.ui.app import HelpScreen
+from tests.ui.scenario import press_and_settle, replay_app, replay_finished, screen_still, until
 
 SIZE = (150, 32)
 
@@ -33,7 +34,7 @@ def test_screens(snap_compare, shop_replay, name, keys):
         for key in keys:
             if key == "question_mark":
                 await pilot.press(key)
-                await pilot.pause(0.1)
+                await until(pilot, lambda: isinstance(app.screen, HelpScreen), "the help screen opens")
             else:
                 await press_and_settle(app, pilot, key)
         await screen_still(app, pilot)
