@@ -420,6 +420,7 @@ def frame_from_rows(table: str, rows: Sequence[Sequence[Any]]) -> pd.DataFrame:
 class Where:
     """A WHERE clause with its parameters (clickhouse-driver binds %(name)s; nothing is pasted into SQL)."""
 
+    table: str
     clauses: list[str]
     parameters: dict[str, Any]
 
@@ -434,7 +435,7 @@ class Where:
 
 def where(filter: Filter, table: str, since: pd.Timestamp | None = None, until: pd.Timestamp | None = None) -> Where:
     """The SQL of `filter` over `table`, and of a time range: the same records filters.Filter selects."""
-    clause = Where([], {})
+    clause = Where(table, [], {})
     if since is not None:
         clause.clauses.append(f"time >= toDateTime({clause.bind(int(pd.Timestamp(since).timestamp()))})")
     if until is not None:
@@ -456,8 +457,11 @@ def _term_sql(term: Term, table: str, clause: Where) -> str:
     return f"NOT ({sql})" if term.negated else sql
 
 
-def _in(column: str, values: Sequence[str], clause: Where) -> str:
-    # ifNull: a NULL never matches, and NOT of it is true, as the pandas masks treat missing values
+def _in(column: str, values: Sequence[Any], clause: Where) -> str:
+    # ifNull: a NULL never matches, and NOT of it is true, as the pandas masks treat missing values; a
+    # column the table does not have (events have no direction) matches nothing, as in pandas
+    if column not in {c.name for c in TABLES[clause.table]}:
+        return "0"
     return f"ifNull({column} IN {clause.bind(tuple(values))}, 0)"
 
 

@@ -62,6 +62,7 @@ class ClickHouse:
     include: str = ""  # the <yandex> body of an include_from file: remote_servers, zookeeper, macros
     tcp_port: int = 0
     http_port: int = 0
+    interserver_port: int = 0
     process: subprocess.Popen | None = None
 
     def start(self) -> ClickHouse:
@@ -74,27 +75,40 @@ class ClickHouse:
         (self.root / "users.xml").write_text(USERS_XML.format(users=users))
         (self.root / "include.xml").write_text(f"<yandex>{self.include}</yandex>")
         for _attempt in range(3):  # a port taken between free_port() and the bind: new ports
-            self.tcp_port, self.http_port, interserver = free_port(), free_port(), free_port()
-            argv = [
-                "clickhouse-server", f"--config-file={CLICKHOUSE_CONFIG}", "--",
-                f"--tcp_port={self.tcp_port}", f"--http_port={self.http_port}",
-                f"--interserver_http_port={interserver}", "--interserver_http_host=127.0.0.1",
-                f"--path={self.root}/", f"--tmp_path={self.root}/tmp/", "--listen_host=127.0.0.1",
-                f"--logger.log={self.root}/log", f"--logger.errorlog={self.root}/err",
-                f"--users_config={self.root}/users.xml", f"--include_from={self.root}/include.xml",
-            ]  # fmt: skip
-            log = open(self.root / "stdout", "ab")  # noqa: SIM115 - the server's own output, kept with it
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            log.close()
-            try:
-                wait_for(self._up, START_TIMEOUT, "clickhouse-server accepting connections")
+            self.tcp_port, self.http_port, self.interserver_port = free_port(), free_port(), free_port()
+            if self._launch():
                 return self
-            except AssertionError:
-                errors = (self.root / "err").read_text(errors="replace") if (self.root / "err").exists() else ""
-                self.stop()
-                if "Address already in use" not in errors:
-                    raise ServerError(f"clickhouse-server did not start: {errors[-2000:]}") from None
         raise ServerError("clickhouse-server found no free port in three tries")
+
+    def start_again(self) -> ClickHouse:
+        """Starts the server once more on its ports and data (after stop() or kill())."""
+        if not self._launch():
+            raise ServerError(f"clickhouse-server could not take its port {self.tcp_port} again")
+        return self
+
+    def _launch(self) -> bool:
+        """Runs the server; False when one of its ports was taken."""
+        interserver = self.interserver_port
+        argv = [
+            "clickhouse-server", f"--config-file={CLICKHOUSE_CONFIG}", "--",
+            f"--tcp_port={self.tcp_port}", f"--http_port={self.http_port}",
+            f"--interserver_http_port={interserver}", "--interserver_http_host=127.0.0.1",
+            f"--path={self.root}/", f"--tmp_path={self.root}/tmp/", "--listen_host=127.0.0.1",
+            f"--logger.log={self.root}/log", f"--logger.errorlog={self.root}/err",
+            f"--users_config={self.root}/users.xml", f"--include_from={self.root}/include.xml",
+        ]  # fmt: skip
+        log = open(self.root / "stdout", "ab")  # noqa: SIM115 - the server's own output, kept with it
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        try:
+            wait_for(self._up, START_TIMEOUT, "clickhouse-server accepting connections")
+            return True
+        except AssertionError:
+            errors = (self.root / "err").read_text(errors="replace") if (self.root / "err").exists() else ""
+            self.stop()
+            if "Address already in use" not in errors:
+                raise ServerError(f"clickhouse-server did not start: {errors[-2000:]}") from None
+            return False
 
     def _up(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
