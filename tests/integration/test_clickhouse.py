@@ -204,6 +204,9 @@ def test_the_filter_language_selects_in_sql_what_it_selects_in_pandas(server, da
         "direction=ingress", "verdict=dropped", "verdict=forwarded", "reason=NO_SOCKET,NETFILTER_DROP",
         "not reason=NETFILTER_DROP", "ifname=veth-checkout", "type=drop", "type=retransmit", "type=reset",
         "node=node-a", "not node=node-a", "namespace=shop port=8443 not verdict=dropped", "!ip=10.204.0.0/16",
+        # the edges of ranges and networks: one value either side of what the recording holds
+        "port=8444-9998", "port=54-8442", "port=53-53", "ip=10.204.0.10/32", "ip=10.204.0.12/30",
+        "ip=10.204.0.8/31", "ip=fd00:204::10/128", "ip=fd00:204::12/127", "ip=192.0.2.81/32",
     ]  # fmt: skip
     for text in filters:
         chosen = parse_filter(text)
