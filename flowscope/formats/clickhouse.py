@@ -263,11 +263,16 @@ def _raw_table(layout: Layout, name: str) -> list[str]:
     return statements
 
 
+# Records of one flow stay on one shard (its addresses and ports hash there); rollups are only read.
+SHARDING = "cityHash64(ifNull(src_ip, ''), ifNull(dst_ip, ''), ifNull(src_port, 0), ifNull(dst_port, 0))"
+
+
 def _distributed(layout: Layout, name: str) -> str:
+    key = SHARDING if name in TABLES else "rand()"
     return (
         f"CREATE TABLE IF NOT EXISTS {layout.table(name)}{layout.on_cluster()} AS {layout.table(name, local=True)}\n"
         f"ENGINE = Distributed({quote_name(layout.cluster or '')}, {quote_name(layout.database)}, "
-        f"{quote_name(name + '_local')}, rand())"
+        f"{quote_name(name + '_local')}, {key})"
     )
 
 

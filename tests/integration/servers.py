@@ -74,6 +74,14 @@ class ClickHouse:
         )
         (self.root / "users.xml").write_text(USERS_XML.format(users=users))
         (self.root / "include.xml").write_text(f"<yandex>{self.include}</yandex>")
+        # The packaged config, reading its substitutions (cluster, ZooKeeper, macros) from this server's own
+        # file: include_from is read while the config is preprocessed, before command-line overrides apply.
+        packaged = CLICKHOUSE_CONFIG.read_text()
+        (self.root / "config.xml").write_text(
+            packaged.replace("<yandex>", f"<yandex>\n    <include_from>{self.root}/include.xml</include_from>", 1)
+        )
+        if self.tcp_port:  # ports chosen by the caller (a cluster's servers name each other's)
+            return self.start_again()
         for _attempt in range(3):  # a port taken between free_port() and the bind: new ports
             self.tcp_port, self.http_port, self.interserver_port = free_port(), free_port(), free_port()
             if self._launch():
@@ -88,14 +96,15 @@ class ClickHouse:
 
     def _launch(self) -> bool:
         """Runs the server; False when one of its ports was taken."""
-        interserver = self.interserver_port
+        self.http_port = self.http_port or free_port()
+        self.interserver_port = interserver = self.interserver_port or free_port()
         argv = [
-            "clickhouse-server", f"--config-file={CLICKHOUSE_CONFIG}", "--",
+            "clickhouse-server", f"--config-file={self.root}/config.xml", "--",
             f"--tcp_port={self.tcp_port}", f"--http_port={self.http_port}",
             f"--interserver_http_port={interserver}", "--interserver_http_host=127.0.0.1",
             f"--path={self.root}/", f"--tmp_path={self.root}/tmp/", "--listen_host=127.0.0.1",
             f"--logger.log={self.root}/log", f"--logger.errorlog={self.root}/err",
-            f"--users_config={self.root}/users.xml", f"--include_from={self.root}/include.xml",
+            f"--users_config={self.root}/users.xml",
         ]  # fmt: skip
         log = open(self.root / "stdout", "ab")  # noqa: SIM115 - the server's own output, kept with it
         self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
