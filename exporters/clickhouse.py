@@ -47,6 +47,7 @@ from flowscope.schema import FlowBatch
 log = logging.getLogger(__name__)
 
 RETRY_FIRST, RETRY_MAX = 1.0, 60.0
+REFUSALS_MAX = 5  # an insert the server refuses this often (over about a minute of backoff) is dropped
 
 
 class ClickHouseError(SinkError):
@@ -61,6 +62,7 @@ class Insert:
     frame: pd.DataFrame
     block_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     maybe_written: bool = False  # sent once, outcome unknown: look it up by block_id before sending again
+    refusals: int = 0  # times the server refused it (a table not there yet, too many parts, ZooKeeper down)
 
     @property
     def rows(self) -> int:
@@ -238,11 +240,25 @@ class ClickHouseSink:
                     if final:
                         return
                     continue
+                insert.refusals += 1
+                if insert.refusals < REFUSALS_MAX and not final:
+                    self._refused(err)
+                    return
                 self._inserts.popleft()
-                self._settle_lost(insert, f"ClickHouse refused the insert: {first_line(err)}")
+                self._settle_lost(insert, f"ClickHouse refused the insert {insert.refusals} times: {first_line(err)}")
                 continue
             self._inserts.popleft()
             self._settle_written(insert)
+            self._backoff = RETRY_FIRST
+            if self.outage_since is None and self.state != "ok":  # the refusals are over
+                self.state, self.detail = "ok", ""
+
+    def _refused(self, err: BaseException) -> None:
+        """The server refused an insert (it may pass later): retry it after the backoff."""
+        log.warning("ClickHouse at %s refused an insert (%s); retrying", self.target.shown, first_line(err))
+        self.state, self.detail = "degraded", f"refused an insert: {first_line(err)}"
+        self._next_attempt = self._clock() + self._backoff
+        self._backoff = min(self._backoff * 2, RETRY_MAX)
 
     def _insert(self, insert: Insert) -> None:
         assert self.layout is not None
@@ -251,8 +267,12 @@ class ClickHouseSink:
         self._client.execute(f"INSERT INTO {target} ({', '.join(names)}) VALUES", data, columnar=True)
 
     def _stored(self, insert: Insert) -> bool:
-        """Whether an insert sent before an outage arrived (all of it: one insert is one block)."""
+        """Whether an insert sent before an outage arrived (all of it: one insert is one block). On a cluster
+        it is sent again instead: a shard may have it and another not, and the replicated tables drop a
+        block they already have (the Distributed table splits the same rows into the same blocks)."""
         assert self.layout is not None
+        if self.layout.cluster:
+            return False
         rows = self._client.execute(
             f"SELECT count() FROM {self.layout.table(insert.table)} WHERE block_id = %(id)s", {"id": insert.block_id}
         )[0][0]

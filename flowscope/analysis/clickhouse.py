@@ -15,11 +15,10 @@ from flowscope.formats.clickhouse import (
     connection,
     error_code,
     first_line,
-    frame_from_rows,
+    frame_from_columns,
     is_network_error,
     parse_version,
-    quote_name,
-    select_columns,
+    select_expressions,
     where,
 )
 
@@ -50,15 +49,17 @@ def read_clickhouse(
     chosen = parse_filter(filter)
     start = pd.Timestamp(since, tz="UTC") if isinstance(since, str) else since
     end = pd.Timestamp(until, tz="UTC") if isinstance(until, str) else until
-    connected = client(target)
+    connected = client(target, numpy=True)
     try:
         version = parse_version(connected.execute("SELECT version()")[0][0])
         layout = Layout(target.database, version)
         clause = where(chosen, table, start, end)
-        names = ", ".join(quote_name(name) for name in select_columns(table))
+        names = ", ".join(select_expressions(table))
         order = "time, time_start_ns" if table == "flows" else "time, time_ns"
-        rows = connected.execute(
-            f"SELECT {names} FROM {layout.table(table)} WHERE {clause.sql()} ORDER BY {order}", clause.parameters
+        data = connected.execute(
+            f"SELECT {names} FROM {layout.table(table)} WHERE {clause.sql()} ORDER BY {order}",
+            clause.parameters,
+            columnar=True,
         )
     except Exception as err:
         if error_code(err) in AUTHENTICATION_CODES:
@@ -70,4 +71,4 @@ def read_clickhouse(
         raise ClickHouseReadError(f"ClickHouse at {target.shown}: {first_line(err)}.") from None
     finally:
         connected.disconnect()
-    return frame_from_rows(table, rows)
+    return frame_from_columns(table, data)

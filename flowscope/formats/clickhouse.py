@@ -159,8 +159,12 @@ def _without_password(url: str) -> str:
     return url.replace(f":{parts.password}@", "@", 1)
 
 
-def client(target: Connection, timeout: float = 10.0) -> Any:
+def client(target: Connection, timeout: float = 10.0, numpy: bool = False) -> Any:
+    """A clickhouse-driver Client; `numpy`: columnar SELECTs return numpy arrays (for reading)."""
     from clickhouse_driver import Client
+
+    # Its connection failures come with a traceback at WARNING; flowscope says what happened in one line.
+    logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)
 
     tls = {}
     if target.secure:
@@ -171,7 +175,8 @@ def client(target: Connection, timeout: float = 10.0) -> Any:
         }
     return Client(
         target.host, port=target.port, user=target.user, password=target.password, database="default",
-        connect_timeout=timeout, send_receive_timeout=max(timeout, 30.0), settings={"insert_distributed_sync": 1},
+        connect_timeout=timeout, send_receive_timeout=max(timeout, 30.0),
+        settings={"insert_distributed_sync": 1, **({"use_numpy": True} if numpy else {})},
         client_name="flowscope", **tls,
     )  # fmt: skip
 
@@ -392,30 +397,50 @@ def insert_columns(table: str, frame: pd.DataFrame, block_id: str) -> tuple[list
 # ---- reading back ------------------------------------------------------------------------------------------
 
 
-def select_columns(table: str) -> list[str]:
-    """The columns read back into records (the schema's own, in its order)."""
+def _is_number(dtype: str) -> bool:
+    return dtype == UTC_TIME or dtype in _INTEGER
+
+
+def select_expressions(table: str) -> list[str]:
+    """What a read selects: the schema's columns in its order, numbers as a value and a null flag (so that the
+    client decodes them into numpy arrays) and text as it is."""
     records = FLOW_COLUMNS if table == "flows" else EVENT_COLUMNS
-    return [f"{name}_ns" if dtype == UTC_TIME else name for name, dtype in records.items()]
-
-
-def _times(nanos: pd.Series) -> pd.Series:
-    values = pd.array(nanos, dtype="Int64")
-    missing = values.isna()
-    times = pd.Series(pd.to_datetime(values.to_numpy(dtype="int64", na_value=0), unit="ns", utc=True))
-    times[missing] = pd.NaT
-    return times
-
-
-def frame_from_rows(table: str, rows: Sequence[Sequence[Any]]) -> pd.DataFrame:
-    """Rows of select_columns(table) as a frame of the schema's columns and dtypes."""
-    records = FLOW_COLUMNS if table == "flows" else EVENT_COLUMNS
-    frame = pd.DataFrame.from_records(list(rows), columns=select_columns(table))
+    selected = []
     for name, dtype in records.items():
-        if dtype == UTC_TIME:
-            frame[name] = _times(frame.pop(f"{name}_ns"))
+        column = quote_name(f"{name}_ns" if dtype == UTC_TIME else name)
+        selected += [f"ifNull({column}, 0)", f"isNull({column})"] if _is_number(dtype) else [column]
+    return selected
+
+
+def _text(values: Any) -> pd.arrays.ArrowStringArray:
+    """Text values (None for null) as the schema's string array, built once per distinct value."""
+    codes, uniques = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=True)
+    return pd.array(np.asarray(uniques, dtype=object), dtype=TEXT).take(codes, allow_fill=True)
+
+
+def frame_from_columns(table: str, data: Sequence[Any]) -> pd.DataFrame:
+    """The columns of select_expressions(table) (a columnar, numpy SELECT) as a frame of the schema's columns and
+    dtypes."""
+    records = FLOW_COLUMNS if table == "flows" else EVENT_COLUMNS
+    columns: dict[str, Any] = {}
+    parts = iter(data)
+    for name, dtype in records.items():
+        if not data:
+            columns[name] = pd.array([], dtype=dtype if dtype != "object" else object)
+            continue
+        if _is_number(dtype):
+            values, missing = np.asarray(next(parts)), np.asarray(next(parts), dtype=bool)
+            if dtype == UTC_TIME:
+                times = pd.Series(pd.to_datetime(values.astype("int64"), unit="ns", utc=True))
+                times[missing] = pd.NaT
+                columns[name] = times
+            else:
+                columns[name] = pd.arrays.IntegerArray(values.astype(dtype.lower()), missing)
         elif dtype == "object":
-            frame[name] = [None if text is None else json.loads(text) for text in frame[name]]
-    return conform(frame[list(records)], records)
+            columns[name] = [None if text is None else json.loads(text) for text in next(parts)]
+        else:
+            columns[name] = _text(next(parts))
+    return conform(pd.DataFrame(columns), records)
 
 
 # ---- the filter language as SQL ----------------------------------------------------------------------------

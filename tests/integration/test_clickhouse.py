@@ -194,6 +194,29 @@ def test_an_overflowing_buffer_counts_its_loss_exactly(server, database):
     assert len(read(server, database)) + len(read(server, database, table="events")) == written
 
 
+def test_a_refused_insert_is_retried_then_dropped_and_counted(server, database):
+    from flowscope.exporters.clickhouse import REFUSALS_MAX
+
+    sink = ClickHouseSink(settings(server, database))
+    sink.open()
+    ddl = server.query(f"SHOW CREATE TABLE `{database}`.events").replace("\\n", "\n").replace("\\'", "'")
+    server.query(f"DROP TABLE `{database}`.events")  # the server refuses inserts into it from now on
+    sink.write(SHOP[1])  # its flows are written; its events are refused and held
+    assert sink.health()["state"] == "degraded" and "doesn't exist" in sink.health()["detail"]
+    assert sink.settled() == (len(SHOP[1].flows), 0)
+    server.query(ddl)  # back: the held events go in at the next attempt
+    sink._next_attempt = 0.0
+    sink.write(FlowBatch.empty(SHOP[2].time_start, SHOP[2].time_end))
+    assert sink.settled() == (len(SHOP[1].events), 0) and sink.health()["state"] == "ok"
+    server.query(f"DROP TABLE `{database}`.events")
+    sink.write(SHOP[3])
+    for _attempt in range(REFUSALS_MAX - 1):
+        sink._next_attempt = 0.0
+        sink.write(FlowBatch.empty(SHOP[4].time_start, SHOP[4].time_end))
+    assert sink.settled() == (4, 2) == (len(SHOP[3].flows), len(SHOP[3].events))  # refused 5 times: dropped
+    sink.close()
+
+
 def test_the_filter_language_selects_in_sql_what_it_selects_in_pandas(server, database, tmp_path):
     assert run_agent(server, database, tmp_path).returncode == 0
     flows, events = everything(SHOP, "flows"), everything(SHOP, "events")

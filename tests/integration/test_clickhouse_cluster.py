@@ -11,8 +11,9 @@ from flowscope.analysis.clickhouse import read_clickhouse
 from flowscope.config import ClickHouseConfig
 from flowscope.exporters.clickhouse import ClickHouseSink
 from flowscope.pipeline.sink import records
-from tests.integration.servers import ClickHouse, ZooKeeper, free_port
+from tests.integration.servers import ClickHouse, ServerError, ZooKeeper, free_port
 from tests.ui.scenario import shop_batches
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -29,6 +30,13 @@ def include(ports: list[int], zookeeper: int, shard: int) -> str:
     )
 
 
+def zookeeper_answers(server: ClickHouse) -> bool:
+    try:
+        return server.query("SELECT count() FROM system.zookeeper WHERE path = '/'").strip() != ""
+    except ServerError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     zookeeper = ZooKeeper(tmp_path_factory.mktemp("zookeeper")).start()
@@ -40,6 +48,8 @@ def cluster(tmp_path_factory):
     try:
         for server in servers:
             server.start()
+        for server in servers:  # each has its ZooKeeper session before anything runs ON CLUSTER
+            wait_for(lambda s=server: zookeeper_answers(s), 60, "the server's ZooKeeper session")
         yield servers
     finally:
         for server in servers:
