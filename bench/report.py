@@ -795,7 +795,7 @@ def clickhouse(data: dict) -> list[str]:
                     NONE,
                 ],
             ],
-        ),  # fmt: skip
+        ),
         f"Sink throughput / clickhouse-client's: **{data['ratio_sink_to_client']:.2f}**. "
         f"`read_clickhouse` of {read['rows']:,} rows into the typed DataFrame: {read['wall_s']} s "
         f"({_n(read['rows_per_s'])} rows/s).",
