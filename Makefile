@@ -11,7 +11,8 @@ SYSTEM_PYTHON := /usr/bin/python3
 # iptables (the NETFILTER_DROP reasons it names are about rules users inspect with it).
 RUNTIME_PACKAGES := python3-bpfcc bpfcc-tools bpftool iproute2 iptables python3-venv ethtool
 # What the tests add: traffic generators and packet capture for ground truth.
-TEST_PACKAGES := iperf3 tshark tcpreplay procps systemd
+# ClickHouse (18.16) and ZooKeeper: the flow store's tests start their own instances.
+TEST_PACKAGES := iperf3 tshark tcpreplay procps systemd clickhouse-server clickhouse-client zookeeper
 ARGS ?=
 PYTEST_ARGS ?=
 

@@ -769,6 +769,50 @@ def top_refresh(data: dict) -> list[str]:
     ]
 
 
+def clickhouse(data: dict) -> list[str]:
+    sink, by_hand, read = data["sink"], data["clickhouse_client"], data["read"]
+    out = [
+        f"ClickHouse {data['server']} (Debian's, an extra instance on loopback). {sink['rows']:,} synthetic flows",
+        "(every column, identity on both sides) in batches of 100k through `ClickHouseSink` as the agent's sink",
+        "thread writes them, beside `clickhouse-client` inserting the same rows from TabSeparated text (the",
+        "compiled client a user would script with).",
+        "",
+        *_table(
+            ["", "rows/s", "client CPU s", "rows per client CPU-s", "server CPU s"],
+            [
+                [
+                    "flowscope sink",
+                    f"**{_n(sink['rows_per_s'])}**",
+                    _n(sink["client_cpu_s"], 2),
+                    _n(sink["rows_per_client_cpu_s"]),
+                    _n(sink["server_cpu_s"], 2),
+                ],
+                [
+                    "clickhouse-client, TSV",
+                    _n(by_hand["rows_per_s"]),
+                    _n(by_hand["client_cpu_s"], 2),
+                    _n(by_hand["rows_per_client_cpu_s"]),
+                    NONE,
+                ],
+            ],
+        ),
+        f"Sink throughput / clickhouse-client's: **{data['ratio_sink_to_client']:.2f}**. "
+        f"`read_clickhouse` of {read['rows']:,} rows into the typed DataFrame: {read['wall_s']} s "
+        f"({_n(read['rows_per_s'])} rows/s).",
+        "",
+        "Lag from an interval handed to the sink to its rows queryable (1-s intervals of 10k rows):",
+        "",
+        *_table(
+            ["--clickhouse-batch-age", "median s", "each interval, s"],
+            [
+                [f"{x['batch_age_s']:g} s", _n(x["median_s"], 3), ", ".join(f"{v:.2f}" for v in x["lags_s"])]
+                for x in data["lag"]
+            ],
+        ),
+    ]
+    return out
+
+
 SECTIONS = (
     ("dataplane", "Data-plane overhead", "bench/dataplane.py", dataplane),
     ("accuracy", "Accuracy against a packet capture", "bench/accuracy.py", accuracy),
@@ -777,6 +821,7 @@ SECTIONS = (
     ("identity", "Identity enrichment", "bench/identity.py", identity),
     ("agent", "Agent CPU and memory", "bench/agent.py", agent),
     ("top_refresh", "`flowscope top` refresh", "bench/top_refresh.py", top_refresh),
+    ("clickhouse", "ClickHouse flow store", "bench/clickhouse.py", clickhouse),
 )
 
 

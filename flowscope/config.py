@@ -192,6 +192,41 @@ class FlowLogConfig(Section):
         return value
 
 
+class ClickHouseConfig(Section):
+    """The ClickHouse flow store (flowscope.exporters.clickhouse)."""
+
+    url: str | None = option(
+        None, "write flows and events to ClickHouse: clickhouse://USER@HOST:9000/DB (?secure=1: TLS); the "
+        "password from --clickhouse-password-file or FLOWSCOPE_CLICKHOUSE_PASSWORD (a password in the URL "
+        "shows in ps)", flag="--clickhouse", metavar="URL",
+    )  # fmt: skip
+    password_file: str | None = option(
+        None, "file whose first line is the ClickHouse password", flag="--clickhouse-password-file", metavar="FILE"
+    )
+    password: str | None = option(None, "the ClickHouse password (set it in the file or the environment)")
+    cluster: str | None = option(
+        None, "a ClickHouse cluster: ON CLUSTER DDL, replicated local tables, Distributed tables",
+        flag="--clickhouse-cluster", metavar="NAME",
+    )  # fmt: skip
+    ttl_days: int = option(
+        30, "days the raw flows and events are kept (servers 20.3 and later; 0: for ever)",
+        flag="--clickhouse-ttl-days", metavar="DAYS", ge=0,
+    )  # fmt: skip
+    batch_rows: int = option(
+        100_000, "rows an insert gathers at most", flag="--clickhouse-batch-rows", metavar="N", gt=0
+    )
+    batch_age: float = option(
+        5.0, "the longest rows wait for an insert (e.g. 5s)", flag="--clickhouse-batch-age", metavar="DURATION"
+    )
+    buffer_rows: int = option(
+        2_000_000, "rows held while the server is unreachable; past them the oldest are dropped and counted",
+        flag="--clickhouse-buffer-rows", metavar="N", gt=0,
+    )  # fmt: skip
+    queue: int = option(64, "batches the ClickHouse writer's queue holds before it counts losses", gt=0)
+
+    _age = field_validator("batch_age", mode="before")(seconds)
+
+
 class StatusConfig(Section):
     """Where the agent answers `flowscope agent status` and health probes (HTTP: /healthz, /status)."""
 
@@ -217,6 +252,7 @@ class Config(Section):
     identity: IdentityConfig = IdentityConfig()
     replay: ReplayConfig = ReplayConfig()
     flowlog: FlowLogConfig = FlowLogConfig()
+    clickhouse: ClickHouseConfig = ClickHouseConfig()
     status: StatusConfig = StatusConfig()
     log: LogConfig = LogConfig()
     stop_timeout: float = option(
@@ -424,8 +460,15 @@ def _where(
     return f"{file}: {'.'.join(path)}: "
 
 
+SECRETS = (("clickhouse", "password"),)
+
+
 def as_yaml(config: Config) -> str:
-    """The effective configuration as a file that `--config` reads back."""
+    """The effective configuration as a file that `--config` reads back, secrets left out (null)."""
     import yaml
 
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    data = config.model_dump(mode="json")
+    for section, key in SECRETS:
+        if data[section][key] is not None:
+            data[section][key] = None
+    return yaml.safe_dump(data, sort_keys=False)

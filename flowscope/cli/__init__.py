@@ -42,10 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     from flowscope.formats.jsonl import ReplayError
     from flowscope.kernel.loader import LoaderError
     from flowscope.kernel.tc import TcError
+    from flowscope.pipeline.sink import SinkError
 
     try:
         return args.run(args)
-    except (UsageError, LoaderError, TcError, ReplayError, IdentityConfigError, ConfigError) as err:
+    except (UsageError, LoaderError, TcError, ReplayError, IdentityConfigError, ConfigError, SinkError) as err:
         print(f"flowscope {args.command}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

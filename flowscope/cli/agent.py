@@ -16,7 +16,7 @@ from typing import Any
 from flowscope.cli.options import UsageError, add_config_file, add_settings, config_from, open_source
 from flowscope.config import Config, as_yaml
 from flowscope.enrich import enricher_for
-from flowscope.pipeline.pipeline import Pipeline
+from flowscope.pipeline.pipeline import DEFAULT_QUEUE, Pipeline
 from flowscope.pipeline.sink import Sink
 from flowscope.pipeline.status import StatusError, StatusServer, fetch
 
@@ -48,6 +48,7 @@ def register(commands: Any) -> None:
     add_settings(agent, "identity")
     add_settings(agent, "replay")
     add_settings(agent, "flowlog", title="flow log")
+    add_settings(agent, "clickhouse", title="ClickHouse")
     add_settings(agent, "status", "log", "stop_timeout", title="agent")
     agent.set_defaults(run=run_agent)
 
@@ -78,14 +79,19 @@ def configure_logging(config: Config, verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else getattr(logging, config.log.level.upper()))
 
 
-def build_sinks(config: Config) -> list[Sink]:
-    """The outputs the settings enable."""
+def build_sinks(config: Config) -> tuple[list[Sink], dict[str, int]]:
+    """The outputs the settings enable, and how many batches each one's queue holds."""
     sinks: list[Sink] = []
     if config.flowlog.enabled:
         from flowscope.exporters.flowlog import FlowLogSink
 
         sinks.append(FlowLogSink(config.flowlog))
-    return sinks
+    if config.clickhouse.url:
+        from flowscope.exporters.clickhouse import ClickHouseSink
+
+        sinks.append(ClickHouseSink(config.clickhouse))
+    queues = {"flowlog": config.flowlog.queue, "clickhouse": config.clickhouse.queue}
+    return sinks, {sink.name: queues.get(sink.name, DEFAULT_QUEUE) for sink in sinks}
 
 
 def run_agent(args: argparse.Namespace) -> int:
@@ -96,9 +102,11 @@ def run_agent(args: argparse.Namespace) -> int:
         sys.stdout.write(as_yaml(config))
         return 0
     configure_logging(config, args.verbose)
-    sinks = build_sinks(config)
+    sinks, queues = build_sinks(config)
     if not sinks:
-        raise UsageError("no output is enabled; enable the flow log (flowlog.enabled) or another output.")
+        raise UsageError(
+            "no output is enabled; enable the flow log (flowlog.enabled) or another output (--clickhouse)."
+        )
     enricher = enricher_for(config)
     try:
         source = open_source(config)
@@ -106,12 +114,16 @@ def run_agent(args: argparse.Namespace) -> int:
         if enricher is not None:
             enricher.close()
         raise
-    pipeline = Pipeline(source, sinks, enricher=enricher, queue_batches=config.flowlog.queue)
+    pipeline = Pipeline(source, sinks, enricher=enricher, queue_batches=queues)
     stop = threading.Event()
     _handle_signals(stop, pipeline)
-    server = None
     try:
         pipeline.start()
+    except BaseException:
+        pipeline.close(timeout=config.stop_timeout)
+        raise
+    server = None
+    try:
         server = StatusServer(pipeline.status, config.status.socket, config.status.address)
         log.info(
             "agent running on %s: %s -> %s", source.node, ", ".join(p.name for p in source.probes() if p.active),

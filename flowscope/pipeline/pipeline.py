@@ -172,6 +172,7 @@ class Pipeline:
                 "lost": state.counts.lost,
                 "queued": state.queued,
                 "capacity": state.capacity,
+                "pending": state.pending,
                 "health": state.health,
                 "error": state.error,
             }

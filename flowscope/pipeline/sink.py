@@ -6,6 +6,8 @@ bounded queue, so a slow or dead sink never stalls the kernel readers or the oth
     close()         once, on the sink's thread, after the last batch (flush here)
     health()        {"state": "ok" | "degraded" | "failing", ...} for status pages, from any thread
     reopen()        optional: reopen files (SIGHUP, log rotation), on the sink's thread
+    settled()       optional, for sinks that write later than write() returns (a buffer that waits for a
+                    server): (written, lost) records since the last call; write() then only hands over
 
 What a sink could not write — its queue full, or its write failed — is counted in records (flow rows plus
 event rows) as loss of `sink:<name>`: produced = delivered + lost for every sink.
@@ -24,6 +26,10 @@ from flowscope.coverage import SourceCount
 from flowscope.schema import FlowBatch
 
 log = logging.getLogger(__name__)
+
+
+class SinkError(RuntimeError):
+    """An output cannot start as configured; the message is one sentence saying what to do."""
 
 
 @runtime_checkable
@@ -55,6 +61,7 @@ class SinkState:
     counts: SourceCount
     queued: int
     capacity: int
+    pending: int  # records a deferred sink holds, not yet written nor lost
     health: dict[str, Any]
     error: str | None
 
@@ -75,6 +82,7 @@ class SinkRunner:
         self._opened = threading.Event()
         self._open_error: BaseException | None = None
         self._writing = 0  # records of the batch being written now
+        self._pending = 0  # records a deferred sink holds, not yet settled
         self._abandoned = False  # closed without the thread: what it settles later is already counted
 
     @property
@@ -85,8 +93,11 @@ class SinkRunner:
         """Starts the thread and waits for the sink's open(); an open() that fails raises here."""
         self._thread.start()
         self._opened.wait(timeout)
-        if self._open_error is not None:
-            raise self._open_error
+        error = self._open_error
+        if isinstance(error, SinkError | KeyboardInterrupt):
+            raise error
+        if error is not None:
+            raise SinkError(f"the {self.name} output cannot start: {error}") from error
 
     def offer(self, batch: FlowBatch) -> bool:
         """Queues the batch, or counts its records as lost when the queue is full; never blocks."""
@@ -114,12 +125,12 @@ class SinkRunner:
     def state(self) -> SinkState:
         with self._lock:
             counts = SourceCount(self._total.produced, self._total.delivered, self._total.lost)
-            error = self._error
+            error, pending = self._error, self._pending
         try:
             health = self.sink.health()
         except Exception as err:  # a status page must not fail because a sink's health() does
             health = {"state": "failing", "error": f"health() failed: {err}"}
-        return SinkState(self.name, counts, self._queue.qsize(), self.capacity, health, error)
+        return SinkState(self.name, counts, self._queue.qsize(), self.capacity, pending, health, error)
 
     def request_stop(self) -> None:
         """No more batches: the thread writes what is queued, then closes the sink (see finish())."""
@@ -136,7 +147,8 @@ class SinkRunner:
             return True
         self._discard_queued()
         with self._lock:  # the batch under way is lost too, and nothing the thread settles later counts
-            writing, self._writing = self._writing, 0
+            writing, self._writing = self._writing + self._pending, 0
+            self._pending = 0
             for total in (self._total, self._unreported):
                 total.produced += writing
                 total.lost += writing
@@ -166,11 +178,13 @@ class SinkRunner:
                 self._write(item)
         finally:
             self._call("close")
+            self._take_settled()  # what the close wrote or gave up
 
     def _write(self, batch: FlowBatch) -> None:
         count = records(batch)
         with self._lock:
             self._writing = count
+        deferred = getattr(self.sink, "settled", None)
         try:
             self.sink.write(batch)
         except Exception as err:
@@ -183,7 +197,26 @@ class SinkRunner:
             return
         with self._lock:
             self._error = None
-        self._resolve(count, delivered=count, written=True)
+        if deferred is None:
+            self._resolve(count, delivered=count, written=True)
+            return
+        with self._lock:
+            self._writing = 0  # handed over: the sink settles it, now or later
+            self._pending += count
+        self._take_settled()
+
+    def _take_settled(self) -> None:
+        settled = getattr(self.sink, "settled", None)
+        if settled is None:
+            return
+        try:
+            written, lost = settled()
+        except Exception as err:
+            log.warning("sink %s: settled() failed: %s", self.name, err)
+            return
+        with self._lock:
+            self._pending -= written + lost
+        self._resolve(written + lost, delivered=written)
 
     def _call(self, method: str) -> None:
         function = getattr(self.sink, method, None)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from flowscope.pipeline.pipeline import Pipeline, batches
-from flowscope.pipeline.sink import records
+from flowscope.pipeline.sink import SinkError, records
 from flowscope.schema import FlowBatch
 from tests.ui.scenario import NODE, shop_batches
 from tests.waiting import wait_for
@@ -182,7 +182,7 @@ def test_a_sink_that_cannot_open_stops_the_start_and_closes_the_others():
 
     first, bad = Recorder("first"), Unopenable("bad")
     pipeline = Pipeline(ListSource(SHOP), [first, bad])
-    with pytest.raises(PermissionError):
+    with pytest.raises(SinkError, match=r"^the bad output cannot start: \[Errno 13\] Permission denied"):
         pipeline.start()
     assert [name for name, _thread in first.calls] == ["open", "close"]
 

@@ -1,0 +1,288 @@
+"""The ClickHouse sink: flows and events inserted in columns over the native protocol (clickhouse-driver),
+gathered into inserts of up to --clickhouse-batch-rows rows or --clickhouse-batch-age seconds, off the data
+path (the sink's own thread).
+
+Outages: an insert that fails stays in a bounded buffer (--clickhouse-buffer-rows) and is retried with
+backoff (1 s doubling to 60 s); past the buffer the oldest inserts are dropped and counted as loss of
+`sink:clickhouse`. Every insert carries a `block_id`: one whose outcome is unknown (the connection broke while
+it was sent) is looked up by it before it is sent again, so an outage never writes a row twice. The sink
+settles records only when ClickHouse has them (or they are dropped): produced = delivered + lost counts rows
+that are really stored.
+
+At start, a URL that does not parse or a server that refuses the user or password is one sentence and the
+agent stops; a server that is merely unreachable is waited for like any outage (the tables are created,
+or migrated, at the first connection).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from flowscope.config import ClickHouseConfig
+from flowscope.formats.clickhouse import (
+    AUTHENTICATION_CODES,
+    ConnectionSettingsError,
+    Layout,
+    SchemaError,
+    bootstrap,
+    client,
+    connection,
+    error_code,
+    first_line,
+    insert_columns,
+    is_network_error,
+    migrations,
+    parse_version,
+)
+from flowscope.pipeline.sink import SinkError
+from flowscope.schema import FlowBatch
+
+log = logging.getLogger(__name__)
+
+RETRY_FIRST, RETRY_MAX = 1.0, 60.0
+REFUSALS_MAX = 5  # an insert the server refuses this often (over about a minute of backoff) is dropped
+
+
+class ClickHouseError(SinkError):
+    """ClickHouse cannot be used as configured; the message is one sentence saying what to do."""
+
+
+@dataclass
+class Insert:
+    """One INSERT: its rows, its id, and the records (flow and event rows) it settles."""
+
+    table: str
+    frame: pd.DataFrame
+    block_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    maybe_written: bool = False  # sent once, outcome unknown: look it up by block_id before sending again
+    refusals: int = 0  # times the server refused it (a table not there yet, too many parts, ZooKeeper down)
+
+    @property
+    def rows(self) -> int:
+        return len(self.frame)
+
+
+class ClickHouseSink:
+    name = "clickhouse"
+
+    def __init__(self, config: ClickHouseConfig, clock: Any = time.monotonic) -> None:
+        self.config = config
+        try:
+            self.target = connection(config)  # a bad URL is an error before anything starts
+        except ConnectionSettingsError as err:
+            raise ClickHouseError(str(err)) from None
+        self._clock = clock
+        self._client: Any = None
+        self.layout: Layout | None = None
+        self._gathering: dict[str, list[pd.DataFrame]] = {"flows": [], "events": []}
+        self._gathered_since: float | None = None
+        self._inserts: deque[Insert] = deque()
+        self._next_attempt = 0.0
+        self._backoff = RETRY_FIRST
+        self._written = self._lost = 0  # records settled since settled() was last asked
+        self.rows_written = self.rows_dropped = 0
+        self.state, self.detail = "starting", ""
+        self.outage_since: float | None = None
+
+    # ---- the Sink protocol -------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connects and creates or migrates the tables; a refused user or password raises, an outage waits."""
+        try:
+            self._connect()
+        except ClickHouseError:
+            raise
+        except Exception as err:
+            if not is_network_error(err):
+                raise ClickHouseError(
+                    f"ClickHouse at {self.target.shown} refused flowscope: {first_line(err)}."
+                ) from None
+            self._outage(err)
+
+    def write(self, batch: FlowBatch) -> None:
+        for table, frame in (("flows", batch.flows), ("events", batch.events)):
+            if len(frame):
+                self._gathering[table].append(frame)
+        if self._gathered_since is None and (len(batch.flows) or len(batch.events)):
+            self._gathered_since = self._clock()
+        if self._gathered_rows() >= self.config.batch_rows or self._gathered_age() >= self.config.batch_age:
+            self._cut()
+        self._drop_beyond_buffer()
+        self._send()
+
+    def close(self) -> None:
+        """Sends what it holds (one attempt per insert while the server answers); the rest is lost."""
+        self._cut()
+        self._next_attempt = 0.0
+        self._send(final=True)
+        for insert in self._inserts:
+            self._settle_lost(insert, "the agent stopped while ClickHouse was unreachable")
+        self._inserts.clear()
+        if self._client is not None:
+            self._client.disconnect()
+
+    def settled(self) -> tuple[int, int]:
+        written, lost, self._written, self._lost = self._written, self._lost, 0, 0
+        return written, lost
+
+    def health(self) -> dict[str, Any]:
+        buffered = sum(i.rows for i in self._inserts) + self._gathered_rows()
+        health: dict[str, Any] = {
+            "state": self.state, "server": self.target.shown, "rows_written": self.rows_written,
+            "rows_buffered": buffered, "rows_dropped": self.rows_dropped,
+        }  # fmt: skip
+        if self.detail:
+            health["detail"] = self.detail
+        if self.layout is not None:
+            health["version"] = ".".join(map(str, self.layout.version))
+        return health
+
+    # ---- connecting and the schema -------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        connected = client(self.target)
+        try:
+            version = parse_version(connected.execute("SELECT version()")[0][0])
+        except Exception as err:
+            connected.disconnect()
+            if error_code(err) in AUTHENTICATION_CODES:
+                raise ClickHouseError(
+                    f"ClickHouse at {self.target.shown} refused user {self.target.user!r}: {first_line(err)}; "
+                    "check the user and --clickhouse-password-file."
+                ) from None
+            raise
+        layout = Layout(self.target.database, version, self.config.cluster, self.config.ttl_days)
+        try:
+            self._migrate(connected, layout)
+        except SchemaError as err:
+            raise ClickHouseError(str(err)) from None
+        self._client, self.layout = connected, layout
+        if self.outage_since is not None:
+            log.info("ClickHouse at %s is back after %.0f s", self.target.shown, self._clock() - self.outage_since)
+        self.state, self.detail, self.outage_since = "ok", "", None
+        self._backoff = RETRY_FIRST
+
+    def _migrate(self, connected: Any, layout: Layout) -> None:
+        for statement in bootstrap(layout):
+            connected.execute(statement)
+        versions = layout.table("schema_versions")
+        applied = {row[0] for row in connected.execute(f"SELECT version FROM {versions}")}
+        for version, statements in migrations(layout):
+            if version in applied:
+                continue
+            for statement in statements:
+                connected.execute(statement)
+            connected.execute(f"INSERT INTO {versions} (version, applied) VALUES", [(version, int(time.time()))])
+            log.info("ClickHouse %s: schema version %d applied", self.target.shown, version)
+
+    def _outage(self, err: BaseException) -> None:
+        now = self._clock()
+        if self.outage_since is None:
+            self.outage_since = now
+            log.warning("ClickHouse at %s is unreachable (%s); buffering", self.target.shown, first_line(err))
+        self.state, self.detail = "degraded", f"unreachable: {first_line(err)}"
+        self._next_attempt = now + self._backoff
+        self._backoff = min(self._backoff * 2, RETRY_MAX)
+        if self._client is not None:
+            self._client.disconnect()
+            self._client = None
+
+    # ---- gathering, sending, settling ----------------------------------------------------------------------
+
+    def _gathered_rows(self) -> int:
+        return sum(len(frame) for frames in self._gathering.values() for frame in frames)
+
+    def _gathered_age(self) -> float:
+        return 0.0 if self._gathered_since is None else self._clock() - self._gathered_since
+
+    def _cut(self) -> None:
+        """Turns what was gathered into inserts (at most batch_rows rows each)."""
+        for table, frames in self._gathering.items():
+            if not frames:
+                continue
+            whole = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+            for start in range(0, len(whole), self.config.batch_rows):
+                self._inserts.append(Insert(table, whole.iloc[start : start + self.config.batch_rows]))
+            frames.clear()
+        self._gathered_since = None
+
+    def _drop_beyond_buffer(self) -> None:
+        while self._inserts and sum(i.rows for i in self._inserts) > self.config.buffer_rows:
+            self._settle_lost(self._inserts.popleft(), "the buffer is full")
+
+    def _send(self, final: bool = False) -> None:
+        while self._inserts and self._clock() >= self._next_attempt:
+            if self._client is None:
+                try:
+                    self._connect()
+                except ClickHouseError as err:  # the server changed its mind about us: say so, keep buffering
+                    self.state, self.detail = "failing", str(err)
+                    self._next_attempt = self._clock() + RETRY_MAX
+                    return
+                except Exception as err:
+                    self._outage(err)
+                    return
+            insert = self._inserts[0]
+            try:
+                if not (insert.maybe_written and self._stored(insert)):
+                    self._insert(insert)
+            except Exception as err:
+                if is_network_error(err):
+                    insert.maybe_written = True
+                    self._outage(err)
+                    if final:
+                        return
+                    continue
+                insert.refusals += 1
+                if insert.refusals < REFUSALS_MAX and not final:
+                    self._refused(err)
+                    return
+                self._inserts.popleft()
+                self._settle_lost(insert, f"ClickHouse refused the insert {insert.refusals} times: {first_line(err)}")
+                continue
+            self._inserts.popleft()
+            self._settle_written(insert)
+            self._backoff = RETRY_FIRST
+            if self.outage_since is None and self.state != "ok":  # the refusals are over
+                self.state, self.detail = "ok", ""
+
+    def _refused(self, err: BaseException) -> None:
+        """The server refused an insert (it may pass later): retry it after the backoff."""
+        log.warning("ClickHouse at %s refused an insert (%s); retrying", self.target.shown, first_line(err))
+        self.state, self.detail = "degraded", f"refused an insert: {first_line(err)}"
+        self._next_attempt = self._clock() + self._backoff
+        self._backoff = min(self._backoff * 2, RETRY_MAX)
+
+    def _insert(self, insert: Insert) -> None:
+        assert self.layout is not None
+        names, data = insert_columns(insert.table, insert.frame, insert.block_id)
+        target = self.layout.table(insert.table)
+        self._client.execute(f"INSERT INTO {target} ({', '.join(names)}) VALUES", data, columnar=True)
+
+    def _stored(self, insert: Insert) -> bool:
+        """Whether an insert sent before an outage arrived (all of it: one insert is one block). On a cluster
+        it is sent again instead: a shard may have it and another not, and the replicated tables drop a
+        block they already have (the Distributed table splits the same rows into the same blocks)."""
+        assert self.layout is not None
+        if self.layout.cluster:
+            return False
+        rows = self._client.execute(
+            f"SELECT count() FROM {self.layout.table(insert.table)} WHERE block_id = %(id)s", {"id": insert.block_id}
+        )[0][0]
+        return rows > 0
+
+    def _settle_written(self, insert: Insert) -> None:
+        self._written += insert.rows
+        self.rows_written += insert.rows
+
+    def _settle_lost(self, insert: Insert, why: str) -> None:
+        self._lost += insert.rows
+        self.rows_dropped += insert.rows
+        log.warning("ClickHouse: %d %s rows dropped: %s", insert.rows, insert.table, why)

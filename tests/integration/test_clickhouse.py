@@ -1,0 +1,252 @@
+"""The ClickHouse flow store against Debian's real clickhouse-server (18.16): the rows captured or replayed
+arrive exactly, rollups equal the raw rows' sums, outages lose nothing within the buffer and write nothing
+twice, an overflowing buffer is counted exactly, and the filter language reads as SQL what it selects in
+pandas."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from flowscope.analysis.clickhouse import ClickHouseReadError, read_clickhouse
+from flowscope.config import ClickHouseConfig
+from flowscope.exporters.clickhouse import ClickHouseError, ClickHouseSink, Insert
+from flowscope.filters import parse_filter
+from flowscope.pipeline.sink import records
+from flowscope.schema import FlowBatch
+from tests.integration.servers import ClickHouse, User
+from tests.ui.scenario import shop_batches, write_replay
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+FLOWSCOPE = str(Path(sys.executable).with_name("flowscope"))
+WRITER = User("flowscope", "s3cret-word")
+SHOP = shop_batches()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> ClickHouse:
+    clickhouse = ClickHouse(tmp_path_factory.mktemp("clickhouse"), users=[User("default"), WRITER]).start()
+    yield clickhouse
+    clickhouse.stop()
+
+
+@pytest.fixture
+def database() -> str:
+    return f"fs_{uuid.uuid4().hex[:12]}"
+
+
+def settings(server: ClickHouse, database: str, **values) -> ClickHouseConfig:
+    url = server.url(WRITER, database=database, password=False)
+    return ClickHouseConfig(url=url, password=WRITER.password, batch_age=0, **values)
+
+
+def everything(batches: list[FlowBatch], kind: str) -> pd.DataFrame:
+    return pd.concat([getattr(b, kind) for b in batches], ignore_index=True)
+
+
+def in_order(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
+    keys = ["time_end", "src_ip", "src_port", "dst_ip", "dst_port", "ifname"] if kind == "flows" else ["time", "kind"]
+    return frame.sort_values(keys, kind="stable", na_position="first").reset_index(drop=True)
+
+
+def read(server: ClickHouse, database: str, filter: str = "", table: str = "flows") -> pd.DataFrame:
+    url = server.url(WRITER, database=database, password=False)
+    return read_clickhouse(url, filter=filter, table=table, password=WRITER.password)
+
+
+def run_agent(server: ClickHouse, database: str, tmp_path: Path, *extra: str, password: str = WRITER.password):
+    recording = write_replay(tmp_path / "shop.jsonl", SHOP)
+    secret = tmp_path / "password"
+    secret.write_text(password + "\n")
+    return subprocess.run(
+        [FLOWSCOPE, "agent", "--replay", str(recording), "--exit-at-end", "--status-socket", str(tmp_path / "a.sock"),
+         "--clickhouse", server.url(WRITER, database=database, password=False),
+         "--clickhouse-password-file", str(secret), "--clickhouse-batch-age", "0", *extra],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "FLOWSCOPE_FLOWLOG_ENABLED": "0"},
+    )  # fmt: skip
+
+
+def test_the_agent_writes_exactly_the_replayed_records(server, database, tmp_path):
+    result = run_agent(server, database, tmp_path)
+    assert result.returncode == 0, result.stderr
+    for kind in ("flows", "events"):
+        stored = in_order(read(server, database, table=kind), kind)
+        expected = in_order(everything(SHOP, kind), kind)
+        pd.testing.assert_frame_equal(stored, expected, check_dtype=True)
+    assert len(read(server, database)) == 22 and len(read(server, database, table="events")) == 11
+
+
+def test_the_rollups_equal_the_raw_rows_sums(server, database, tmp_path):
+    assert run_agent(server, database, tmp_path).returncode == 0
+    q = f"`{database}`"
+    by_pair = server.query(
+        f"SELECT src_workload, dst_workload, sum(flows), sum(packets), sum(bytes), sum(drop_packets) FROM {q}.flows_1m "
+        "GROUP BY src_workload, dst_workload ORDER BY src_workload, dst_workload"
+    )
+    raw = server.query(
+        f"SELECT ifNull(src_workload, ''), ifNull(dst_workload, ''), count(), sum(packets), sum(bytes), "
+        f"sum(ifNull(drop_packets, 0)) FROM {q}.flows GROUP BY src_workload, dst_workload "
+        "ORDER BY ifNull(src_workload, ''), ifNull(dst_workload, '')"
+    )
+    assert by_pair == raw and by_pair.count("\n") == 6  # six workload pairs in the recording
+    drops = server.query(
+        f"SELECT drop_reason, sum(drop_packets), sum(drop_bytes) FROM {q}.drops_1m "
+        "GROUP BY drop_reason ORDER BY drop_reason"
+    )
+    flows = everything(SHOP, "flows")
+    dropped = flows[flows["drop_packets"] > 0].groupby("drop_reason")[["drop_packets", "drop_bytes"]].sum()
+    assert drops == "".join(f"{reason}\t{p}\t{b}\n" for reason, (p, b) in dropped.iterrows())
+    assert drops == "NETFILTER_DROP\t12\t720\nNO_SOCKET\t1\t74\nTCP_INVALID_SEQUENCE\t2\t2000\n"
+
+
+def test_a_wrong_password_is_one_sentence_and_a_non_zero_exit(server, database, tmp_path):
+    result = run_agent(server, database, tmp_path, password="wrong")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"flowscope agent: ClickHouse at clickhouse://flowscope@127.0.0.1:{server.tcp_port}/{database} refused user "
+        "'flowscope': Wrong password for user flowscope; check the user and --clickhouse-password-file."
+    )
+    assert "s3cret" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            "http://localhost:8123/db",
+            "--clickhouse 'http://localhost:8123/db' is not a URL like clickhouse://USER@HOST:9000/DATABASE.",
+        ),
+        ("clickhouse://u:hunter2@db:x/flows", "--clickhouse 'clickhouse://u@db:x/flows': the port is not a number."),
+    ],
+)
+def test_a_bad_url_is_one_sentence(tmp_path, url, message):
+    result = subprocess.run(
+        [FLOWSCOPE, "agent", "--clickhouse", url, "--status-socket", str(tmp_path / "a.sock")],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "FLOWSCOPE_FLOWLOG_ENABLED": "0"},
+    )  # fmt: skip
+    assert (result.returncode, result.stderr) == (1, f"flowscope agent: {message}\n")
+
+
+def write_all(sink: ClickHouseSink, batches: list[FlowBatch]) -> None:
+    for batch in batches:
+        sink.write(batch)
+
+
+def test_an_outage_loses_nothing_within_the_buffer_and_writes_nothing_twice(server, database):
+    sink = ClickHouseSink(settings(server, database))
+    sink.open()
+    write_all(sink, SHOP[:2])
+    server.kill()
+    try:
+        write_all(sink, SHOP[2:4])  # buffered: the server is gone
+        assert sink.health()["state"] == "degraded" and sink.health()["rows_buffered"] == sum(
+            records(b) for b in SHOP[2:4]
+        )
+    finally:
+        server.start_again()
+    sink._next_attempt = 0.0  # the backoff has passed (the test does not wait for it)
+    write_all(sink, SHOP[4:])
+    sink.close()
+    written, lost = sink.settled()
+    assert (written, lost) == (sum(records(b) for b in SHOP), 0)
+    assert len(read(server, database)) == 22 and len(read(server, database, table="events")) == 11
+
+
+def test_an_insert_of_unknown_outcome_is_looked_up_not_sent_twice(server, database):
+    sink = ClickHouseSink(settings(server, database))
+    sink.open()
+    sink.write(SHOP[0])
+    assert len(read(server, database)) == 4
+    # the same insert once more, as if the connection had broken after it was sent
+    again = Insert("flows", SHOP[0].flows, block_id=read_block_id(server, database), maybe_written=True)
+    sink._inserts.append(again)
+    sink.write(FlowBatch.empty(SHOP[1].time_start, SHOP[1].time_end))
+    sink.close()
+    assert len(read(server, database)) == 4
+    assert sink.settled()[0] == records(SHOP[0]) + len(SHOP[0].flows)  # settled as written: it was
+
+
+def read_block_id(server: ClickHouse, database: str) -> str:
+    return server.query(f"SELECT any(block_id) FROM `{database}`.flows").strip()
+
+
+def test_an_overflowing_buffer_counts_its_loss_exactly(server, database):
+    sink = ClickHouseSink(settings(server, database, buffer_rows=10))
+    sink.open()
+    server.kill()
+    try:
+        write_all(sink, SHOP)  # 22 flow rows and 11 event rows while the server is gone; the buffer holds 10
+        held = sink.health()["rows_buffered"]
+    finally:
+        server.start_again()
+    sink._next_attempt = 0.0
+    sink.close()
+    written, lost = sink.settled()
+    assert written + lost == sum(records(b) for b in SHOP) == 33
+    assert written == held <= 10
+    assert len(read(server, database)) + len(read(server, database, table="events")) == written
+
+
+def test_a_refused_insert_is_retried_then_dropped_and_counted(server, database):
+    from flowscope.exporters.clickhouse import REFUSALS_MAX
+
+    sink = ClickHouseSink(settings(server, database))
+    sink.open()
+    ddl = server.query(f"SHOW CREATE TABLE `{database}`.events").replace("\\n", "\n").replace("\\'", "'")
+    server.query(f"DROP TABLE `{database}`.events")  # the server refuses inserts into it from now on
+    sink.write(SHOP[1])  # its flows are written; its events are refused and held
+    assert sink.health()["state"] == "degraded" and "doesn't exist" in sink.health()["detail"]
+    assert sink.settled() == (len(SHOP[1].flows), 0)
+    server.query(ddl)  # back: the held events go in at the next attempt
+    sink._next_attempt = 0.0
+    sink.write(FlowBatch.empty(SHOP[2].time_start, SHOP[2].time_end))
+    assert sink.settled() == (len(SHOP[1].events), 0) and sink.health()["state"] == "ok"
+    server.query(f"DROP TABLE `{database}`.events")
+    sink.write(SHOP[3])
+    for _attempt in range(REFUSALS_MAX - 1):
+        sink._next_attempt = 0.0
+        sink.write(FlowBatch.empty(SHOP[4].time_start, SHOP[4].time_end))
+    assert sink.settled() == (4, 2) == (len(SHOP[3].flows), len(SHOP[3].events))  # refused 5 times: dropped
+    sink.close()
+
+
+def test_the_filter_language_selects_in_sql_what_it_selects_in_pandas(server, database, tmp_path):
+    assert run_agent(server, database, tmp_path).returncode == 0
+    flows, events = everything(SHOP, "flows"), everything(SHOP, "events")
+    filters = [
+        "", "pod=shop/checkout", "from-pod=shop/payments", "to-pod=kube-system/", "pod=coredns", "namespace=shop",
+        "not namespace=shop", "workload=shop/payments", "ip=10.204.0.0/24", "ip=fd00:204::/64", "ip=10.204.0.53",
+        "from-ip=192.0.2.0/24", "port=8443", "port=50000-60000", "to-port=53", "protocol=UDP", "protocol=tcp,udp",
+        "direction=ingress", "verdict=dropped", "verdict=forwarded", "reason=NO_SOCKET,NETFILTER_DROP",
+        "not reason=NETFILTER_DROP", "ifname=veth-checkout", "type=drop", "type=retransmit", "type=reset",
+        "node=node-a", "not node=node-a", "namespace=shop port=8443 not verdict=dropped", "!ip=10.204.0.0/16",
+        # the edges of ranges and networks: one value either side of what the recording holds
+        "port=8444-9998", "port=54-8442", "port=53-53", "ip=10.204.0.10/32", "ip=10.204.0.12/30",
+        "ip=10.204.0.8/31", "ip=fd00:204::10/128", "ip=fd00:204::12/127", "ip=192.0.2.81/32",
+    ]  # fmt: skip
+    for text in filters:
+        chosen = parse_filter(text)
+        for kind, frame in (("flows", flows), ("events", events)):
+            expected = in_order(frame[chosen.flows_mask(frame) if kind == "flows" else chosen.events_mask(frame)], kind)
+            stored = in_order(read(server, database, filter=text, table=kind), kind)
+            assert len(stored) == len(expected), (text, kind)
+            pd.testing.assert_frame_equal(stored, expected, obj=f"{kind} for {text!r}")
+
+
+def test_reading_an_unreachable_server_is_one_sentence(server, database):
+    url = f"clickhouse://flowscope@127.0.0.1:1/{database}"
+    with pytest.raises(ClickHouseReadError, match=r"^cannot reach ClickHouse at clickhouse://flowscope@127.0.0.1:1/"):
+        read_clickhouse(url)
+
+
+def test_a_refusing_server_at_open_is_an_error(server, database):
+    sink = ClickHouseSink(ClickHouseConfig(url=server.url(WRITER, database=database, password=False), password="no"))
+    with pytest.raises(ClickHouseError, match="refused user 'flowscope': Wrong password"):
+        sink.open()
