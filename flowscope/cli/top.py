@@ -46,8 +46,9 @@ examples:
 
 filter language (also `/` in the TUI): terms field=value are ANDed, commas OR values (port=80,443),
 not or ! negates a term, from-/to- pin a side (from-pod=shop/checkout). Fields: pod (ns/name prefix or
-name), namespace, workload, ip (address or CIDR), port (or range 8000-8080), node, protocol, direction,
-verdict (forwarded|dropped), reason (kernel drop reason, e.g. NO_SOCKET), ifname, type.
+name), namespace, workload, label (key=value, key!=value, key), ip (address or CIDR), port (or range
+8000-8080), node, observer (the node that saw it; * wildcards), protocol, direction, verdict
+(forwarded|dropped), reason (kernel drop reason, e.g. NO_SOCKET), ifname, type.
 """
 
 

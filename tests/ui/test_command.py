@@ -71,8 +71,8 @@ def test_jsonl_output_with_a_filter(shop_replay, capsys):
         (
             ["--filter", "prot=tcp"],
             "flowscope top: bad filter term \"prot=tcp\": unknown field 'prot'; fields are pod, namespace, workload, "
-            "ip, port, node, protocol, direction, verdict, reason, ifname, type; see `flowscope top --help` for the "
-            "filter language.",
+            "label, ip, port, node, observer, protocol, direction, verdict, reason, ifname, type; see `flowscope top "
+            "--help` for the filter language.",
         ),
         (
             ["-o", "tui", "1", "3"],
