@@ -48,6 +48,7 @@ def register(commands: Any) -> None:
     add_settings(agent, "identity")
     add_settings(agent, "replay")
     add_settings(agent, "flowlog", title="flow log")
+    add_settings(agent, "grpc", title="flow API (gRPC, own and Hubble-compatible)")
     add_settings(agent, "status", "log", "stop_timeout", title="agent")
     agent.set_defaults(run=run_agent)
 
@@ -85,6 +86,10 @@ def build_sinks(config: Config) -> list[Sink]:
         from flowscope.exporters.flowlog import FlowLogSink
 
         sinks.append(FlowLogSink(config.flowlog))
+    if config.grpc.enabled:
+        from flowscope.exporters.grpc.server import GrpcSink
+
+        sinks.append(GrpcSink(config.grpc))
     return sinks
 
 
@@ -106,7 +111,8 @@ def run_agent(args: argparse.Namespace) -> int:
         if enricher is not None:
             enricher.close()
         raise
-    pipeline = Pipeline(source, sinks, enricher=enricher, queue_batches=config.flowlog.queue)
+    queues = {"flowlog": config.flowlog.queue, "grpc": config.grpc.queue}
+    pipeline = Pipeline(source, sinks, enricher=enricher, queue_batches=queues)
     stop = threading.Event()
     _handle_signals(stop, pipeline)
     server = None
