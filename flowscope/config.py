@@ -278,16 +278,6 @@ class RelayConfig(Section):
     peers: list[str] = option(
         [], "an agent's API, unix:///PATH or HOST:PORT (repeatable)", flag="--peer", metavar="ADDR"
     )
-    kubernetes_selector: str | None = option(
-        None, "find agents as the pods matching this label selector (e.g. app=flowscope) through the Kubernetes API",
-        flag="--peer-selector", metavar="SELECTOR",
-    )  # fmt: skip
-    kubernetes_namespace: str | None = option(
-        None, "namespace of the agents' pods (default: every namespace)", flag="--peer-namespace", metavar="NS"
-    )
-    kubernetes_port: int = option(
-        4244, "the agents' TCP port of the API", flag="--peer-port", metavar="PORT", gt=0, le=65535
-    )
     sort_window: int = option(
         100000, "records held to merge the agents' streams in time order (past it the oldest go early)",
         flag="--sort-window", metavar="N", gt=0,

@@ -212,3 +212,17 @@ def flows_from(messages: Iterable[pb.FlowRecord]) -> pd.DataFrame:
 def events_from(messages: Iterable[pb.EventRecord]) -> pd.DataFrame:
     """The event rows of these messages, typed as flowscope.schema's EVENT_COLUMNS."""
     return events_frame(_frame(messages, EVENT_COLUMNS, EVENT_TIMES))
+
+
+def row_of(message: pb.FlowRecord | pb.EventRecord) -> dict[str, Any]:
+    """One record as {column: value} (times as int nanoseconds, labels as a dict); absent columns are left out."""
+    times = FLOW_TIMES if isinstance(message, pb.FlowRecord) else EVENT_TIMES
+    row: dict[str, Any] = {}
+    for field, value in message.ListFields():
+        name = field.name
+        if name in SIDES:
+            for part, part_value in value.ListFields():
+                row[f"{name}_{part.name}"] = dict(part_value.items) if part.name == "labels" else part_value
+        else:
+            row[name] = nanoseconds(value) if name in times else value
+    return row

@@ -338,6 +338,8 @@ class Ring:
 
     def _history(self, api: Api, query: Query, chunks: list[Chunk]) -> Iterator[bytes]:
         picked: list[tuple[Chunk, View, np.ndarray]] = []
+        if query.follow and not query.number and query.since is None:
+            return  # following from now on: nothing of the past
         remaining = query.number or None
         for chunk in chunks if query.first else reversed(chunks):
             view = chunk.view(api)

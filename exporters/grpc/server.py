@@ -348,6 +348,7 @@ class GrpcSink:
         self.config = config
         self.node = node
         self.probes: Callable[[], list[ProbeStatus]] = list
+        self.nodes: Callable[[], list[NodeInfo]] | None = None  # a relay's agents
         self.ring = Ring(config.ring, config.client_queue)
         self.coverage = Coverage()
         self._lock = threading.Lock()
@@ -357,12 +358,15 @@ class GrpcSink:
         with self._lock:
             sources = Coverage()
             sources.merge(self.coverage)
-        return ServerState(self.node, self.probes(), sources)
+        return ServerState(self.node, self.probes(), sources, self.nodes() if self.nodes is not None else None)
 
     def bind(self, pipeline: Any) -> None:
         """The pipeline it serves: its node and probes are what ServerStatus reports."""
         self.node = self.node or pipeline.source.node
         self.probes = pipeline.probes
+        if hasattr(pipeline.source, "nodes"):  # a relay: its agents, and their comings and goings in-band
+            self.nodes = pipeline.source.nodes
+            pipeline.source.subscribe(self.server.announce)
 
     def open(self) -> None:
         self.server.start()
