@@ -197,7 +197,7 @@ def _rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 def response_bytes(message: flow.Flow, node: str) -> bytes:
     body = message.SerializeToString()
-    tail = observer.GetFlowsResponse(node_name=node or message.node_name, time=message.time).SerializeToString()
+    tail = observer.GetFlowsResponse(node_name=message.node_name or node, time=message.time).SerializeToString()
     return _FLOW_TAG + varint(len(body)) + body + tail
 
 
