@@ -167,6 +167,8 @@ class Follower:
         self.delivered = 0
         self.lost = 0
         self.closed = False
+        self.latest = 0  # the end of the latest chunk offered, and of the latest progress mark taken
+        self.marked = 0
         self.condition = threading.Condition()
 
     def offer(self, chunk: Chunk, node_notices: Sequence[NodeNotice] = ()) -> None:
@@ -178,6 +180,7 @@ class Follower:
         if self.until is not None:
             positions = positions[view.times[positions] <= self.until]
         with self.condition:
+            self.latest = max(self.latest, chunk.end)
             for notice in chunk.notices:
                 self._append_notice(notice)
             room = max(0, self.limit - self.queued)
@@ -233,6 +236,11 @@ class Follower:
             taken = list(self.items)
             self.items.clear()
             self.queued = 0
+            marks = [item.progress for item in taken if item.progress is not None]
+            self.marked = max([self.marked, *marks])
+            if self.latest > self.marked:  # marks left out while this client was losing records
+                taken.append(Item(progress=self.latest))
+                self.marked = self.latest
             return taken
 
     def close(self) -> None:
