@@ -119,7 +119,8 @@ def interval_batches(
     start: pd.Timestamp, intervals: int, seconds: float, flows_per_interval: int, node: str, port: int = 8443
 ) -> list[FlowBatch]:
     """`intervals` batches of `seconds` each from `start`, each with `flows_per_interval` UDP flows from
-    10.205.0.1 to distinct source ports of 10.205.0.2 (flow i of interval k ends at start + k*seconds + i µs)."""
+    10.205.0.1 to 10.205.0.2 (flow i: source port 10000 + i % 50000, destination port + i // 50000; it ends
+    at start + k*seconds + (i + 1) µs in interval k)."""
     batches = []
     for k in range(intervals):
         begin = start + pd.Timedelta(seconds=k * seconds)
@@ -134,9 +135,9 @@ def interval_batches(
                 "ip_version": 4,
                 "protocol": "UDP",
                 "src_ip": "10.205.0.1",
-                "src_port": [10000 + i for i in range(flows_per_interval)],
+                "src_port": [10000 + i % 50000 for i in range(flows_per_interval)],
                 "dst_ip": "10.205.0.2",
-                "dst_port": port,
+                "dst_port": [port + i // 50000 for i in range(flows_per_interval)],
                 "packets": k + 1,
                 "bytes": 100 * (k + 1),
                 "drop_packets": 0,

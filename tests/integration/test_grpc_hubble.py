@@ -63,16 +63,28 @@ def test_hubble_observe_gets_the_last_20_flows_with_every_printed_field(agent):
     assert first.time.ToNanoseconds() == row["time_end"].value
     assert (first.IP.source, first.IP.destination, first.IP.ipVersion) == ("10.204.0.10", "10.204.0.11", flow.IPv4)
     assert (first.l4.TCP.source_port, first.l4.TCP.destination_port) == (43210, 8443)
-    assert (first.source.namespace, first.source.pod_name, first.destination.pod_name) == ("shop", "checkout-7d9f", "payments-0")
+    assert (first.source.namespace, first.source.pod_name, first.destination.pod_name) == (
+        "shop",
+        "checkout-7d9f",
+        "payments-0",
+    )
     assert [(w.name, w.kind) for w in first.source.workloads] == [("checkout", "Deployment")]
     assert (first.node_name, first.traffic_direction, first.interface.name) == ("node-a", flow.EGRESS, "veth-checkout")
     assert (first.event_type.type, first.event_type.sub_type) == (4, 11)  # a trace at to-network
     assert not first.HasField("is_reply")  # unknown: the CLI prints <>
-    assert first.Summary == "TCP Flags: none; kernel drop TCP_INVALID_SEQUENCE; 2 packets, 2000 bytes in 2.000s; RTT 1.5ms"
-    forwarded = next(f for f in everything if f.time == first.time and f.verdict == flow.FORWARDED and f.l4.TCP.source_port == 43210)
+    assert (
+        first.Summary == "TCP Flags: none; kernel drop TCP_INVALID_SEQUENCE; 2 packets, 2000 bytes in 2.000s; RTT 1.5ms"
+    )
+    forwarded = next(
+        f for f in everything if f.time == first.time and f.verdict == flow.FORWARDED and f.l4.TCP.source_port == 43210
+    )
     assert forwarded.Summary == "TCP Flags: none; 128 packets, 128000 bytes in 2.000s; RTT 1.5ms"  # 130 - 2 dropped
     drop = next(f for f in everything if f.Summary.startswith("kernel drop NO_SOCKET at"))
-    assert (drop.verdict, drop.event_type.sub_type, drop.Summary) == (flow.DROPPED, 3, "kernel drop NO_SOCKET at tcp_v4_rcv (74 bytes)")
+    assert (drop.verdict, drop.event_type.sub_type, drop.Summary) == (
+        flow.DROPPED,
+        3,
+        "kernel drop NO_SOCKET at tcp_v4_rcv (74 bytes)",
+    )
     connect = next(f for f in everything if f.Type == flow.SOCK)
     assert (connect.Summary, connect.event_type.type) == ("connect by checkout (4242)", 7)
     lost = [r.lost_events for r in responses if r.HasField("lost_events")]

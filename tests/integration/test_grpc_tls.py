@@ -81,7 +81,9 @@ def test_tls_and_mutual_tls_with_a_wrong_client_certificate_refused(tmp_path, ce
             "status", "--server", f"127.0.0.1:{port}", "--tls-ca", pki["ca"], "--tls-client-cert", pki["client"],
             "--tls-client-key", keys["client"],
         )  # fmt: skip
-        assert cli.returncode == 0 and cli.stdout.startswith(f"health        SERVING (via 127.0.0.1:{port})"), cli.stderr
+        assert cli.returncode == 0 and cli.stdout.startswith(f"health        SERVING (via 127.0.0.1:{port})"), (
+            cli.stderr
+        )
 
 
 def test_plaintext_off_loopback_needs_the_force_flag_and_bad_settings_are_one_sentence(tmp_path, certificates):
