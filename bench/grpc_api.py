@@ -69,7 +69,7 @@ def main() -> None:
                 start = batches[-1].time_end + pd.Timedelta(seconds=1)
                 rate = followers(sink, config.socket, count, allow, batches)
                 print(
-                    f"{count:>2} follower(s), filter {allow[0] if allow else 'none':<18} {rate:>10,.0f} records/s delivered"
+                    f"{count:>2} follower(s), filter {allow[0] if allow else 'none':<18} {rate:>10,.0f} records/s delivered"  # noqa: E501
                 )
         sink.close()
 

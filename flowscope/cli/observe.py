@@ -92,7 +92,7 @@ def register(commands: Any) -> None:
 def parse_time(text: str, flag: str) -> pd.Timestamp:
     """5m, 1h30m (ago) or an absolute time (RFC 3339; without a zone, UTC)."""
     if _RELATIVE.match(text):
-        ago = sum((pd.Timedelta(float(n), unit=_UNITS[u]) for n, _, u in re.findall(r"(\d+(\.\d+)?)(ms|s|m|h|d)", text)),
+        ago = sum((pd.Timedelta(float(n), unit=_UNITS[u]) for n, _, u in re.findall(r"(\d+(\.\d+)?)(ms|s|m|h|d)", text)),  # noqa: E501
                   pd.Timedelta(0))  # fmt: skip
         return pd.Timestamp.now(tz="UTC") - ago
     try:

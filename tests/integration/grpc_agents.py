@@ -143,7 +143,7 @@ def interval_batches(
                 "drop_packets": 0,
                 "retransmits": 0,
                 "resets": 0,
-            }  # fmt: skip
+            }
         )
         batches.append(
             FlowBatch(
@@ -152,7 +152,7 @@ def interval_batches(
                 flows_frame(flows),
                 events_frame(pd.DataFrame()),
                 Coverage(),
-            )  # fmt: skip
+            )
         )
     return batches
 

@@ -92,7 +92,7 @@ def test_allow_and_deny_filters_select_exact_records_on_identity_and_drop_reason
         (
             ["reason=TCP_INVALID_SEQUENCE", "from-pod=shop/checkout type=connect"], [],
             FLOWS["drop_reason"] == "TCP_INVALID_SEQUENCE",
-            (EVENTS["drop_reason"] == "TCP_INVALID_SEQUENCE") | ((EVENTS["kind"] == "connect") & (EVENTS["src_pod"] == "checkout-7d9f")),
+            (EVENTS["drop_reason"] == "TCP_INVALID_SEQUENCE") | ((EVENTS["kind"] == "connect") & (EVENTS["src_pod"] == "checkout-7d9f")),  # noqa: E501
         ),
         (
             ["verdict=dropped"], ["reason=NETFILTER_DROP"],
@@ -111,7 +111,7 @@ def test_allow_and_deny_filters_select_exact_records_on_identity_and_drop_reason
     ("message", "details"),
     [
         (request(allow=["namespace=shop", "prot=tcp"]), 'bad filter term "prot=tcp": unknown field'),
-        (request(deny=["port=99999"]), 'bad filter term "port=99999": a port is a number 0-65535 or a range like 8000-8080 (in deny[0])'),
+        (request(deny=["port=99999"]), 'bad filter term "port=99999": a port is a number 0-65535 or a range like 8000-8080 (in deny[0])'),  # noqa: E501
         (request(number=3, first=True, follow=True), "first: the first records cannot be followed"),
     ],
 )  # fmt: skip

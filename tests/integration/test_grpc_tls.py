@@ -94,10 +94,10 @@ def test_plaintext_off_loopback_needs_the_force_flag_and_bad_settings_are_one_se
         (["--grpc-addr", f"0.0.0.0:{port}"],
          f"--grpc-addr 0.0.0.0:{port} is not loopback: give --tls-cert and --tls-key (or force plaintext with "
          "--grpc-plaintext-anywhere)."),
-        (["--grpc-addr", "localhost:80x"], "--grpc-addr 'localhost:80x' is not HOST:PORT with an IP address (e.g. 127.0.0.1:4244)."),
-        (["--grpc-addr", f"127.0.0.1:{port}", "--tls-cert", str(tmp_path / "absent.pem"), "--tls-key", str(certificates / "server-key.pem")],
+        (["--grpc-addr", "localhost:80x"], "--grpc-addr 'localhost:80x' is not HOST:PORT with an IP address (e.g. 127.0.0.1:4244)."),  # noqa: E501
+        (["--grpc-addr", f"127.0.0.1:{port}", "--tls-cert", str(tmp_path / "absent.pem"), "--tls-key", str(certificates / "server-key.pem")],  # noqa: E501
          f"cannot read --tls-cert {tmp_path / 'absent.pem'} (No such file or directory); give a readable PEM file."),
-        (["--grpc-addr", f"127.0.0.1:{port}", "--tls-cert", str(certificates / "server-key.pem"), "--tls-key", str(certificates / "server-key.pem")],
+        (["--grpc-addr", f"127.0.0.1:{port}", "--tls-cert", str(certificates / "server-key.pem"), "--tls-key", str(certificates / "server-key.pem")],  # noqa: E501
          f"--tls-cert {certificates / 'server-key.pem'} is not a PEM certificate; give a PEM file."),
     ]  # fmt: skip
     for extra, message in cases:
