@@ -240,6 +240,95 @@ class StatusConfig(Section):
     )  # fmt: skip
 
 
+class GrpcConfig(Section):
+    """The gRPC flow API of the agent and the relay: flowscope's own service and Hubble's Observer, on unix
+    sockets (mode 0660, root's) and, when asked, on TCP (TLS unless on loopback or forced)."""
+
+    enabled: bool = option(True, "serve the gRPC flow API (own and Hubble-compatible)")
+    socket: str = option(
+        "/run/flowscope/flowscope.sock", "unix socket of the flow API (mode 0660)", flag="--grpc-socket",
+        metavar="PATH",
+    )  # fmt: skip
+    hubble_socket: str = option(
+        "/run/flowscope/hubble.sock", "unix socket for hubble clients (`hubble observe --server unix://PATH`)",
+        flag="--hubble-socket", metavar="PATH",
+    )  # fmt: skip
+    address: str | None = option(
+        None, "also serve the API on TCP HOST:PORT (TLS with --tls-cert/--tls-key; plaintext only on loopback)",
+        flag="--grpc-addr", metavar="HOST:PORT",
+    )  # fmt: skip
+    tls_cert: str | None = option(
+        None, "server certificate (PEM) for the TCP address", flag="--tls-cert", metavar="FILE"
+    )
+    tls_key: str | None = option(None, "server private key (PEM) for the TCP address", flag="--tls-key", metavar="FILE")
+    tls_client_ca: str | None = option(
+        None, "require client certificates signed by this CA (PEM): mutual TLS", flag="--tls-client-ca",
+        metavar="FILE",
+    )  # fmt: skip
+    plaintext_anywhere: bool = option(
+        False, "serve plaintext TCP on a non-loopback address: anyone who can reach it reads every flow",
+        flag="--grpc-plaintext-anywhere",
+    )  # fmt: skip
+    ring: int = option(65536, "records the ring of recent records holds", flag="--grpc-ring", metavar="N", gt=0)
+    client_queue: int = option(
+        262144, "records queued per following client before it is sent lost notices instead",
+        flag="--grpc-client-queue", metavar="N", gt=0,
+    )  # fmt: skip
+    max_clients: int = option(64, "streams served at once", flag="--grpc-max-clients", metavar="N", gt=0)
+    queue: int = option(64, "batches the API's queue holds before it counts losses", gt=0)
+
+
+class ClientConfig(Section):
+    """How `observe`, `status`, `top --server`, the relay and read_grpc reach a flowscope server."""
+
+    server: str = option(
+        "unix:///run/flowscope/flowscope.sock", "the server: unix:///PATH or HOST:PORT", flag="--server",
+        metavar="ADDR",
+    )  # fmt: skip
+    tls: bool = option(False, "connect with TLS (implied by --tls-ca, --tls-client-cert)", flag="--tls")
+    tls_ca: str | None = option(
+        None, "CA (PEM) the server's certificate is checked against", flag="--tls-ca", metavar="FILE"
+    )
+    tls_client_cert: str | None = option(
+        None, "client certificate (PEM) for mutual TLS", flag="--tls-client-cert", metavar="FILE"
+    )
+    tls_client_key: str | None = option(
+        None, "client private key (PEM) for mutual TLS", flag="--tls-client-key", metavar="FILE"
+    )
+    tls_server_name: str | None = option(
+        None, "the name the server's certificate must carry (default: the host of --server)",
+        flag="--tls-server-name", metavar="NAME",
+    )  # fmt: skip
+    timeout: float = option(
+        10.0, "seconds to wait for the server to answer (connecting, unary calls)", flag="--timeout",
+        metavar="DURATION",
+    )  # fmt: skip
+
+    _timeout = field_validator("timeout", mode="before")(seconds)
+
+
+class RelayConfig(Section):
+    """`flowscope relay`: the agents it merges."""
+
+    peers: list[str] = option(
+        [], "an agent's API, unix:///PATH or HOST:PORT (repeatable)", flag="--peer", metavar="ADDR"
+    )
+    sort_window: int = option(
+        100000, "records held to merge the agents' streams in time order (past it the oldest go early)",
+        flag="--sort-window", metavar="N", gt=0,
+    )  # fmt: skip
+    drain_timeout: float = option(
+        5.0, "an agent silent this long no longer holds the others' records back", flag="--drain-timeout",
+        metavar="DURATION",
+    )  # fmt: skip
+    backoff: float = option(
+        0.5, "first wait before reconnecting to an agent (doubles, to 30 s)", flag="--backoff", metavar="DURATION"
+    )
+    interval: float = option(1.0, "seconds per batch the relay serves", flag="--relay-interval", metavar="S", gt=0)
+
+    _durations = field_validator("drain_timeout", "backoff", mode="before")(seconds)
+
+
 class LogConfig(Section):
     format: Literal["text", "json"] = option(
         "text", "log format on stderr (json for log collectors)", flag="--log-format"
@@ -254,6 +343,9 @@ class Config(Section):
     flowlog: FlowLogConfig = FlowLogConfig()
     clickhouse: ClickHouseConfig = ClickHouseConfig()
     status: StatusConfig = StatusConfig()
+    grpc: GrpcConfig = GrpcConfig()
+    client: ClientConfig = ClientConfig()
+    relay: RelayConfig = RelayConfig()
     log: LogConfig = LogConfig()
     stop_timeout: float = option(
         10.0, "seconds the agent gives its outputs to flush and close when stopped", flag="--stop-timeout",

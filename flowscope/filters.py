@@ -1,11 +1,17 @@
-"""The filter language of `top` (`--filter` and `/`), meant to serve `observe`, the gRPC API and pandas too.
+"""The filter language of `top` (`--filter` and `/`), `observe`, the gRPC APIs (Hubble's FlowFilter maps onto
+it) and pandas.
 
-    port=80,443 not namespace=kube-system from-pod=shop/checkout verdict=dropped
+    port=80,443 not namespace=kube-system from-pod=shop/checkout verdict=dropped label=app=web
 
 Terms `field=value` separated by spaces are ANDed; a comma list of values is ORed; `not` or `!` before a
 term (or `field!=value`) negates it; `from-`/`to-` pin the source or destination side, and without them a
 sided term matches either side (like Hubble). `pod=ns/name` matches pods of that namespace whose name
-starts with `name` (`pod=ns/` is the whole namespace), as Hubble's `--pod` does.
+starts with `name` (`pod=ns/` is the whole namespace), as Hubble's `--pod` does. `label=key=value`,
+`label=key!=value`, `label=key` (has the label) and `label=!key` match a side's Kubernetes labels (one
+requirement per value; `term("label", ...)` also takes whole selectors such as `app in (a,b),tier=web`).
+`observer` is the node that observed the record (`node` matches it too, or either side's node); its values
+may hold `*` wildcards. A filter list (`FilterSet`) passes a record that any allow filter matches and no
+deny filter does.
 
 A filter is parsed once (`parse_filter`) into terms whose values are already normalised; evaluating it on a
 flows or events DataFrame is columnar: comparisons over whole columns, and where a value needs parsing
@@ -14,9 +20,10 @@ flows or events DataFrame is columnar: comparisons over whole columns, and where
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,8 +35,8 @@ from flowscope.schema import DIRECTIONS, EVENT_KINDS, PROTOCOL_NAMES
 FrameKind = Literal["flows", "events"]
 Side = Literal["src", "dst"]
 
-SIDED_FIELDS = ("pod", "namespace", "workload", "ip", "port", "node")
-UNSIDED_FIELDS = ("protocol", "direction", "verdict", "reason", "ifname", "type")
+SIDED_FIELDS = ("pod", "namespace", "workload", "label", "ip", "port", "node")
+UNSIDED_FIELDS = ("observer", "protocol", "direction", "verdict", "reason", "ifname", "type")
 FIELDS = SIDED_FIELDS + UNSIDED_FIELDS
 
 VERDICTS = ("forwarded", "dropped")
@@ -135,6 +142,50 @@ class Filter:
 
 
 MATCH_ALL = Filter("")
+
+
+@dataclass(frozen=True)
+class FilterSet:
+    """Allow and deny lists of filters: a record passes if any allow filter matches it (or there is none)
+    and no deny filter does (Hubble's whitelist minus blacklist)."""
+
+    allow: tuple[Filter, ...] = ()
+    deny: tuple[Filter, ...] = ()
+
+    def flows_mask(self, flows: pd.DataFrame) -> Mask:
+        return self._mask(flows, "flows")
+
+    def events_mask(self, events: pd.DataFrame) -> Mask:
+        return self._mask(events, "events")
+
+    def _mask(self, frame: pd.DataFrame, kind: FrameKind) -> Mask:
+        mask = np.ones(len(frame), dtype=bool)
+        if self.allow:
+            mask = np.zeros(len(frame), dtype=bool)
+            for allowed in self.allow:
+                mask |= allowed._mask(frame, kind)
+        for denied in self.deny:
+            mask &= ~denied._mask(frame, kind)
+        return mask
+
+    def __bool__(self) -> bool:
+        return bool(self.allow or self.deny)
+
+
+def term(field: str, values: Sequence[str], side: Side | None = None, negated: bool = False) -> Term:
+    """One term built from its parts (the gRPC APIs' structured filters), its values parsed as the text
+    language parses them; no values: a term that matches nothing. Raises FilterError naming the term."""
+    prefix = {"src": "from-", "dst": "to-", None: ""}[side]
+    text = f"{'not ' if negated else ''}{prefix}{field}={','.join(values)}"
+    if field not in FIELDS:
+        raise FilterError(text, f"unknown field {field!r}; fields are {', '.join(FIELDS)}")
+    if side is not None and field not in SIDED_FIELDS:
+        raise FilterError(text, f"{field} has no side")
+    try:
+        parsed = tuple(_VALUE_PARSERS[field](value) for value in values)
+    except ValueError as err:
+        raise FilterError(text, str(err)) from None
+    return Term(text, field, side, parsed, negated)
 
 
 def parse_filter(text: str | Iterable[str]) -> Filter:
@@ -256,13 +307,60 @@ def _parse_name(item: str) -> str:
     return item
 
 
+Requirement = tuple[str, str, tuple[str, ...]]  # (key, "in" | "notin" | "exists" | "!exists", values)
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$")
+_LABEL_SOURCE = "k8s:"  # Cilium's label source prefix, as Hubble's label selectors may carry it
+_LABEL_SET = re.compile(r"^(\S+)\s+(in|notin)\s*\((.*)\)$")
+
+
+def _parse_label(item: str) -> tuple[Requirement, ...]:
+    """A label selector as Kubernetes writes them (requirements ANDed by commas outside parentheses):
+    key=value, key==value, key!=value, key in (a,b), key notin (a,b), key, !key."""
+    parts, depth, current = [], 0, ""
+    for char in item:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return tuple(_parse_requirement(part.strip()) for part in parts)
+
+
+def _parse_requirement(text: str) -> Requirement:
+    sets = _LABEL_SET.match(text)
+    if sets:
+        key, operator, values = sets.group(1), sets.group(2), tuple(v.strip() for v in sets.group(3).split(","))
+    elif "!=" in text:
+        key, _, value = text.partition("!=")
+        operator, values = "notin", (value.strip(),)
+    elif "=" in text:
+        key, _, value = text.partition("=")
+        operator, values = "in", (value.strip().removeprefix("="),)
+    elif text.startswith("!"):
+        key, operator, values = text[1:], "!exists", ()
+    else:
+        key, operator, values = text, "exists", ()
+    key = key.strip().removeprefix(_LABEL_SOURCE)
+    if not _LABEL_KEY.match(key):
+        raise ValueError(f"{key!r} is not a label key (e.g. app or app.kubernetes.io/name)")
+    return (key, operator, values)
+
+
+def _parse_pattern(item: str) -> re.Pattern[str]:
+    return re.compile(fnmatch.translate(item))
+
+
 _VALUE_PARSERS: dict[str, Callable[[str], object]] = {
     "pod": _parse_pod,
     "namespace": _parse_name,
     "workload": _parse_workload,
+    "label": _parse_label,
     "ip": _parse_ip,
     "port": _parse_port,
     "node": _parse_name,
+    "observer": _parse_pattern,
     "protocol": _parse_protocol,
     "direction": _choice(DIRECTIONS, "direction"),
     "verdict": _choice(VERDICTS, "verdict"),
@@ -361,6 +459,36 @@ def _match_port(frame: pd.DataFrame, side: Side, values: tuple) -> Mask:
     return result
 
 
+def _match_label(frame: pd.DataFrame, side: Side, values: tuple) -> Mask:
+    column = _column(frame, f"{side}_labels")
+    result = np.zeros(len(frame), dtype=bool)
+    if column is None:
+        return result
+    verdicts: dict[int, bool] = {}  # by the labels' identity: the rows of one pod share one dict
+    for row, labels in enumerate(column.array):
+        if not isinstance(labels, dict):
+            continue
+        known = verdicts.get(id(labels))
+        if known is None:
+            known = verdicts[id(labels)] = any(_selects(selector, labels) for selector in values)
+        result[row] = known
+    return result
+
+
+def _selects(selector: tuple[Requirement, ...], labels: dict) -> bool:
+    for key, operator, values in selector:
+        present = key in labels
+        if operator == "exists" and not present:
+            return False
+        if operator == "!exists" and present:
+            return False
+        if operator == "in" and not (present and labels[key] in values):
+            return False
+        if operator == "notin" and present and labels[key] in values:
+            return False
+    return True
+
+
 def _match_side_text(name: str) -> Callable[[pd.DataFrame, Side, tuple], Mask]:
     def match(frame: pd.DataFrame, side: Side, values: tuple) -> Mask:
         return _text_isin(frame, f"{side}_{name}", values)
@@ -372,6 +500,7 @@ _SIDED_MATCHERS: dict[str, Callable[[pd.DataFrame, Side, tuple], Mask]] = {
     "pod": _match_pod,
     "namespace": _match_side_text("namespace"),
     "workload": _match_workload,
+    "label": _match_label,
     "ip": _match_ip,
     "port": _match_port,
     "node": _match_side_text("node"),
@@ -412,7 +541,15 @@ def _match_unsided_text(name: str) -> Callable[[pd.DataFrame, FrameKind, tuple],
     return match
 
 
+def _match_observer(frame: pd.DataFrame, kind: FrameKind, values: tuple) -> Mask:
+    column = _column(frame, "node")
+    if column is None:
+        return np.zeros(len(frame), dtype=bool)
+    return _by_distinct(column, lambda nodes: np.array([any(p.match(n) for p in values) for n in nodes], dtype=bool))
+
+
 _UNSIDED_MATCHERS: dict[str, Callable[[pd.DataFrame, FrameKind, tuple], Mask]] = {
+    "observer": _match_observer,
     "protocol": _match_unsided_text("protocol"),
     "direction": _match_unsided_text("direction"),
     "verdict": _match_verdict,

@@ -59,8 +59,8 @@ HELP = """\
   port=80,443 protocol=tcp     terms are ANDed, commas OR values
   not namespace=kube-system    not or ! negates a term, so does field!=value
   from-pod=shop/checkout       from- / to- pin a side; without them either side matches
-  fields: pod namespace workload ip (address or CIDR) port (or range) node
-          protocol direction verdict (forwarded|dropped) reason (NO_SOCKET ...) ifname type
+  fields: pod namespace workload label (key=value) ip (address or CIDR) port (or range) node
+          observer protocol direction verdict (forwarded|dropped) reason (NO_SOCKET ...) ifname type
 """
 
 

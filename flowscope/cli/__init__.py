@@ -10,7 +10,7 @@ from typing import Any
 
 from flowscope.cli.options import ArgumentParser, UsageError
 
-COMMANDS = ("doctor", "capture", "top", "agent")
+COMMANDS = ("doctor", "capture", "top", "agent", "observe", "status", "relay")
 
 
 def build_parser() -> ArgumentParser:

@@ -46,8 +46,9 @@ examples:
 
 filter language (also `/` in the TUI): terms field=value are ANDed, commas OR values (port=80,443),
 not or ! negates a term, from-/to- pin a side (from-pod=shop/checkout). Fields: pod (ns/name prefix or
-name), namespace, workload, ip (address or CIDR), port (or range 8000-8080), node, protocol, direction,
-verdict (forwarded|dropped), reason (kernel drop reason, e.g. NO_SOCKET), ifname, type.
+name), namespace, workload, label (key=value, key!=value, key), ip (address or CIDR), port (or range
+8000-8080), node, observer (the node that saw it; * wildcards), protocol, direction, verdict
+(forwarded|dropped), reason (kernel drop reason, e.g. NO_SOCKET), ifname, type.
 """
 
 
@@ -92,6 +93,9 @@ def add_top_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds per interval (overrides --interval; a replay keeps its recorded intervals)",
     )  # fmt: skip
     parser.add_argument("count", nargs="?", type=positive_int, help="print COUNT intervals, then exit (-o table|jsonl)")
+    parser.add_argument(
+        "--server", metavar="ADDR", help="show a remote agent or relay (unix:///PATH or HOST:PORT) instead of probes"
+    )
 
 
 def run_top(args: argparse.Namespace) -> int:
@@ -104,6 +108,8 @@ def run_top(args: argparse.Namespace) -> int:
     if args.output == "tui" and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("the TUI needs a terminal; use -o table or -o jsonl for plain output.")
     config = config_from(args)
+    if args.server:
+        return _top_remote(args, config, view_filter)
     if args.interval_seconds is not None:
         config = config.model_copy(
             update={"probes": config.probes.model_copy(update={"interval": args.interval_seconds})}
@@ -126,6 +132,35 @@ def run_top(args: argparse.Namespace) -> int:
 
     sink = TopRowsSink(model, source.node, whole_writes(sys.stdout), rows=args.rows or 20, output=args.output)
     pipeline = Pipeline(source, [sink], enricher=enricher)
+    stop = threading.Event()
+    stop_on_signals(stop)
+    try:
+        pipeline.start()
+        pipeline.run(stop, count=args.count)
+    finally:
+        pipeline.close(timeout=config.stop_timeout)
+    return 0
+
+
+def _top_remote(args: argparse.Namespace, config: Any, view_filter: Any) -> int:
+    """top over a remote agent or relay: its followed records are the source."""
+    from flowscope.proto.client import Client, ClientError, RemoteSource
+
+    try:
+        source = RemoteSource(Client(config.client.model_copy(update={"server": args.server})))
+    except ClientError as err:
+        raise UsageError(str(err)) from None
+    model = TopModel(history=args.history, fallback_seconds=config.probes.interval)
+    model.set_view(grouping=args.group, filter=view_filter, sort=args.sort)
+    if args.output == "tui":
+        from flowscope.ui.app import run_app
+
+        return run_app(source, model, args.rows)
+    from flowscope.exporters.stream import whole_writes
+    from flowscope.exporters.table import TopRowsSink
+
+    sink = TopRowsSink(model, source.node, whole_writes(sys.stdout), rows=args.rows or 20, output=args.output)
+    pipeline = Pipeline(source, [sink])
     stop = threading.Event()
     stop_on_signals(stop)
     try:

@@ -65,9 +65,14 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def write_batch(batch: FlowBatch, out: IO[str]) -> None:
+def record_lines(batch: FlowBatch) -> list[str]:
+    """The batch's flow and event records as JSON lines (no interval line)."""
     lines = [_dump({"type": "flow", **row}) for row in _json_ready(batch.flows, FLOW_COLUMNS)]
-    lines += [_dump({"type": "event", **row}) for row in _json_ready(batch.events, EVENT_COLUMNS)]
+    return lines + [_dump({"type": "event", **row}) for row in _json_ready(batch.events, EVENT_COLUMNS)]
+
+
+def write_batch(batch: FlowBatch, out: IO[str]) -> None:
+    lines = record_lines(batch)
     lines.append(
         _dump(
             {

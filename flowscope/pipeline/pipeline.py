@@ -87,6 +87,9 @@ class Pipeline:
         """Opens every sink on its thread; if one cannot open, those already open are closed and it raises."""
         try:
             for runner in self.runners:
+                bind = getattr(runner.sink, "bind", None)
+                if bind is not None:
+                    bind(self)
                 runner.start()
                 self._open.append(runner)
         except BaseException:

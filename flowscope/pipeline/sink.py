@@ -6,6 +6,7 @@ bounded queue, so a slow or dead sink never stalls the kernel readers or the oth
     close()         once, on the sink's thread, after the last batch (flush here)
     health()        {"state": "ok" | "degraded" | "failing", ...} for status pages, from any thread
     reopen()        optional: reopen files (SIGHUP, log rotation), on the sink's thread
+    bind(pipeline)  optional: the pipeline it is an output of, once, before open() (its source's node, probes)
     settled()       optional, for sinks that write later than write() returns (a buffer that waits for a
                     server): (written, lost) records since the last call; write() then only hands over
 

@@ -118,8 +118,7 @@ def _unix_server(path: str, status: Callable[[], dict[str, Any]]) -> _Server:
     directory = os.path.dirname(path) or "."
     try:
         os.makedirs(directory, mode=0o755, exist_ok=True)
-        if os.path.exists(path):
-            _remove_stale(path)
+        claim_socket(path, "--status-socket")
         previous = os.umask(0o117)  # the socket is created 0660: root and its group only
         try:
             server = _Server(path, status, socket.AF_UNIX)
@@ -131,8 +130,11 @@ def _unix_server(path: str, status: Callable[[], dict[str, Any]]) -> _Server:
     return server
 
 
-def _remove_stale(path: str) -> None:
-    """A socket file left by an agent that is gone is removed; one that answers belongs to a running agent."""
+def claim_socket(path: str, flag: str) -> None:
+    """Makes `path` free for a new unix socket: a socket file left by an agent that is gone is removed; one that
+    answers belongs to a running agent (StatusError, naming `flag`)."""
+    if not os.path.exists(path):
+        return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -141,7 +143,7 @@ def _remove_stale(path: str) -> None:
         return
     finally:
         probe.close()
-    raise StatusError(f"another flowscope agent answers on {path}; stop it, or choose another --status-socket.")
+    raise StatusError(f"another flowscope agent answers on {path}; stop it, or choose another {flag}.")
 
 
 def _tcp_server(address: str, status: Callable[[], dict[str, Any]]) -> _Server:

@@ -71,8 +71,8 @@ def test_jsonl_output_with_a_filter(shop_replay, capsys):
         (
             ["--filter", "prot=tcp"],
             "flowscope top: bad filter term \"prot=tcp\": unknown field 'prot'; fields are pod, namespace, workload, "
-            "ip, port, node, protocol, direction, verdict, reason, ifname, type; see `flowscope top --help` for the "
-            "filter language.",
+            "label, ip, port, node, observer, protocol, direction, verdict, reason, ifname, type; see `flowscope top "
+            "--help` for the filter language.",
         ),
         (
             ["-o", "tui", "1", "3"],
@@ -153,8 +153,8 @@ def test_the_installed_entry_point_runs(shop_replay):
 
 
 # The filter fields as the README lists them, in its order.
-README_FIELDS = ["pod", "namespace", "workload", "ip", "port", "node", "protocol", "direction", "verdict", "reason",
-                 "ifname", "type"]  # fmt: skip
+README_FIELDS = ["pod", "namespace", "workload", "label", "ip", "port", "node", "observer", "protocol", "direction",
+                 "verdict", "reason", "ifname", "type"]  # fmt: skip
 
 
 def test_the_help_texts_name_every_filter_field():

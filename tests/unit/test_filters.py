@@ -5,8 +5,10 @@ import pandas as pd
 import pytest
 
 from flowscope.decode.flows import protocol_names
-from flowscope.filters import MATCH_ALL, FilterError, parse_filter
+from flowscope.filters import MATCH_ALL, FilterError, FilterSet, parse_filter, term
 from flowscope.schema import events_frame, flows_frame
+
+CHECKOUT_LABELS = {"app": "checkout", "tier": "web"}  # one dict for rows of one pod, as the enricher shares it
 
 # Five flows, one per row index, with identity on some rows only (as on a real node).
 FLOWS = flows_frame(
@@ -34,6 +36,14 @@ FLOWS = flows_frame(
             "dst_pod": ["payments-0", "checkout-7d9f", "coredns-55", "checkout-7d9f", None],
             "dst_workload": ["payments", "checkout", "coredns", "checkout", None],
             "dst_node": ["node-b", "node-a", "node-a", "node-a", None],
+            "src_labels": [CHECKOUT_LABELS, {"app": "payments"}, CHECKOUT_LABELS, None, None],
+            "dst_labels": [
+                {"app": "payments"},
+                {"app": "checkout", "tier": "web"},
+                {"k8s-app": "kube-dns"},
+                CHECKOUT_LABELS,
+                None,
+            ],
         }
     )
 )
@@ -102,6 +112,18 @@ def event_rows(text: str) -> list[int]:
         ("node=node-b", [0, 1]),
         ("node=node-a", [0, 1, 2, 3, 4]),
         ("from-node=node-b", [1]),
+        ("observer=node-b", []),
+        ("observer=node-a", [0, 1, 2, 3, 4]),
+        ("observer=node-*,other", [0, 1, 2, 3, 4]),
+        ("label=app=checkout", [0, 1, 2, 3]),
+        ("from-label=app=checkout", [0, 2]),
+        ("from-label=app==payments", [1]),
+        ("label=tier", [0, 1, 2, 3]),
+        ("to-label=app!=checkout", [0, 2]),
+        ("to-label=!app", [2]),
+        ("label=k8s:k8s-app=kube-dns", [2]),
+        ("not label=tier", [4]),
+        ("from-label=app=payments,tier", [0, 1, 2]),
         ("ifname=veth1", [2, 3]),
         ("type=flow", [0, 1, 2, 3, 4]),
         ("type=drop", [2, 3]),
@@ -121,6 +143,38 @@ def event_rows(text: str) -> list[int]:
 )
 def test_flow_masks(text, rows):
     assert flow_rows(text) == rows
+
+
+def test_terms_built_from_parts_match_as_the_text_does():
+    # a whole selector per value: requirements ANDed, values ORed
+    web_shop = term("label", ["app in (checkout,payments),tier=web"], side="src")
+    assert np.flatnonzero(web_shop.mask(FLOWS, "flows")).tolist() == [0, 2]
+    either = term("label", ["app=payments", "k8s-app in (kube-dns)"], side="dst")
+    assert np.flatnonzero(either.mask(FLOWS, "flows")).tolist() == [0, 2]
+    assert (
+        term("port", ["443"], side="dst").mask(FLOWS, "flows").tolist()
+        == parse_filter("to-port=443").flows_mask(FLOWS).tolist()
+    )
+    assert not term("verdict", []).mask(FLOWS, "flows").any()  # no values: matches nothing
+    with pytest.raises(FilterError, match='bad filter term "from-port=x": a port is a number'):
+        term("port", ["x"], side="src")
+
+
+@pytest.mark.parametrize(
+    ("allow", "deny", "rows"),
+    [
+        ([], [], [0, 1, 2, 3, 4]),
+        (["pod=shop/checkout"], [], [0, 1, 2, 3]),
+        (["from-pod=shop/checkout", "to-pod=shop/checkout"], [], [0, 1, 2, 3]),
+        (["from-pod=shop/checkout", "protocol=icmpv6"], [], [0, 2, 4]),
+        (["pod=shop/checkout"], ["verdict=dropped"], [0, 1]),
+        ([], ["verdict=dropped", "protocol=icmpv6"], [0, 1]),
+        (["namespace=shop"], ["from-pod=shop/payments to-port=43210"], [0, 2, 3]),
+    ],
+)
+def test_filter_sets_pass_what_an_allow_filter_matches_and_no_deny_filter_does(allow, deny, rows):
+    filters = FilterSet(tuple(map(parse_filter, allow)), tuple(map(parse_filter, deny)))
+    assert np.flatnonzero(filters.flows_mask(FLOWS)).tolist() == rows
 
 
 @pytest.mark.parametrize(
@@ -147,12 +201,13 @@ def test_event_masks(text, rows):
     ("text", "message"),
     [
         ("port=http", 'bad filter term "port=http": a port is a number 0-65535 or a range like 8000-8080'),
+        ("label=@x", "bad filter term \"label=@x\": '@x' is not a label key (e.g. app or app.kubernetes.io/name)"),
         ("port=70000", 'bad filter term "port=70000": a port is a number 0-65535 or a range like 8000-8080'),
         ("port=90-80", 'bad filter term "port=90-80": a port is a number 0-65535 or a range like 8000-8080'),
         (
             "protocol=tcp prot=udp",
-            "bad filter term \"prot=udp\": unknown field 'prot'; fields are pod, namespace, workload, ip, port, "
-            "node, protocol, direction, verdict, reason, ifname, type",
+            "bad filter term \"prot=udp\": unknown field 'prot'; fields are pod, namespace, workload, label, ip, "
+            "port, node, observer, protocol, direction, verdict, reason, ifname, type",
         ),
         (
             "from-verdict=dropped",

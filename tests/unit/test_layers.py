@@ -10,7 +10,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # Where each installed package's sources live (pyproject.toml's package-dir).
-SOURCE_DIRS = {"flowscope": ROOT / "flowscope", "flowscope.ui": ROOT / "ui", "flowscope.exporters": ROOT / "exporters"}
+SOURCE_DIRS = {
+    "flowscope": ROOT / "flowscope",
+    "flowscope.ui": ROOT / "ui",
+    "flowscope.exporters": ROOT / "exporters",
+    "flowscope.proto": ROOT / "proto",
+}
 
 # Lowest first: a module may import from its own layer and the layers before it, never from a later one.
 LAYERS = (
@@ -21,6 +26,7 @@ LAYERS = (
     ("flowscope.enrich",),  # identity
     ("flowscope.filters", "flowscope.formats"),  # the filter language; records on disk
     ("flowscope.pipeline",),  # sources, fan-out to sinks
+    ("flowscope.proto",),  # the gRPC wire (an edge, like the sinks): protos, their codec, the client
     ("flowscope.analysis",),  # pandas over FlowBatches and flow logs
     ("flowscope.exporters",),  # the sinks
     ("flowscope.ui",),  # display only
