@@ -304,7 +304,8 @@ def run_capture(args: argparse.Namespace) -> int:
         from flowscope.enrich.report import identity_summary
 
         counts = f"lost {total.lost} of {total.produced} produced"
-        out.write(f"=== {intervals} intervals; {counts}; {identity_summary(identity)}\n")
+        named = identity_summary(identity) if identity is not None else "identity: as recorded"
+        out.write(f"=== {intervals} intervals; {counts}; {named}\n")
     if handle is not None:
         handle.close()
     return 0
