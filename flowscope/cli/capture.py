@@ -91,6 +91,7 @@ def run_capture(args: argparse.Namespace) -> int:
         from flowscope.enrich.report import identity_summary
 
         counts = f"lost {total.lost} of {total.produced} produced"
-        output.stream.write(f"=== {pipeline.intervals} intervals; {counts}; {identity_summary(identity)}\n")
+        named = identity_summary(identity) if identity is not None else "identity: as recorded"
+        output.stream.write(f"=== {pipeline.intervals} intervals; {counts}; {named}\n")
     output.close()
     return 0

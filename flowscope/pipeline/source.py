@@ -45,12 +45,17 @@ class ReplaySource:
                 return
             if previous_end is not None and self.speed > 0 and batch.time_end is not None:
                 gap = (batch.time_end - previous_end).total_seconds()
-                if gap > 0 and stop.wait(gap / self.speed):
+                if gap > 0 and self.pause(stop, gap / self.speed):
                     return
             if batch.time_start is not None and batch.time_end is not None and self.interval == 0.0:
                 self.interval = max((batch.time_end - batch.time_start).total_seconds(), 0.0)
             previous_end = batch.time_end
             yield batch
+
+    @staticmethod
+    def pause(stop: threading.Event, seconds: float) -> bool:
+        """Waits out a recorded gap; True when stopped meanwhile (a seam for tests' clocks)."""
+        return stop.wait(seconds)
 
     def close(self) -> None:
         return None

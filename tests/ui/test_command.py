@@ -1,5 +1,6 @@
 """`flowscope top` from the command line: plain output for scripts, errors, and the TUI in a real terminal."""
 
+import itertools
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import pytest
 
 from flowscope.cli import main
 from tests.ui.terminal import Terminal, restored
+from tests.waiting import wait_for
 
 FLOWSCOPE = [sys.executable, "-m", "flowscope"]
 
@@ -63,6 +65,67 @@ def test_jsonl_output_with_a_filter(shop_replay, capsys):
         "connections": 0,  # the connect event is not a dropped one, so the filter leaves it out
         "closes": 0,
     }
+
+
+def test_jsonl_output_grouped_by_workload(shop_replay, capsys):
+    code = main(["top", "--replay", str(shop_replay), "--speed", "1000", "--node-name", "node-a", "-o", "jsonl",
+                 "--group", "workload", "2", "1"])  # fmt: skip
+    assert code == 0
+    # Interval 0: checkout's four flows (100 x 1000 B, 80 x 1400 B, 20 x 1200 B, 2 x 90 B), payments the TCP
+    # three of them, coredns the UDP one; RTT the mean of 1200, 900 and 300 µs; the connect/accept pair is one
+    # connection at each end.
+    common = {"time_end": "2025-03-01T12:00:02.000000000Z", "seconds": 2.0, "node": "node-a", "group": "workload",
+              "drops": 0, "retransmits": 0, "resets": 0, "closes": 0}  # fmt: skip
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [
+        {**common, "key": "shop/checkout", "bytes": 236180, "packets": 202, "bytes_per_s": 118090,
+         "packets_per_s": 101, "rtt_us": 800, "connections": 1},
+        {**common, "key": "shop/payments", "bytes": 236000, "packets": 200, "bytes_per_s": 118000,
+         "packets_per_s": 100, "rtt_us": 800, "connections": 1},
+        {**common, "key": "kube-system/coredns", "bytes": 180, "packets": 2, "bytes_per_s": 90, "packets_per_s": 1,
+         "rtt_us": None, "connections": 0},
+    ]  # fmt: skip
+
+
+def paced_recording(path: Path) -> Path:
+    """Three intervals of 1, 2 and 4 s, one 1000-byte UDP flow each, written by hand."""
+    ends = ["2025-03-01T12:00:00.000000000Z", "2025-03-01T12:00:01.000000000Z", "2025-03-01T12:00:03.000000000Z",
+            "2025-03-01T12:00:07.000000000Z"]  # fmt: skip
+    lines = []
+    for start, end in itertools.pairwise(ends):
+        lines.append({"type": "flow", "time_start": start, "time_end": end, "protocol": "UDP", "ip_version": 4,
+                      "src_ip": "10.9.0.1", "src_port": 1000, "dst_ip": "10.9.0.2", "dst_port": 2000,
+                      "packets": 1, "bytes": 1000})  # fmt: skip
+        lines.append({"type": "interval", "time_start": start, "time_end": end, "coverage": {}})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize(("speed", "sleeps"), [(["--speed", "4"], [0.5, 1.0]), ([], [2.0, 4.0])])
+def test_a_replay_is_paced_by_its_recorded_gaps_over_the_speed(tmp_path, capsys, monkeypatch, speed, sleeps):
+    import sys
+
+    from flowscope.pipeline.source import ReplaySource
+
+    requested: list[tuple[float, int]] = []  # each wait, with the rows printed before it
+
+    def pause(stop, seconds: float) -> bool:
+        # The rows are printed by the sink's thread: while the source waits here, the interval before must
+        # reach stdout (it was handed over before the wait), and no later one can.
+        rows_before = len(requested) + 1
+        wait_for(lambda: sys.stdout.getvalue().count("\n") >= rows_before, what=f"row {rows_before} printed")
+        requested.append((seconds, sys.stdout.getvalue().count("\n")))
+        return False
+
+    monkeypatch.setattr(ReplaySource, "pause", staticmethod(pause))
+    replay = paced_recording(tmp_path / "paced.jsonl")
+    assert main(["top", "--replay", str(replay), *speed, "--node-name", "n", "-o", "jsonl"]) == 0
+    # No wait before the first interval; before each later one, the gap between interval ends over the speed
+    # (2 s and 4 s; top's speed is 1 unless given), after the rows of the one before.
+    assert requested == [(sleeps[0], 1), (sleeps[1], 2)]
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["time_end"][11:19], r["seconds"], r["bytes_per_s"]) for r in rows] == [
+        ("12:00:01", 1.0, 1000), ("12:00:03", 2.0, 500), ("12:00:07", 4.0, 250),
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import pytest
 
 from flowscope.enrich import IdentityConfigError, build_enricher
 from flowscope.enrich.catalog import Catalog
-from flowscope.enrich.model import Controller
+from flowscope.enrich.model import Controller, NodeMeta, ServiceMeta
 from flowscope.enrich.static import load_metadata
 from tests.settings import identity_settings
 
@@ -61,10 +61,23 @@ def test_a_yaml_file_names_pods_vms_networks_services_and_nodes(tmp_path):
 
 def test_json_works_too(tmp_path):
     path = tmp_path / "metadata.json"
-    path.write_text(json.dumps({"services": [{"namespace": "a", "name": "b", "ips": ["10.96.0.1"]}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "pods": [{"namespace": "a", "name": "web", "uid": "u-1", "ips": ["10.0.0.7"], "node": "n1"}],
+                "services": [{"namespace": "a", "name": "b", "ips": ["10.96.0.1"], "labels": {"app": "web"}}],
+                "nodes": [{"name": "n1", "ips": ["192.168.1.1"], "labels": {"zone": "x"}}],
+            }
+        )
+    )
     catalog = Catalog("static", grace=60)
     load_metadata(str(path), catalog)
-    assert catalog.service("a", "b") is not None
+    pod = catalog.pod("u-1")
+    assert (pod.namespace, pod.name, pod.ips, pod.node, pod.labels) == ("a", "web", ("10.0.0.7",), "n1", {})
+    assert catalog.service("a", "b") == ServiceMeta("a", "b", {"app": "web"}, ("10.96.0.1",))
+    assert catalog.node("n1") == NodeMeta("n1", {"zone": "x"}, ("192.168.1.1",))
+    counts = catalog.counts()
+    assert (counts["pods"], counts["services"], counts["nodes"]) == (1, 1, 1)
 
 
 @pytest.mark.parametrize(
