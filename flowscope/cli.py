@@ -109,6 +109,10 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
         "--tcp-events-rate", type=positive_int, default=1000, metavar="N",
         help="retransmit and reset events sent per second per CPU (all are still counted)",
     )  # fmt: skip
+    group.add_argument(
+        "--prefer-kprobes", action="store_true",
+        help="run each probe family's kprobe variant where the kernel has kprobes, instead of its tracepoints",
+    )  # fmt: skip
     group.add_argument("--replay", metavar="FILE", help="read capture JSON lines instead of running probes")
     group.add_argument(
         "--speed", type=positive_float, default=None, metavar="X", help="replay pace (2 = twice as fast)"
@@ -133,6 +137,7 @@ def open_source(args: argparse.Namespace, default_speed: float = 0.0) -> BatchSo
         drop_map_size=args.drop_map_size,
         tcp_map_size=args.tcp_map_size,
         tcp_events_per_second=args.tcp_events_rate,
+        prefer_kprobes=args.prefer_kprobes,
     )
     return LiveSource(options, interval=args.interval, node=node_name(args))
 

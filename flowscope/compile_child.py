@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
@@ -70,32 +69,9 @@ def receive(channel: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
 # ---- the child -----------------------------------------------------------------------------------------
 
 
-def _module_maps(bpf: Any) -> dict[str, int]:
-    """Every map of the module (BCC's Python side lists only those it opened): name -> fd."""
-    from bcc.libbcc import lib
-
-    lib.bpf_num_tables.restype = ctypes.c_ulonglong
-    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
-    lib.bpf_table_name.restype = ctypes.c_char_p
-    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
-    names = [lib.bpf_table_name(bpf.module, i) for i in range(lib.bpf_num_tables(bpf.module))]
-    return {name.decode(): lib.bpf_table_fd(bpf.module, name) for name in names}
-
-
-def _attachments(bpf: Any) -> dict[str, int]:
-    """The descriptors that keep BCC's tracepoint, raw tracepoint and kprobe programs attached."""
-    found = {f"raw_tracepoint:{tp.decode()}": fd for tp, fd in bpf.raw_tracepoint_fds.items()}
-    found |= {f"tracepoint:{tp.decode()}": fd for tp, fd in bpf.tracepoint_fds.items()}
-    for event, programs in bpf.kprobe_fds.items():
-        found |= {f"kprobe:{event.decode()}:{program.decode()}": fd for program, fd in programs.items()}
-    return found
-
-
 def handover(module: CompiledModule, compile_seconds: float) -> tuple[dict[str, Any], list[int]]:
     """The description the parent receives, and the descriptors in the order it lists them."""
-    maps = _module_maps(module.bpf)
-    programs = {name.decode(): function.fd for name, function in module.bpf.funcs.items()}  # type: ignore[attr-defined]
-    attachments = _attachments(module.bpf)
+    loaded = module.loaded
     description = {
         "statuses": [
             {"name": s.family.name, "active": s.active, "reason": s.reason, "remedy": s.remedy, "detail": s.detail}
@@ -103,12 +79,15 @@ def handover(module: CompiledModule, compile_seconds: float) -> tuple[dict[str, 
         ],
         "perf_events": module.perf_events,
         "tc_programs": module.tc_programs,
-        "maps": list(maps),
-        "programs": list(programs),
-        "attachments": list(attachments),
+        "maps": list(loaded.maps),
+        "programs": list(loaded.programs),
+        "attachments": list(loaded.attachments),
         "compile_seconds": round(compile_seconds, 3),
+        "verifier": [dataclasses.asdict(report) for report in loaded.report],
+        "object_cache": module.object_cache,
+        "compiler_warnings": module.compiler_warnings,
     }
-    return description, [*maps.values(), *programs.values(), *attachments.values()]
+    return description, [*loaded.maps.values(), *loaded.programs.values(), *loaded.attachments.values()]
 
 
 def options_from(request: dict[str, Any]) -> LoadOptions:
@@ -174,6 +153,9 @@ def loaded_from(description: dict[str, Any], fds: list[int], options: LoadOption
         attachments=attachments,
         tc_programs={hook: programs[name] for hook, name in description["tc_programs"].items()},
         compile_seconds=description["compile_seconds"],
+        verifier=description["verifier"],
+        object_cache=description["object_cache"],
+        compiler_warnings=description["compiler_warnings"],
     )
 
 
