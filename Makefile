@@ -13,10 +13,12 @@ RUNTIME_PACKAGES := python3-bpfcc bpfcc-tools bpftool iproute2 iptables python3-
 # What the tests add: traffic generators and packet capture for ground truth.
 # ClickHouse (18.16) and ZooKeeper: the flow store's tests start their own instances.
 TEST_PACKAGES := iperf3 tshark tcpreplay procps systemd clickhouse-server clickhouse-client zookeeper
+# What the kernel matrix adds: qemu boots Debian's kernels, busybox is their initramfs, kmod lists modules.
+MATRIX_PACKAGES := qemu-system-x86 busybox-static kmod
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-test system-packages test-packages top test bench lint clean
+.PHONY: setup setup-test system-packages test-packages top test kernel-matrix bench lint clean
 
 # System packages are checked every time (dpkg-query is quick); the venv is brought up to date when
 # pyproject.toml or requirements.lock changes. Python packages install at the lock's exact versions
@@ -50,6 +52,12 @@ top: setup
 
 test: setup-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The kernel_matrix tests inside Debian's own 6.1 and 6.12 kernels under qemu (scripts/kernel-matrix;
+# ARGS="--kernel 6.12 --budget 1500 -- -k drops" passes its flags and, after --, pytest's).
+kernel-matrix: setup-test
+	@scripts/install-packages $(MATRIX_PACKAGES)
+	scripts/kernel-matrix $(ARGS)
 
 # Benchmarks (root, under 10 minutes): prints figures and ratios, rewrites docs/benchmarks.md.
 bench: setup-test

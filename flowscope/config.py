@@ -110,6 +110,10 @@ class ProbesConfig(Section):
         1000, "retransmit and reset events sent per second per CPU (all are still counted)",
         flag="--tcp-events-rate", metavar="N", gt=0,
     )  # fmt: skip
+    prefer_kprobes: bool = option(
+        False, "run each probe family's kprobe variant where the kernel has kprobes, instead of its tracepoints",
+        flag="--prefer-kprobes",
+    )  # fmt: skip
 
     _pages = field_validator("ring_pages", "perf_pages")(_power_of_two)
 

@@ -2,8 +2,9 @@
  *
  * The module text holds skb_drop.c first (its maps and fs_drop, without its tracepoint program: built with
  * -DFS_SKB_DROP_KPROBES); this file adds the kprobe on the function that frees a dropped skb with its
- * reason: FS_DROP_KPROBE (sk_skb_reason_drop since Linux 6.11, kfree_skb_reason before), its argument
- * positions FS_DROP_KPROBE_ARG_* from BTF. The drop location is the function's caller.
+ * reason: FS_DROP_KPROBE (sk_skb_reason_drop since Linux 6.11, kfree_skb_reason since 5.17, kfree_skb
+ * without a reason before), its argument positions FS_DROP_KPROBE_ARG_* from BTF. The drop location is the
+ * function's caller.
  */
 #include "flowscope.h"
 #include "fs_kernel.h"
@@ -27,7 +28,11 @@ int FS_CAT(kprobe__, FS_DROP_KPROBE)(struct pt_regs *ctx)
 #else
     const void *sk = 0;
 #endif
-    fs_drop(ctx, (const void *)FS_PARM(ctx, FS_DROP_KPROBE_ARG_SKB), fs_caller(ctx),
-            (__u32)FS_PARM(ctx, FS_DROP_KPROBE_ARG_REASON), sk);
+#ifdef FS_DROP_KPROBE_ARG_REASON
+    __u32 reason = (__u32)FS_PARM(ctx, FS_DROP_KPROBE_ARG_REASON);
+#else
+    __u32 reason = FS_UNKNOWN;
+#endif
+    fs_drop(ctx, (const void *)FS_PARM(ctx, FS_DROP_KPROBE_ARG_SKB), fs_caller(ctx), reason, sk);
     return 0;
 }

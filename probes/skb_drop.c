@@ -1,13 +1,14 @@
 /* Packet drops: skb:kfree_skb (raw tracepoint), counted in the kernel per flow and drop reason.
  *
  * Normal frees (SKB_CONSUMED, and SKB_NOT_DROPPED_YET which would be a kernel bug) never leave the
- * program. Every drop is counted in the double-buffered drops map, so a drop storm costs a hash update
+ * program; kernels before SKB_CONSUMED (Linux 6.2) free normal packets through consume_skb, which has a
+ * tracepoint of its own, so there every kfree_skb is a drop (NOT_SPECIFIED where the caller gave no reason). Every drop is counted in the double-buffered drops map, so a drop storm costs a hash update
  * per packet, like normal traffic in tc; drop events (with the kernel location) go to user space through
  * a per-CPU token bucket, and what the bucket holds back is counted (FS_CNT_DROP_EVENTS_SAMPLED_OUT).
  *
  * -D flags (flowscope/kernel_offsets.py): FS_OFF_* structure offsets; FS_KFREE_SKB_ARG_SKB/_LOCATION/
  * _REASON/_RX_SK, the raw tracepoint argument positions (REASON and RX_SK only where the kernel has
- * them); FS_SKB_CONSUMED and FS_SKB_NOT_DROPPED_YET, the running kernel's enum values.
+ * them); FS_SKB_CONSUMED and FS_SKB_NOT_DROPPED_YET, the running kernel's enum values (where it has them).
  * The kprobe variant (kprobe_skb_drop.c) reuses everything here but the tracepoint program.
  */
 #include "flowscope.h"
@@ -39,11 +40,14 @@ BPF_HASH(drops_1, struct drop_key, struct drop_stats, FLOWSCOPE_DROP_MAP_SIZE);
 
 static __always_inline int fs_is_drop(__u32 reason)
 {
+    int drop = 1;
 #ifdef FS_SKB_CONSUMED
-    return reason != FS_SKB_CONSUMED && reason != FS_SKB_NOT_DROPPED_YET;
-#else
-    return 1; /* kernels without reasons trace normal frees as consume_skb, drops as kfree_skb */
+    drop &= reason != FS_SKB_CONSUMED;
 #endif
+#ifdef FS_SKB_NOT_DROPPED_YET
+    drop &= reason != FS_SKB_NOT_DROPPED_YET;
+#endif
+    return drop;
 }
 
 /* The current generation's entry for `key`: one map per lookup call, so that the verifier inlines each (see

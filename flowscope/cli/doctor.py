@@ -32,6 +32,7 @@ def doctor_report() -> dict[str, Any]:
     from flowscope.kernel.features import probe_features
     from flowscope.kernel.headers import HeadersError, find_headers
     from flowscope.kernel.loader import LoaderError, LoadOptions, import_bcc, plan_families, probe_statuses
+    from flowscope.kernel.offsets import drop_reasons_note
 
     root = os.geteuid() == 0
     features = probe_features(with_program_types=root)
@@ -50,26 +51,47 @@ def doctor_report() -> dict[str, Any]:
     options = LoadOptions()
     statuses = plan_families(features, options)
     report["events_transport"] = "ring buffer" if features.ringbuf else "perf buffer"
+    report["drop_reasons"] = drop_reasons_note(features.btf)
     report["probes"] = probes_summary(probe_statuses(statuses))
+    report["families"] = [
+        {"name": s.family.name, "uses": hook_kind(s.family), "events": report["events_transport"]}
+        for s in statuses
+        if s.active
+    ]
     if root and report.get("bcc") and "error" not in report["headers"]:
-        report["load_check"] = _load_check(options)
+        report["load_check"], report["verifier"] = _load_check(options)
     elif not root:
         report["load_check"] = "skipped: not root (run `sudo flowscope doctor` to compile and load the probes)"
     return report
 
 
-def _load_check(options: Any) -> str:
-    """Compiles and loads the runnable probes (without attaching tc) to prove they work here; the same
-    compile step in a process of its own as `capture` runs."""
+HOOK_KINDS = {"raw_tracepoint": "raw tracepoint", "tracepoint": "tracepoint", "kprobe": "kprobe", "tc": "tc clsact"}
+
+
+def hook_kind(family: Any) -> str:
+    """What a probe family attaches with (the first of its requirements that is a hook)."""
+    return next((HOOK_KINDS[r.kind] for r in family.requires if r.kind in HOOK_KINDS), "")
+
+
+def _load_check(options: Any) -> tuple[str, dict[str, Any] | None]:
+    """Compiles (or takes from the compiled-object cache) and loads the runnable probes, without attaching
+    tc, to prove they work here; the same compile step in a process of its own as `capture` runs. Returns
+    the verdict and the verifier's report of each program."""
     from flowscope.kernel.compile_child import load
     from flowscope.kernel.loader import LoaderError
 
     try:
         loaded = load(options)
     except LoaderError as err:
-        return f"failed: {err}"
+        return f"failed: {err}", None
     loaded.close()
-    return "ok: the runnable probes compile and load"
+    verifier = {
+        "object_cache": loaded.object_cache,
+        "compile_seconds": loaded.compile_seconds,
+        "compiler_warnings": loaded.compiler_warnings,
+        "programs": loaded.verifier,
+    }
+    return "ok: the runnable probes compile and load", verifier
 
 
 def run_doctor(args: argparse.Namespace) -> int:
@@ -102,7 +124,29 @@ def run_doctor(args: argparse.Namespace) -> int:
         if not probe["active"]:
             line += f"\n  {'':<22} why: {probe['reason']}" + (f"; remedy: {probe['remedy']}" if probe["remedy"] else "")
         lines.append(line)
+    lines.append(f"drop reasons  {report['drop_reasons']}")
     lines.append(f"load check    {report.get('load_check')}")
+    lines += verifier_lines(report.get("verifier"), args.verbose)
     lines += identity_lines(report["identity"])
     print("\n".join(lines))
     return 0
+
+
+def verifier_lines(verifier: dict[str, Any] | None, verbose: bool) -> list[str]:
+    if not verifier:
+        return []
+    lines = [
+        f"verifier      {len(verifier['programs'])} programs, compile step {verifier['compile_seconds']:.1f} s, "
+        f"object cache {verifier['object_cache']}"
+    ]
+    for program in verifier["programs"]:
+        verified = program["verified_instructions"]
+        lines.append(
+            f"  {program['name']:<36} {program['attach']:<36} {program['instructions']:>6} insns, "
+            f"{verified if verified is not None else '?':>7} verified, {program['load_ms']:>7.1f} ms"
+        )
+    if verbose and verifier["object_cache"] == "hit":
+        lines.append("compiler      not run: the compiled-object cache had these probes")
+    elif verbose:
+        lines.append(f"compiler      {verifier['compiler_warnings']} warnings (in the debug log above)")
+    return lines

@@ -129,6 +129,7 @@ def load_options(config: Config) -> Any:
         drop_map_size=probes.drop_map_size,
         tcp_map_size=probes.tcp_map_size,
         tcp_events_per_second=probes.tcp_events_rate,
+        prefer_kprobes=probes.prefer_kprobes,
     )
 
 

@@ -7,6 +7,7 @@ compile-time headers (the installed headers may belong to another kernel version
 
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,10 +102,17 @@ class Btf:
 
     def _index(self) -> dict[str, list[int]]:
         if self._by_name is None:
+            # Every string of the section by its offset, split in one pass (a lookup per type costs seconds
+            # in an emulated guest: vmlinux has ~100k types).
+            strings = self._data[self._strings_start : self._strings_end].split(b"\0")
+            offsets = itertools.accumulate((len(text) + 1 for text in strings), initial=0)
+            by_offset = dict(zip(offsets, strings, strict=False))
             index: dict[str, list[int]] = {}
-            for type_id in range(1, len(self._kind)):
-                if self._name_off[type_id]:
-                    index.setdefault(self.name(type_id), []).append(type_id)
+            for type_id, offset in enumerate(self._name_off):
+                if offset:
+                    text = by_offset.get(offset)  # None: an offset into another string (a shared tail)
+                    name = text.decode() if text is not None else self._name(offset)
+                    index.setdefault(name, []).append(type_id)
             self._by_name = index
         return self._by_name
 

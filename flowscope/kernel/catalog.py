@@ -59,9 +59,9 @@ class ProbeFamily:
     # Files under probes/ placed before `source` in the module text: a kprobe variant reuses the maps and
     # logic of the family it replaces (whose own programs its cflags switch off).
     shared: tuple[str, ...] = ()
-    # Run once the module is loaded and its probes attached, with the bcc.BPF object: seeds the family's
+    # Run once the module is loaded and its probes attached, with its maps (name -> fd): seeds the family's
     # kernel tables with what happened before (e.g. listening sockets found in /proc).
-    prepare: Callable[[object], object] | None = None
+    prepare: Callable[[dict[str, int]], object] | None = None
 
 
 TC_FLOWS = ProbeFamily(
@@ -130,8 +130,8 @@ def kprobe_variant(
 SKB_DROP_KPROBE = kprobe_variant(
     SKB_DROP,
     "kprobe_skb_drop.c",
-    "kprobe sk_skb_reason_drop (kfree_skb_reason before Linux 6.11)",
-    ("sk_skb_reason_drop|kfree_skb_reason",),
+    "kprobe sk_skb_reason_drop (kfree_skb_reason before Linux 6.11, kfree_skb before 5.17)",
+    ("|".join(kernel_offsets.DROP_FUNCTIONS),),
     kernel_offsets.drop_kprobe_flags,
 )
 TCP_EVENTS_KPROBE = kprobe_variant(

@@ -19,21 +19,23 @@ from __future__ import annotations
 
 import array
 import contextlib
-import ctypes
 import dataclasses
 import importlib.util
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from flowscope.kernel import bpf_syscall
+from flowscope.kernel import bpf_object, bpf_syscall
 from flowscope.kernel.catalog import CATALOG, FamilyStatus
 from flowscope.kernel.features import probe_features
 from flowscope.kernel.headers import HeadersError, export_for_bcc, find_headers
@@ -86,75 +88,138 @@ def receive(channel: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
 
 @dataclass
 class CompiledModule:
-    """The compile step's result, in the process that compiled it."""
+    """The compile step's result, in the process that compiled it (or read it from the cache)."""
 
-    bpf: object  # bcc.BPF
     statuses: list[FamilyStatus]
     perf_events: bool
+    loaded: bpf_object.LoadedObject
     tc_programs: dict[str, str] = field(default_factory=dict)  # "ingress"/"egress" -> program name
+    object_cache: str = "off"
+    compiler_warnings: int = 0
+    compiler: object = None  # the bcc.BPF module of a compile: it owns the maps until the handover
 
 
-def compile_and_load(options: LoadOptions) -> CompiledModule:
-    """Compiles the runnable families with BCC, loads them (BCC attaches the tracepoint and kprobe
-    programs), loads the tc programs and runs the families' one-time preparations. Leaves LLVM's memory in
-    the process that calls it: flowscope.kernel.compile_child runs it in a short-lived process of its own."""
+TC_HOOKS = ("ingress", "egress")
+
+
+@contextlib.contextmanager
+def _stderr_to_log(lines: list[str]) -> Iterator[None]:
+    """Sends what is written to fd 2 meanwhile (clang's diagnostics, from libbcc) into `lines` and the debug
+    log instead of the user's terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines += sink.read().decode(errors="replace").splitlines()
+    for line in lines:
+        log.debug("compiler: %s", line)
+
+
+def _compile(text: str, cflags: list[str], tc_names: set[str]) -> tuple[object, bpf_object.ObjectImage, int]:
+    """BCC compiles the module (and creates its maps) without loading a program: (the bcc.BPF module, the
+    image of what it compiled, how many warnings the compiler printed)."""
     bcc = import_bcc()
-    require_privileges()
-    features = probe_features()
-    try:
-        headers = find_headers()
-    except HeadersError as err:
-        raise LoaderError(str(err)) from None
-    export_for_bcc(headers)
-    statuses = plan_families(features, options)
-    active = [s.family for s in statuses if s.active]
-    if not active:
-        raise LoaderError("no probe can run on this kernel; run `flowscope doctor` to see why.")
-    perf_events = options.perf_events or not features.ringbuf
-    try:
-        bpf = bcc.BPF(text=module_text(active).encode(), cflags=cflags_for(active, features, options))
-    except Exception as err:  # BCC raises a bare Exception on compile or load failure
+
+    class Module(bcc.BPF):
+        def _trace_autoload(self) -> None:
+            """Nothing: flowscope.kernel.bpf_object loads and attaches every program."""
+
+    diagnostics: list[str] = []
+    with _stderr_to_log(diagnostics):
+        try:
+            module = Module(text=text.encode(), cflags=cflags)
+        except Exception as err:  # BCC raises a bare Exception on compile failure, its details on stderr
+            failure = err
+        else:
+            failure = None
+    warnings = sum(1 for line in diagnostics if re.search(r": warning: ", line))
+    if failure is not None:  # the compiler's or libbcc's first error says more than BCC's exception
+        errors = [line.strip() for line in diagnostics if "error" in line.lower()]
         raise LoaderError(
-            f"the probes failed to compile or load ({err}); run `flowscope doctor` and report the output."
-        ) from None
-    module = CompiledModule(bpf, statuses, perf_events)
-    if any(f.name == "tc_flows" for f in active):
-        for hook in ("ingress", "egress"):
-            name = f"fs_tc_{hook}"
-            bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS)
-            module.tc_programs[hook] = name
-    for family in active:
-        if family.prepare is not None:
-            family.prepare(bpf)
-    return module
+            f"the probes failed to compile or load ({errors[0] if errors else failure}); run `flowscope doctor -v` "
+            "and report the output."
+        )
+    lib = bcc.lib
+    map_fds = _module_maps(module)
+    maps = []
+    for name, fd in map_fds.items():
+        info, flags = bpf_syscall.map_info(fd), bpf_object.map_flags(fd)
+        spec = bpf_object.MapSpec(name, info.map_type, info.key_size, info.value_size, info.max_entries, flags, fd)
+        maps.append(spec)
+    programs = []
+    for index in range(lib.bpf_num_functions(module.module)):
+        name = lib.bpf_function_name(module.module, index).decode()
+        point = bpf_object.attach_point(name)
+        if point is None and name in tc_names:
+            point = bpf_object.PROG_TYPE["sched_cls"], "tc"
+        if point is not None:
+            programs.append(bpf_object.ProgramSpec(name, point[0], point[1], module.dump_func(name.encode())))
+    license_text = lib.bpf_module_license(module.module).decode()
+    return module, bpf_object.ObjectImage(tuple(maps), tuple(programs), license_text), warnings
 
 
-def _module_maps(bpf: Any) -> dict[str, int]:
+def _module_maps(module: object) -> dict[str, int]:
     """Every map of the module (BCC's Python side lists only those it opened): name -> fd."""
+    import ctypes
+
     from bcc.libbcc import lib
 
     lib.bpf_num_tables.restype = ctypes.c_ulonglong
     lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
     lib.bpf_table_name.restype = ctypes.c_char_p
     lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
-    names = [lib.bpf_table_name(bpf.module, i) for i in range(lib.bpf_num_tables(bpf.module))]
-    return {name.decode(): lib.bpf_table_fd(bpf.module, name) for name in names}
+    handle = module.module  # type: ignore[attr-defined]
+    names = [lib.bpf_table_name(handle, i) for i in range(lib.bpf_num_tables(handle))]
+    return {name.decode(): lib.bpf_table_fd(handle, name) for name in names}
 
 
-def _attachments(bpf: Any) -> dict[str, int]:
-    """The descriptors that keep BCC's tracepoint, raw tracepoint and kprobe programs attached."""
-    found = {f"raw_tracepoint:{tp.decode()}": fd for tp, fd in bpf.raw_tracepoint_fds.items()}
-    found |= {f"tracepoint:{tp.decode()}": fd for tp, fd in bpf.tracepoint_fds.items()}
-    for event, programs in bpf.kprobe_fds.items():
-        found |= {f"kprobe:{event.decode()}:{program.decode()}": fd for program, fd in programs.items()}
-    return found
+def compile_and_load(options: LoadOptions) -> CompiledModule:
+    """Compiles the runnable families with BCC (or reads them from the compiled-object cache), loads and
+    attaches their programs, loads the tc programs and runs the families' one-time preparations. Leaves
+    LLVM's memory in the process that calls it: flowscope.kernel.compile_child runs it in a process of its own."""
+    require_privileges()
+    features = probe_features()
+    try:
+        headers = find_headers()
+    except HeadersError as err:
+        raise LoaderError(str(err)) from None
+    statuses = plan_families(features, options)
+    active = [s.family for s in statuses if s.active]
+    if not active:
+        raise LoaderError("no probe can run on this kernel; run `flowscope doctor` to see why.")
+    perf_events = options.perf_events or not features.ringbuf
+    text, cflags = module_text(active), cflags_for(active, features, options)
+    tc_programs = {hook: f"fs_tc_{hook}" for hook in TC_HOOKS} if any(f.name == "tc_flows" for f in active) else {}
+    image, outcome, compiler, warnings, map_fds = None, "off", None, 0, None
+    if options.object_cache is not None:
+        btf = bpf_object.file_checksum(features.btf_path) if features.btf_path else "no BTF"
+        key = bpf_object.cache_key(features.release, btf, str(headers.path), text, cflags)
+        image, outcome = bpf_object.read_cached(key, Path(options.object_cache))
+    if image is None:
+        export_for_bcc(headers)
+        compiler, image, warnings = _compile(text, cflags, set(tc_programs.values()))
+        map_fds = _module_maps(compiler)
+        if options.object_cache is not None:
+            bpf_object.write_cached(key, image, Path(options.object_cache))
+    try:
+        loaded = bpf_object.load_image(image, map_fds, features.tracefs)
+    except bpf_object.ObjectError as err:
+        raise LoaderError(f"{err} Run `flowscope doctor` and report the output.") from None
+    for family in active:
+        if family.prepare is not None:
+            family.prepare(loaded.maps)
+    return CompiledModule(statuses, perf_events, loaded, tc_programs, outcome, warnings, compiler)
 
 
 def handover(module: CompiledModule, compile_seconds: float) -> tuple[dict[str, Any], list[int]]:
     """The description the parent receives, and the descriptors in the order it lists them."""
-    maps = _module_maps(module.bpf)
-    programs = {name.decode(): function.fd for name, function in module.bpf.funcs.items()}  # type: ignore[attr-defined]
-    attachments = _attachments(module.bpf)
+    loaded = module.loaded
     description = {
         "statuses": [
             {"name": s.family.name, "active": s.active, "reason": s.reason, "remedy": s.remedy, "detail": s.detail}
@@ -162,12 +227,15 @@ def handover(module: CompiledModule, compile_seconds: float) -> tuple[dict[str, 
         ],
         "perf_events": module.perf_events,
         "tc_programs": module.tc_programs,
-        "maps": list(maps),
-        "programs": list(programs),
-        "attachments": list(attachments),
+        "maps": list(loaded.maps),
+        "programs": list(loaded.programs),
+        "attachments": list(loaded.attachments),
         "compile_seconds": round(compile_seconds, 3),
+        "verifier": [dataclasses.asdict(report) for report in loaded.report],
+        "object_cache": module.object_cache,
+        "compiler_warnings": module.compiler_warnings,
     }
-    return description, [*maps.values(), *programs.values(), *attachments.values()]
+    return description, [*loaded.maps.values(), *loaded.programs.values(), *loaded.attachments.values()]
 
 
 def options_from(request: dict[str, Any]) -> LoadOptions:
@@ -233,6 +301,9 @@ def loaded_from(description: dict[str, Any], fds: list[int], options: LoadOption
         attachments=attachments,
         tc_programs={hook: programs[name] for hook, name in description["tc_programs"].items()},
         compile_seconds=description["compile_seconds"],
+        verifier=description["verifier"],
+        object_cache=description["object_cache"],
+        compiler_warnings=description["compiler_warnings"],
     )
 
 

@@ -136,11 +136,12 @@ def listener_entry(listener: Listener) -> tuple[bytes, bytes]:
     return key, value
 
 
-def seed_listeners(bpf: object) -> int:
-    """Writes the listeners found in /proc into the loaded sock_state probe; returns how many it wrote."""
+def seed_listeners(maps: dict[str, int]) -> int:
+    """Writes the listeners found in /proc into the loaded sock_state probe (its maps: name -> fd); returns
+    how many it wrote."""
     from flowscope.kernel import bpf_syscall
 
-    table_fd = bpf["fs_listeners"].map_fd  # type: ignore[index]
+    table_fd = maps["fs_listeners"]
     written = full = 0
     for listener in find_listeners(cgroup_root=cgroup_root()):
         key, value = listener_entry(listener)

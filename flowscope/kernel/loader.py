@@ -6,6 +6,8 @@ probes/ as they are; every option reaches the C code as a -D flag.
 
 `compile_and_load` runs BCC in the process that calls it; `load` runs it in a short-lived process of its
 own (flowscope.kernel.compile_child) and keeps only the file descriptors, so that the agent never holds LLVM.
+BCC only compiles: flowscope.kernel.bpf_object loads and attaches the programs, and keeps what BCC compiled in a
+cache keyed by the kernel and the sources, so that a restart on the same kernel skips the compile.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from flowscope.kernel import bpf_syscall
+from flowscope.kernel import bpf_object, bpf_syscall
 from flowscope.kernel.btf import BtfError
 from flowscope.kernel.catalog import CATALOG, FamilyStatus, ProbeFamily, ProbeStatus, Requirement
 from flowscope.kernel.features import KernelFeatures
@@ -50,6 +52,8 @@ class LoadOptions:
     rtt_sample_ms: int = 100  # RTT sampled at most this often per socket
     socket_map_size: int = 65536  # connections whose owner (pid, comm, cgroup) and start time are kept
     families: set[str] | None = None  # restrict to these families (None: all that can run)
+    prefer_kprobes: bool = False  # run each family's kprobe variant where it can run, instead of the tracepoints
+    object_cache: str | None = str(bpf_object.CACHE_DIR)  # where compiled probes are kept (None: always compile)
 
 
 def probes_dir() -> Path:
@@ -110,7 +114,11 @@ def plan_families(
         replaced = statuses.get(status.family.replaces or "")
         if replaced is None:
             continue
-        if replaced.active:
+        if options.prefer_kprobes and status.active:
+            replaced.active = False
+            replaced.reason = f"--prefer-kprobes: {status.family.name} runs instead"
+            replaced.remedy = ""
+        elif replaced.active:
             # Say both: whether the fallback could run here, and that it is not needed.
             runs = f"{replaced.family.name} runs on this kernel"
             status.reason = f"{status.reason}; not needed: {runs}" if not status.active else f"not needed: {runs}"
@@ -165,6 +173,9 @@ class LoadedProbes:
     attachments: dict[str, int] = field(default_factory=dict)  # "raw_tracepoint:kfree_skb" -> fd
     tc_programs: dict[str, int] = field(default_factory=dict)  # "ingress"/"egress" -> program fd (in programs)
     compile_seconds: float = 0.0  # how long the compile step took, process start to handover
+    verifier: list[dict[str, object]] = field(default_factory=list)  # bpf_object.ProgramReport of each program
+    object_cache: str = "off"  # what the compiled-object cache did: hit, miss, rebuilt: <why>, off
+    compiler_warnings: int = 0  # diagnostics the compile printed (to the debug log, never to the user)
 
     @property
     def active(self) -> list[ProbeFamily]:

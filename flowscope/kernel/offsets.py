@@ -202,16 +202,35 @@ def drop_flags(btf: Btf | None, options: object) -> list[str]:
 
 
 def _drop_reason_flags(btf: Btf) -> list[str]:
+    """-D flags for the reasons that mean "not a drop", those of them the running kernel has: SKB_CONSUMED
+    (Linux 6.2 on; before it normal frees go through consume_skb, so every kfree_skb is a drop) and
+    SKB_NOT_DROPPED_YET (6.0 on). None before Linux 5.17, which has no reasons at all."""
     if not btf.has("skb_drop_reason", (KIND_ENUM, KIND_ENUM64)):
-        return []  # no reasons before Linux 5.17: kfree_skb then traces only drops
-    return enum_flags(
-        btf, "skb_drop_reason", {"FS_SKB_CONSUMED": "SKB_CONSUMED", "FS_SKB_NOT_DROPPED_YET": "SKB_NOT_DROPPED_YET"}
-    )
+        return []
+    values = btf.enum("skb_drop_reason")
+    constants = {"FS_SKB_CONSUMED": "SKB_CONSUMED", "FS_SKB_NOT_DROPPED_YET": "SKB_NOT_DROPPED_YET"}
+    return [f"-D{define}={values[constant]}" for define, constant in constants.items() if constant in values]
+
+
+def drop_reasons_note(btf: Btf | None) -> str:
+    """What the drop probes make of the running kernel's reasons, for doctor."""
+    if btf is None:
+        return "unknown without BTF"
+    if not btf.has("skb_drop_reason", (KIND_ENUM, KIND_ENUM64)):
+        return "the kernel has no drop reasons (before Linux 5.17): drops are counted with reason unknown"
+    values = btf.enum("skb_drop_reason")
+    names = f"{len(values)} names from the kernel's enum skb_drop_reason"
+    if "SKB_CONSUMED" not in values:
+        return f"{names}; no SKB_CONSUMED (before Linux 6.2): every kfree_skb is a drop (normal frees: consume_skb)"
+    return f"{names}; SKB_CONSUMED frees are normal, not drops"
+
+
+DROP_FUNCTIONS = ("sk_skb_reason_drop", "kfree_skb_reason", "kfree_skb")  # Linux 6.11 on, 5.17 on, before
 
 
 def drop_kprobe_flags(btf: Btf | None, options: object) -> list[str]:
     btf = require_btf(btf)
-    function = first_function(btf, ("sk_skb_reason_drop", "kfree_skb_reason"))
+    function = first_function(btf, DROP_FUNCTIONS)
     flags = structure_flags(btf) + _drop_reason_flags(btf) + ["-DFS_SKB_DROP_KPROBES", f"-DFS_DROP_KPROBE={function}"]
     return flags + kprobe_flags(
         btf,
@@ -219,7 +238,7 @@ def drop_kprobe_flags(btf: Btf | None, options: object) -> list[str]:
         "FS_DROP_KPROBE",
         (
             Argument("SKB", "struct sk_buff *"),
-            Argument("REASON", "enum skb_drop_reason"),
+            Argument("REASON", "enum skb_drop_reason", required=False),  # kfree_skb (before 5.17) has none
             Argument("SK", "struct sock *", required=False),
         ),
     )

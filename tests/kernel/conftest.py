@@ -19,12 +19,29 @@ from tests.kernel.lab import Lab  # noqa: E402 - after the rewrite hook
 
 KERNEL_DIR = Path(__file__).resolve().parent
 TOOLS = ("ip", "tc", "ethtool", "sysctl", "dumpcap", "tshark")
+# Cases of parametrized tests that also run in each kernel of `make kernel-matrix`, where one capture costs
+# about a minute (tests marked @pytest.mark.kernel_matrix run there whole). test_kprobe_families runs drops,
+# retransmits, resets and connections there with both probe families at once.
+KERNEL_MATRIX = {
+    "test_flows_udp.py::test_udp_packets_and_bytes_are_exact[4-ring]",
+    "test_flows_udp.py::test_udp_packets_and_bytes_are_exact[6-ring]",
+    "test_drops.py::test_udp_to_a_closed_port_is_dropped_with_no_socket_on_its_flow[6-perf]",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    collected = set()
     for item in items:
         if KERNEL_DIR in item.path.parents:
             item.add_marker(pytest.mark.kernel)
+            case = f"{item.path.name}::{item.name}"
+            collected.add(case)
+            if case in KERNEL_MATRIX:
+                item.add_marker(pytest.mark.kernel_matrix)
+    files = {item.path.name for item in items}
+    stale = sorted(case for case in KERNEL_MATRIX if case.partition("::")[0] in files and case not in collected)
+    if stale:
+        raise pytest.UsageError(f"tests/kernel/conftest.py KERNEL_MATRIX names tests that do not exist: {stale}")
 
 
 @pytest.fixture(autouse=True, scope="session")

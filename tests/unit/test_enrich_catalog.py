@@ -84,7 +84,11 @@ def test_a_native_sidecar_makes_the_container_of_netns_traffic_unknown():
         ("status.startTime", "yesterday", "status.startTime 'yesterday' is not an RFC 3339 time"),
         ("spec.hostNetwork", "yes", "spec.hostNetwork is not a boolean"),
         ("status.containerStatuses", {"app": 1}, "status.containerStatuses is not a list"),
-        ("metadata.ownerReferences", [{"kind": "ReplicaSet", "controller": True}], "ownerReferences.name is missing or not a string"),
+        (
+            "metadata.ownerReferences",
+            [{"kind": "ReplicaSet", "controller": True}],
+            "ownerReferences.name is missing or not a string",
+        ),
     ],
 )
 def test_malformed_pods_say_which_field(path, value, message):

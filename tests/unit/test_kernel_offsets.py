@@ -9,6 +9,8 @@ from flowscope.kernel.loader import LoadOptions
 from flowscope.kernel.offsets import (
     Argument,
     drop_flags,
+    drop_kprobe_flags,
+    drop_reasons_note,
     kprobe_flags,
     raw_tracepoint_flags,
     sock_flags,
@@ -30,8 +32,10 @@ class Builder(BtfBuilder):
         return self._add(blob)
 
 
-def kernel(protocol_bits: int = 0, ipv6: bool = True, reasons: bool = True) -> Btf:
-    """A kernel's BTF with what the probes read, at made-up offsets (bytes noted per member)."""
+def kernel(protocol_bits: int = 0, ipv6: bool = True, reasons: bool = True, consumed: bool = True) -> Btf:
+    """A kernel's BTF with what the probes read, at made-up offsets (bytes noted per member). Without
+    `consumed`, its drop reasons are those of Linux 6.1 (no SKB_CONSUMED); without `reasons`, it predates
+    drop reasons (5.16), and frees dropped packets with kfree_skb(skb)."""
     b = Builder()
     u8, u16, u32, u64 = b.int("u8", 1), b.int("u16", 2), b.int("u32", 4), b.int("u64", 8)
     byte_array = b.composite("in6_addr", 16, [])
@@ -67,6 +71,8 @@ def kernel(protocol_bits: int = 0, ipv6: bool = True, reasons: bool = True) -> B
     drop_reason = None
     if reasons:
         values = {"SKB_NOT_DROPPED_YET": 0, "SKB_CONSUMED": 1, "SKB_DROP_REASON_NO_SOCKET": 3}
+        if not consumed:
+            values = {"SKB_NOT_DROPPED_YET": 0, "SKB_DROP_REASON_NOT_SPECIFIED": 1, "SKB_DROP_REASON_NO_SOCKET": 2}
         drop_reason = b.enum("skb_drop_reason", values)
     b.enum("", {"TCP_ESTABLISHED": 1, "TCP_SYN_SENT": 2, "TCP_SYN_RECV": 3, "TCP_CLOSE": 7, "TCP_LISTEN": 10})
     rst = b.enum("sk_rst_reason", {"SK_RST_REASON_NOT_SPECIFIED": 0})
@@ -82,6 +88,10 @@ def kernel(protocol_bits: int = 0, ipv6: bool = True, reasons: bool = True) -> B
     trace("tcp_receive_reset", [sock_ptr])
     trace("inet_sock_set_state", [sock_ptr, int_, int_])
     b.func("tcp_set_state", b.func_proto([sock_ptr, int_]))
+    if drop_reason:
+        b.func("kfree_skb_reason", b.func_proto([skb_ptr, drop_reason]))
+    else:
+        b.func("kfree_skb", b.func_proto([skb_ptr]))
     return Btf(b.build())
 
 
@@ -208,3 +218,32 @@ def test_family_flags() -> None:
     assert (sock["FS_TCP_LISTEN"], sock["FS_TCP_SYN_RECV"], sock["FLOWSCOPE_SOCK_MAP_SIZE"]) == ("10", "3", "1024")
     with pytest.raises(BtfError, match="no BTF"):
         drop_flags(None, options)
+
+
+def test_a_kernel_without_skb_consumed_counts_every_kfree_skb_as_a_drop() -> None:
+    """Linux 6.1: reasons, but normal frees go through consume_skb, so no reason means "not a drop" but
+    SKB_NOT_DROPPED_YET."""
+    btf = kernel(consumed=False)
+    drops = defines(drop_flags(btf, LoadOptions()))
+    assert "FS_SKB_CONSUMED" not in drops
+    assert (drops["FS_SKB_NOT_DROPPED_YET"], drops["FS_KFREE_SKB_ARG_REASON"]) == ("0", "2")
+    kprobe = defines(drop_kprobe_flags(btf, LoadOptions()))
+    assert (kprobe["FS_DROP_KPROBE"], kprobe["FS_DROP_KPROBE_ARG_REASON"]) == ("kfree_skb_reason", "2")
+    assert "FS_SKB_CONSUMED" not in kprobe
+    assert drop_reasons_note(btf) == (
+        "3 names from the kernel's enum skb_drop_reason; no SKB_CONSUMED (before Linux 6.2): every kfree_skb is "
+        "a drop (normal frees: consume_skb)"
+    )
+    assert drop_reasons_note(kernel()).endswith("SKB_CONSUMED frees are normal, not drops")
+
+
+def test_a_kernel_without_drop_reasons_counts_drops_with_reason_unknown() -> None:
+    btf = kernel(reasons=False)
+    drops = defines(drop_flags(btf, LoadOptions()))
+    assert not {"FS_SKB_CONSUMED", "FS_SKB_NOT_DROPPED_YET", "FS_KFREE_SKB_ARG_REASON"} & drops.keys()
+    kprobe = defines(drop_kprobe_flags(btf, LoadOptions()))
+    assert kprobe["FS_DROP_KPROBE"] == "kfree_skb" and kprobe["FS_DROP_KPROBE_ARG_SKB"] == "1"
+    assert "FS_DROP_KPROBE_ARG_REASON" not in kprobe
+    assert drop_reasons_note(btf) == (
+        "the kernel has no drop reasons (before Linux 5.17): drops are counted with reason unknown"
+    )

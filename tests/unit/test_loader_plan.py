@@ -115,3 +115,17 @@ def test_kprobe_family_needs_one_of_its_functions_in_the_kernel(tmp_path: Path) 
     missing = plan_families(kernel, LoadOptions(), [kprobe_family("flowscope_no_such_function|flowscope_nor_this")])
     assert not missing[0].active
     assert missing[0].reason == "the kernel has no function flowscope_no_such_function or flowscope_nor_this to probe"
+
+
+def test_prefer_kprobes_runs_the_kprobe_variant_instead_of_the_tracepoint_family(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(KernelFeatures, "kernel_symbol", lambda _self, name: name == "kfree_skb_reason")
+    kernel = features(tmp_path, ["skb:kfree_skb"], kprobes=True)
+    statuses = by_name(plan_families(kernel, LoadOptions(prefer_kprobes=True), CATALOG_UNDER_TEST))
+    assert statuses["drops_kprobe"].active and not statuses["drops"].active
+    assert statuses["drops"].reason == "--prefer-kprobes: drops_kprobe runs instead"
+    assert statuses["flows"].active  # a family without a kprobe variant runs as before
+    without_kprobes = features(tmp_path, ["skb:kfree_skb"])  # nothing to prefer: the tracepoint family runs
+    statuses = by_name(plan_families(without_kprobes, LoadOptions(prefer_kprobes=True), CATALOG_UNDER_TEST))
+    assert statuses["drops"].active and not statuses["drops_kprobe"].active
