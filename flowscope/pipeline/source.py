@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from flowscope.formats.jsonl import open_replay
+from flowscope.formats.parquet import is_parquet, read_recording
 from flowscope.kernel.catalog import ProbeStatus
 from flowscope.schema import FlowBatch
 
@@ -40,7 +41,7 @@ class ReplaySource:
 
     def batches(self, stop: threading.Event) -> Iterator[FlowBatch]:
         previous_end = None
-        for batch in open_replay(self.path):
+        for batch in read_recording(self.path) if is_parquet(self.path) else open_replay(self.path):
             if stop.is_set():
                 return
             if previous_end is not None and self.speed > 0 and batch.time_end is not None:
