@@ -109,15 +109,19 @@ def read_flowlog(
     if not tables:
         return empty_frame(columns)
     flows, events, _ = frames_from_table(pa.concat_tables(tables, promote_options="default"))
-    frame = flows if records == "flows" else events
+    return _selected(flows if records == "flows" else events, records, start, end, chosen)
+
+
+def _selected(frame: pd.DataFrame, records: Records, start: Any, end: Any, chosen: Any) -> pd.DataFrame:
+    """The records in [start, end] that the filter passes, in time order, typed as the schema."""
     if records == "flows":
         inside = _in_range(frame["time_end"], frame["time_start"], start, end)
         frame = chosen.flows(frame[inside])
-        order = ["time_start", "time_end"]
+        order, columns = ["time_start", "time_end"], FLOW_COLUMNS
     else:
         inside = _in_range(frame["time"], frame["time"], start, end)
         frame = chosen.events(frame[inside])
-        order = ["time"]
+        order, columns = ["time"], EVENT_COLUMNS
     return conform(frame.sort_values(order, kind="stable").reset_index(drop=True), columns)
 
 
@@ -128,3 +132,19 @@ def _in_range(ends: pd.Series, starts: pd.Series, since: pd.Timestamp | None, un
     if until is not None:
         keep &= (starts <= until).fillna(True)
     return keep.to_numpy(dtype=bool)
+
+
+def read_capture(
+    path: str | Path, since: Any = None, until: Any = None, filter: str = "", records: Records = "flows"
+) -> pd.DataFrame:
+    """The flows (or events) of a capture file: Parquet (read as a flow log) or `capture -o jsonl` lines."""
+    from flowscope.formats.jsonl import open_replay
+    from flowscope.formats.parquet import is_parquet
+
+    if is_parquet(str(path)):
+        return read_flowlog(path, since, until, filter, records)
+    batches = list(open_replay(str(path)))
+    columns = FLOW_COLUMNS if records == "flows" else EVENT_COLUMNS
+    frames = [getattr(batch, records) for batch in batches if len(getattr(batch, records))]
+    frame = pd.concat(frames, ignore_index=True) if frames else empty_frame(columns)
+    return _selected(frame, records, utc(since), utc(until), parse_filter(filter))
