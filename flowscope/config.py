@@ -175,8 +175,9 @@ class FlowLogConfig(Section):
         metavar="SIZE", gt=0,
     )  # fmt: skip
     rotate_age: float = option(
-        3600.0, "start a new file after this long (e.g. 1h)", flag="--flowlog-rotate-age", metavar="DURATION"
-    )
+        300.0, "start a new file after this long (e.g. 1h); readers see a file's records once it is complete",
+        flag="--flowlog-rotate-age", metavar="DURATION",
+    )  # fmt: skip
     retain_size: ByteSize = option(
         ByteSize(1 << 30), "delete the oldest files past this total size (e.g. 1GiB)", flag="--flowlog-retain-size",
         metavar="SIZE", gt=0,
