@@ -90,26 +90,36 @@ def read_flowlog(
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from flowscope.formats.parquet import frames_from_table
+    from flowscope.formats.parquet import typed_frame
 
     chosen = parse_filter(filter)
     columns = FLOW_COLUMNS if records == "flows" else EVENT_COLUMNS
     kind = "flow" if records == "flows" else "event"
-    start, end = utc(since), utc(until)
     tables = []
+    wanted: dict[Path, list[str]] = {}
     handles: dict[Path, Any] = {}
     for file, group in planned_reads(path, since, until):
-        handle = handles.setdefault(file, pq.ParquetFile(file))
-        wanted = ["record", *(name for name in columns if name in handle.schema_arrow.names)]
+        if file not in handles:
+            handles[file] = pq.ParquetFile(file)
+            names = set(handles[file].schema_arrow.names)
+            wanted[file] = ["record", *(name for name in columns if name in names)]
         try:
-            table = handle.read_row_group(group, columns=wanted)
+            table = handles[file].read_row_group(group, columns=wanted[file])
         except (OSError, pa.ArrowException) as err:
             raise ReplayError(f"{file}: row group {group}: {str(err).splitlines()[0]}.") from None
-        tables.append(table.filter(pc.equal(table.column("record"), kind)))
-    if not tables:
-        return empty_frame(columns)
-    flows, events, _ = frames_from_table(pa.concat_tables(tables, promote_options="default"))
-    return _selected(flows if records == "flows" else events, records, start, end, chosen)
+        tables.append(_records_of(table, kind, pc))
+    frame = typed_frame(pa.concat_tables(tables, promote_options="default"), columns) if tables else None
+    return _selected(frame if frame is not None else empty_frame(columns), records, utc(since), utc(until), chosen)
+
+
+def _records_of(table: Any, kind: str, pc: Any) -> Any:
+    """The rows of one record kind of a row group: a zero-copy slice when they are contiguous (the flow log
+    writes an interval's flows, then its events, then its interval row), else a filtered copy."""
+    rows = pc.indices_nonzero(pc.equal(table.column("record"), kind))
+    if len(rows) == 0:
+        return table.slice(0, 0)
+    first, last = rows[0].as_py(), rows[-1].as_py()
+    return table.slice(first, len(rows)) if last - first + 1 == len(rows) else table.take(rows)
 
 
 def _selected(frame: pd.DataFrame, records: Records, start: Any, end: Any, chosen: Any) -> pd.DataFrame:

@@ -147,8 +147,8 @@ def frames_from_table(table: Any) -> tuple[pd.DataFrame, pd.DataFrame, list[tupl
     import pyarrow.compute as pc
 
     kinds = table.column("record")
-    flows = _typed(table.filter(pc.equal(kinds, "flow")), FLOW_COLUMNS)
-    events = _typed(table.filter(pc.equal(kinds, "event")), EVENT_COLUMNS)
+    flows = typed_frame(table.filter(pc.equal(kinds, "flow")), FLOW_COLUMNS)
+    events = typed_frame(table.filter(pc.equal(kinds, "event")), EVENT_COLUMNS)
     if "coverage" not in table.column_names:
         return flows, events, []
     marks = table.filter(pc.equal(kinds, "interval")).select(["time_start", "time_end", "coverage"]).to_pylist()
@@ -159,7 +159,8 @@ def frames_from_table(table: Any) -> tuple[pd.DataFrame, pd.DataFrame, list[tupl
 _PANDAS_TYPES: dict[Any, Any] = {}  # Arrow type -> pandas nullable type, filled at the first read
 
 
-def _typed(table: Any, columns: dict[str, str]) -> pd.DataFrame:
+def typed_frame(table: Any, columns: dict[str, str]) -> pd.DataFrame:
+    """A table's rows as a frame of `columns`, typed as the schema (absent columns null)."""
     if table.num_rows == 0:
         return empty_frame(columns)
     if not _PANDAS_TYPES:
