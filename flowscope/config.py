@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -389,6 +390,11 @@ class Setting:
     @property
     def is_list(self) -> bool:
         return "list[" in str(self.annotation)
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        """The values of a Literal setting (None for any other)."""
+        return typing.get_args(self.annotation) if typing.get_origin(self.annotation) is Literal else None
 
 
 def settings(model: type[BaseModel] = Config, prefix: tuple[str, ...] = ()) -> Iterator[Setting]:

@@ -77,9 +77,10 @@ def add_settings(
                 type=_checked(setting), help=help,
             )  # fmt: skip
         else:
+            # A Literal's values show as argparse's {a,b}; no metavar at all would show the dest.
+            metavar = setting.metavar or ("{" + ",".join(setting.choices) + "}" if setting.choices else setting.key)
             group.add_argument(
-                *names, dest=dest, default=argparse.SUPPRESS, metavar=setting.metavar, type=_checked(setting),
-                help=help,
+                *names, dest=dest, default=argparse.SUPPRESS, metavar=metavar, type=_checked(setting), help=help,
             )  # fmt: skip
 
 
