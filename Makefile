@@ -59,7 +59,7 @@ kernel-matrix: setup-test
 	@scripts/install-packages $(MATRIX_PACKAGES)
 	scripts/kernel-matrix $(ARGS)
 
-# Benchmarks (root, under 10 minutes): prints figures and ratios, rewrites docs/benchmarks.md.
+# Benchmarks (root, about 15 minutes): prints figures and ratios, rewrites docs/benchmarks.md.
 bench: setup-test
 	$(PY) -m bench.run $(ARGS)
 
