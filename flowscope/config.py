@@ -496,7 +496,8 @@ def read_file(path: str) -> dict[str, Any]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where} ({getattr(err, 'problem', None) or err}).") from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())  # PyYAML's reader errors span lines
+        raise ConfigError(f"{path}: not valid YAML{where} ({problem}).") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -141,7 +141,9 @@ def open_source(config: Config, default_speed: float = 0.0) -> BatchSource:
     replay = config.replay
     if replay.file:
         speed = replay.speed if replay.speed is not None else default_speed
-        return ReplaySource(replay.file, speed=speed, node=node_name(config.identity))
+        return ReplaySource(
+            replay.file, speed=speed, node=node_name(config.identity), skip_bad_records=replay.skip_bad_records
+        )
     from flowscope.pipeline.live import LiveSource
 
     return LiveSource(load_options(config), interval=config.probes.interval, node=node_name(config.identity))

@@ -28,10 +28,13 @@ class BatchSource(Protocol):
 
 
 class ReplaySource:
-    """Batches from capture JSON lines, paced as recorded (speed 2 = twice as fast; 0 = no waiting)."""
+    """Batches from capture JSON lines or Parquet, paced as recorded (speed 2 = twice as fast; 0 = no waiting).
+    With `skip_bad_records`, JSON lines that cannot be read are counted (coverage `replay:bad_records`) and
+    left out instead of stopping the replay."""
 
-    def __init__(self, path: str, speed: float = 0.0, node: str | None = None) -> None:
+    def __init__(self, path: str, speed: float = 0.0, node: str | None = None, skip_bad_records: bool = False) -> None:
         self.path = path
+        self.skip_bad_records = skip_bad_records
         self.speed = speed
         self.node = node or socket.gethostname()
         self.interval = 0.0
@@ -41,7 +44,10 @@ class ReplaySource:
 
     def batches(self, stop: threading.Event) -> Iterator[FlowBatch]:
         previous_end = None
-        for batch in read_recording(self.path) if is_parquet(self.path) else open_replay(self.path):
+        recording = (
+            read_recording(self.path) if is_parquet(self.path) else open_replay(self.path, self.skip_bad_records)
+        )
+        for batch in recording:
             if stop.is_set():
                 return
             if previous_end is not None and self.speed > 0 and batch.time_end is not None:
