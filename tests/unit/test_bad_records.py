@@ -21,7 +21,9 @@ from flowscope.formats.jsonl import BAD_RECORDS, ReplayError, read_batches, writ
 from tests.ui.scenario import shop_batches
 
 SHOP = shop_batches()
-FUZZ = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)  # the same examples every run, and no state left behind
 
 
 def good_lines() -> list[bytes]:
