@@ -33,6 +33,7 @@ BENCHMARKS = {
     "top_refresh": 45,  # written by the TUI's engineers (bench/top_refresh.py); run when present
     "clickhouse": 150,
     "flowlog": 120,
+    "jsonl": 40,
 }
 
 

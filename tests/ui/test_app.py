@@ -319,5 +319,8 @@ async def test_a_replay_that_breaks_off_shows_why_and_keeps_what_it_had(tmp_path
     async with finished_replay(path) as (app, _pilot):
         first = header(app).splitlines()[0]
         line = len(path.read_text().splitlines())  # the broken one is the last
-        assert first.endswith(f"intervals 2  source failed: {path}:{line}: not JSON (Expecting value).")
+        assert first.endswith(
+            f"intervals 2  source failed: {path}:{line}: not JSON (Expecting value); fix or remove it, or replay with "
+            "--skip-bad-records."
+        )
         assert len(cells(app)) == 5  # the flows of interval 1, the last complete one
