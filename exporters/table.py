@@ -13,7 +13,7 @@ import json
 from typing import IO, Any
 
 from flowscope.analysis.top import METRICS, TopModel, TopRows, Totals
-from flowscope.display import endpoint, missing
+from flowscope.display import missing, named_endpoint
 from flowscope.formats.jsonl import format_time
 from flowscope.schema import FlowBatch
 
@@ -129,7 +129,8 @@ class FlowTableSink:
         header = f"{'IFACE':<12} {'DIR':<7} {'PROTO':<6} {'SOURCE':<40} {'DESTINATION':<40} {'PKTS':>8} {'BYTES':>10}"
         out.write(header + f" {'DROPS':>6} {'REASON':<18} {'RETX':>5} {'RST':>4} {'RTT_US':>7}\n")
         for row in flows.itertuples(index=False):
-            src, dst = endpoint(row.src_ip, row.src_port), endpoint(row.dst_ip, row.dst_port)
+            src = named_endpoint(row.src_ip, row.src_port, row.src_namespace, row.src_pod)
+            dst = named_endpoint(row.dst_ip, row.dst_port, row.dst_namespace, row.dst_pod)
             out.write(
                 f"{_cell(row.ifname):<12} {_cell(row.direction):<7} {_cell(row.protocol):<6} {src:<40} {dst:<40} "
                 f"{_cell(row.packets):>8} {_cell(row.bytes):>10} {_cell(row.drop_packets):>6} "
@@ -137,7 +138,8 @@ class FlowTableSink:
                 f"{_cell(row.rtt_us):>7}\n"
             )
         for row in batch.events.itertuples(index=False):
-            src, dst = endpoint(row.src_ip, row.src_port), endpoint(row.dst_ip, row.dst_port)
+            src = named_endpoint(row.src_ip, row.src_port, row.src_namespace, row.src_pod)
+            dst = named_endpoint(row.dst_ip, row.dst_port, row.dst_namespace, row.dst_pod)
             detail = " ".join(
                 f"{name}={_cell(getattr(row, name))}" for name in EVENT_DETAILS if not missing(getattr(row, name))
             )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from flowscope.analysis.grouping import GROUPING_BY_NAME, GROUPINGS, UNKNOWN, Grouping, text_column
+from flowscope.analysis.grouping import GROUPING_BY_NAME, GROUPINGS, UNKNOWN, Grouping, pod_names, text_column
 from flowscope.filters import parse_filter
 
 COUNTERS = ("packets", "bytes", "drop_packets", "drop_bytes", "retransmits", "resets")
@@ -33,7 +33,8 @@ def _grouped(flows: pd.DataFrame, by: str, values: tuple[str, ...]) -> pd.DataFr
                              "flows": pd.Series(dtype="UInt64")})  # fmt: skip
     sums = keyed.groupby(names, sort=False, dropna=False)[list(values)].sum(min_count=1)
     counts = keyed.groupby(names, sort=False, dropna=False).size()
-    labels = [chosen.label(key if isinstance(key, tuple) else (key,)) for key in sums.index]
+    pods = pod_names(flows) if by == "flow" else None  # a flow's ends by pod where known, as in `top`
+    labels = [chosen.label(key if isinstance(key, tuple) else (key,), pods=pods) for key in sums.index]
     out = pd.DataFrame({by: pd.array(labels, dtype="string")})
     for value in values:
         out[value] = pd.array(sums[value].to_numpy(), dtype="Float64").round().astype("UInt64")

@@ -21,6 +21,7 @@ from flowscope.analysis.grouping import (
     Grouping,
     key_mask,
     number_column,
+    pod_names,
     text_column,
 )
 from flowscope.coverage import Coverage
@@ -259,7 +260,8 @@ class TopModel:
         keys = list(top.index)
         frame = top.reset_index(drop=True)
         frame.insert(0, "key", pd.Series(keys, dtype=object))
-        frame.insert(1, "label", [self.group.label(k, arrow) for k in keys])
+        pods = self._pod_names(last, keys)
+        frame.insert(1, "label", [self.group.label(k, arrow, pods) for k in keys])
         frame["trend"] = self._trends(top.index, trend_width)
         return TopRows(self.grouping, self.sort, self.descending, frame, len(table))
 
@@ -278,9 +280,12 @@ class TopModel:
         by_victim = by_victim.sort_values(["reason", "packets"], ascending=[True, False], kind="stable")
         top_victims = by_victim.groupby("reason", sort=False).head(victims)
         victim_lists: dict[str, list[tuple[str, int]]] = {}
-        for record in top_victims.itertuples(index=False):
-            key = tuple(getattr(record, n) for n in names)
-            victim_lists.setdefault(record.reason, []).append((self.group.label(key), int(record.packets)))
+        keys = [tuple(getattr(record, n) for n in names) for record in top_victims.itertuples(index=False)]
+        pods: dict[str, str] = {}
+        for interval in self.window:
+            pods |= self._pod_names(interval, keys)
+        for key, record in zip(keys, top_victims.itertuples(index=False), strict=True):
+            victim_lists.setdefault(record.reason, []).append((self.group.label(key, pods=pods), int(record.packets)))
         ranked = by_reason.sort_values(["packets"], ascending=False, kind="stable")
         total = max(int(ranked["packets"].sum()), 1)
         frame = pd.DataFrame(
@@ -419,6 +424,14 @@ class TopModel:
             self._groups(interval)
         return bool(missing)
 
+    def _pod_names(self, interval: _Interval, keys: list[tuple]) -> dict[str, str]:
+        """The pods of the addresses in flow keys (the flow view names its ends by pod where known)."""
+        if self.group.name != "flow" or not keys:
+            return {}
+        names = list(self.group.key_names)
+        addresses = {str(k[names.index(n)]) for k in keys for n in ("src_ip", "dst_ip")}
+        return pod_names(interval.flows, addresses)
+
     def _peers(self, intervals: list[_Interval], key: tuple) -> pd.DataFrame:
         """Who the group talked to: the other end of its flows, by identity or else by address.
 
@@ -470,6 +483,7 @@ class TopModel:
     def _flow_peers(self, intervals: list[_Interval], key: tuple) -> pd.DataFrame:
         protocol, src_ip, src_port, dst_ip, dst_port = key
         reply = (protocol, dst_ip, dst_port, src_ip, src_port)
+        pods = self._pod_names(intervals[-1], [key]) if intervals else {}
         rows = []
         for flow_key, direction in ((key, "→"), (reply, "←")):
             sums = dict.fromkeys(PEER_COUNTERS, 0)
@@ -478,7 +492,7 @@ class TopModel:
                 for counter in PEER_COUNTERS:
                     if row is not None and not pd.isna(row[counter]):
                         sums[counter] += int(row[counter])
-            rows.append({"peer": endpoint(dst_ip, dst_port), "direction": direction, **sums})
+            rows.append({"peer": endpoint(pods.get(dst_ip, dst_ip), dst_port), "direction": direction, **sums})
         return pd.DataFrame(rows)
 
     def _events(self, intervals: list[_Interval], key: tuple, limit: int) -> pd.DataFrame:
@@ -495,11 +509,12 @@ class TopModel:
         recent = pd.concat(parts, ignore_index=True).sort_values("time", ascending=False, kind="stable").head(limit)
         flows = GROUPING_BY_NAME["flow"]
         flow_keys = flows.keyed(recent, [])[list(flows.key_names)]
+        pods = pod_names(recent)  # events carry their ends' identity themselves
         return pd.DataFrame(
             {
                 "time": recent["time"].to_numpy(),
                 "kind": text_column(recent, "kind"),
-                "flow": [flows.label(k) for k in flow_keys.itertuples(index=False, name=None)],
+                "flow": [flows.label(k, pods=pods) for k in flow_keys.itertuples(index=False, name=None)],
                 "reason": text_column(recent, "drop_reason"),
             }
         )

@@ -27,8 +27,8 @@ def test_top_talkers_by_workload_count_both_ends_and_fall_back_to_addresses():
 
 def test_top_talkers_by_flow_are_five_tuples():
     assert rows(top_talkers(FLOWS, by="flow", n=2)) == [
-        ("TCP 10.204.0.10:43210 → 10.204.0.11:8443", 600, 600000, 5),
-        ("TCP 10.204.0.11:8443 → 10.204.0.10:43210", 400, 560000, 5),
+        ("TCP shop/checkout-7d9f:43210 → shop/payments-0:8443", 600, 600000, 5),
+        ("TCP shop/payments-0:8443 → shop/checkout-7d9f:43210", 400, 560000, 5),
     ]
 
 
