@@ -74,9 +74,9 @@ class TopRowsSink:
 
     name = "top"
 
-    def __init__(self, model: TopModel, node: str, out: IO[str], *, rows: int, output: str) -> None:
+    def __init__(self, model: TopModel, source: Any, out: IO[str], *, rows: int, output: str) -> None:
         self.model = model
-        self.node = node
+        self.source = source  # its node is read at each interval: a replay learns it from the recording
         self.out = out
         self.rows = rows
         self.output = output
@@ -89,9 +89,9 @@ class TopRowsSink:
         self.model.add(batch)
         totals, top = self.model.totals(), self.model.rows(self.rows, trend_width=0, arrow="->")
         if self.output == "table":
-            self.out.write("\n".join(table_lines(self.node, totals, top)) + "\n\n")
+            self.out.write("\n".join(table_lines(self.source.node, totals, top)) + "\n\n")
         else:
-            self.out.write("".join(line + "\n" for line in json_rows(self.node, totals, top)))
+            self.out.write("".join(line + "\n" for line in json_rows(self.source.node, totals, top)))
         self.out.flush()
         self.printed += 1
 

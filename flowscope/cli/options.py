@@ -142,7 +142,11 @@ def open_source(config: Config, default_speed: float = 0.0) -> BatchSource:
     if replay.file:
         speed = replay.speed if replay.speed is not None else default_speed
         return ReplaySource(
-            replay.file, speed=speed, node=node_name(config.identity), skip_bad_records=replay.skip_bad_records
+            replay.file,
+            speed=speed,
+            node=config.identity.node_name,
+            skip_bad_records=replay.skip_bad_records,
+            until_named=node_name(config.identity),
         )
     from flowscope.pipeline.live import LiveSource
 

@@ -130,7 +130,7 @@ def run_top(args: argparse.Namespace) -> int:
     from flowscope.exporters.stream import whole_writes
     from flowscope.exporters.table import TopRowsSink
 
-    sink = TopRowsSink(model, source.node, whole_writes(sys.stdout), rows=args.rows or 20, output=args.output)
+    sink = TopRowsSink(model, source, whole_writes(sys.stdout), rows=args.rows or 20, output=args.output)
     pipeline = Pipeline(source, [sink], enricher=enricher)
     stop = threading.Event()
     stop_on_signals(stop)
@@ -159,7 +159,7 @@ def _top_remote(args: argparse.Namespace, config: Any, view_filter: Any) -> int:
     from flowscope.exporters.stream import whole_writes
     from flowscope.exporters.table import TopRowsSink
 
-    sink = TopRowsSink(model, source.node, whole_writes(sys.stdout), rows=args.rows or 20, output=args.output)
+    sink = TopRowsSink(model, source, whole_writes(sys.stdout), rows=args.rows or 20, output=args.output)
     pipeline = Pipeline(source, [sink])
     stop = threading.Event()
     stop_on_signals(stop)
