@@ -114,7 +114,8 @@ class TopRows:
     sort: str
     descending: bool
     frame: pd.DataFrame  # index: position; column "key" holds the key tuple
-    groups: int  # how many groups the last interval has (the frame holds the top ones)
+    groups: int  # how many groups the rate window has (the frame holds the top ones)
+    rate_window: float = 2.0  # seconds the rows' rates average over
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,9 @@ class Detail:
     events: pd.DataFrame  # over the last TopModel.detail_intervals, newest first: time, kind, flow, reason
 
 
+RATE_WINDOWS = (2.0, 10.0, 40.0)  # what `w` cycles through in the TUI (iftop's averages)
+
+
 @dataclass
 class TopModel:
     """The last intervals of a BatchSource, and the rows of `top` for the current view.
@@ -148,6 +152,9 @@ class TopModel:
     row_budget: int = 2_000_000  # flow rows kept in the window; older intervals go first beyond it
     detail_intervals: int = 10  # recent intervals searched for a detail's peers and events
     fallback_seconds: float = 1.0  # interval length when a batch has no usable times
+    # Seconds of recent intervals the rows' rates average over (iftop's 2, 10 and 40 s): a row that went
+    # idle stays, its rate fading, until the window has passed it.
+    rate_window: float = 2.0
     grouping: str = "flow"
     filter: Filter = MATCH_ALL
     sort: str = "bytes_per_s"
@@ -189,7 +196,12 @@ class TopModel:
         filter: Filter | None = None,
         sort: str | None = None,
         descending: bool | None = None,
+        rate_window: float | None = None,
     ) -> None:
+        if rate_window is not None:
+            if not rate_window > 0:
+                raise ValueError(f"the rate window is a positive number of seconds, not {rate_window!r}")
+            self.rate_window = float(rate_window)
         if grouping is not None and grouping not in GROUPING_BY_NAME:
             raise ValueError(f"unknown grouping {grouping!r}; groupings are {', '.join(GROUPINGS)}")
         if sort is not None and sort not in SORT_KEYS:
@@ -232,15 +244,15 @@ class TopModel:
     def rows(self, limit: int, trend_width: int = TREND_WIDTH, arrow: str = "→") -> TopRows:
         """The top `limit` groups of the last interval in the current sort order, with a bytes/s trend."""
         if not self.window:
-            return TopRows(self.grouping, self.sort, self.descending, _empty_rows(), 0)
+            return TopRows(self.grouping, self.sort, self.descending, _empty_rows(), 0, self.rate_window)
         last = self.window[-1]
-        groups = self._groups(last)
+        groups, seconds = self._window_groups()
         table = pd.DataFrame(
             {
                 "bytes": groups["bytes"],
                 "packets": groups["packets"],
-                "bytes_per_s": groups["bytes"] / last.seconds,
-                "packets_per_s": groups["packets"] / last.seconds,
+                "bytes_per_s": groups["bytes"] / seconds,
+                "packets_per_s": groups["packets"] / seconds,
                 "drops": groups["drop_packets"],
                 "retransmits": groups["retransmits"],
                 "resets": groups["resets"],
@@ -263,7 +275,30 @@ class TopModel:
         pods = self._pod_names(last, keys)
         frame.insert(1, "label", [self.group.label(k, arrow, pods) for k in keys])
         frame["trend"] = self._trends(top.index, trend_width)
-        return TopRows(self.grouping, self.sort, self.descending, frame, len(table))
+        return TopRows(self.grouping, self.sort, self.descending, frame, len(table), self.rate_window)
+
+    def _window_groups(self) -> tuple[pd.DataFrame, float]:
+        """Per key, the sums over the intervals that ended within the rate window (the last one at least), and
+        the seconds they cover; RTT is the mean of the intervals' means."""
+        last = self.window[-1]
+        recent = [last]
+        if not pd.isna(last.time_end):
+            for interval in reversed(list(self.window)[:-1]):
+                if (
+                    pd.isna(interval.time_end)
+                    or (last.time_end - interval.time_end).total_seconds() >= self.rate_window
+                ):
+                    break
+                recent.append(interval)
+        if len(recent) == 1:
+            return self._groups(last), last.seconds
+        frames = [self._groups(interval) for interval in recent]
+        combined = pd.concat(frames)
+        by_key = combined.groupby(level=list(range(combined.index.nlevels)), sort=False)
+        sums = by_key[[c for c in combined.columns if c != "rtt_us"]].sum(min_count=1)
+        sums["rtt_us"] = by_key["rtt_us"].mean()
+        sums = sums[list(frames[0].columns)]
+        return _as_tuple_keys(sums, list(self.group.key_names)), sum(i.seconds for i in recent)
 
     def drops(self, victims: int = 3) -> DropsTable:
         """Drop reasons over the window, most dropped packets first, with the groups that lost the most."""

@@ -67,7 +67,7 @@ async def test_rows_and_header_after_a_replay(shop_replay):
             "flowscope top  node node-a  interval 2s  12:00:10 UTC  intervals 5  finished",
             "flows 5 (2.50/s)  138 kB/s  124 pkts/s  coverage 94.3% (lost 2 of 35)",
             "probes replay",
-            "group flow  sort BYTES/S ▼  5 of 5 rows  ",
+            "group flow  sort BYTES/S ▼  rates over 2s  5 of 5 rows  ",
         ]
 
 
@@ -130,7 +130,7 @@ async def test_shift_s_sorts_by_the_previous_column(shop_replay):
             "TCP shop/payments-0:8443 → shop/checkout-7d9f:43210",
             "TCP shop/checkout-7d9f:43210 → shop/payments-0:8443",
         ]
-        assert header(app).splitlines()[3] == "group flow  sort KEY ▼  5 of 5 rows  "
+        assert header(app).splitlines()[3] == "group flow  sort KEY ▼  rates over 2s  5 of 5 rows  "
         assert str(table.columns["label"].label) == "FLOW ▼"
         await press_and_settle(app, pilot, "S")  # from the first column round to the last: closes
         # The last interval closes the TCP 8443 connection at both ends: one close, on the row of the first
@@ -167,7 +167,8 @@ async def test_good_and_bad_filters(shop_replay):
         assert cells(app) == [["TCP shop/checkout-7d9f:43210 → shop/payments-0:8443", "70.0 kB/s"]]
         assert str(app.query_one("#message", Static).render()) == ""
         assert header(app).splitlines()[3] == (
-            "group flow  sort BYTES/S ▼  1 of 1 rows  filter to-port=8443,53 not protocol=udp (1 of 5 flows)"
+            "group flow  sort BYTES/S ▼  rates over 2s  1 of 1 rows  filter to-port=8443,53 not protocol=udp "
+            "(1 of 5 flows)"
         )
         assert app.query_one("#rows", DataTable).has_focus
         await pilot.press("slash")
@@ -324,3 +325,17 @@ async def test_a_replay_that_breaks_off_shows_why_and_keeps_what_it_had(tmp_path
             "--skip-bad-records."
         )
         assert len(cells(app)) == 5  # the flows of interval 1, the last complete one
+
+
+@runs
+async def test_w_cycles_the_rate_window_and_rows_average_over_it(shop_replay):
+    async with finished_replay(shop_replay) as (app, pilot):
+        await press_and_settle(app, pilot, "w")  # 2 s -> 10 s: the five 2-s intervals of the recording
+        # The whole recording's seven flows: two of them were active in earlier intervals only.
+        assert header(app).splitlines()[3] == "group flow  sort BYTES/S ▼  rates over 10s  7 of 7 rows  "
+        # checkout -> payments sent 100, 110, 120, 130 and 140 kB in its intervals: 600 kB over 10 s.
+        assert cells(app, columns=2)[0] == ["TCP shop/checkout-7d9f:43210 → shop/payments-0:8443", "60.0 kB/s"]
+        await press_and_settle(app, pilot, "w")
+        assert "rates over 40s" in header(app).splitlines()[3]
+        await press_and_settle(app, pilot, "w")
+        assert "rates over 2s" in header(app).splitlines()[3]

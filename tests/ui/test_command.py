@@ -177,7 +177,7 @@ FINISHED_SCREEN = [
     " flowscope top  node node-a  interval 2s  12:00:10 UTC  intervals 5  finished",
     " flows 5 (2.50/s)  138 kB/s  124 pkts/s  coverage 94.3% (lost 2 of 35)",
     " probes replay",
-    " group flow  sort BYTES/S ▼  5 of 5 rows",
+    " group flow  sort BYTES/S ▼  rates over 2s  5 of 5 rows",
     " FLOW                                                      BYTES/S ▼    PKTS/S    DROPS    RETX     RST      RTT    CONN    CLOSE  TREND",  # noqa: E501
     " TCP shop/checkout-7d9f:43210 → shop/payments-0:8443       70.0 kB/s      70/s        0       0       0    1.6ms       0        1  ▆▇▇██",  # noqa: E501
     " TCP shop/payments-0:8443 → shop/checkout-7d9f:43210       56.0 kB/s      40/s        0       0       0    900µs       0        0  █████",  # noqa: E501

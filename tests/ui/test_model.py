@@ -275,3 +275,48 @@ def test_trends_after_a_view_change_fill_in_with_backfill():
 
 def test_sparklines_scale_each_row_to_its_peak():
     assert sparklines(np.array([[0, 1, 2, 4], [5, 5, 5, 5], [0, 0, 0, 0]])) == ["▁▃▅█", "████", "▁▁▁▁"]
+
+
+def burst_then_idle() -> list[FlowBatch]:
+    """Four 1-s intervals: a burst of 1,000 bytes in the first only (port 1111), and 100 bytes in each
+    (port 2222)."""
+    start = pd.Timestamp("2025-03-01T12:00:00Z")
+    batches = []
+    for second in range(4):
+        rows = [{"src_port": 2222, "bytes": 100, "packets": 1}]
+        if second == 0:
+            rows.append({"src_port": 1111, "bytes": 1000, "packets": 10})
+        flows = pd.DataFrame([{"protocol": "TCP", "src_ip": "10.0.0.1", "dst_ip": "10.0.0.2", "dst_port": 80, **r}
+                              for r in rows])  # fmt: skip
+        begin, end = start + pd.Timedelta(seconds=second), start + pd.Timedelta(seconds=second + 1)
+        batches.append(FlowBatch(begin, end, flows_frame(flows), events_frame(pd.DataFrame())))
+    return batches
+
+
+@pytest.mark.parametrize(
+    ("window", "after", "expected"),
+    [
+        (2.0, 1, {1111: 1000.0, 2222: 100.0}),  # the burst's own interval
+        (2.0, 2, {1111: 500.0, 2222: 100.0}),  # a second later: averaged over the 2 s, fading
+        (2.0, 3, {2222: 100.0}),  # two seconds later: gone
+        (10.0, 4, {1111: 250.0, 2222: 100.0}),  # 10 s: still there, 1,000 bytes over 4 s
+        (40.0, 3, {1111: 1000.0 / 3, 2222: 100.0}),
+    ],
+)
+def test_rates_average_over_the_window_so_an_idle_row_fades_out(window, after, expected):
+    top = TopModel(rate_window=window)
+    for batch in burst_then_idle()[:after]:
+        top.add(batch)
+    rows = top.rows(10)
+    assert {key[2]: rate for key, rate in zip(rows.frame["key"], rows.frame["bytes_per_s"], strict=True)} == expected
+    assert rows.rate_window == window
+
+
+def test_the_window_changes_with_the_view_and_must_be_positive():
+    top = TopModel()
+    for batch in burst_then_idle():
+        top.add(batch)
+    top.set_view(rate_window=10.0)
+    assert len(top.rows(10).frame) == 2
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        top.set_view(rate_window=0)
