@@ -87,6 +87,11 @@ def coverage_text(coverage: Coverage) -> str:
     return f"coverage {share:.1f}% (lost {lost:,} of {produced:,})"
 
 
+def seconds(value: float) -> str:
+    """A duration as a person reads it: 2s, 1s for 1.02401, 0.5s, 1.5s (tenths at most)."""
+    return f"{round(value, 1):g}s"
+
+
 def clock(time: pd.Timestamp | None) -> str:
     if time is None or pd.isna(time):
         return "--:--:--"

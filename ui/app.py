@@ -373,7 +373,7 @@ class TopApp(App[int]):
         totals = snapshot.totals
         line1 = Text.assemble(
             ("flowscope top", "bold"),
-            f"  node {snapshot.node}  interval {totals.seconds:g}s  {fmt.clock(totals.time_end)} UTC",
+            f"  node {snapshot.node}  interval {fmt.seconds(totals.seconds)}  {fmt.clock(totals.time_end)} UTC",
             f"  intervals {totals.intervals}",
         )
         if snapshot.state:
@@ -388,7 +388,7 @@ class TopApp(App[int]):
             (fmt.coverage_text(totals.coverage), coverage_style),
         )
         active = [p.name for p in snapshot.probes if p.active]
-        missing = [p for p in snapshot.probes if not p.active]
+        missing = [p for p in snapshot.probes if p.missed]
         line3 = Text.assemble("probes ", (" ".join(active) or "none", "green"))
         if missing:
             line3.append("  unavailable ")

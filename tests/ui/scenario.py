@@ -305,6 +305,8 @@ class QueueSource:
         return [
             ProbeStatus("tc_flows", True, "tc clsact ingress+egress"),
             ProbeStatus("tcp_rtt", False, "kprobe tcp_rcv_established", "kprobes are off"),
+            # A variant whose work another probe does: the header leaves it out.
+            ProbeStatus("skb_drop_kprobe", False, "kprobe kfree_skb", "kprobes are off; not needed: skb_drop runs"),
         ]
 
     def batches(self, stop):

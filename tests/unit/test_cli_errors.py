@@ -119,3 +119,12 @@ def test_no_help_shows_a_settings_internal_name(command: str, capsys) -> None:
     assert "SETTING:" not in shown and "setting:" not in shown
     if command == "agent":
         assert "--log-format {text,json}" in shown and "--log-level {debug,info,warning,error}" in shown
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [(2.0, "2s"), (1.02401, "1s"), (0.5, "0.5s"), (1.46, "1.5s"), (60.0, "60s")]
+)
+def test_durations_read_rounded(value: float, shown: str) -> None:
+    from flowscope.display import seconds
+
+    assert seconds(value) == shown
