@@ -107,8 +107,8 @@ class Totals:
 
 @dataclass(frozen=True)
 class TopRows:
-    """The ranked rows of the last interval: columns "key", "label", the METRICS, "bytes" and "packets" (the
-    interval's counts) and "trend"."""
+    """The ranked rows of the rate window: columns "key", "label", the METRICS (rates over the window, counts
+    of the last interval), "bytes" and "packets" (the last interval's counts) and "trend"."""
 
     grouping: str
     sort: str
@@ -246,13 +246,20 @@ class TopModel:
         if not self.window:
             return TopRows(self.grouping, self.sort, self.descending, _empty_rows(), 0, self.rate_window)
         last = self.window[-1]
-        groups, seconds = self._window_groups()
+        window, seconds = self._window_groups()
+        # The rows are the keys of the rate window; their counts are the last interval's (0 for a row idle
+        # in it), so a script summing the rows of every interval gets totals; the rates are the window's.
+        groups = self._groups(last)
+        if len(window) != len(groups):
+            groups = groups.reindex(window.index)
+            idle = ~window.index.isin(self._groups(last).index)
+            groups.loc[idle, [c for c in groups.columns if c != "rtt_us"]] = 0
         table = pd.DataFrame(
             {
                 "bytes": groups["bytes"],
                 "packets": groups["packets"],
-                "bytes_per_s": groups["bytes"] / seconds,
-                "packets_per_s": groups["packets"] / seconds,
+                "bytes_per_s": window["bytes"] / seconds,
+                "packets_per_s": window["packets"] / seconds,
                 "drops": groups["drop_packets"],
                 "retransmits": groups["retransmits"],
                 "resets": groups["resets"],
@@ -260,7 +267,7 @@ class TopModel:
                 "connections": groups["connections"],
                 "closes": groups["closes"],
             },
-            index=groups.index,
+            index=window.index,
         )
         if self.sort == "key":
             ranked = table.sort_index(ascending=not self.descending)
