@@ -34,6 +34,7 @@ BENCHMARKS = {
     "clickhouse": 150,
     "flowlog": 120,
     "jsonl": 40,
+    "alternatives": 150,
 }
 
 
