@@ -18,16 +18,19 @@ from tests.waiting import wait_for
 pytestmark = pytest.mark.timeout(240)
 START = pd.Timestamp("2025-03-01T12:00:00Z")
 INTERVALS, SECONDS, FLOWS = 80, 0.1, 20
+SPEED = "0.5"
 
 
 def test_three_agents_behind_a_relay_one_restarted_mid_stream(tmp_path):
     streams = {node: interval_batches(START, INTERVALS, SECONDS, FLOWS, node) for node in ("a", "b", "c")}
-    # b is down for the intervals between; its later records start 6 s into the recordings, well after b is
-    # back (a relay does not wait for an unavailable agent: records of it older than what went out are late)
+    # b is down for the intervals between; its later records start 6 s into the recordings, replayed at half
+    # speed: 12 s after the start, well after b is back (a relay does not wait for an unavailable agent:
+    # records of it older than what went out are late). At full speed a restart slowed by a loaded machine
+    # could miss that (a CI failure).
     before, after = streams["b"][:10], streams["b"][60:]
     agents = {
         node: Agent.start(tmp_path, recording(tmp_path / f"{node}.jsonl", streams[node] if node != "b" else before),
-                          "--speed", "1", name=node)
+                          "--speed", SPEED, name=node)
         for node in ("a", "b", "c")
     }  # fmt: skip
     peers = [arg for agent in agents.values() for arg in ("--peer", f"unix://{agent.socket}")]
@@ -44,7 +47,7 @@ def test_three_agents_behind_a_relay_one_restarted_mid_stream(tmp_path):
         agents["b"].stop()
         wait_for(lambda: any(r.node_status.state == pb.NODE_UNAVAILABLE for r in list(got)), 60, "b unavailable")
         assert "b" in relay.client().status().unavailable_nodes
-        agents["b"] = Agent.start(tmp_path, recording(tmp_path / "b2.jsonl", after), "--speed", "1", name="b")
+        agents["b"] = Agent.start(tmp_path, recording(tmp_path / "b2.jsonl", after), "--speed", SPEED, name="b")
         total = (2 * INTERVALS + len(before) + len(after)) * FLOWS
         wait_for(lambda: sum(r.HasField("flow") for r in list(got)) == total, 120, "every record through the relay")
         nodes = relay.client().nodes().nodes
