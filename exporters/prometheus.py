@@ -391,10 +391,10 @@ class Aggregate:
         out.append(active)
         folded = GaugeMetricFamily(
             "flowscope_metrics_folded_keys", 'Keys whose records a family counts in its "other" series now (the '
-            "budget)", labels=["family"],
+            "budget)", labels=["node", "family"],
         )  # fmt: skip
         for name, table in self.tables().items():
-            folded.add_metric([name], table.folded)
+            folded.add_metric([node, name], table.folded)
         out.append(folded)
         intervals = CounterMetricFamily("flowscope_intervals", "Intervals the metrics have summed", labels=["node"])
         intervals.add_metric([node], self.intervals)
@@ -438,56 +438,48 @@ def _histogram(name: str, help: str, labels: list[str], series: list[tuple[tuple
 # ---- the agent's own state, read at scrape time -------------------------------------------------------
 
 
-def self_metrics(pipeline: Any) -> list[Metric]:
+def self_metrics(pipeline: Any, node: str) -> list[Metric]:
+    """The agent's own state now: coverage by stage and by output, queues, maps, probes, identity, build."""
     status = pipeline.status()
     out: list[Metric] = []
-    coverage = status["coverage"]
+
+    def family(kind: type, name: str, help: str, label: str | None, values: list[tuple[str, float]]) -> None:
+        metric = kind(name, help, labels=["node", label] if label else ["node"])
+        for value_label, value in values:
+            metric.add_metric([node, value_label] if label else [node], value)
+        out.append(metric)
+
+    coverage, sinks = status["coverage"], status["sinks"]
     for part in ("produced", "delivered", "lost"):
-        family = CounterMetricFamily(
-            f"flowscope_records_{part}", f"Records (packets, events) {part} by each stage of the data path",
-            labels=["source"],
-        )  # fmt: skip
-        for source, counts in coverage.items():
-            family.add_metric([source], counts[part])
-        out.append(family)
-    sinks = status["sinks"]
+        family(CounterMetricFamily, f"flowscope_records_{part}",
+               f"Records (packets, events) {part} by each stage of the data path", "source",
+               [(source, counts[part]) for source, counts in coverage.items()])  # fmt: skip
     for part in ("produced", "delivered", "lost"):
-        family = CounterMetricFamily(
-            f"flowscope_sink_records_{part}", f"Records (flow and event rows) {part} by each output", labels=["sink"]
-        )
-        for name, sink in sinks.items():
-            family.add_metric([name], sink[part])
-        out.append(family)
-    queue = GaugeMetricFamily("flowscope_sink_queue_fill_ratio", "How full each output's queue is", labels=["sink"])
-    for name, sink in sinks.items():
-        queue.add_metric([name], sink["queued"] / sink["capacity"] if sink["capacity"] else 0.0)
-    out.append(queue)
-    fill = GaugeMetricFamily(
-        "flowscope_map_fill_ratio", "Entries of the last drain of each kernel map over its capacity", labels=["map"]
-    )
-    for name, ratio in sorted(getattr(pipeline.source, "map_fill", {}).items()):
-        fill.add_metric([name], ratio)
-    out.append(fill)
-    probes = GaugeMetricFamily("flowscope_probe_active", "1 when the probe runs, 0 when it does not", labels=["probe"])
-    for probe in status["probes"]:
-        probes.add_metric([probe["name"]], 1.0 if probe["active"] else 0.0)
-    out.append(probes)
+        family(CounterMetricFamily, f"flowscope_sink_records_{part}",
+               f"Records (flow and event rows) {part} by each output", "sink",
+               [(name, sink[part]) for name, sink in sinks.items()])  # fmt: skip
+    family(GaugeMetricFamily, "flowscope_sink_queue_fill_ratio", "How full each output's queue is", "sink",
+           [(name, s["queued"] / s["capacity"] if s["capacity"] else 0.0) for name, s in sinks.items()])  # fmt: skip
+    family(GaugeMetricFamily, "flowscope_map_fill_ratio",
+           "Entries of the last drain of each kernel map over its capacity", "map",
+           sorted(getattr(pipeline.source, "map_fill", {}).items()))  # fmt: skip
+    # Probes that are not needed here (another variant runs) are no loss: they are left out.
+    probes = [p for p in status["probes"] if p["active"] or "not needed" not in (p["reason"] or "")]
+    family(GaugeMetricFamily, "flowscope_probe_active", "1 when the probe runs, 0 when it is missing", "probe",
+           [(p["name"], 1.0 if p["active"] else 0.0) for p in probes])  # fmt: skip
     identity = status["identity"]
     if identity is not None:
-        resolved = CounterMetricFamily(
-            "flowscope_identity_resolved", "Flow ends given an identity, by the source that named them",
-            labels=["source"],
-        )  # fmt: skip
-        for source, count in identity["resolved"].items():
-            resolved.add_metric([source], count)
-        unresolved = CounterMetricFamily("flowscope_identity_unresolved", "Flow ends no identity source named")
-        unresolved.add_metric([], identity["unresolved"])
-        misses = CounterMetricFamily("flowscope_identity_misses", "Identity lookups that failed", labels=["kind"])
-        for kind, count in identity["misses"].items():
-            misses.add_metric([kind], count)
-        out += [resolved, unresolved, misses]
-    info = GaugeMetricFamily("flowscope_build_info", "flowscope's version", labels=["version", "python_version"])
-    info.add_metric([version("flowscope"), platform.python_version()], 1.0)
+        family(CounterMetricFamily, "flowscope_identity_resolved",
+               "Flow ends given an identity, by the source that named them", "source",
+               list(identity["resolved"].items()))  # fmt: skip
+        family(CounterMetricFamily, "flowscope_identity_unresolved", "Flow ends no identity source named", None,
+               [("", identity["unresolved"])])  # fmt: skip
+        family(CounterMetricFamily, "flowscope_identity_misses", "Identity lookups that failed, by kind", "kind",
+               list(identity["misses"].items()))  # fmt: skip
+    info = GaugeMetricFamily(
+        "flowscope_build_info", "flowscope's version", labels=["node", "version", "python_version"]
+    )
+    info.add_metric([node, version("flowscope"), platform.python_version()], 1.0)
     out.append(info)
     return out
 
@@ -501,7 +493,7 @@ class FlowscopeCollector:
     def collect(self) -> Iterator[Metric]:
         yield from self.sink.families
         if self.sink.pipeline is not None:
-            yield from self_metrics(self.sink.pipeline)
+            yield from self_metrics(self.sink.pipeline, self.sink.node)
 
 
 class PrometheusSink:
