@@ -10,11 +10,13 @@ flowscope_intervals_total that counts the agent's last interval."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import importlib.util
 import itertools
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -260,4 +262,55 @@ def test_the_budget_caps_the_series_folds_the_rest_and_no_counter_goes_down(tmp_
         assert prometheus.value("sum(resets(flowscope_workload_packets_total[10m]))") == 0
     finally:
         prometheus.stop()
+        sink.close()
+
+
+# ---- where /metrics listens ------------------------------------------------------------------------------
+
+
+def run_agent(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [FLOWSCOPE, "agent", "--replay", "/dev/null", "--exit-at-end", "--status-socket", str(tmp_path / "s.sock"),
+         *extra],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "FLOWSCOPE_FLOWLOG_ENABLED": "0", "FLOWSCOPE_GRPC_ENABLED": "0"},
+    )  # fmt: skip
+
+
+def test_metrics_off_loopback_need_tls_or_the_force_flag(tmp_path: Path) -> None:
+    port = free_port()
+    refused = run_agent(tmp_path, "--metrics-addr", f"0.0.0.0:{port}")
+    assert (refused.returncode, refused.stderr.splitlines()[-1]) == (
+        1,
+        f"flowscope agent: --metrics-addr 0.0.0.0:{port} is not loopback: give --metrics-tls-cert and "
+        "--metrics-tls-key (or force plaintext with --metrics-plaintext-anywhere).",
+    )
+    half = run_agent(tmp_path, "--metrics-addr", f"127.0.0.1:{port}", "--metrics-tls-cert", "/dev/null")
+    assert half.stderr.splitlines()[-1] == "flowscope agent: TLS needs both --metrics-tls-cert and --metrics-tls-key."
+    forced = run_agent(tmp_path, "--metrics-addr", f"0.0.0.0:{port}", "--metrics-plaintext-anywhere")
+    assert forced.returncode == 0, forced.stderr
+    assert f"/metrics serves plaintext on 0.0.0.0:{port}: anyone who can reach it reads who talks to whom" in (
+        forced.stderr
+    )
+
+
+def test_metrics_over_tls_are_read_with_the_ca_and_refused_in_plaintext(tmp_path: Path) -> None:
+    from tests.integration.test_grpc_tls import issue
+
+    ca = issue(tmp_path, "ca")
+    issue(tmp_path, "server", ca, server=True)
+    address = f"127.0.0.1:{free_port()}"
+    sink = PrometheusSink(
+        MetricsConfig(address=address, tls_cert=str(tmp_path / "server.pem"), tls_key=str(tmp_path / "server-key.pem")),
+        node="node-t",
+    )
+    sink.open()
+    try:
+        sink.write(SHOP[0])
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        with urlopen(f"https://{address}/metrics", context=context, timeout=10) as answer:
+            assert intervals_in(answer.read().decode()) == 1
+        with pytest.raises((URLError, OSError, http.client.HTTPException)):
+            scrape(address)
+    finally:
         sink.close()
