@@ -192,7 +192,7 @@ def overview() -> dict:
                 target(f"max by (node, sink) (flowscope_sink_queue_fill_ratio{{{NODE}}})", ref="queues",
                        instant=True),
                 target(f"max by (node, map) (flowscope_map_fill_ratio{{{NODE}}})", ref="maps", instant=True),
-                target(f"sum by (node) (rate(flowscope_identity_misses_total{{{NODE}}}[$__rate_interval]))",
+                target(f"sum by (node) (rate(flowscope_identity_unresolved_total{{{NODE}}}[$__rate_interval]))",
                        ref="identity", instant=True),
                 target(f"sum by (node) (rate(process_cpu_seconds_total[$__rate_interval]) * on (instance) "
                        f"group_left (node) flowscope_build_info{{{NODE}}})", ref="cpu", instant=True),

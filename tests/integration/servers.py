@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,12 +234,14 @@ def wait_until_queryable(server: ClickHouse, sql: str, expected: str, timeout: f
 class Prometheus:
     """Debian's prometheus on a free loopback port with its own data directory, scraping `targets` (HOST:PORT of
     /metrics, plaintext) every `scrape_interval` and evaluating `rule_files` as often. `query()` asks its HTTP
-    API; start() returns once /-/ready answers."""
+    API; start() returns once /-/ready answers. With a `prefix` (ip netns exec NAME) it lives in a lab namespace
+    and is asked through it."""
 
     root: Path
     targets: list[str]
     scrape_interval: str = "1s"
     rule_files: list[Path] = field(default_factory=list)
+    prefix: list[str] = field(default_factory=list)
     port: int = 0
     process: subprocess.Popen | None = None
 
@@ -256,8 +259,9 @@ class Prometheus:
             self.port = free_port()
             log = open(self.root / "log", "ab")  # noqa: SIM115 - the server's own output, kept with it
             self.process = subprocess.Popen(
-                ["prometheus", f"--config.file={self.root}/prometheus.yml", f"--storage.tsdb.path={self.root}/data",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+                [*self.prefix, "prometheus", f"--config.file={self.root}/prometheus.yml",
+                 f"--storage.tsdb.path={self.root}/data", f"--web.listen-address=127.0.0.1:{self.port}",
+                 "--log.level=warn"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
             log.close()
@@ -274,14 +278,24 @@ class Prometheus:
         if self.process is not None and self.process.poll() is not None:
             raise AssertionError("prometheus exited")
         try:
-            with urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as answer:
-                return answer.status == 200
-        except (URLError, OSError):
+            self._get("/-/ready")
+        except (URLError, OSError, ServerError):
             return False
+        return True
+
+    def _get(self, path: str) -> bytes:
+        url = f"http://127.0.0.1:{self.port}{path}"
+        if not self.prefix:
+            with urlopen(url, timeout=30) as answer:
+                return answer.read()
+        fetch = "import sys, urllib.request; sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1]).read())"
+        result = subprocess.run([*self.prefix, sys.executable, "-c", fetch, url], capture_output=True, timeout=60)
+        if result.returncode != 0:
+            raise ServerError(f"GET {path}: {result.stderr.decode(errors='replace')[-500:]}")
+        return result.stdout
 
     def api(self, path: str, **params: Any) -> Any:
-        with urlopen(f"http://127.0.0.1:{self.port}/api/v1/{path}?{urlencode(params)}", timeout=30) as answer:
-            body = json.load(answer)
+        body = json.loads(self._get(f"/api/v1/{path}?{urlencode(params)}"))
         if body["status"] != "success":
             raise ServerError(f"{path} {params}: {body}")
         return body["data"]

@@ -44,7 +44,7 @@ DASHBOARDS = ROOT / "deploy" / "grafana" / "prometheus"
 FLOWSCOPE = str(Path(sys.executable).with_name("flowscope"))
 SHOP = shop_batches()
 # What a recording cannot feed: the kernel maps' fill and identity lookups (tests/kernel/test_prometheus_live.py).
-LIVE_ONLY = ("flowscope_map_fill_ratio", "flowscope_identity_misses_total")
+LIVE_ONLY = ("flowscope_map_fill_ratio", "flowscope_identity_unresolved_total")
 # Grafana's variables as a dashboard sends them with every selection at All.
 GRAFANA = {"$node": ".*", "$namespace": ".*", "$workload": ".*", "$__rate_interval": "1m", "$__range": "1h"}
 
