@@ -346,22 +346,16 @@ class Aggregate:
         """The data families, built once per interval; a scrape hands them over as they are."""
         identity = self.labels.names
         out: list[Metric] = []
-        directions = sorted(self.by_direction.items())
-        for index, (name, text) in enumerate((("packets", "Packets"), ("bytes", "Bytes (L2 length)"))):
-            family = CounterMetricFamily(
-                f"flowscope_{name}", f"{text} seen by the tc hooks, per direction", labels=["node", "direction"]
-            )
-            for direction, row in directions:
-                family.add_metric([node, direction], row[index])
-            out.append(family)
-        reasons = sorted(self.by_reason.items())
-        for index, (name, text) in enumerate((("drops", "Packets"), ("drop_bytes", "Bytes of the packets"))):
-            family = CounterMetricFamily(
-                f"flowscope_{name}", f"{text} the kernel dropped, per reason", labels=["node", "reason"]
-            )
-            for reason, row in reasons:
-                family.add_metric([node, reason], row[index])
-            out.append(family)
+        for label, rows, families in (
+            ("direction", self.by_direction, (("packets", "Packets"), ("bytes", "Bytes (L2 length)"))),
+            ("reason", self.by_reason, (("drops", "Packets"), ("drop_bytes", "Bytes of the packets"))),
+        ):
+            what = "seen by the tc hooks" if label == "direction" else "the kernel dropped"
+            for index, (name, text) in enumerate(families):
+                family = CounterMetricFamily(f"flowscope_{name}", f"{text} {what}, per {label}", labels=["node", label])
+                for value, row in sorted(rows.items()):
+                    family.add_metric([node, value], row[index])
+                out.append(family)
         node_tcp = (
             ("tcp_retransmits", "TCP segments retransmitted"),
             ("tcp_resets", "TCP resets sent or received"),

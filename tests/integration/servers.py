@@ -45,6 +45,20 @@ def listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+def stop_group(process: subprocess.Popen | None) -> None:
+    """Stops a server started in a session of its own: SIGTERM to its group, SIGKILL if it lingers."""
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
+
+
 @dataclass
 class User:
     name: str
@@ -217,13 +231,7 @@ class ZooKeeper:
             return ""
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(30)
+        stop_group(self.process)
 
 
 def wait_until_queryable(server: ClickHouse, sql: str, expected: str, timeout: float = 60.0) -> None:
@@ -314,11 +322,4 @@ class Prometheus:
         return float(result[0]["value"][1])
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(30)
+        stop_group(self.process)
