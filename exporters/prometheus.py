@@ -504,8 +504,8 @@ class PrometheusSink:
         self.registry.register(FlowscopeCollector(self))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
-        self.port: int | None = None
         self._server: Any = None
+        self._count_keys()
 
     def bind(self, pipeline: Any) -> None:
         self.pipeline = pipeline
@@ -526,12 +526,12 @@ class PrometheusSink:
             raise ListenError(
                 f"cannot serve /metrics on {config.address} ({err.strerror or err}); choose another --metrics-addr."
             ) from None
-        self.port = self._server.server_address[1]
         log.info("serving /metrics on %s%s", config.address, " (TLS)" if tls else "")
 
     def write(self, batch: FlowBatch) -> None:
         self.aggregate.add(batch)
         self.families = self.aggregate.families(self.node)
+        self._count_keys()
 
     def close(self) -> None:
         if self._server is not None:
@@ -540,8 +540,11 @@ class PrometheusSink:
             self._server = None
 
     def health(self) -> dict[str, Any]:
+        return self._health  # from any thread: counted on the sink's, replaced whole
+
+    def _count_keys(self) -> None:
         tables = self.aggregate.tables()
-        return {
+        self._health = {
             "state": "ok",
             "keys": {name: len(t.entries) for name, t in tables.items()},
             "folded": {name: t.folded for name, t in tables.items()},
