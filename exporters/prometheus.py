@@ -134,6 +134,11 @@ class Budgeted:
             yield (OTHER,) * key_width, self.other
 
 
+def counts(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """A counter column as float64, null (not measured) as 0: what it adds to a sum."""
+    return np.nan_to_num(counter_values(frame[column]).astype(np.float64))
+
+
 def sum_by(keys: dict[str, np.ndarray], values: dict[str, np.ndarray]) -> tuple[list[tuple], np.ndarray]:
     """The distinct key tuples of the rows and each one's sums of `values` (nulls count as 0)."""
     if not len(next(iter(keys.values()))):
@@ -233,7 +238,6 @@ class Aggregate:
     """Every counter the metrics show, summed over the intervals so far."""
 
     def __init__(self, config: MetricsConfig, ephemeral: tuple[int, int]) -> None:
-        self.config = config
         self.labels = Labels(config)
         self.ephemeral = ephemeral
         self.port_label = ("port",) if config.server_port else ()
@@ -266,7 +270,7 @@ class Aggregate:
         self.last_end = now
 
     def _traffic(self, flows: pd.DataFrame, identity: dict[str, np.ndarray], now: float) -> None:
-        packets, size = counter_values(flows["packets"]), counter_values(flows["bytes"])
+        packets, size = counts(flows, "packets"), counts(flows, "bytes")
         direction = text_column(flows, "direction")
         keys, sums = sum_by({"direction": direction}, {"packets": packets, "bytes": size})
         for (name,), row in zip(keys, sums, strict=True):
@@ -278,9 +282,9 @@ class Aggregate:
         self.traffic.add(keys, sums, sums[:, 1], now)
 
     def _drops(self, flows: pd.DataFrame, identity: dict[str, np.ndarray], now: float) -> None:
-        packets = np.nan_to_num(counter_values(flows["drop_packets"]).astype(np.float64))
+        packets = counts(flows, "drop_packets")
         rows = packets > 0
-        size = np.nan_to_num(counter_values(flows["drop_bytes"]).astype(np.float64))[rows]
+        size = counts(flows, "drop_bytes")[rows]
         reason = text_column(flows, "drop_reason")[rows]
         keys, sums = sum_by({"reason": reason}, {"packets": packets[rows], "bytes": size})
         for (name,), row in zip(keys, sums, strict=True):
@@ -293,8 +297,7 @@ class Aggregate:
     def _tcp(self, flows: pd.DataFrame, identity: dict[str, np.ndarray], events: pd.DataFrame, now: float) -> None:
         tcp = text_column(flows, "protocol") == "TCP"
         flow_part = {k: v[tcp] for k, v in identity.items()}
-        retransmits = np.nan_to_num(counter_values(flows["retransmits"]).astype(np.float64))[tcp]
-        resets = np.nan_to_num(counter_values(flows["resets"]).astype(np.float64))[tcp]
+        retransmits, resets = counts(flows, "retransmits")[tcp], counts(flows, "resets")[tcp]
         opened, closed, failed, event_part = self._connections(events)
         zeros_flows, zeros_events = np.zeros(int(tcp.sum())), np.zeros(len(opened))
         columns = {k: np.concatenate([flow_part[k], event_part[k]]) for k in flow_part}
@@ -330,7 +333,7 @@ class Aggregate:
         values["sum"] = rtt / 1e6
         keys, sums = sum_by({k: v[rows] for k, v in identity.items()}, values)
         self.rtt.add(keys, sums, sums[:, :-1].sum(axis=1), now)
-        self.rtt_node += np.array([v.sum() for v in values.values()]) if len(rtt) else 0
+        self.rtt_node += np.array([v.sum() for v in values.values()])
 
     def _locations(self, events: pd.DataFrame, now: float) -> None:
         drops = events[text_column(events, "kind") == "drop"]
@@ -491,6 +494,8 @@ class FlowscopeCollector:
 
 
 class PrometheusSink:
+    """The pipeline's output that sums each batch and serves /metrics (HTTP, or HTTPS with a key and cert)."""
+
     name = "prometheus"
 
     def __init__(self, config: MetricsConfig, node: str = "", ephemeral: tuple[int, int] | None = None) -> None:

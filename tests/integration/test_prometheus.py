@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import re
+import socket
 import ssl
 import subprocess
 import sys
@@ -287,6 +288,15 @@ def test_metrics_off_loopback_need_tls_or_the_force_flag(tmp_path: Path) -> None
     )
     half = run_agent(tmp_path, "--metrics-addr", f"127.0.0.1:{port}", "--metrics-tls-cert", "/dev/null")
     assert half.stderr.splitlines()[-1] == "flowscope agent: TLS needs both --metrics-tls-cert and --metrics-tls-key."
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        in_use = run_agent(tmp_path, "--metrics-addr", busy)
+    assert (in_use.returncode, in_use.stderr.splitlines()[-1]) == (
+        1,
+        f"flowscope agent: cannot serve /metrics on {busy} (Address already in use); choose another --metrics-addr.",
+    )
     forced = run_agent(tmp_path, "--metrics-addr", f"0.0.0.0:{port}", "--metrics-plaintext-anywhere")
     assert forced.returncode == 0, forced.stderr
     assert f"/metrics serves plaintext on 0.0.0.0:{port}: anyone who can reach it reads who talks to whom" in (
