@@ -11,8 +11,9 @@ SYSTEM_PYTHON := /usr/bin/python3
 # iptables (the NETFILTER_DROP reasons it names are about rules users inspect with it).
 RUNTIME_PACKAGES := python3-bpfcc bpfcc-tools bpftool iproute2 iptables python3-venv ethtool
 # What the tests add: traffic generators and packet capture for ground truth.
-# ClickHouse (18.16) and ZooKeeper: the flow store's tests start their own instances.
-TEST_PACKAGES := iperf3 tshark tcpreplay procps systemd clickhouse-server clickhouse-client zookeeper
+# ClickHouse (18.16) and ZooKeeper: the flow store's tests start their own instances; so do the metrics
+# tests with Prometheus (promtool lints /metrics and the rules).
+TEST_PACKAGES := iperf3 tshark tcpreplay procps systemd clickhouse-server clickhouse-client zookeeper prometheus
 # What the kernel matrix adds: qemu boots Debian's kernels, busybox is their initramfs, kmod lists modules.
 MATRIX_PACKAGES := qemu-system-x86 busybox-static kmod
 ARGS ?=

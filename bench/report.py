@@ -935,6 +935,49 @@ def alternatives(data: dict) -> list[str]:
     ]
 
 
+def prometheus(data: dict) -> list[str]:
+    scrape, agent = data["scrape"], data["agent"]
+    formats = (("text", "text 0.0.4"), ("openmetrics", "OpenMetrics 1.0"))
+    return [
+        f"`PrometheusSink` holding {scrape['workloads']:,} workloads (10k per-workload series), scraped over HTTP on",
+        f"loopback. Summing an interval of those keys and building the families: {scrape['write_ms']} ms.",
+        "",
+        *_table(
+            ["format", "samples", "/metrics bytes", "scrape median ms", "max ms"],
+            [
+                [
+                    title,
+                    _n(scrape[key]["samples"]),
+                    _n(scrape[key]["bytes"]),
+                    f"**{scrape[key]['median_ms']}**",
+                    _n(scrape[key]["max_ms"], 1),
+                ]
+                for key, title in formats
+            ],
+        ),
+        f"Agent CPU, `flowscope agent --replay` of {agent['intervals']} one-second intervals of {agent['flows']:,}",
+        "flows at --speed 1 (the gRPC API its other output in both runs), /metrics scraped every second when on:",
+        "",
+        *_table(
+            ["exporter", "CPU s", "CPU ms per interval", "wall s", "scrapes", "peak RSS MB"],
+            [
+                [
+                    name,
+                    f"**{run['cpu_s']}**",
+                    _n(run["cpu_per_interval_ms"], 1),
+                    _n(run["wall_s"], 1),
+                    _n(run["scrapes"]),
+                    _n(run["max_rss_mb"], 1),
+                ]
+                for name, run in (("off", agent["off"]), ("on", agent["on"]))
+            ],
+        ),
+        f"The exporter costs {agent['extra_cpu_per_interval_ms']} ms of CPU per interval of {agent['flows']:,} flows,",
+        "scrapes included.",
+        "",
+    ]
+
+
 SECTIONS = (
     ("dataplane", "Data-plane overhead", "bench/dataplane.py", dataplane),
     ("accuracy", "Accuracy against a packet capture", "bench/accuracy.py", accuracy),
@@ -947,6 +990,7 @@ SECTIONS = (
     ("flowlog", "The Parquet flow log", "bench/flowlog.py", flowlog),
     ("jsonl", "The JSON-lines writer", "bench/jsonl.py", jsonl),
     ("alternatives", "Beside pmacctd and softflowd", "bench/alternatives.py", alternatives),
+    ("prometheus", "Prometheus metrics", "bench/prometheus.py", prometheus),
 )
 
 

@@ -35,6 +35,7 @@ BENCHMARKS = {
     "flowlog": 120,
     "jsonl": 40,
     "alternatives": 150,
+    "prometheus": 120,
 }
 
 

@@ -284,6 +284,49 @@ class GrpcConfig(Section):
     queue: int = option(64, "batches the API's queue holds before it counts losses", gt=0)
 
 
+class MetricsConfig(Section):
+    """Prometheus /metrics (flowscope.exporters.prometheus): aggregated at each interval, read at scrape time."""
+
+    address: str | None = option(
+        None, "serve Prometheus /metrics on HOST:PORT (e.g. 127.0.0.1:9464; TLS with --metrics-tls-cert/-key, "
+        "plaintext only on loopback)", flag="--metrics-addr", metavar="HOST:PORT",
+    )  # fmt: skip
+    tls_cert: str | None = option(
+        None, "server certificate (PEM) for /metrics", flag="--metrics-tls-cert", metavar="FILE"
+    )
+    tls_key: str | None = option(
+        None, "server private key (PEM) for /metrics", flag="--metrics-tls-key", metavar="FILE"
+    )
+    plaintext_anywhere: bool = option(
+        False, "serve /metrics in plaintext on a non-loopback address: anyone who can reach it reads who talks to "
+        "whom", flag="--metrics-plaintext-anywhere",
+    )  # fmt: skip
+    context: Literal["local", "source", "destination", "both"] = option(
+        "local", "whose identity labels the per-workload series: the end on this node (labels namespace, "
+        "workload), the source or destination (source_*, destination_*), or both ends",
+        flag="--metrics-context", metavar="local|source|destination|both",
+    )  # fmt: skip
+    labels: Literal["namespace", "workload", "pod"] = option(
+        "workload", "identity labels per end: namespace; namespace and workload; namespace and pod",
+        flag="--metrics-labels", metavar="namespace|workload|pod",
+    )  # fmt: skip
+    server_port: bool = option(
+        False, "label per-workload traffic with the server's port (never a port of the kernel's ephemeral range)",
+        flag="--metrics-server-port",
+    )  # fmt: skip
+    budget: int = option(
+        1000, "series per per-workload family at most: the top by bytes keep their labels, the rest fold into "
+        "\"other\"", flag="--metrics-budget", metavar="N", ge=2,
+    )  # fmt: skip
+    grace: float = option(
+        300.0, "a workload that sends nothing for this long loses its series (e.g. 5m)", flag="--metrics-grace",
+        metavar="DURATION",
+    )  # fmt: skip
+    queue: int = option(64, "batches the metrics' queue holds before it counts losses", gt=0)
+
+    _grace = field_validator("grace", mode="before")(seconds)
+
+
 class ClientConfig(Section):
     """How `observe`, `status`, `top --server`, the relay and read_grpc reach a flowscope server."""
 
@@ -350,6 +393,7 @@ class Config(Section):
     clickhouse: ClickHouseConfig = ClickHouseConfig()
     status: StatusConfig = StatusConfig()
     grpc: GrpcConfig = GrpcConfig()
+    metrics: MetricsConfig = MetricsConfig()
     client: ClientConfig = ClientConfig()
     relay: RelayConfig = RelayConfig()
     log: LogConfig = LogConfig()

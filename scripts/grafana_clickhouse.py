@@ -12,10 +12,12 @@ the node, namespace and workload variables are regular expressions (All is `.*`)
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "clickhouse"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, also when a test loads it by path
+import grafana
+
 DATASOURCE = {"type": "grafana-clickhouse-datasource", "uid": "${datasource}"}
 BUCKET = "toDateTime(intDiv(toUInt32({column}), $__interval_s) * $__interval_s)"
 
@@ -36,23 +38,9 @@ END = "if({side}_workload = '', 'unknown', concat({side}_namespace, '/', {side}_
 
 
 def variables() -> list[dict]:
-    def query_variable(name: str, sql: str) -> dict:
-        return {
-            "name": name, "label": name, "type": "query", "datasource": DATASOURCE, "query": sql,
-            "definition": sql, "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*",
-            "current": {"text": "All", "value": "$__all"}, "sort": 1,
-        }  # fmt: skip
-
     rollup = "${database}.flows_1m"
     return [
-        {
-            "name": "datasource",
-            "label": "ClickHouse",
-            "type": "datasource",
-            "query": "grafana-clickhouse-datasource",
-            "current": {},
-            "hide": 0,
-        },
+        grafana.datasource_variable("grafana-clickhouse-datasource", "ClickHouse"),
         {
             "name": "database",
             "label": "database",
@@ -60,18 +48,22 @@ def variables() -> list[dict]:
             "query": "flowscope",
             "current": {"text": "flowscope", "value": "flowscope"},
         },
-        query_variable("node", f"SELECT DISTINCT node FROM {rollup} WHERE $__timeFilter(minute) ORDER BY node"),
-        query_variable(
+        grafana.query_variable(
+            "node", f"SELECT DISTINCT node FROM {rollup} WHERE $__timeFilter(minute) ORDER BY node", DATASOURCE
+        ),
+        grafana.query_variable(
             "namespace",
             f"SELECT DISTINCT ns FROM (SELECT src_namespace AS ns FROM {rollup} WHERE $__timeFilter(minute) "
             f"UNION ALL SELECT dst_namespace AS ns FROM {rollup} WHERE $__timeFilter(minute)) WHERE ns != '' "
             "ORDER BY ns",
+            DATASOURCE,
         ),
-        query_variable(
+        grafana.query_variable(
             "workload",
             f"SELECT DISTINCT w FROM (SELECT src_workload AS w FROM {rollup} WHERE $__timeFilter(minute) "
             f"UNION ALL SELECT dst_workload AS w FROM {rollup} WHERE $__timeFilter(minute)) WHERE w != '' "
             "ORDER BY w",
+            DATASOURCE,
         ),
     ]
 
@@ -84,22 +76,11 @@ def target(sql: str, kind: str = "timeseries", ref: str = "A") -> dict:
 
 
 def panel(title: str, kind: str, targets: list[dict], grid: tuple[int, int, int, int], **extra: object) -> dict:
-    x, y, w, h = grid
-    return {
-        "type": kind, "title": title, "datasource": DATASOURCE, "targets": targets,
-        "gridPos": {"x": x, "y": y, "w": w, "h": h}, **extra,
-    }  # fmt: skip
+    return grafana.panel(title, kind, targets, grid, DATASOURCE, **extra)
 
 
 def dashboard(uid: str, title: str, description: str, panels: list[dict]) -> dict:
-    for number, item in enumerate(panels, 1):
-        item["id"] = number
-    return {
-        "uid": uid, "title": title, "description": description, "tags": ["flowscope", "clickhouse"],
-        "timezone": "utc", "schemaVersion": 39, "version": 1, "editable": True, "refresh": "1m",
-        "time": {"from": "now-1h", "to": "now"}, "templating": {"list": variables()}, "panels": panels,
-        "annotations": {"list": []},
-    }  # fmt: skip
+    return grafana.dashboard(uid, title, description, "clickhouse", variables(), panels)
 
 
 def flows() -> dict:
@@ -183,10 +164,7 @@ def dashboards() -> dict[str, dict]:
 
 
 def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    for name, content in dashboards().items():
-        (OUT / name).write_text(json.dumps(content, indent=2) + "\n")
-        print(f"wrote {OUT / name}")
+    grafana.write("clickhouse", dashboards())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ are on.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import threading
@@ -29,10 +28,10 @@ from flowscope.config import GrpcConfig
 from flowscope.coverage import Coverage
 from flowscope.exporters.grpc import hubble, own
 from flowscope.exporters.grpc.ring import Api, NodeNotice, Ring
+from flowscope.exporters.listen import ListenError, ListenFlags, read_pem, uses_tls
 from flowscope.filters import FilterError
 from flowscope.kernel.catalog import ProbeStatus
-from flowscope.pipeline.sink import SinkError
-from flowscope.pipeline.status import SOCKET_MODE, StatusError, claim_socket
+from flowscope.pipeline.status import SOCKET_MODE, claim_socket
 from flowscope.proto.codec import timestamp
 from flowscope.proto.flowscope.v1 import flowscope_pb2 as pb
 from flowscope.proto.hubble.observer import observer_pb2 as hubble_pb
@@ -42,11 +41,13 @@ log = logging.getLogger(__name__)
 
 HUBBLE_HEALTH = "hubble.server.Observer"  # the service `hubble status` checks
 VERSION = f"flowscope {version('flowscope')}"
+TCP_FLAGS = ListenFlags(
+    "--grpc-addr", "--tls-cert", "--tls-key", "--grpc-plaintext-anywhere", "the flow API", "every flow"
+)
 
 
-class ApiError(StatusError, SinkError):
-    """The API cannot be served as configured; the message is one sentence that says what to do (a StatusError:
-    the agent reports it as it reports its status API's; a SinkError: the pipeline passes it on as it is)."""
+class ApiError(ListenError):
+    """The API cannot be served as configured; the message is one sentence that says what to do."""
 
 
 @dataclass
@@ -74,31 +75,6 @@ class ServerState:
     probes: list[ProbeStatus] = field(default_factory=list)
     sources: Coverage = field(default_factory=Coverage)
     nodes: list[NodeInfo] | None = None  # a relay's agents; None on an agent
-
-
-def read_pem(path: str, flag: str, marker: str) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as err:
-        raise ApiError(f"cannot read {flag} {path} ({err.strerror}); give a readable PEM file.") from None
-    if f"-----BEGIN {marker}".encode() not in data and marker not in data.decode(errors="replace"):
-        raise ApiError(f"{flag} {path} is not a PEM {marker.lower()}; give a PEM file.")
-    return data
-
-
-def parse_address(address: str, flag: str) -> tuple[str, int]:
-    """(host, port) of HOST:PORT with an IP address ([::1]:4244 for IPv6)."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    try:
-        ipaddress.ip_address(host)
-        number = int(port)
-        if not 0 < number < 65536:
-            raise ValueError
-    except ValueError:
-        raise ApiError(f"{flag} {address!r} is not HOST:PORT with an IP address (e.g. 127.0.0.1:4244).") from None
-    return host, number
 
 
 class FlowServer:
@@ -161,12 +137,11 @@ class FlowServer:
         self._sockets.append(path)
 
     def _bind_tcp(self, address: str) -> None:
-        host, _port = parse_address(address, "--grpc-addr")
         config = self.config
+        _host, _port, tls = uses_tls(address, config.tls_cert, config.tls_key, config.plaintext_anywhere, TCP_FLAGS)
         try:
-            if config.tls_cert or config.tls_key:
-                if not (config.tls_cert and config.tls_key):
-                    raise ApiError("TLS needs both --tls-cert and --tls-key.")
+            if tls:
+                assert config.tls_cert and config.tls_key
                 key = read_pem(config.tls_key, "--tls-key", "PRIVATE KEY")
                 cert = read_pem(config.tls_cert, "--tls-cert", "CERTIFICATE")
                 client_ca = (
@@ -176,20 +151,9 @@ class FlowServer:
                     [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
                 )
                 self.tcp_port = self.server.add_secure_port(address, credentials)
-            elif ipaddress.ip_address(host).is_loopback or config.plaintext_anywhere:
-                if not ipaddress.ip_address(host).is_loopback:
-                    log.warning(
-                        "the flow API serves plaintext on %s: anyone who can reach it reads every flow", address
-                    )
-                self.tcp_port = self.server.add_insecure_port(address)
             else:
-                raise ApiError(
-                    f"--grpc-addr {address} is not loopback: give --tls-cert and --tls-key (or force plaintext "
-                    "with --grpc-plaintext-anywhere)."
-                )
-        except RuntimeError as err:
-            if isinstance(err, ApiError):
-                raise
+                self.tcp_port = self.server.add_insecure_port(address)
+        except RuntimeError:
             raise ApiError(f"cannot serve the flow API on {address} (in use or not this host's address).") from None
 
     def _remove_sockets(self) -> None:

@@ -413,8 +413,8 @@ class TopModel:
         events = self.filter.events(interval.events)
         if len(events) and "kind" in events.columns:
             flagged = events.assign(
-                connections=_first_per_connection(events, CONNECT_KINDS),
-                closes=_first_per_connection(events, ("close",)),
+                connections=first_per_connection(events, CONNECT_KINDS),
+                closes=first_per_connection(events, ("close",)),
             )
             flagged = flagged[(flagged["connections"] > 0) | (flagged["closes"] > 0)]  # other events make no row
             counts = group.keyed(flagged, ["connections", "closes"]).groupby(names, sort=False)
@@ -590,7 +590,7 @@ def _with_counts(groups: pd.DataFrame, counts: pd.DataFrame | None) -> pd.DataFr
     return pd.concat([groups, counts[~known].astype(np.int64)])
 
 
-def _first_per_connection(events: pd.DataFrame, kinds: tuple[str, ...]) -> np.ndarray:
+def first_per_connection(events: pd.DataFrame, kinds: tuple[str, ...]) -> np.ndarray:
     """1 for the first event of `kinds` of each connection, else 0.
 
     A connection between two local sockets is seen at both ends (connect and accept, two closes) and

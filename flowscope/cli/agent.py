@@ -51,6 +51,7 @@ def register(commands: Any) -> None:
     add_settings(agent, "flowlog", title="flow log")
     add_settings(agent, "clickhouse", title="ClickHouse")
     add_settings(agent, "grpc", title="flow API (gRPC, own and Hubble-compatible)")
+    add_settings(agent, "metrics", title="Prometheus /metrics")
     add_settings(agent, "status", "log", "stop_timeout", title="agent")
     agent.set_defaults(run=run_agent)
 
@@ -96,7 +97,16 @@ def build_sinks(config: Config) -> tuple[list[Sink], dict[str, int]]:
         from flowscope.exporters.grpc.server import GrpcSink
 
         sinks.append(GrpcSink(config.grpc))
-    queues = {"flowlog": config.flowlog.queue, "clickhouse": config.clickhouse.queue, "grpc": config.grpc.queue}
+    if config.metrics.address:
+        from flowscope.exporters.prometheus import PrometheusSink
+
+        sinks.append(PrometheusSink(config.metrics))
+    queues = {
+        "flowlog": config.flowlog.queue,
+        "clickhouse": config.clickhouse.queue,
+        "grpc": config.grpc.queue,
+        "prometheus": config.metrics.queue,
+    }
     return sinks, {sink.name: queues.get(sink.name, DEFAULT_QUEUE) for sink in sinks}
 
 

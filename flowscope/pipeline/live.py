@@ -36,6 +36,7 @@ class LiveSource:
         self._attachments = tc.TcAttachments()
         self._symbols = KernelSymbols()
         self._reader: KernelReader | None = None
+        self.map_fill: dict[str, float] = {}  # per drained map: entries of the last drain / its capacity
         interfaces = options.interfaces if options.interfaces is not None else tc.default_interfaces()
         missing = tc.missing_interfaces(interfaces)
         if missing:
@@ -81,6 +82,9 @@ class LiveSource:
         while (remaining := deadline - time.monotonic()) > 0 and not (stop is not None and stop.is_set()):
             self._reader.wait(max(1, min(int(remaining * 1000), POLL_SLICE_MS)))
         drain = self._reader.flip_and_drain()
+        self.map_fill = {
+            name: len(drain.maps[name][0]) / capacity for name, capacity in self._reader.capacities().items()
+        }
         start, self._window_start = self._window_start, pd.Timestamp.now(tz="UTC")
         flow_keys = drain.maps.get("flows", (None, None))[0]
         if flow_keys is not None and not set(np.unique(flow_keys["ifindex"]).tolist()) <= self._context.ifnames.keys():

@@ -343,6 +343,10 @@ class KernelReader:
         self._grace = bpf_syscall.GracePeriod()
         self._pump.start()
 
+    def capacities(self) -> dict[str, int]:
+        """Entries each drained map holds at most (its fill is what a drain read over this)."""
+        return {name: capacity for name, (_fds, capacity, _key, _value) in self._maps.items()}
+
     def wait(self, timeout_ms: int) -> None:
         """Lets an interval pass (the events are read meanwhile, on the pump's thread)."""
         time.sleep(timeout_ms / 1000)

@@ -1,18 +1,26 @@
 """Real servers for the integration tests: Debian's clickhouse-server (an extra instance with the packaged
-config and overrides) and ZooKeeper, each on free loopback ports with its own temporary directory, started
+config and overrides), ZooKeeper and Prometheus, each on free loopback ports with its own temporary directory, started
 and stopped by the test that uses it (never a system service)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.error import URLError
+from urllib.parse import urlencode
+from urllib.request import urlopen
+
+import yaml
 
 from tests.waiting import wait_for
 
@@ -35,6 +43,20 @@ def listening(port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(0.2)
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def stop_group(process: subprocess.Popen | None) -> None:
+    """Stops a server started in a session of its own: SIGTERM to its group, SIGKILL if it lingers."""
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
 
 
 @dataclass
@@ -209,14 +231,95 @@ class ZooKeeper:
             return ""
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(30)
+        stop_group(self.process)
 
 
 def wait_until_queryable(server: ClickHouse, sql: str, expected: str, timeout: float = 60.0) -> None:
     wait_for(lambda: server.query(sql).strip() == expected, timeout, f"{sql!r} to answer {expected!r}")
+
+
+@dataclass
+class Prometheus:
+    """Debian's prometheus on a free loopback port with its own data directory, scraping `targets` (HOST:PORT of
+    /metrics, plaintext) every `scrape_interval` and evaluating `rule_files` as often. `query()` asks its HTTP
+    API; start() returns once /-/ready answers. With a `prefix` (ip netns exec NAME) it lives in a lab namespace
+    and is asked through it."""
+
+    root: Path
+    targets: list[str]
+    scrape_interval: str = "1s"
+    rule_files: list[Path] = field(default_factory=list)
+    prefix: list[str] = field(default_factory=list)
+    port: int = 0
+    process: subprocess.Popen | None = None
+
+    def start(self) -> Prometheus:
+        if shutil.which("prometheus") is None:
+            raise ServerError("prometheus missing: make setup-test installs it")
+        config = {
+            "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.scrape_interval},
+            "rule_files": [str(p) for p in self.rule_files],
+            "scrape_configs": [{"job_name": "flowscope", "static_configs": [{"targets": self.targets}]}],
+        }
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "prometheus.yml").write_text(yaml.safe_dump(config))
+        for _attempt in range(3):  # a port taken between free_port() and the bind: another one
+            self.port = free_port()
+            log = open(self.root / "log", "ab")  # noqa: SIM115 - the server's own output, kept with it
+            self.process = subprocess.Popen(
+                [*self.prefix, "prometheus", f"--config.file={self.root}/prometheus.yml",
+                 f"--storage.tsdb.path={self.root}/data", f"--web.listen-address=127.0.0.1:{self.port}",
+                 "--log.level=warn"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+            log.close()
+            try:
+                wait_for(self._ready, START_TIMEOUT, "prometheus ready")
+                return self
+            except AssertionError:
+                self.stop()
+                if "address already in use" not in (self.root / "log").read_text(errors="replace"):
+                    raise ServerError(f"prometheus did not start: {(self.root / 'log').read_text()[-2000:]}") from None
+        raise ServerError("prometheus found no free port in three tries")
+
+    def _ready(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError("prometheus exited")
+        try:
+            self._get("/-/ready")
+        except (URLError, OSError, ServerError):
+            return False
+        return True
+
+    def _get(self, path: str) -> bytes:
+        url = f"http://127.0.0.1:{self.port}{path}"
+        if not self.prefix:
+            with urlopen(url, timeout=30) as answer:
+                return answer.read()
+        fetch = "import sys, urllib.request; sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1]).read())"
+        result = subprocess.run([*self.prefix, sys.executable, "-c", fetch, url], capture_output=True, timeout=60)
+        if result.returncode != 0:
+            raise ServerError(f"GET {path}: {result.stderr.decode(errors='replace')[-500:]}")
+        return result.stdout
+
+    def api(self, path: str, **params: Any) -> Any:
+        body = json.loads(self._get(f"/api/v1/{path}?{urlencode(params)}"))
+        if body["status"] != "success":
+            raise ServerError(f"{path} {params}: {body}")
+        return body["data"]
+
+    def query(self, expr: str, **params: Any) -> list[dict]:
+        """The instant vector (or scalar) `expr` gives now, or at `time=`."""
+        data = self.api("query", query=expr, **params)
+        return data["result"] if data["resultType"] in ("vector", "matrix") else [{"value": data["result"]}]
+
+    def value(self, expr: str) -> float | None:
+        """The one sample `expr` gives now, or None when it gives none."""
+        result = self.query(expr)
+        if not result:
+            return None
+        assert len(result) == 1, f"{expr}: {result}"
+        return float(result[0]["value"][1])
+
+    def stop(self) -> None:
+        stop_group(self.process)

@@ -32,7 +32,7 @@ LAYERS = (
     ("flowscope.ui",),  # display only
     ("flowscope.cli", "flowscope.__main__"),
 )
-HEAVY = ("bcc", "textual", "grpc", "clickhouse_driver", "pyarrow")
+HEAVY = ("bcc", "textual", "grpc", "clickhouse_driver", "pyarrow", "prometheus_client")
 CORE = ("kernel", "readers", "decode", "enrich", "pipeline", "analysis", "formats")
 
 

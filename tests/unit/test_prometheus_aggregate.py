@@ -1,0 +1,117 @@
+"""The Prometheus output's sums, without a server: the label context, server ports outside the ephemeral range,
+connection outcomes, the budget's folding and the grace period of a vanished key (hand-derived values)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flowscope.config import MetricsConfig
+from flowscope.exporters.prometheus import Aggregate, Budgeted, ephemeral_ports
+from flowscope.schema import FlowBatch, events_frame, flows_frame
+
+START = pd.Timestamp("2025-03-01T12:00:00Z")
+EPHEMERAL = (32768, 60999)
+CHECKOUT = {"src_namespace": "shop", "src_workload": "checkout", "dst_namespace": "shop", "dst_workload": "payments"}
+
+
+def batch(flows: list[dict], events: list[dict] = (), second: int = 0) -> FlowBatch:
+    start = START + pd.Timedelta(seconds=second)
+    frame = flows_frame(pd.DataFrame(flows)) if flows else FlowBatch.empty(start, start).flows
+    event_frame = events_frame(pd.DataFrame(list(events))) if events else FlowBatch.empty(start, start).events
+    return FlowBatch(start, start + pd.Timedelta(seconds=1), frame, event_frame)
+
+
+def samples(aggregate: Aggregate, family: str) -> dict[tuple, float]:
+    """{labels without node, sorted by name: value} of one family's samples."""
+    for metric in aggregate.families("n1"):
+        if metric.name == family:
+            return {
+                tuple(sorted((k, v) for k, v in s.labels.items() if k != "node")): s.value
+                for s in metric.samples
+                if s.name.endswith("_total") or s.name == family
+            }
+    raise AssertionError(f"no family {family}")
+
+
+def flow(direction: str, size: int, **extra: object) -> dict:
+    return {"direction": direction, "protocol": "TCP", "src_ip": "10.0.0.1", "src_port": 40000, "dst_ip": "10.0.0.2",
+            "dst_port": 8443, "packets": 1, "bytes": size, **CHECKOUT, **extra}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("context", "expected"),
+    [
+        ("local", {(("direction", "egress"), ("namespace", "shop"), ("workload", "checkout")): 100,
+                   (("direction", "ingress"), ("namespace", "shop"), ("workload", "payments")): 7}),
+        ("source", {(("direction", "egress"), ("source_namespace", "shop"), ("source_workload", "checkout")): 100,
+                    (("direction", "ingress"), ("source_namespace", "shop"), ("source_workload", "checkout")): 7}),
+        ("both", {(("destination_namespace", "shop"), ("destination_workload", "payments"), ("direction", "egress"),
+                   ("source_namespace", "shop"), ("source_workload", "checkout")): 100,
+                  (("destination_namespace", "shop"), ("destination_workload", "payments"), ("direction", "ingress"),
+                   ("source_namespace", "shop"), ("source_workload", "checkout")): 7}),
+    ],
+)  # fmt: skip
+def test_the_label_context_picks_whose_identity_labels_a_series(context: str, expected: dict) -> None:
+    aggregate = Aggregate(MetricsConfig(address="127.0.0.1:1", context=context), EPHEMERAL)
+    # egress leaves checkout (the local end: the source); ingress arrives at payments (local: the destination)
+    aggregate.add(batch([flow("egress", 100), flow("ingress", 7)]))
+    assert samples(aggregate, "flowscope_workload_bytes") == expected
+
+
+def test_the_server_port_label_is_never_an_ephemeral_port() -> None:
+    aggregate = Aggregate(MetricsConfig(address="127.0.0.1:1", server_port=True, labels="namespace"), EPHEMERAL)
+    aggregate.add(batch([
+        flow("egress", 10),  # 40000 -> 8443: the server's is the destination's
+        flow("egress", 20, src_port=8443, dst_port=40001),  # the answer of a server: the source's
+        flow("egress", 40, src_port=40002, dst_port=50000),  # both ephemeral: no port
+        flow("egress", 80, src_port=32767, dst_port=61000),  # just outside the range at both ends: the destination's
+    ]))  # fmt: skip
+    ports = {dict(k)["port"]: v for k, v in samples(aggregate, "flowscope_workload_bytes").items()}
+    assert ports == {"8443": 30, "": 40, "61000": 80}
+
+
+def test_the_ephemeral_range_is_the_kernels(tmp_path) -> None:
+    (tmp_path / "range").write_text("20000\t29999\n")
+    assert ephemeral_ports(str(tmp_path / "range")) == (20000, 29999)
+    assert ephemeral_ports(str(tmp_path / "absent")) == EPHEMERAL
+
+
+def test_connections_count_once_per_connection_and_a_close_from_syn_sent_is_a_failure() -> None:
+    aggregate = Aggregate(MetricsConfig(address="127.0.0.1:1"), EPHEMERAL)
+    ends = {"protocol": "TCP", "src_ip": "10.0.0.1", "src_port": 40000, "dst_ip": "10.0.0.2", "dst_port": 8443}
+    back = {"protocol": "TCP", "src_ip": "10.0.0.2", "src_port": 8443, "dst_ip": "10.0.0.1", "dst_port": 40000}
+    refused = {**ends, "src_port": 40001, "state": "SYN_SENT"}
+    who = {"src_namespace": "shop", "src_workload": "checkout"}
+    events = [
+        {"time": START, "kind": "connect", **ends, **who},
+        {"time": START, "kind": "accept", **back, "src_namespace": "shop", "src_workload": "payments"},  # same one
+        {"time": START, "kind": "close", **ends, "state": "FIN_WAIT1", **who},
+        {"time": START, "kind": "close", **refused, **who},
+    ]
+    aggregate.add(batch([], events))
+    key = (("namespace", "shop"), ("workload", "checkout"))
+    assert samples(aggregate, "flowscope_workload_tcp_connections_opened")[key] == 1
+    assert samples(aggregate, "flowscope_workload_tcp_connections_closed")[key] == 2
+    assert samples(aggregate, "flowscope_workload_tcp_connections_failed")[key] == 1
+    assert samples(aggregate, "flowscope_tcp_connections_opened")[()] == 1
+
+
+def test_folded_keys_go_to_other_and_a_key_returning_resumes_where_it_stopped() -> None:
+    table = Budgeted(1, budget=3, grace=600)
+    table.add([("a",), ("b",), ("c",), ("d",)], np.array([[4.0], [3.0], [2.0], [1.0]]), np.array([4, 3, 2, 1]), 0)
+    assert dict(table.series(1)) == {("a",): 4, ("b",): 3, ("other",): 3}  # c and d folded: 2 + 1
+    # d outweighs the rest now (decayed: a 3.2, b 2.4): d and a keep their labels, b folds
+    table.add([("d",), ("b",)], np.array([[10.0], [5.0]]), np.array([10, 0]), 1)
+    assert dict(table.series(1)) == {("a",): 4, ("d",): 10, ("other",): 8}
+    assert table.folded == 2
+
+
+def test_a_key_unseen_for_the_grace_period_loses_its_series() -> None:
+    table = Budgeted(1, budget=10, grace=60)
+    table.add([("gone",), ("stays",)], np.array([[1.0], [1.0]]), np.array([1, 1]), 0)
+    table.add([("stays",)], np.array([[1.0]]), np.array([1]), 60)
+    assert dict(table.series(1)) == {("gone",): 1, ("stays",): 2}  # 60 s unseen: still within the grace
+    table.add([("stays",)], np.array([[1.0]]), np.array([1]), 61)
+    assert dict(table.series(1)) == {("stays",): 3}
