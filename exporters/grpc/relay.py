@@ -5,7 +5,13 @@ Each agent is followed on a thread of its own (reconnecting with backoff when it
 its last record on, so nothing comes twice). The merge holds records in a heap and lets out those no
 connected agent can still precede: an agent's progress marks say that it has sent everything up to a time,
 so the watermark is the lowest mark of the agents that are connected and have spoken within the drain
-timeout. Past `sort_window` held records the oldest go out early (order best-effort, as Hubble's relay).
+timeout. Past `sort_window` held records the oldest go out early.
+
+The merged stream is in time order, always: a record that arrives older than the latest record already let out
+(an agent that was unavailable, silent past the drain timeout or behind by more than the sort window) is late.
+It is not sent out of order: it is counted as lost at source "<node>/late" (produced = lost), which the relay's
+clients receive in-band (a lost notice; Hubble's LostEvent) and ServerStatus shows. Records at the same time
+as the latest let out are not late.
 An agent that goes or comes back is announced in-band (node notices) and shown by ServerStatus/GetNodes.
 """
 
@@ -31,6 +37,7 @@ from flowscope.schema import FlowBatch
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF = 30.0
+LATE_SOURCE = "late"  # the lost notices of records older than what the relay already let out
 
 
 @dataclass
@@ -58,6 +65,7 @@ class RelaySource:
         ]
         self._heap: list[tuple[int, int, str, bytes, str]] = []  # (time, arrival, kind, record bytes, node)
         self._arrivals = 0
+        self._released = 0  # nanoseconds: the time of the latest record let out
         self._coverage = Coverage()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -114,7 +122,8 @@ class RelaySource:
             or len(self._heap) > self.config.sort_window
             or not live
         ):
-            _time, _arrival, kind, data, node = heapq.heappop(self._heap)
+            when, _arrival, kind, data, node = heapq.heappop(self._heap)
+            self._released = when
             out.append((kind, data, node))
         return out
 
@@ -178,6 +187,9 @@ class RelaySource:
                     peer.last_records.add(data)
                 else:
                     peer.last_time, peer.last_records = when, {data}
+                if when < self._released:
+                    self._coverage.add(f"{record.node}/{LATE_SOURCE}", 1, 0, 1)
+                    return
                 self._arrivals += 1
                 heapq.heappush(self._heap, (when, self._arrivals, kind, data, record.node))
             elif kind == "progress":
