@@ -317,6 +317,15 @@ class RelayConfig(Section):
     peers: list[str] = option(
         [], "an agent's API, unix:///PATH or HOST:PORT (repeatable)", flag="--peer", metavar="ADDR"
     )
+    discover_selector: str | None = option(
+        None, "find the agents as the pods with these labels, through the Kubernetes API (e.g. "
+        "app.kubernetes.io/name=flowscope; list + watch, with --kubeconfig or in-cluster)",
+        flag="--discover-selector", metavar="LABELS",
+    )  # fmt: skip
+    discover_port: int = option(
+        4244, "the flow API's TCP port on the discovered agents' pod IPs", flag="--discover-port", metavar="PORT",
+        gt=0, lt=65536,
+    )  # fmt: skip
     sort_window: int = option(
         100000, "records held to merge the agents' streams in time order (past it the oldest go early)",
         flag="--sort-window", metavar="N", gt=0,
