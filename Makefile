@@ -59,8 +59,11 @@ kernel-matrix: setup-test
 	@scripts/install-packages $(MATRIX_PACKAGES)
 	scripts/kernel-matrix $(ARGS)
 
-# Benchmarks (root, under 10 minutes): prints figures and ratios, rewrites docs/benchmarks.md.
+# Benchmarks (root, about 15 minutes): prints figures and ratios, rewrites docs/benchmarks.md. The tools a
+# plain-host user would pick instead run beside flowscope on the same traffic.
+BENCH_PACKAGES := pmacct softflowd
 bench: setup-test
+	@scripts/install-packages $(BENCH_PACKAGES)
 	$(PY) -m bench.run $(ARGS)
 
 lint: setup-test

@@ -13,7 +13,7 @@ import json
 from typing import IO, Any
 
 from flowscope.analysis.top import METRICS, TopModel, TopRows, Totals
-from flowscope.display import endpoint, missing
+from flowscope.display import missing, named_endpoint
 from flowscope.formats.jsonl import format_time
 from flowscope.schema import FlowBatch
 
@@ -74,9 +74,9 @@ class TopRowsSink:
 
     name = "top"
 
-    def __init__(self, model: TopModel, node: str, out: IO[str], *, rows: int, output: str) -> None:
+    def __init__(self, model: TopModel, source: Any, out: IO[str], *, rows: int, output: str) -> None:
         self.model = model
-        self.node = node
+        self.source = source  # its node is read at each interval: a replay learns it from the recording
         self.out = out
         self.rows = rows
         self.output = output
@@ -89,9 +89,9 @@ class TopRowsSink:
         self.model.add(batch)
         totals, top = self.model.totals(), self.model.rows(self.rows, trend_width=0, arrow="->")
         if self.output == "table":
-            self.out.write("\n".join(table_lines(self.node, totals, top)) + "\n\n")
+            self.out.write("\n".join(table_lines(self.source.node, totals, top)) + "\n\n")
         else:
-            self.out.write("".join(line + "\n" for line in json_rows(self.node, totals, top)))
+            self.out.write("".join(line + "\n" for line in json_rows(self.source.node, totals, top)))
         self.out.flush()
         self.printed += 1
 
@@ -129,7 +129,8 @@ class FlowTableSink:
         header = f"{'IFACE':<12} {'DIR':<7} {'PROTO':<6} {'SOURCE':<40} {'DESTINATION':<40} {'PKTS':>8} {'BYTES':>10}"
         out.write(header + f" {'DROPS':>6} {'REASON':<18} {'RETX':>5} {'RST':>4} {'RTT_US':>7}\n")
         for row in flows.itertuples(index=False):
-            src, dst = endpoint(row.src_ip, row.src_port), endpoint(row.dst_ip, row.dst_port)
+            src = named_endpoint(row.src_ip, row.src_port, row.src_namespace, row.src_pod)
+            dst = named_endpoint(row.dst_ip, row.dst_port, row.dst_namespace, row.dst_pod)
             out.write(
                 f"{_cell(row.ifname):<12} {_cell(row.direction):<7} {_cell(row.protocol):<6} {src:<40} {dst:<40} "
                 f"{_cell(row.packets):>8} {_cell(row.bytes):>10} {_cell(row.drop_packets):>6} "
@@ -137,7 +138,8 @@ class FlowTableSink:
                 f"{_cell(row.rtt_us):>7}\n"
             )
         for row in batch.events.itertuples(index=False):
-            src, dst = endpoint(row.src_ip, row.src_port), endpoint(row.dst_ip, row.dst_port)
+            src = named_endpoint(row.src_ip, row.src_port, row.src_namespace, row.src_pod)
+            dst = named_endpoint(row.dst_ip, row.dst_port, row.dst_namespace, row.dst_pod)
             detail = " ".join(
                 f"{name}={_cell(getattr(row, name))}" for name in EVENT_DETAILS if not missing(getattr(row, name))
             )

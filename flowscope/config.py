@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -175,8 +176,9 @@ class FlowLogConfig(Section):
         metavar="SIZE", gt=0,
     )  # fmt: skip
     rotate_age: float = option(
-        3600.0, "start a new file after this long (e.g. 1h)", flag="--flowlog-rotate-age", metavar="DURATION"
-    )
+        300.0, "start a new file after this long (e.g. 1h); readers see a file's records once it is complete",
+        flag="--flowlog-rotate-age", metavar="DURATION",
+    )  # fmt: skip
     retain_size: ByteSize = option(
         ByteSize(1 << 30), "delete the oldest files past this total size (e.g. 1GiB)", flag="--flowlog-retain-size",
         metavar="SIZE", gt=0,
@@ -398,6 +400,11 @@ class Setting:
     def is_list(self) -> bool:
         return "list[" in str(self.annotation)
 
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        """The values of a Literal setting (None for any other)."""
+        return typing.get_args(self.annotation) if typing.get_origin(self.annotation) is Literal else None
+
 
 def settings(model: type[BaseModel] = Config, prefix: tuple[str, ...] = ()) -> Iterator[Setting]:
     for name, info in model.model_fields.items():
@@ -498,7 +505,8 @@ def read_file(path: str) -> dict[str, Any]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where} ({getattr(err, 'problem', None) or err}).") from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())  # PyYAML's reader errors span lines
+        raise ConfigError(f"{path}: not valid YAML{where} ({problem}).") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

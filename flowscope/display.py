@@ -21,6 +21,19 @@ def endpoint(ip: object, port: object) -> str:
     return address if missing(port) or int(port) < 0 else f"{address}:{int(port)}"
 
 
+def side_name(ip: object, namespace: object = None, pod: object = None) -> object:
+    """What names one end of a flow for a person: namespace/pod where the pod is known (hubble's habit), else
+    its address."""
+    if missing(pod) or pod == "":
+        return ip
+    return pod if missing(namespace) or namespace == "" else f"{namespace}/{pod}"
+
+
+def named_endpoint(ip: object, port: object, namespace: object = None, pod: object = None) -> str:
+    """shop/checkout-7d9f:8443 where the pod is known, else 10.0.0.2:8443 / [fd00::2]:8443."""
+    return endpoint(side_name(ip, namespace, pod), port)
+
+
 def _scaled(value: object, units: tuple[str, ...], step: float = 1000.0) -> str:
     """3 significant figures at most: 999, 1.23k, 12.3k, 123k, 1.23M ...; MISSING for a missing value."""
     if missing(value):
@@ -72,6 +85,11 @@ def coverage_text(coverage: Coverage) -> str:
         return "coverage -"
     share = 100.0 * (produced - lost) / produced
     return f"coverage {share:.1f}% (lost {lost:,} of {produced:,})"
+
+
+def seconds(value: float) -> str:
+    """A duration as a person reads it: 2s, 1s for 1.02401, 0.5s, 1.5s (tenths at most)."""
+    return f"{round(value, 1):g}s"
 
 
 def clock(time: pd.Timestamp | None) -> str:

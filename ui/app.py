@@ -24,7 +24,17 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import ContentSwitcher, DataTable, Footer, Input, Sparkline, Static
 
 from flowscope import display as fmt
-from flowscope.analysis.top import GROUPINGS, METRICS, SORT_KEYS, TREND_WIDTH, Detail, DropsTable, TopModel, TopRows
+from flowscope.analysis.top import (
+    GROUPINGS,
+    METRICS,
+    RATE_WINDOWS,
+    SORT_KEYS,
+    TREND_WIDTH,
+    Detail,
+    DropsTable,
+    TopModel,
+    TopRows,
+)
 from flowscope.enrich import Enricher
 from flowscope.filters import FilterError, parse_filter
 from flowscope.pipeline.source import BatchSource
@@ -48,6 +58,7 @@ HELP = """\
   [b]g[/b] / [b]G[/b]       next / previous grouping: flow, pod, workload, namespace, process, node
   [b]s[/b] / [b]S[/b]       sort by the next / previous column (or click a column heading)
   [b]r[/b]           reverse the sort order
+  [b]w[/b]           rates over the last 2, 10 or 40 s (an idle row fades out instead of vanishing)
   [b]d[/b]           drop reasons and their top victims (Enter on a reason filters by it)
   [b]/[/b]           filter; Enter applies, Esc cancels, an empty filter shows everything
   [b]Enter[/b]       detail of the selected row (Esc goes back)
@@ -236,6 +247,7 @@ class TopApp(App[int]):
         Binding("s", "sort(1)", "Sort"),
         Binding("S", "sort(-1)", "Sort back", show=False),
         Binding("r", "reverse", "Reverse"),
+        Binding("w", "window", "Window", show=False),
         Binding("d", "drops", "Drops"),
         Binding("slash", "open_filter", "Filter"),
         Binding("question_mark", "help", "Help"),
@@ -269,6 +281,7 @@ class TopApp(App[int]):
             "grouping": self.model.grouping,
             "sort": self.model.sort,
             "descending": self.model.descending,
+            "rate_window": self.model.rate_window,
             "filter_text": str(self.model.filter),
         }
 
@@ -360,7 +373,7 @@ class TopApp(App[int]):
         totals = snapshot.totals
         line1 = Text.assemble(
             ("flowscope top", "bold"),
-            f"  node {snapshot.node}  interval {totals.seconds:g}s  {fmt.clock(totals.time_end)} UTC",
+            f"  node {snapshot.node}  interval {fmt.seconds(totals.seconds)}  {fmt.clock(totals.time_end)} UTC",
             f"  intervals {totals.intervals}",
         )
         if snapshot.state:
@@ -375,7 +388,7 @@ class TopApp(App[int]):
             (fmt.coverage_text(totals.coverage), coverage_style),
         )
         active = [p.name for p in snapshot.probes if p.active]
-        missing = [p for p in snapshot.probes if not p.active]
+        missing = [p for p in snapshot.probes if p.missed]
         line3 = Text.assemble("probes ", (" ".join(active) or "none", "green"))
         if missing:
             line3.append("  unavailable ")
@@ -383,7 +396,7 @@ class TopApp(App[int]):
         rows = snapshot.rows
         arrow = "▼" if rows.descending else "▲"
         line4 = Text.assemble(
-            f"group {rows.grouping}  sort {_sort_title(rows.sort)} {arrow}  ",
+            f"group {rows.grouping}  sort {_sort_title(rows.sort)} {arrow}  rates over {rows.rate_window:g}s  ",
             f"{len(rows.frame)} of {rows.groups} rows  ",
         )
         if snapshot.filter_text:
@@ -474,6 +487,14 @@ class TopApp(App[int]):
         sort = SORT_KEYS[(SORT_KEYS.index(self._view["sort"]) + step) % len(SORT_KEYS)]
         self._view["sort"] = sort
         self._change(sort=sort)
+
+    def action_window(self) -> None:
+        windows = (
+            RATE_WINDOWS if self._view["rate_window"] in RATE_WINDOWS else (self._view["rate_window"], *RATE_WINDOWS)
+        )
+        window = windows[(windows.index(self._view["rate_window"]) + 1) % len(windows)]
+        self._view["rate_window"] = window
+        self._change(rate_window=window)
 
     def action_reverse(self) -> None:
         descending = not self._view["descending"]

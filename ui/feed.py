@@ -123,6 +123,7 @@ class TopFeed:
         filter: Filter | None = None,
         sort: str | None = None,
         descending: bool | None = None,
+        rate_window: float | None = None,
         limit: int | None = None,
         show_drops: bool | None = None,
         detail_key: tuple | object | None = UNCHANGED,  # None closes the detail
@@ -130,7 +131,9 @@ class TopFeed:
     ) -> None:
         """Applies a view change and publishes a snapshot of it (call it off the UI thread)."""
         with self._lock:
-            self.model.set_view(grouping=grouping, filter=filter, sort=sort, descending=descending)
+            self.model.set_view(
+                grouping=grouping, filter=filter, sort=sort, descending=descending, rate_window=rate_window
+            )
             if grouping is not None:
                 self.detail_key = None  # a key of another grouping means nothing here
             self.limit = self.limit if limit is None else limit

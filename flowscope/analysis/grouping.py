@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from flowscope.display import endpoint
+from flowscope.display import endpoint, side_name
 
 GROUPINGS = ("flow", "pod", "workload", "namespace", "process", "node")
 UNKNOWN = "(unknown)"
@@ -87,11 +87,14 @@ class Grouping:
         parts = [_keyed_part(frame, src_keys, src_rows, values), _keyed_part(frame, dst_keys, dst_rows, values)]
         return pd.concat(parts, ignore_index=True)
 
-    def label(self, key: tuple, arrow: str = "→") -> str:
+    def label(self, key: tuple, arrow: str = "→", pods: dict[str, str] | None = None) -> str:
+        """How a key reads; a flow's ends by their pods where `pods` (address -> namespace/pod) knows them."""
         parts = dict(zip(self.key_names, key, strict=True))
         if self.name == "flow":
-            source = endpoint(parts["src_ip"], parts["src_port"])
-            return f"{parts['protocol'] or '?'} {source} {arrow} {endpoint(parts['dst_ip'], parts['dst_port'])}"
+            names = pods or {}
+            source = endpoint(names.get(parts["src_ip"], parts["src_ip"]), parts["src_port"])
+            target = endpoint(names.get(parts["dst_ip"], parts["dst_ip"]), parts["dst_port"])
+            return f"{parts['protocol'] or '?'} {source} {arrow} {target}"
         if self.name == "process":
             comm, pid = parts["comm"], parts["pid"]
             identity = (f"{comm or '?'}[{pid}]" if pid >= 0 else comm) if comm or pid >= 0 else ""
@@ -118,6 +121,22 @@ def counter_values(column: pd.Series) -> np.ndarray:
     if pd.api.types.is_numeric_dtype(column.dtype) and not pd.api.types.is_bool_dtype(column.dtype):
         return column.to_numpy(dtype=np.float64, na_value=np.nan)
     return column.to_numpy()
+
+
+def pod_names(flows: pd.DataFrame, addresses: set[str] | None = None) -> dict[str, str]:
+    """Address -> namespace/pod for the ends of `flows` whose pod is known (only `addresses`, if given)."""
+    names: dict[str, str] = {}
+    for side in ("src", "dst"):
+        ips = text_column(flows, f"{side}_ip")
+        pods = text_column(flows, f"{side}_pod")
+        rows = pods != ""
+        if addresses is not None:
+            rows &= np.isin(ips, list(addresses))
+        if rows.any():
+            namespaces = text_column(flows, f"{side}_namespace")
+            for ip, namespace, pod in set(zip(ips[rows], namespaces[rows], pods[rows], strict=True)):
+                names[ip] = str(side_name(ip, namespace, pod))
+    return names
 
 
 GROUPING_BY_NAME = {

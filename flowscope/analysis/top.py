@@ -21,6 +21,7 @@ from flowscope.analysis.grouping import (
     Grouping,
     key_mask,
     number_column,
+    pod_names,
     text_column,
 )
 from flowscope.coverage import Coverage
@@ -106,14 +107,15 @@ class Totals:
 
 @dataclass(frozen=True)
 class TopRows:
-    """The ranked rows of the last interval: columns "key", "label", the METRICS, "bytes" and "packets" (the
-    interval's counts) and "trend"."""
+    """The ranked rows of the rate window: columns "key", "label", the METRICS (rates over the window, counts
+    of the last interval), "bytes" and "packets" (the last interval's counts) and "trend"."""
 
     grouping: str
     sort: str
     descending: bool
     frame: pd.DataFrame  # index: position; column "key" holds the key tuple
-    groups: int  # how many groups the last interval has (the frame holds the top ones)
+    groups: int  # how many groups the rate window has (the frame holds the top ones)
+    rate_window: float = 2.0  # seconds the rows' rates average over
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,9 @@ class Detail:
     events: pd.DataFrame  # over the last TopModel.detail_intervals, newest first: time, kind, flow, reason
 
 
+RATE_WINDOWS = (2.0, 10.0, 40.0)  # what `w` cycles through in the TUI (iftop's averages)
+
+
 @dataclass
 class TopModel:
     """The last intervals of a BatchSource, and the rows of `top` for the current view.
@@ -147,6 +152,9 @@ class TopModel:
     row_budget: int = 2_000_000  # flow rows kept in the window; older intervals go first beyond it
     detail_intervals: int = 10  # recent intervals searched for a detail's peers and events
     fallback_seconds: float = 1.0  # interval length when a batch has no usable times
+    # Seconds of recent intervals the rows' rates average over (iftop's 2, 10 and 40 s): a row that went
+    # idle stays, its rate fading, until the window has passed it.
+    rate_window: float = 2.0
     grouping: str = "flow"
     filter: Filter = MATCH_ALL
     sort: str = "bytes_per_s"
@@ -188,7 +196,12 @@ class TopModel:
         filter: Filter | None = None,
         sort: str | None = None,
         descending: bool | None = None,
+        rate_window: float | None = None,
     ) -> None:
+        if rate_window is not None:
+            if not rate_window > 0:
+                raise ValueError(f"the rate window is a positive number of seconds, not {rate_window!r}")
+            self.rate_window = float(rate_window)
         if grouping is not None and grouping not in GROUPING_BY_NAME:
             raise ValueError(f"unknown grouping {grouping!r}; groupings are {', '.join(GROUPINGS)}")
         if sort is not None and sort not in SORT_KEYS:
@@ -231,15 +244,22 @@ class TopModel:
     def rows(self, limit: int, trend_width: int = TREND_WIDTH, arrow: str = "→") -> TopRows:
         """The top `limit` groups of the last interval in the current sort order, with a bytes/s trend."""
         if not self.window:
-            return TopRows(self.grouping, self.sort, self.descending, _empty_rows(), 0)
+            return TopRows(self.grouping, self.sort, self.descending, _empty_rows(), 0, self.rate_window)
         last = self.window[-1]
+        window, seconds = self._window_groups()
+        # The rows are the keys of the rate window; their counts are the last interval's (0 for a row idle
+        # in it), so a script summing the rows of every interval gets totals; the rates are the window's.
         groups = self._groups(last)
+        if len(window) != len(groups):
+            groups = groups.reindex(window.index)
+            idle = ~window.index.isin(self._groups(last).index)
+            groups.loc[idle, [c for c in groups.columns if c != "rtt_us"]] = 0
         table = pd.DataFrame(
             {
                 "bytes": groups["bytes"],
                 "packets": groups["packets"],
-                "bytes_per_s": groups["bytes"] / last.seconds,
-                "packets_per_s": groups["packets"] / last.seconds,
+                "bytes_per_s": window["bytes"] / seconds,
+                "packets_per_s": window["packets"] / seconds,
                 "drops": groups["drop_packets"],
                 "retransmits": groups["retransmits"],
                 "resets": groups["resets"],
@@ -247,7 +267,7 @@ class TopModel:
                 "connections": groups["connections"],
                 "closes": groups["closes"],
             },
-            index=groups.index,
+            index=window.index,
         )
         if self.sort == "key":
             ranked = table.sort_index(ascending=not self.descending)
@@ -259,9 +279,33 @@ class TopModel:
         keys = list(top.index)
         frame = top.reset_index(drop=True)
         frame.insert(0, "key", pd.Series(keys, dtype=object))
-        frame.insert(1, "label", [self.group.label(k, arrow) for k in keys])
+        pods = self._pod_names(last, keys)
+        frame.insert(1, "label", [self.group.label(k, arrow, pods) for k in keys])
         frame["trend"] = self._trends(top.index, trend_width)
-        return TopRows(self.grouping, self.sort, self.descending, frame, len(table))
+        return TopRows(self.grouping, self.sort, self.descending, frame, len(table), self.rate_window)
+
+    def _window_groups(self) -> tuple[pd.DataFrame, float]:
+        """Per key, the sums over the intervals that ended within the rate window (the last one at least), and
+        the seconds they cover; RTT is the mean of the intervals' means."""
+        last = self.window[-1]
+        recent = [last]
+        if not pd.isna(last.time_end):
+            for interval in reversed(list(self.window)[:-1]):
+                if (
+                    pd.isna(interval.time_end)
+                    or (last.time_end - interval.time_end).total_seconds() >= self.rate_window
+                ):
+                    break
+                recent.append(interval)
+        if len(recent) == 1:
+            return self._groups(last), last.seconds
+        frames = [self._groups(interval) for interval in recent]
+        combined = pd.concat(frames)
+        by_key = combined.groupby(level=list(range(combined.index.nlevels)), sort=False)
+        sums = by_key[[c for c in combined.columns if c != "rtt_us"]].sum(min_count=1)
+        sums["rtt_us"] = by_key["rtt_us"].mean()
+        sums = sums[list(frames[0].columns)]
+        return _as_tuple_keys(sums, list(self.group.key_names)), sum(i.seconds for i in recent)
 
     def drops(self, victims: int = 3) -> DropsTable:
         """Drop reasons over the window, most dropped packets first, with the groups that lost the most."""
@@ -278,9 +322,12 @@ class TopModel:
         by_victim = by_victim.sort_values(["reason", "packets"], ascending=[True, False], kind="stable")
         top_victims = by_victim.groupby("reason", sort=False).head(victims)
         victim_lists: dict[str, list[tuple[str, int]]] = {}
-        for record in top_victims.itertuples(index=False):
-            key = tuple(getattr(record, n) for n in names)
-            victim_lists.setdefault(record.reason, []).append((self.group.label(key), int(record.packets)))
+        keys = [tuple(getattr(record, n) for n in names) for record in top_victims.itertuples(index=False)]
+        pods: dict[str, str] = {}
+        for interval in self.window:
+            pods |= self._pod_names(interval, keys)
+        for key, record in zip(keys, top_victims.itertuples(index=False), strict=True):
+            victim_lists.setdefault(record.reason, []).append((self.group.label(key, pods=pods), int(record.packets)))
         ranked = by_reason.sort_values(["packets"], ascending=False, kind="stable")
         total = max(int(ranked["packets"].sum()), 1)
         frame = pd.DataFrame(
@@ -419,6 +466,14 @@ class TopModel:
             self._groups(interval)
         return bool(missing)
 
+    def _pod_names(self, interval: _Interval, keys: list[tuple]) -> dict[str, str]:
+        """The pods of the addresses in flow keys (the flow view names its ends by pod where known)."""
+        if self.group.name != "flow" or not keys:
+            return {}
+        names = list(self.group.key_names)
+        addresses = {str(k[names.index(n)]) for k in keys for n in ("src_ip", "dst_ip")}
+        return pod_names(interval.flows, addresses)
+
     def _peers(self, intervals: list[_Interval], key: tuple) -> pd.DataFrame:
         """Who the group talked to: the other end of its flows, by identity or else by address.
 
@@ -470,6 +525,7 @@ class TopModel:
     def _flow_peers(self, intervals: list[_Interval], key: tuple) -> pd.DataFrame:
         protocol, src_ip, src_port, dst_ip, dst_port = key
         reply = (protocol, dst_ip, dst_port, src_ip, src_port)
+        pods = self._pod_names(intervals[-1], [key]) if intervals else {}
         rows = []
         for flow_key, direction in ((key, "→"), (reply, "←")):
             sums = dict.fromkeys(PEER_COUNTERS, 0)
@@ -478,7 +534,7 @@ class TopModel:
                 for counter in PEER_COUNTERS:
                     if row is not None and not pd.isna(row[counter]):
                         sums[counter] += int(row[counter])
-            rows.append({"peer": endpoint(dst_ip, dst_port), "direction": direction, **sums})
+            rows.append({"peer": endpoint(pods.get(dst_ip, dst_ip), dst_port), "direction": direction, **sums})
         return pd.DataFrame(rows)
 
     def _events(self, intervals: list[_Interval], key: tuple, limit: int) -> pd.DataFrame:
@@ -495,11 +551,12 @@ class TopModel:
         recent = pd.concat(parts, ignore_index=True).sort_values("time", ascending=False, kind="stable").head(limit)
         flows = GROUPING_BY_NAME["flow"]
         flow_keys = flows.keyed(recent, [])[list(flows.key_names)]
+        pods = pod_names(recent)  # events carry their ends' identity themselves
         return pd.DataFrame(
             {
                 "time": recent["time"].to_numpy(),
                 "kind": text_column(recent, "kind"),
-                "flow": [flows.label(k) for k in flow_keys.itertuples(index=False, name=None)],
+                "flow": [flows.label(k, pods=pods) for k in flow_keys.itertuples(index=False, name=None)],
                 "reason": text_column(recent, "drop_reason"),
             }
         )

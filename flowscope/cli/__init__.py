@@ -10,7 +10,7 @@ from typing import Any
 
 from flowscope.cli.options import ArgumentParser, UsageError
 
-COMMANDS = ("doctor", "capture", "top", "agent", "observe", "status", "relay")
+COMMANDS = ("doctor", "capture", "top", "agent", "observe", "status", "query", "relay")
 
 
 def build_parser() -> ArgumentParser:

@@ -16,6 +16,7 @@ from typing import Any
 from flowscope.cli.options import UsageError, add_config_file, add_settings, config_from, open_source
 from flowscope.config import Config, as_yaml
 from flowscope.enrich import enricher_for
+from flowscope.kernel.catalog import ProbeStatus
 from flowscope.pipeline.pipeline import DEFAULT_QUEUE, Pipeline
 from flowscope.pipeline.sink import Sink
 from flowscope.pipeline.status import StatusError, StatusServer, fetch
@@ -184,7 +185,7 @@ def status_lines(status: dict[str, Any]) -> list[str]:
         + (" (the recording ended)" if status["source_ended"] else ""),
         "probes        " + ", ".join(p["name"] for p in status["probes"] if p["active"]),
     ]
-    missing = [p for p in status["probes"] if not p["active"] and "not needed" not in (p["reason"] or "")]
+    missing = [p for p in status["probes"] if ProbeStatus(p["name"], p["active"], "", p["reason"] or "").missed]
     for probe in missing:
         lines.append(f"  missing     {probe['name']}: {probe['reason']}")
     lines.append("sources       produced / delivered / lost")

@@ -24,7 +24,9 @@ def register(commands: Any) -> None:
     add_settings(capture, "replay", skip=("replay.exit_at_end",))
     capture.add_argument("--duration", type=positive_float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
     capture.add_argument("-o", "--output", choices=("jsonl", "table"), default="table")
-    capture.add_argument("--file", metavar="PATH", help="write to PATH instead of stdout")
+    capture.add_argument(
+        "--file", metavar="PATH", help="write to PATH instead of stdout (a name ending in .parquet: a Parquet file)"
+    )
     capture.set_defaults(run=run_capture)
 
 
@@ -45,11 +47,17 @@ def run_capture(args: argparse.Namespace) -> int:
     from flowscope.exporters.table import FlowTableSink
 
     config = config_from(args)
+    to_parquet = bool(args.file) and args.file.endswith(".parquet")
     try:
-        output = TextOutput(args.file, sys.stdout)
+        output = TextOutput(None if to_parquet else args.file, sys.stdout if not to_parquet else sys.stderr)
     except OSError as err:
         raise UsageError(f"cannot write {args.file} ({err.strerror}); choose another --file.") from None
-    sink = JsonlSink(output.stream) if args.output == "jsonl" else FlowTableSink(output.stream)
+    if to_parquet:
+        from flowscope.exporters.flowlog import ParquetFileSink
+
+        sink: Any = ParquetFileSink(args.file)
+    else:
+        sink = JsonlSink(output.stream) if args.output == "jsonl" else FlowTableSink(output.stream)
     enricher = enricher_for(config)
     try:
         source = open_source(config)
@@ -85,7 +93,7 @@ def run_capture(args: argparse.Namespace) -> int:
         "probes": probes_summary(probes),
         "identity": identity,
     }
-    if args.output == "jsonl":
+    if args.output == "jsonl" and not to_parquet:
         write_summary(output.stream, summary)
     else:
         from flowscope.enrich.report import identity_summary

@@ -12,7 +12,7 @@ from typing import IO, Any
 import pandas as pd
 
 from flowscope.cli.options import UsageError, add_config_file, add_settings, config_from, positive_int
-from flowscope.display import MISSING, endpoint, missing
+from flowscope.display import MISSING, missing, named_endpoint
 from flowscope.filters import FilterError, parse_filter
 from flowscope.formats.jsonl import format_time, record_lines
 from flowscope.schema import FlowBatch
@@ -238,11 +238,8 @@ def _clock(when: Any) -> str:
 
 
 def _side(row: dict[str, Any], side: str) -> str:
-    pod, namespace = row.get(f"{side}_pod"), row.get(f"{side}_namespace")
-    host = row.get(f"{side}_ip")
-    if not missing(pod):
-        host = f"{namespace}/{pod}" if not missing(namespace) else pod
-    return endpoint(host, row.get(f"{side}_port"))
+    return named_endpoint(row.get(f"{side}_ip"), row.get(f"{side}_port"), row.get(f"{side}_namespace"),
+                          row.get(f"{side}_pod"))  # fmt: skip
 
 
 def _text(value: Any) -> str:

@@ -77,9 +77,10 @@ def add_settings(
                 type=_checked(setting), help=help,
             )  # fmt: skip
         else:
+            # A Literal's values show as argparse's {a,b}; no metavar at all would show the dest.
+            metavar = setting.metavar or ("{" + ",".join(setting.choices) + "}" if setting.choices else setting.key)
             group.add_argument(
-                *names, dest=dest, default=argparse.SUPPRESS, metavar=setting.metavar, type=_checked(setting),
-                help=help,
+                *names, dest=dest, default=argparse.SUPPRESS, metavar=metavar, type=_checked(setting), help=help,
             )  # fmt: skip
 
 
@@ -140,7 +141,13 @@ def open_source(config: Config, default_speed: float = 0.0) -> BatchSource:
     replay = config.replay
     if replay.file:
         speed = replay.speed if replay.speed is not None else default_speed
-        return ReplaySource(replay.file, speed=speed, node=node_name(config.identity))
+        return ReplaySource(
+            replay.file,
+            speed=speed,
+            node=config.identity.node_name,
+            skip_bad_records=replay.skip_bad_records,
+            until_named=node_name(config.identity),
+        )
     from flowscope.pipeline.live import LiveSource
 
     return LiveSource(load_options(config), interval=config.probes.interval, node=node_name(config.identity))

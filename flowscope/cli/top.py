@@ -92,6 +92,10 @@ def add_top_arguments(parser: argparse.ArgumentParser) -> None:
         "--history", type=positive_int, default=60, metavar="N", help="intervals kept for trends, drops and details"
     )
     parser.add_argument(
+        "--window", type=positive_float, default=2.0, metavar="S",
+        help="seconds the rows' rates average over (default 2; w cycles 2, 10, 40 in the TUI): an idle row fades out",
+    )  # fmt: skip
+    parser.add_argument(
         "interval_seconds", nargs="?", type=positive_float, metavar="interval",
         help="seconds per interval (overrides --interval; a replay keeps its recorded intervals)",
     )  # fmt: skip
@@ -117,7 +121,7 @@ def run_top(args: argparse.Namespace) -> int:
         config = config.model_copy(
             update={"probes": config.probes.model_copy(update={"interval": args.interval_seconds})}
         )
-    model = TopModel(history=args.history, fallback_seconds=config.probes.interval)
+    model = TopModel(history=args.history, fallback_seconds=config.probes.interval, rate_window=args.window)
     model.set_view(grouping=args.group, filter=view_filter, sort=args.sort)
     enricher = enricher_for(config)
     try:
@@ -133,7 +137,7 @@ def run_top(args: argparse.Namespace) -> int:
     from flowscope.exporters.stream import whole_writes
     from flowscope.exporters.table import TopRowsSink
 
-    sink = TopRowsSink(model, source.node, whole_writes(sys.stdout), rows=args.rows or 20, output=args.output)
+    sink = TopRowsSink(model, source, whole_writes(sys.stdout), rows=args.rows or 20, output=args.output)
     pipeline = Pipeline(source, [sink], enricher=enricher)
     stop = threading.Event()
     stop_on_signals(stop)
@@ -155,7 +159,7 @@ def _top_remote(args: argparse.Namespace, config: Any, view_filter: Any) -> int:
         source = RemoteSource(Client(config.client.model_copy(update={"server": args.server})), since=since)
     except ClientError as err:
         raise UsageError(str(err)) from None
-    model = TopModel(history=args.history, fallback_seconds=config.probes.interval)
+    model = TopModel(history=args.history, fallback_seconds=config.probes.interval, rate_window=args.window)
     model.set_view(grouping=args.group, filter=view_filter, sort=args.sort)
     if args.output == "tui":
         from flowscope.ui.app import run_app
@@ -164,7 +168,7 @@ def _top_remote(args: argparse.Namespace, config: Any, view_filter: Any) -> int:
     from flowscope.exporters.stream import whole_writes
     from flowscope.exporters.table import TopRowsSink
 
-    sink = TopRowsSink(model, source.node, whole_writes(sys.stdout), rows=args.rows or 20, output=args.output)
+    sink = TopRowsSink(model, source, whole_writes(sys.stdout), rows=args.rows or 20, output=args.output)
     pipeline = Pipeline(source, [sink])
     stop = threading.Event()
     stop_on_signals(stop)

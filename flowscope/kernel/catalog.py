@@ -27,6 +27,11 @@ class ProbeStatus:
     reason: str = ""  # why it is unavailable (empty when active)
     remedy: str = ""  # what would make it available
 
+    @property
+    def missed(self) -> bool:
+        """Not running, and it matters: not a variant whose work another probe already does."""
+        return not self.active and "not needed" not in self.reason
+
 
 @dataclass(frozen=True)
 class Requirement:

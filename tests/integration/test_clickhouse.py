@@ -250,3 +250,27 @@ def test_a_refusing_server_at_open_is_an_error(server, database):
     sink = ClickHouseSink(ClickHouseConfig(url=server.url(WRITER, database=database, password=False), password="no"))
     with pytest.raises(ClickHouseError, match="refused user 'flowscope': Wrong password"):
         sink.open()
+
+
+def test_query_answers_from_clickhouse_what_it_answers_from_the_recording(server, database, tmp_path):
+    assert run_agent(server, database, tmp_path).returncode == 0
+    secret = tmp_path / "reader-password"
+    secret.write_text(WRITER.password + "\n")
+    url = server.url(WRITER, database=database, password=False)
+    answers = {}
+    for source in (
+        ["--clickhouse", url, "--clickhouse-password-file", str(secret)],
+        ["--file", str(tmp_path / "shop.jsonl")],
+    ):
+        result = subprocess.run(
+            [FLOWSCOPE, "query", "drops", "--by", "workload", "-o", "csv", *source],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        answers[source[0]] = result.stdout
+    assert answers["--clickhouse"] == answers["--file"]
+    assert answers["--file"].splitlines()[:3] == [
+        "drop_reason,workload,drop_packets,drop_bytes",
+        "NETFILTER_DROP,192.0.2.80,12,720",
+        "NETFILTER_DROP,shop/checkout,12,720",
+    ]

@@ -1,6 +1,7 @@
-"""A live pipeline in a lab namespace with two sinks, one of which never returns from a write:
+"""A live pipeline in a lab namespace with three sinks — JSON lines, the Parquet flow log, and one that never
+returns from a write:
 
-    python -m tests.kernel.pipeline_child IFACE OUT.jsonl
+    python -m tests.kernel.pipeline_child IFACE OUT.jsonl FLOWLOG_DIR
 
 prints "ready" once the probes are attached, runs until SIGINT, then prints the run's coverage as JSON."""
 
@@ -11,6 +12,8 @@ import signal
 import sys
 import threading
 
+from flowscope.config import FlowLogConfig
+from flowscope.exporters.flowlog import FlowLogSink
 from flowscope.exporters.jsonl import JsonlSink
 from flowscope.kernel.loader import LoadOptions
 from flowscope.pipeline.live import LiveSource
@@ -37,12 +40,13 @@ class StuckSink:
         return {"state": "ok"}
 
 
-def main(interface: str, path: str) -> None:
+def main(interface: str, path: str, flowlog: str) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     source = LiveSource(LoadOptions(interfaces=[interface]), interval=0.2)
     with open(path, "w", encoding="utf-8") as out:
-        pipeline = Pipeline(source, [StuckSink(), JsonlSink(out)], queue_batches={"stuck": STUCK_QUEUE, "jsonl": 1024})
+        sinks = [StuckSink(), JsonlSink(out), FlowLogSink(FlowLogConfig(directory=flowlog))]
+        pipeline = Pipeline(source, sinks, queue_batches={"stuck": STUCK_QUEUE, "jsonl": 1024, "flowlog": 1024})
         pipeline.start()
         print("ready", flush=True)
         pipeline.run(stop)

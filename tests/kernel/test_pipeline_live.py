@@ -1,5 +1,6 @@
 """The pipeline on the real kernel: an output that hangs for good costs only its own records, counted
-exactly; the kernel side and the other output lose nothing."""
+exactly; the kernel side and the other outputs (JSON lines and the Parquet flow log) lose nothing and hold the
+same flows, with the exact counts of the traffic sent."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from flowscope.analysis.flowlog import read_flowlog
 from flowscope.formats.jsonl import read_batches
 from tests.kernel.lab import Lab
 from tests.kernel.tc_flows import flow_totals, start_sink, two_hosts, udp_frame, udp_id
@@ -27,7 +29,7 @@ def test_a_hung_output_loses_only_its_own_records(tc_lab: Lab, tmp_path: Path) -
     start_sink(hosts.b, "udp-sink", b4, "7001")
     out = tmp_path / "flows.jsonl"
     child = hosts.a.popen(
-        sys.executable, "-m", "tests.kernel.pipeline_child", "fstcA", str(out),
+        sys.executable, "-m", "tests.kernel.pipeline_child", "fstcA", str(out), str(tmp_path / "log"),
         stdout=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     try:
@@ -54,6 +56,15 @@ def test_a_hung_output_loses_only_its_own_records(tc_lab: Lab, tmp_path: Path) -
     assert coverage["flow_map"]["lost"] == 0 and coverage["flow_map"]["produced"] >= FLOWS * COUNT
     written = sum(len(batch.flows) + len(batch.events) for batch in batches)
     assert coverage["sink:jsonl"] == {"produced": written, "delivered": written, "lost": 0}
+    # The flow log (settled when its file completed, at the close) holds the same flows as the JSON lines.
+    assert coverage["sink:flowlog"] == {"produced": written, "delivered": written, "lost": 0}
+    logged = read_flowlog(tmp_path / "log")
+    assert flow_totals(logged, "fstcA", {a4, b4}) == totals
+    pd.testing.assert_frame_equal(logged, read_flowlog_order(pd.concat(flows, ignore_index=True)))
     # The hung output: every record the pipeline produced, none delivered, all counted lost.
     assert coverage["sink:stuck"] == {"produced": written, "delivered": 0, "lost": written}
     assert len(batches) == run["intervals"] >= INTERVALS
+
+
+def read_flowlog_order(flows: pd.DataFrame) -> pd.DataFrame:
+    return flows.sort_values(["time_start", "time_end"], kind="stable").reset_index(drop=True)

@@ -305,6 +305,8 @@ class QueueSource:
         return [
             ProbeStatus("tc_flows", True, "tc clsact ingress+egress"),
             ProbeStatus("tcp_rtt", False, "kprobe tcp_rcv_established", "kprobes are off"),
+            # A variant whose work another probe does: the header leaves it out.
+            ProbeStatus("skb_drop_kprobe", False, "kprobe kfree_skb", "kprobes are off; not needed: skb_drop runs"),
         ]
 
     def batches(self, stop):
@@ -323,16 +325,19 @@ class QueueSource:
         self._queue.put(None)
 
 
-async def settle(app, pilot, after: int | None = None, timeout: float = 20.0) -> None:
-    """Waits until the app shows the newest snapshot its feed computed (and one newer than `after`)."""
+async def settle(app, pilot, after: int | None = None, timeout: float = 20.0, intervals: int | None = None) -> None:
+    """Waits until the app shows the newest snapshot its feed computed (and one newer than `after`, and one
+    that has counted `intervals` intervals)."""
     import asyncio
     import time
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         await pilot.pause(0.02)
-        shown = app.last_snapshot.sequence if app.last_snapshot else 0
-        if shown and shown == app.feed.published and (after is None or shown > after):
+        snapshot = app.last_snapshot
+        shown = snapshot.sequence if snapshot else 0
+        counted = intervals is None or (snapshot is not None and snapshot.totals.intervals >= intervals)
+        if shown and shown == app.feed.published and (after is None or shown > after) and counted:
             await pilot.pause(0.05)
             return
         await asyncio.sleep(0.02)
@@ -372,11 +377,12 @@ async def press_and_settle(app, pilot, *keys: str) -> None:
 
 
 async def put_and_settle(app, pilot, source: QueueSource, *batches: FlowBatch) -> None:
-    """Hands the source one batch at a time, each shown before the next comes."""
+    """Hands the source one batch at a time, each shown before the next comes: settled on a snapshot that has
+    counted it (a snapshot published meanwhile for another reason, such as the app's first, does not do)."""
     for batch in batches:
-        before = app.feed.published
+        counted = app.feed.model.intervals
         source.put(batch)
-        await settle(app, pilot, after=before)
+        await settle(app, pilot, intervals=counted + 1)
 
 
 async def replay_finished(app, pilot) -> None:

@@ -57,17 +57,17 @@ async def finished_replay(path: Path) -> AsyncIterator[tuple[TopApp, Pilot]]:
 async def test_rows_and_header_after_a_replay(shop_replay):
     async with finished_replay(shop_replay) as (app, _pilot):
         assert cells(app, columns=4) == [
-            ["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "70.0 kB/s", "70/s", "0"],
-            ["TCP 10.204.0.11:8443 → 10.204.0.10:43210", "56.0 kB/s", "40/s", "0"],
-            ["TCP [fd00:204::10]:50000 → [fd00:204::11]:443", "12.0 kB/s", "10/s", "0"],
-            ["TCP 192.0.2.80:51000 → 10.204.0.10:8080", "180 B/s", "3/s", "6"],
-            ["UDP 10.204.0.10:40001 → 10.204.0.53:53", "90 B/s", "1/s", "0"],
+            ["TCP shop/checkout-7d9f:43210 → shop/payments-0:8443", "70.0 kB/s", "70/s", "0"],
+            ["TCP shop/payments-0:8443 → shop/checkout-7d9f:43210", "56.0 kB/s", "40/s", "0"],
+            ["TCP shop/checkout-7d9f:50000 → shop/payments-0:443", "12.0 kB/s", "10/s", "0"],
+            ["TCP 192.0.2.80:51000 → shop/checkout-7d9f:8080", "180 B/s", "3/s", "6"],
+            ["UDP shop/checkout-7d9f:40001 → kube-system/coredns-55:53", "90 B/s", "1/s", "0"],
         ]
         assert header(app).splitlines() == [
             "flowscope top  node node-a  interval 2s  12:00:10 UTC  intervals 5  finished",
             "flows 5 (2.50/s)  138 kB/s  124 pkts/s  coverage 94.3% (lost 2 of 35)",
             "probes replay",
-            "group flow  sort BYTES/S ▼  5 of 5 rows  ",
+            "group flow  sort BYTES/S ▼  rates over 2s  5 of 5 rows  ",
         ]
 
 
@@ -85,7 +85,7 @@ async def test_grouping_cycles_with_g_and_back_with_shift_g(shop_replay):
         await press_and_settle(app, pilot, "g", "g")
         assert cells(app) == [["shop", "276 kB/s"], ["kube-system", "90 B/s"]]
         await press_and_settle(app, pilot, "g", "g", "g")
-        assert cells(app)[0] == ["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "70.0 kB/s"]
+        assert cells(app)[0] == ["TCP shop/checkout-7d9f:43210 → shop/payments-0:8443", "70.0 kB/s"]
         await press_and_settle(app, pilot, "G")
         assert cells(app) == [["node-a", "276 kB/s"], ["node-b", "90 B/s"]]
 
@@ -96,11 +96,11 @@ async def test_sorting_by_keys_and_by_clicking_a_heading(shop_replay):
         await press_and_settle(app, pilot, "s")  # bytes/s -> packets/s
         assert app.last_snapshot.rows.sort == "packets_per_s"
         assert [row[0] for row in cells(app)][:2] == [
-            "TCP 10.204.0.10:43210 → 10.204.0.11:8443",
-            "TCP 10.204.0.11:8443 → 10.204.0.10:43210",
+            "TCP shop/checkout-7d9f:43210 → shop/payments-0:8443",
+            "TCP shop/payments-0:8443 → shop/checkout-7d9f:43210",
         ]
         await press_and_settle(app, pilot, "r")
-        assert cells(app, columns=3)[0] == ["UDP 10.204.0.10:40001 → 10.204.0.53:53", "90 B/s", "1/s"]
+        assert cells(app, columns=3)[0] == ["UDP shop/checkout-7d9f:40001 → kube-system/coredns-55:53", "90 B/s", "1/s"]
         assert str(app.query_one("#rows", DataTable).columns["packets_per_s"].label) == "PKTS/S ▲"
         table = app.query_one("#rows", DataTable)
         x = sum(column.get_render_width(table) for key, column in table.columns.items() if key.value == "label")
@@ -113,7 +113,7 @@ async def test_sorting_by_keys_and_by_clicking_a_heading(shop_replay):
         await pilot.click("#rows", offset=(x + 2, 0))  # the DROPS heading
         await settle(app, pilot, after=before)
         assert app.last_snapshot.rows.sort == "drops"
-        assert cells(app, columns=4)[0] == ["TCP 192.0.2.80:51000 → 10.204.0.10:8080", "180 B/s", "3/s", "6"]
+        assert cells(app, columns=4)[0] == ["TCP 192.0.2.80:51000 → shop/checkout-7d9f:8080", "180 B/s", "3/s", "6"]
         assert str(table.columns["drops"].label) == "DROPS ▼"
 
 
@@ -124,23 +124,23 @@ async def test_shift_s_sorts_by_the_previous_column(shop_replay):
         await press_and_settle(app, pilot, "S")  # bytes/s -> the column before it: the flow's key
         # Descending by (protocol, source address, ...) as text: UDP after TCP, "fd00:" after "192." after "10."
         assert [row[0] for row in cells(app, columns=1)] == [
-            "UDP 10.204.0.10:40001 → 10.204.0.53:53",
-            "TCP [fd00:204::10]:50000 → [fd00:204::11]:443",
-            "TCP 192.0.2.80:51000 → 10.204.0.10:8080",
-            "TCP 10.204.0.11:8443 → 10.204.0.10:43210",
-            "TCP 10.204.0.10:43210 → 10.204.0.11:8443",
+            "UDP shop/checkout-7d9f:40001 → kube-system/coredns-55:53",
+            "TCP shop/checkout-7d9f:50000 → shop/payments-0:443",
+            "TCP 192.0.2.80:51000 → shop/checkout-7d9f:8080",
+            "TCP shop/payments-0:8443 → shop/checkout-7d9f:43210",
+            "TCP shop/checkout-7d9f:43210 → shop/payments-0:8443",
         ]
-        assert header(app).splitlines()[3] == "group flow  sort KEY ▼  5 of 5 rows  "
+        assert header(app).splitlines()[3] == "group flow  sort KEY ▼  rates over 2s  5 of 5 rows  "
         assert str(table.columns["label"].label) == "FLOW ▼"
         await press_and_settle(app, pilot, "S")  # from the first column round to the last: closes
         # The last interval closes the TCP 8443 connection at both ends: one close, on the row of the first
         # close event's direction; ties go by bytes/s.
         assert [(row[0], row[8]) for row in cells(app, columns=9)] == [
-            ("TCP 10.204.0.10:43210 → 10.204.0.11:8443", "1"),
-            ("TCP 10.204.0.11:8443 → 10.204.0.10:43210", "0"),
-            ("TCP [fd00:204::10]:50000 → [fd00:204::11]:443", "0"),
-            ("TCP 192.0.2.80:51000 → 10.204.0.10:8080", "0"),
-            ("UDP 10.204.0.10:40001 → 10.204.0.53:53", "0"),
+            ("TCP shop/checkout-7d9f:43210 → shop/payments-0:8443", "1"),
+            ("TCP shop/payments-0:8443 → shop/checkout-7d9f:43210", "0"),
+            ("TCP shop/checkout-7d9f:50000 → shop/payments-0:443", "0"),
+            ("TCP 192.0.2.80:51000 → shop/checkout-7d9f:8080", "0"),
+            ("UDP shop/checkout-7d9f:40001 → kube-system/coredns-55:53", "0"),
         ]
         assert str(table.columns["closes"].label) == "CLOSE ▼"
         assert str(table.columns["label"].label) == "FLOW"
@@ -164,10 +164,11 @@ async def test_good_and_bad_filters(shop_replay):
         before = app.feed.published
         await pilot.press("enter")
         await settle(app, pilot, after=before)
-        assert cells(app) == [["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "70.0 kB/s"]]
+        assert cells(app) == [["TCP shop/checkout-7d9f:43210 → shop/payments-0:8443", "70.0 kB/s"]]
         assert str(app.query_one("#message", Static).render()) == ""
         assert header(app).splitlines()[3] == (
-            "group flow  sort BYTES/S ▼  1 of 1 rows  filter to-port=8443,53 not protocol=udp (1 of 5 flows)"
+            "group flow  sort BYTES/S ▼  rates over 2s  1 of 1 rows  filter to-port=8443,53 not protocol=udp "
+            "(1 of 5 flows)"
         )
         assert app.query_one("#rows", DataTable).has_focus
         await pilot.press("slash")
@@ -252,7 +253,7 @@ async def test_pause_freezes_rows_while_intervals_keep_arriving():
     async with app.run_test(size=SIZE) as pilot:
         await put_and_settle(app, pilot, source, *batches[:3])
         frozen = cells(app, columns=3)
-        assert frozen[0] == ["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "60.0 kB/s", "60/s"]
+        assert frozen[0] == ["TCP shop/checkout-7d9f:43210 → shop/payments-0:8443", "60.0 kB/s", "60/s"]
         await press_and_settle(app, pilot, "space")
         await put_and_settle(app, pilot, source, *batches[3:])
         assert cells(app, columns=3) == frozen
@@ -261,7 +262,7 @@ async def test_pause_freezes_rows_while_intervals_keep_arriving():
         assert lines[1].endswith("coverage 94.3% (lost 2 of 35)")  # loss accounting does not pause
         assert lines[2] == "probes tc_flows  unavailable tcp_rtt (kprobes are off)"
         await press_and_settle(app, pilot, "space")
-        assert cells(app, columns=3)[0] == ["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "70.0 kB/s", "70/s"]
+        assert cells(app, columns=3)[0] == ["TCP shop/checkout-7d9f:43210 → shop/payments-0:8443", "70.0 kB/s", "70/s"]
         assert "PAUSED" not in header(app)
     source.close()
 
@@ -276,24 +277,24 @@ async def test_rows_update_in_place_and_the_cursor_follows_its_row():
         table = app.query_one("#rows", DataTable)
         # interval 0: the reply (56 kB/s) leads; put the cursor on the request (50 kB/s), second
         assert [row[0] for row in cells(app)][:2] == [
-            "TCP 10.204.0.11:8443 → 10.204.0.10:43210",
-            "TCP 10.204.0.10:43210 → 10.204.0.11:8443",
+            "TCP shop/payments-0:8443 → shop/checkout-7d9f:43210",
+            "TCP shop/checkout-7d9f:43210 → shop/payments-0:8443",
         ]
         await pilot.press("down")
         keys_before = {row.key.value: row.key for row in table.ordered_rows}
         # the request grows to 55 kB/s; DNS goes quiet; curl's flows appear
         await put_and_settle(app, pilot, source, batches[1])
         keys_after = {row.key.value: row.key for row in table.ordered_rows}
-        assert set(keys_before) - set(keys_after) == {"UDP 10.204.0.10:40001 → 10.204.0.53:53"}
+        assert set(keys_before) - set(keys_after) == {"UDP shop/checkout-7d9f:40001 → kube-system/coredns-55:53"}
         assert set(keys_after) - set(keys_before) == {
-            "TCP 10.204.0.1:39000 → 10.204.0.11:9999",
-            "TCP 10.204.0.11:9999 → 10.204.0.1:39000",
+            "TCP 10.204.0.1:39000 → shop/payments-0:9999",
+            "TCP shop/payments-0:9999 → 10.204.0.1:39000",
         }
         staying = set(keys_before) & set(keys_after)
         assert all(keys_after[key] is keys_before[key] for key in staying)  # updated, not re-added
-        assert cells(app)[1] == ["TCP 10.204.0.10:43210 → 10.204.0.11:8443", "55.0 kB/s"]
+        assert cells(app)[1] == ["TCP shop/checkout-7d9f:43210 → shop/payments-0:8443", "55.0 kB/s"]
         selected = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        assert selected == "TCP 10.204.0.10:43210 → 10.204.0.11:8443"
+        assert selected == "TCP shop/checkout-7d9f:43210 → shop/payments-0:8443"
     source.close()
 
 
@@ -319,5 +320,22 @@ async def test_a_replay_that_breaks_off_shows_why_and_keeps_what_it_had(tmp_path
     async with finished_replay(path) as (app, _pilot):
         first = header(app).splitlines()[0]
         line = len(path.read_text().splitlines())  # the broken one is the last
-        assert first.endswith(f"intervals 2  source failed: {path}:{line}: not JSON (Expecting value).")
+        assert first.endswith(
+            f"intervals 2  source failed: {path}:{line}: not JSON (Expecting value); fix or remove it, or replay with "
+            "--skip-bad-records."
+        )
         assert len(cells(app)) == 5  # the flows of interval 1, the last complete one
+
+
+@runs
+async def test_w_cycles_the_rate_window_and_rows_average_over_it(shop_replay):
+    async with finished_replay(shop_replay) as (app, pilot):
+        await press_and_settle(app, pilot, "w")  # 2 s -> 10 s: the five 2-s intervals of the recording
+        # The whole recording's seven flows: two of them were active in earlier intervals only.
+        assert header(app).splitlines()[3] == "group flow  sort BYTES/S ▼  rates over 10s  7 of 7 rows  "
+        # checkout -> payments sent 100, 110, 120, 130 and 140 kB in its intervals: 600 kB over 10 s.
+        assert cells(app, columns=2)[0] == ["TCP shop/checkout-7d9f:43210 → shop/payments-0:8443", "60.0 kB/s"]
+        await press_and_settle(app, pilot, "w")
+        assert "rates over 40s" in header(app).splitlines()[3]
+        await press_and_settle(app, pilot, "w")
+        assert "rates over 2s" in header(app).splitlines()[3]

@@ -43,17 +43,17 @@ def test_jsonl_output_with_a_filter(shop_replay, capsys):
     assert code == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["time_end"][11:19], r["key"], r["drops"]) for r in rows] == [
-        ("12:00:04", "TCP 10.204.0.1:39000 -> 10.204.0.11:9999", 1),
-        ("12:00:08", "TCP 192.0.2.80:51000 -> 10.204.0.10:8080", 6),
-        ("12:00:08", "TCP 10.204.0.10:43210 -> 10.204.0.11:8443", 2),
-        ("12:00:10", "TCP 192.0.2.80:51000 -> 10.204.0.10:8080", 6),
+        ("12:00:04", "TCP 10.204.0.1:39000 -> shop/payments-0:9999", 1),
+        ("12:00:08", "TCP 192.0.2.80:51000 -> shop/checkout-7d9f:8080", 6),
+        ("12:00:08", "TCP shop/checkout-7d9f:43210 -> shop/payments-0:8443", 2),
+        ("12:00:10", "TCP 192.0.2.80:51000 -> shop/checkout-7d9f:8080", 6),
     ]
     assert rows[0] == {
         "time_end": "2025-03-01T12:00:04.000000000Z",
         "seconds": 2.0,
         "node": "node-a",
         "group": "flow",
-        "key": "TCP 10.204.0.1:39000 -> 10.204.0.11:9999",
+        "key": "TCP 10.204.0.1:39000 -> shop/payments-0:9999",
         "bytes": 74,
         "packets": 1,
         "bytes_per_s": 37,
@@ -177,13 +177,13 @@ FINISHED_SCREEN = [
     " flowscope top  node node-a  interval 2s  12:00:10 UTC  intervals 5  finished",
     " flows 5 (2.50/s)  138 kB/s  124 pkts/s  coverage 94.3% (lost 2 of 35)",
     " probes replay",
-    " group flow  sort BYTES/S ▼  5 of 5 rows",
-    " FLOW                                           BYTES/S ▼    PKTS/S    DROPS    RETX     RST      RTT    CONN    CLOSE  TREND",  # noqa: E501
-    " TCP 10.204.0.10:43210 → 10.204.0.11:8443       70.0 kB/s      70/s        0       0       0    1.6ms       0        1  ▆▇▇██",  # noqa: E501
-    " TCP 10.204.0.11:8443 → 10.204.0.10:43210       56.0 kB/s      40/s        0       0       0    900µs       0        0  █████",  # noqa: E501
-    " TCP [fd00:204::10]:50000 → [fd00:204::11]:443  12.0 kB/s      10/s        0       0       0    300µs       0        0  █████",  # noqa: E501
-    " TCP 192.0.2.80:51000 → 10.204.0.10:8080          180 B/s       3/s        6       0       0        -       0        0  ▁▁▁██",  # noqa: E501
-    " UDP 10.204.0.10:40001 → 10.204.0.53:53            90 B/s       1/s        0       0       0        -       0        0  █▁█▁█",  # noqa: E501
+    " group flow  sort BYTES/S ▼  rates over 2s  5 of 5 rows",
+    " FLOW                                                      BYTES/S ▼    PKTS/S    DROPS    RETX     RST      RTT    CONN    CLOSE  TREND",  # noqa: E501
+    " TCP shop/checkout-7d9f:43210 → shop/payments-0:8443       70.0 kB/s      70/s        0       0       0    1.6ms       0        1  ▆▇▇██",  # noqa: E501
+    " TCP shop/payments-0:8443 → shop/checkout-7d9f:43210       56.0 kB/s      40/s        0       0       0    900µs       0        0  █████",  # noqa: E501
+    " TCP shop/checkout-7d9f:50000 → shop/payments-0:443        12.0 kB/s      10/s        0       0       0    300µs       0        0  █████",  # noqa: E501
+    " TCP 192.0.2.80:51000 → shop/checkout-7d9f:8080              180 B/s       3/s        6       0       0        -       0        0  ▁▁▁██",  # noqa: E501
+    " UDP shop/checkout-7d9f:40001 → kube-system/coredns-55:53     90 B/s       1/s        0       0       0        -       0        0  █▁█▁█",  # noqa: E501
     *[""] * 25,
     f"{' q Quit  space Pause  g Group  s Sort  r Reverse  d Drops  / Filter  ? Help':<138}▏^p palette",
 ]  # fmt: skip
@@ -212,7 +212,7 @@ def test_the_installed_entry_point_runs(shop_replay):
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[2].endswith("TCP 10.204.0.11:8443 -> 10.204.0.10:43210")
+    assert result.stdout.splitlines()[2].endswith("TCP shop/payments-0:8443 -> shop/checkout-7d9f:43210")
 
 
 # The filter fields as the README lists them, in its order.

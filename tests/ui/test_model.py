@@ -29,11 +29,11 @@ def table(model: TopModel, columns=("label", "bytes_per_s", "drops", "connection
 
 def test_flows_of_the_last_interval_ranked_by_bytes(model):
     assert table(model, ("label", "bytes_per_s", "packets_per_s", "drops", "rtt_us", "closes", "trend")) == [
-        ("TCP 10.204.0.10:43210 → 10.204.0.11:8443", 70000.0, 70.0, 0, 1600.0, 1, "▆▇▇██"),
-        ("TCP 10.204.0.11:8443 → 10.204.0.10:43210", 56000.0, 40.0, 0, 900.0, 0, "█████"),
-        ("TCP [fd00:204::10]:50000 → [fd00:204::11]:443", 12000.0, 10.0, 0, 300.0, 0, "█████"),
-        ("TCP 192.0.2.80:51000 → 10.204.0.10:8080", 180.0, 3.0, 6, None, 0, "▁▁▁██"),
-        ("UDP 10.204.0.10:40001 → 10.204.0.53:53", 90.0, 1.0, 0, None, 0, "█▁█▁█"),
+        ("TCP shop/checkout-7d9f:43210 → shop/payments-0:8443", 70000.0, 70.0, 0, 1600.0, 1, "▆▇▇██"),
+        ("TCP shop/payments-0:8443 → shop/checkout-7d9f:43210", 56000.0, 40.0, 0, 900.0, 0, "█████"),
+        ("TCP shop/checkout-7d9f:50000 → shop/payments-0:443", 12000.0, 10.0, 0, 300.0, 0, "█████"),
+        ("TCP 192.0.2.80:51000 → shop/checkout-7d9f:8080", 180.0, 3.0, 6, None, 0, "▁▁▁██"),
+        ("UDP shop/checkout-7d9f:40001 → kube-system/coredns-55:53", 90.0, 1.0, 0, None, 0, "█▁█▁█"),
     ]
     assert model.rows(2).groups == 5
     assert len(model.rows(2).frame) == 2
@@ -76,10 +76,10 @@ def test_connections_count_each_connection_once_and_by_interval():
     top.add(batches[0])
     # connect and accept of the same connection are one connection
     assert dict(table(top, ("label", "connections"))) == {
-        "TCP 10.204.0.11:8443 → 10.204.0.10:43210": 0,
-        "TCP 10.204.0.10:43210 → 10.204.0.11:8443": 1,
-        "TCP [fd00:204::10]:50000 → [fd00:204::11]:443": 0,
-        "UDP 10.204.0.10:40001 → 10.204.0.53:53": 0,
+        "TCP shop/payments-0:8443 → shop/checkout-7d9f:43210": 0,
+        "TCP shop/checkout-7d9f:43210 → shop/payments-0:8443": 1,
+        "TCP shop/checkout-7d9f:50000 → shop/payments-0:443": 0,
+        "UDP shop/checkout-7d9f:40001 → kube-system/coredns-55:53": 0,
     }
     top.add(batches[1])
     top.set_view(grouping="process")
@@ -88,14 +88,14 @@ def test_connections_count_each_connection_once_and_by_interval():
 
 def test_sorting_by_any_column_and_direction(model):
     model.set_view(sort="drops")
-    assert [r[0] for r in table(model)][:1] == ["TCP 192.0.2.80:51000 → 10.204.0.10:8080"]
+    assert [r[0] for r in table(model)][:1] == ["TCP 192.0.2.80:51000 → shop/checkout-7d9f:8080"]
     model.set_view(sort="rtt_us", descending=False)
     assert [r[0] for r in table(model)] == [
-        "TCP [fd00:204::10]:50000 → [fd00:204::11]:443",
-        "TCP 10.204.0.11:8443 → 10.204.0.10:43210",
-        "TCP 10.204.0.10:43210 → 10.204.0.11:8443",
-        "TCP 192.0.2.80:51000 → 10.204.0.10:8080",  # no RTT sorts last either way
-        "UDP 10.204.0.10:40001 → 10.204.0.53:53",
+        "TCP shop/checkout-7d9f:50000 → shop/payments-0:443",
+        "TCP shop/payments-0:8443 → shop/checkout-7d9f:43210",
+        "TCP shop/checkout-7d9f:43210 → shop/payments-0:8443",
+        "TCP 192.0.2.80:51000 → shop/checkout-7d9f:8080",  # no RTT sorts last either way
+        "UDP shop/checkout-7d9f:40001 → kube-system/coredns-55:53",
     ]
     model.set_view(grouping="pod", sort="key", descending=False)
     assert [r[0] for r in table(model)] == [
@@ -143,7 +143,7 @@ def test_drop_reasons_ranked_with_victims(model):
         [("10.204.0.1", 1), ("shop/payments-0", 1)],
     ]
     model.set_view(grouping="flow")
-    assert model.drops().frame["victims"].tolist()[2] == [("TCP 10.204.0.1:39000 → 10.204.0.11:9999", 1)]
+    assert model.drops().frame["victims"].tolist()[2] == [("TCP 10.204.0.1:39000 → shop/payments-0:9999", 1)]
 
 
 def test_pod_detail(model):
@@ -205,8 +205,8 @@ def test_detail_peers_follow_new_intervals_and_view_changes():
 def test_flow_detail_shows_the_reply_as_peer(model):
     detail = model.detail(CHECKOUT_TO_PAYMENTS)
     assert detail.peers.values.tolist() == [
-        ["10.204.0.11:8443", "→", 600000, 600, 2],
-        ["10.204.0.11:8443", "←", 560000, 400, 0],
+        ["shop/payments-0:8443", "→", 600000, 600, 2],
+        ["shop/payments-0:8443", "←", 560000, 400, 0],
     ]
     assert detail.series["rtt_us"].tolist() == [1200.0, 1300.0, 1400.0, 1500.0, 1600.0]
     assert detail.events["kind"].tolist() == ["close", "retransmit", "accept", "connect"]
@@ -275,3 +275,48 @@ def test_trends_after_a_view_change_fill_in_with_backfill():
 
 def test_sparklines_scale_each_row_to_its_peak():
     assert sparklines(np.array([[0, 1, 2, 4], [5, 5, 5, 5], [0, 0, 0, 0]])) == ["▁▃▅█", "████", "▁▁▁▁"]
+
+
+def burst_then_idle() -> list[FlowBatch]:
+    """Four 1-s intervals: a burst of 1,000 bytes in the first only (port 1111), and 100 bytes in each
+    (port 2222)."""
+    start = pd.Timestamp("2025-03-01T12:00:00Z")
+    batches = []
+    for second in range(4):
+        rows = [{"src_port": 2222, "bytes": 100, "packets": 1}]
+        if second == 0:
+            rows.append({"src_port": 1111, "bytes": 1000, "packets": 10})
+        flows = pd.DataFrame([{"protocol": "TCP", "src_ip": "10.0.0.1", "dst_ip": "10.0.0.2", "dst_port": 80, **r}
+                              for r in rows])  # fmt: skip
+        begin, end = start + pd.Timedelta(seconds=second), start + pd.Timedelta(seconds=second + 1)
+        batches.append(FlowBatch(begin, end, flows_frame(flows), events_frame(pd.DataFrame())))
+    return batches
+
+
+@pytest.mark.parametrize(
+    ("window", "after", "expected"),
+    [
+        (2.0, 1, {1111: 1000.0, 2222: 100.0}),  # the burst's own interval
+        (2.0, 2, {1111: 500.0, 2222: 100.0}),  # a second later: averaged over the 2 s, fading
+        (2.0, 3, {2222: 100.0}),  # two seconds later: gone
+        (10.0, 4, {1111: 250.0, 2222: 100.0}),  # 10 s: still there, 1,000 bytes over 4 s
+        (40.0, 3, {1111: 1000.0 / 3, 2222: 100.0}),
+    ],
+)
+def test_rates_average_over_the_window_so_an_idle_row_fades_out(window, after, expected):
+    top = TopModel(rate_window=window)
+    for batch in burst_then_idle()[:after]:
+        top.add(batch)
+    rows = top.rows(10)
+    assert {key[2]: rate for key, rate in zip(rows.frame["key"], rows.frame["bytes_per_s"], strict=True)} == expected
+    assert rows.rate_window == window
+
+
+def test_the_window_changes_with_the_view_and_must_be_positive():
+    top = TopModel()
+    for batch in burst_then_idle():
+        top.add(batch)
+    top.set_view(rate_window=10.0)
+    assert len(top.rows(10).frame) == 2
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        top.set_view(rate_window=0)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from flowscope.cli import COMMANDS, main
+
 FLOWSCOPE = str(Path(sys.executable).with_name("flowscope"))
 NO_CAPABILITIES = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"]
 
@@ -107,3 +109,22 @@ def test_an_unwritable_output_file() -> None:
     assert_one_sentence(
         result, 1, "flowscope capture: cannot write /dev/null/flows.jsonl (Not a directory); choose another --file."
     )
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_no_help_shows_a_settings_internal_name(command: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    shown = capsys.readouterr().out
+    assert "SETTING:" not in shown and "setting:" not in shown
+    if command == "agent":
+        assert "--log-format {text,json}" in shown and "--log-level {debug,info,warning,error}" in shown
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [(2.0, "2s"), (1.02401, "1s"), (0.5, "0.5s"), (1.46, "1.5s"), (60.0, "60s")]
+)
+def test_durations_read_rounded(value: float, shown: str) -> None:
+    from flowscope.display import seconds
+
+    assert seconds(value) == shown

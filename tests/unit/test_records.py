@@ -82,7 +82,7 @@ def test_records_after_the_last_interval_form_a_batch() -> None:
     [
         ("not json", "replay:1: not JSON"),
         ("[1, 2]", 'replay:1: not a flowscope record \\(no "type" field\\)'),
-        ('{"type": "packet"}', "replay:1: unknown record type 'packet'"),
+        ('{"type": "packet"}', 'replay:1: unknown record type "packet"'),
     ],
 )
 def test_bad_lines_name_the_line(line: str, message: str) -> None:
