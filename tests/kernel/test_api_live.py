@@ -20,10 +20,10 @@ import pandas as pd
 import pytest
 
 from flowscope.config import ClientConfig
-from flowscope.pipeline.status import fetch
 from flowscope.proto.client import Client
 from flowscope.proto.hubble.flow import flow_pb2 as flow
 from flowscope.proto.hubble.observer import observer_pb2, observer_pb2_grpc
+from tests.kernel.agent_runs import status
 from tests.kernel.capture import FLOWSCOPE, READY_TIMEOUT
 from tests.kernel.tc_flows import start_sink
 from tests.kernel.test_drops import udp_send, wire_length
@@ -37,9 +37,7 @@ _COUNTS = re.compile(r"(\d+) packets, (\d+) bytes")
 
 
 def agent_intervals(path: Path) -> int:
-    code, body = fetch(str(path))
-    assert code == 200, body
-    return json.loads(body)["intervals"]
+    return status(path)["intervals"]
 
 
 def rule_packets(pair: Pair) -> int:
