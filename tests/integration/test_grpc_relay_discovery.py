@@ -105,3 +105,12 @@ def test_discovery_with_an_unusable_kubeconfig_is_one_sentence(tmp_path):
     result = run_flowscope("relay", "--discover-selector", "app=flowscope", "--kubeconfig", str(absent), *sockets)
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == f"flowscope relay: cannot read kubeconfig {absent}: No such file or directory.\n"
+
+
+def test_a_bad_label_selector_is_one_sentence(tmp_path):
+    result = run_flowscope("relay", "--discover-selector", "app=flow scope", "--grpc-socket", str(tmp_path / "r.sock"))
+    assert (result.returncode, result.stdout) == (2, "")  # a usage error, as argparse exits
+    assert result.stderr == (
+        "flowscope relay: argument --discover-selector: 'app=flow scope' is not a label selector such as "
+        "app.kubernetes.io/name=flowscope,tier in (node); see `flowscope relay --help`.\n"
+    )
