@@ -842,6 +842,34 @@ def clickhouse(data: dict) -> list[str]:
     return out
 
 
+def grpc_api(data: dict) -> list[str]:
+    relay = data["relay"]
+    rows = [
+        ["ingest, ms per interval of 100k flows, no follower", _n(data["ingest_ms_per_100k"], 1)],
+        [
+            "ingest, ms per interval of 100k flows, 10 followers whose filter passes none",
+            _n(data["ingest_ms_per_100k_10_idle_followers"], 1),
+        ],
+    ]
+    for follower in data["followers"]:
+        label = f"records/s to {follower['followers']} follower(s), filter {follower['filter']}"
+        rows.append([label, f"**{_n(follower['records_per_s'])}**"])
+    label = f"relay merge, records/s out of {relay['agents']} agents ({relay['records']:,} records)"
+    rows.append([label, f"**{_n(relay['records_per_s'])}**"])
+    return [
+        "The API sink in-process on unix sockets, its followers (flowscope.proto.client, threads of the same",
+        "process: their decoding shares the GIL with the server's encoding) and the relay's merge over 3 agent",
+        "processes that each hold their records in their ring (RelaySource as `flowscope relay` runs it,",
+        "without its own sink).",
+        "",
+        *_table(["figure", "value"], rows),
+        "Ingest only keeps the interval's DataFrame (records are encoded when a client is sent them, once per",
+        "API); each follower costs its filter's evaluation per interval. Delivery and the relay are bound by",
+        "protobuf encoding and decoding per record in Python.",
+        "",
+    ]
+
+
 def flowlog(data: dict) -> list[str]:
     written, reads = data["written"], data["reads"]
     rows = [
@@ -991,6 +1019,7 @@ SECTIONS = (
     ("jsonl", "The JSON-lines writer", "bench/jsonl.py", jsonl),
     ("alternatives", "Beside pmacctd and softflowd", "bench/alternatives.py", alternatives),
     ("prometheus", "Prometheus metrics", "bench/prometheus.py", prometheus),
+    ("grpc_api", "The gRPC flow API and the relay", "bench/grpc_api.py", grpc_api),
 )
 
 

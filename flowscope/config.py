@@ -66,6 +66,24 @@ def seconds(value: object) -> float:
     return number
 
 
+_LABEL_KEY = r"([A-Za-z0-9.-]+/)?[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?"
+_LABEL_VALUE = r"([A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)?"
+_REQUIREMENT = re.compile(
+    rf"^\s*(!?{_LABEL_KEY}|{_LABEL_KEY}\s*(=|==|!=)\s*{_LABEL_VALUE}"
+    rf"|{_LABEL_KEY}\s+(in|notin)\s+\(\s*{_LABEL_VALUE}(\s*,\s*{_LABEL_VALUE})*\s*\))\s*$"
+)
+
+
+def _label_selector(value: str | None) -> str | None:
+    """A Kubernetes label selector (k=v, k!=v, k in (a,b), k notin (a), k, !k; comma-separated)."""
+    if value is None:
+        return value
+    requirements = re.split(r",(?![^()]*\))", value)  # commas outside the parentheses of a set
+    if not value.strip() or not all(_REQUIREMENT.match(requirement) for requirement in requirements):
+        raise ValueError("is not a label selector such as app.kubernetes.io/name=flowscope,tier in (node)")
+    return value
+
+
 def _power_of_two(value: int) -> int:
     if value & (value - 1):
         raise ValueError("must be a power of two")
@@ -362,6 +380,15 @@ class RelayConfig(Section):
     peers: list[str] = option(
         [], "an agent's API, unix:///PATH or HOST:PORT (repeatable)", flag="--peer", metavar="ADDR"
     )
+    discover_selector: str | None = option(
+        None, "find the agents as the pods with these labels, through the Kubernetes API (e.g. "
+        "app.kubernetes.io/name=flowscope; list + watch, with --kubeconfig or in-cluster)",
+        flag="--discover-selector", metavar="LABELS",
+    )  # fmt: skip
+    discover_port: int = option(
+        4244, "the flow API's TCP port on the discovered agents' pod IPs", flag="--discover-port", metavar="PORT",
+        gt=0, lt=65536,
+    )  # fmt: skip
     sort_window: int = option(
         100000, "records held to merge the agents' streams in time order (past it the oldest go early)",
         flag="--sort-window", metavar="N", gt=0,
@@ -376,6 +403,7 @@ class RelayConfig(Section):
     interval: float = option(1.0, "seconds per batch the relay serves", flag="--relay-interval", metavar="S", gt=0)
 
     _durations = field_validator("drain_timeout", "backoff", mode="before")(seconds)
+    _selector = field_validator("discover_selector")(_label_selector)
 
 
 class LogConfig(Section):

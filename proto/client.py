@@ -180,11 +180,13 @@ def batches_of(responses: Iterator[pb.GetFlowsResponse]) -> Iterator[FlowBatch]:
 
 
 class RemoteSource:
-    """A BatchSource that follows a remote agent or relay: `flowscope top --server`."""
+    """A BatchSource that follows a remote agent or relay: `flowscope top --server`; with `since`, the server's
+    intervals from then on come first."""
 
-    def __init__(self, client: Client, allow: Sequence[str] = ()) -> None:
+    def __init__(self, client: Client, allow: Sequence[str] = (), since: Any = None) -> None:
         self.client = client
         self.allow = allow
+        self.since = since
         status = client.status()
         self.node = status.node
         self.interval = 0.0
@@ -196,7 +198,7 @@ class RemoteSource:
     def batches(self, stop: threading.Event) -> Iterator[FlowBatch]:
         watcher = threading.Thread(target=lambda: (stop.wait(), self.client.cancel()), daemon=True)
         watcher.start()
-        for batch in batches_of(self.client.flows(request(follow=True, allow=self.allow))):
+        for batch in batches_of(self.client.flows(request(follow=True, allow=self.allow, since=self.since))):
             if batch.time_start is not None and batch.time_end is not None and self.interval == 0.0:
                 self.interval = max((batch.time_end - batch.time_start).total_seconds(), 0.0)
             yield batch

@@ -5,8 +5,19 @@ Each agent is followed on a thread of its own (reconnecting with backoff when it
 its last record on, so nothing comes twice). The merge holds records in a heap and lets out those no
 connected agent can still precede: an agent's progress marks say that it has sent everything up to a time,
 so the watermark is the lowest mark of the agents that are connected and have spoken within the drain
-timeout. Past `sort_window` held records the oldest go out early (order best-effort, as Hubble's relay).
+timeout. Past `sort_window` held records the oldest go out early.
+
+The merged stream is in time order, always: a record that arrives older than the latest record already let out
+(an agent that was unavailable, silent past the drain timeout or behind by more than the sort window) is late.
+It is not sent out of order: it is counted as lost at source "<node>/late" (produced = lost), which the relay's
+clients receive in-band (a lost notice; Hubble's LostEvent) and ServerStatus shows. Records at the same time
+as the latest let out are not late.
 An agent that goes or comes back is announced in-band (node notices) and shown by ServerStatus/GetNodes.
+
+The agents are the `--peer` list, or the pods a label selector finds through the Kubernetes API (list + watch,
+as the identity source does): every pod of the selection that is not terminated and has an IP is an agent at
+IP:--discover-port, named by its node until it answers. A pod that goes takes its agent out of the merge and of
+GetNodes; one that comes (again) brings it in, and an address seen before resumes after its last record.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 
@@ -31,6 +43,47 @@ from flowscope.schema import FlowBatch
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF = 30.0
+LATE_SOURCE = "late"  # the lost notices of records older than what the relay already let out
+
+
+def peer_address(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+class AgentPods:
+    """The catalog of the relay's Kubernetes source: the agent pods its label selector finds, told to `changed` as
+    {address: node name} whenever they change."""
+
+    def __init__(self, port: int, changed: Callable[[dict[str, str]], None]) -> None:
+        self.port = port
+        self.changed = changed
+        self.pods: dict[str, Any] = {}  # uid -> PodMeta
+        self._lock = threading.Lock()
+
+    def replace(self, _kind: str, pods: list[Any]) -> None:
+        with self._lock:
+            self.pods = {pod.uid: pod for pod in pods}
+        self._publish()
+
+    def put(self, _kind: str, pod: Any) -> None:
+        with self._lock:
+            self.pods[pod.uid] = pod
+        self._publish()
+
+    def remove(self, _kind: str, uid: Any) -> None:
+        with self._lock:
+            self.pods.pop(uid, None)
+        self._publish()
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {"pods": len(self.pods)}
+
+    def _publish(self) -> None:
+        with self._lock:
+            pods = sorted(self.pods.values(), key=lambda pod: (pod.namespace, pod.name))
+        running = [pod for pod in pods if pod.ips and not pod.terminated]
+        self.changed({peer_address(pod.ips[0], self.port): pod.node or pod.name for pod in running})
 
 
 @dataclass
@@ -43,39 +96,92 @@ class Peer:
     last_time: int | None = None  # the time of its latest record, and the records at that time
     last_records: set[bytes] = field(default_factory=set)
     client: Client | None = None
+    stop: threading.Event = field(default_factory=threading.Event)  # set: it is no longer one of the agents
 
 
 class RelaySource:
-    """The merged stream of the agents at `config.peers`."""
+    """The merged stream of the agents at `config.peers` or found with `config.discover_selector`."""
 
-    def __init__(self, config: RelayConfig, client: ClientConfig, node: str = "relay") -> None:
+    def __init__(
+        self, config: RelayConfig, client: ClientConfig, node: str = "relay", kubeconfig: str | None = None
+    ) -> None:
         self.config = config
         self.client_config = client
         self.node = node
         self.interval = config.interval
-        self.peers = [
-            Peer(address, NodeInfo(address, state="unavailable", address=address)) for address in config.peers
-        ]
+        self.peers: dict[str, Peer] = {}  # address -> the agents now
+        self._known: dict[str, Peer] = {}  # every agent so far: one that comes back resumes after its last record
         self._heap: list[tuple[int, int, str, bytes, str]] = []  # (time, arrival, kind, record bytes, node)
         self._arrivals = 0
+        self._released = 0  # nanoseconds: the time of the latest record let out
         self._coverage = Coverage()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._listeners: list[Callable[[NodeNotice], None]] = []
-        self._threads = [
-            threading.Thread(target=self._follow, args=(peer,), name=f"relay-{peer.address}", daemon=True)
-            for peer in self.peers
-        ]
+        self._threads: list[threading.Thread] = []
         self._started = False
+        self.discovery = None
+        if config.discover_selector:
+            from flowscope.enrich.kube import KubernetesSource
+
+            self.discovery = KubernetesSource(
+                AgentPods(config.discover_port, self.set_peers), kubeconfig, resources=("pods",),
+                label_selector=config.discover_selector,
+            )  # fmt: skip
+        self.set_peers({address: address for address in config.peers})
+
+    # ---- the agents ------------------------------------------------------------------------------------------
+
+    def set_peers(self, wanted: dict[str, str]) -> None:
+        """The agents are now those at `wanted`'s addresses (address -> a name until it answers)."""
+        with self._lock:
+            gone = [peer for address, peer in self.peers.items() if address not in wanted]
+            for peer in gone:
+                del self.peers[peer.address]
+                peer.stop.set()
+            new = []
+            for address, name in wanted.items():
+                if address in self.peers:
+                    continue
+                peer = self._known.get(address)
+                if peer is None:
+                    peer = self._known[address] = Peer(address, NodeInfo(name, state="unavailable", address=address))
+                peer.stop, peer.connected, peer.info.state = threading.Event(), False, "unavailable"
+                self.peers[address] = peer
+                new.append(peer)
+            started = self._started
+        for peer in gone:
+            log.info("relay: %s (%s) is no longer an agent", peer.info.name, peer.address)
+            if peer.client is not None:
+                peer.client.cancel()
+        for peer in new:
+            log.info("relay: agent %s at %s", peer.info.name, peer.address)
+            if started:
+                self._start(peer)
+
+    def _start(self, peer: Peer) -> None:
+        thread = threading.Thread(
+            target=self._follow, args=(peer, peer.stop), name=f"relay-{peer.address}", daemon=True
+        )
+        self._threads.append(thread)
+        thread.start()
 
     # ---- what the relay's sink asks ------------------------------------------------------------------------
 
     def probes(self) -> list[ProbeStatus]:
-        return [ProbeStatus("relay", True, f"{len(self.peers)} agents: {', '.join(self.config.peers)}")]
+        with self._lock:
+            addresses = list(self.peers)
+        agents = f"{len(addresses)} agents: {', '.join(addresses)}"
+        if self.discovery is None:
+            return [ProbeStatus("relay", True, agents)]
+        health = self.discovery.health()
+        error = health["resources"]["pods"]["last_error"]
+        return [ProbeStatus("relay", True, f"{agents} (pods {self.config.discover_selector}: {health['state']})",
+                            error if health["state"] != "synced" and error else "")]  # fmt: skip
 
     def nodes(self) -> list[NodeInfo]:
         with self._lock:
-            return [NodeInfo(**vars(peer.info)) for peer in self.peers]
+            return [NodeInfo(**vars(peer.info)) for peer in self.peers.values()]
 
     def subscribe(self, listener: Callable[[NodeNotice], None]) -> None:
         self._listeners.append(listener)
@@ -84,9 +190,13 @@ class RelaySource:
 
     def batches(self, stop: threading.Event) -> Iterator[FlowBatch]:
         if not self._started:
-            self._started = True
-            for thread in self._threads:
-                thread.start()
+            with self._lock:
+                self._started = True
+                peers = list(self.peers.values())
+            for peer in peers:
+                self._start(peer)
+            if self.discovery is not None:
+                self.discovery.start()
         start = pd.Timestamp.now(tz="UTC")
         while not stop.is_set() and not self._stop.is_set():
             stop.wait(self.interval)
@@ -106,7 +216,7 @@ class RelaySource:
 
     def _release(self) -> list[tuple[str, bytes, str]]:
         now = time.monotonic()
-        live = [p.watermark for p in self.peers if p.connected and now - p.heard <= self.config.drain_timeout]
+        live = [p.watermark for p in self.peers.values() if p.connected and now - p.heard <= self.config.drain_timeout]
         watermark = min(live) if live else None
         out = []
         while self._heap and (
@@ -114,32 +224,36 @@ class RelaySource:
             or len(self._heap) > self.config.sort_window
             or not live
         ):
-            _time, _arrival, kind, data, node = heapq.heappop(self._heap)
+            when, _arrival, kind, data, node = heapq.heappop(self._heap)
+            self._released = when
             out.append((kind, data, node))
         return out
 
     # ---- one agent ---------------------------------------------------------------------------------------------
 
-    def _follow(self, peer: Peer) -> None:
+    def _follow(self, peer: Peer, stop: threading.Event) -> None:
         backoff = self.config.backoff
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not stop.is_set():
             try:
-                self._stream(peer)
+                self._stream(peer, stop)
                 backoff = self.config.backoff
             except ClientError as err:
                 message = str(err)
             else:
                 message = "the stream ended"
-            if self._stop.is_set():
+            if self._stop.is_set() or stop.is_set():
                 return
             self._set_state(peer, False, message)
-            self._stop.wait(backoff)
+            stop.wait(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
-    def _stream(self, peer: Peer) -> None:
+    def _stream(self, peer: Peer, stop: threading.Event) -> None:
         config = self.client_config.model_copy(update={"server": peer.address})
         client = Client(config)
         peer.client = client
+        if stop.is_set():  # taken out of the agents while connecting
+            client.close()
+            return
         try:
             status = client.status()
             with self._lock:
@@ -155,7 +269,7 @@ class RelaySource:
             responses = client.flows(request(follow=True, since=since))
             self._set_state(peer, True, "")
             for response in responses:
-                if self._stop.is_set():
+                if self._stop.is_set() or stop.is_set():
                     return
                 self._take(peer, response)
         finally:
@@ -178,6 +292,9 @@ class RelaySource:
                     peer.last_records.add(data)
                 else:
                     peer.last_time, peer.last_records = when, {data}
+                if when < self._released:
+                    self._coverage.add(f"{record.node}/{LATE_SOURCE}", 1, 0, 1)
+                    return
                 self._arrivals += 1
                 heapq.heappush(self._heap, (when, self._arrivals, kind, data, record.node))
             elif kind == "progress":
@@ -201,7 +318,11 @@ class RelaySource:
 
     def close(self) -> None:
         self._stop.set()
-        for peer in self.peers:
+        if self.discovery is not None:
+            self.discovery.close()
+        with self._lock:
+            peers = list(self.peers.values())
+        for peer in peers:
             if peer.client is not None:
                 peer.client.cancel()
         for thread in self._threads:

@@ -375,10 +375,10 @@ class Ring:
                         yield encoded
             if len(positions):
                 yield from view.encode(positions)
-        if picked and query.follow:
-            encoded = api.progress(picked[-1][0].end, picked[-1][0].node)
-            if encoded is not None:
-                yield encoded
+            if query.follow:  # a follower sees the past in its intervals, as it sees what comes (top --server)
+                encoded = api.progress(chunk.end, chunk.node)
+                if encoded is not None:
+                    yield encoded
 
     def _item(self, api: Api, item: Item, follower: Follower) -> Iterator[bytes]:
         if item.positions is not None and item.view is not None:

@@ -198,6 +198,7 @@ class Printer:
             line = {"type": "lost", "node": response.node or None, "source": lost.source, "count": lost.count,
                     "time_start": start, "time_end": end}  # fmt: skip
             print(json.dumps(line, separators=(",", ":")), file=self.out)
+            self.out.flush()
         else:
             print(f"LOST {lost.count} records at {lost.source} between {start} and {end}", file=self.err)
 

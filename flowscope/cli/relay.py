@@ -21,6 +21,8 @@ examples:
       --tls-cert relay.pem --tls-key relay-key.pem
   hubble observe --server unix:///run/flowscope/hubble.sock --last 5     (--last N is N per agent)
   hubble list nodes --server unix:///run/flowscope/hubble.sock
+  flowscope relay --discover-selector app.kubernetes.io/name=flowscope --discover-port 4244 --tls-ca ca.pem
+      (in a pod: the agents' pods through the Kubernetes API; --kubeconfig FILE outside the cluster)
 """
 
 
@@ -31,6 +33,8 @@ def register(commands: Any) -> None:
     )  # fmt: skip
     add_config_file(relay)
     add_settings(relay, "relay", title="agents")
+    add_settings(relay, "identity", title="the relay's node and the Kubernetes API (agent discovery)",
+                 skip=("identity.metadata", "identity.grace"))  # fmt: skip
     add_settings(relay, "client", title="reaching the agents (TLS)", skip=("client.server",))
     add_settings(relay, "grpc", title="the relay's own API")
     add_settings(relay, "log", "stop_timeout", title="relay")
@@ -39,22 +43,27 @@ def register(commands: Any) -> None:
 
 def run_relay(args: argparse.Namespace) -> int:
     from flowscope.enrich import node_name
+    from flowscope.enrich.model import IdentityConfigError
     from flowscope.exporters.grpc.relay import RelaySource
     from flowscope.exporters.grpc.server import GrpcSink
     from flowscope.pipeline.pipeline import Pipeline
     from flowscope.pipeline.status import StatusError
 
     config = config_from(args)
-    if not config.relay.peers:
-        raise UsageError("no agent to relay: give --peer ADDR (repeatable).")
+    if not config.relay.peers and not config.relay.discover_selector:
+        raise UsageError("no agent to relay: give --peer ADDR (repeatable) or --discover-selector LABELS.")
     configure_logging(config, args.verbose)
-    source = RelaySource(config.relay, config.client, node=node_name(config.identity))
+    try:
+        source = RelaySource(config.relay, config.client, node_name(config.identity), config.identity.kubeconfig)
+    except IdentityConfigError as err:
+        raise UsageError(str(err)) from None
     pipeline = Pipeline(source, [GrpcSink(config.grpc)], queue_batches=config.grpc.queue)
     stop = threading.Event()
     stop_on_signals(stop)
     try:
         pipeline.start()
-        log.info("relay serving %s from %d agents", config.grpc.socket, len(config.relay.peers))
+        agents = config.relay.peers or [f"the pods {config.relay.discover_selector}"]
+        log.info("relay serving %s from %s", config.grpc.socket, ", ".join(agents))
         pipeline.run(stop)
     except StatusError as err:
         raise UsageError(str(err)) from None

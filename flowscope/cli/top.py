@@ -10,6 +10,8 @@ import sys
 import threading
 from typing import Any
 
+import pandas as pd
+
 from flowscope.analysis.top import GROUPINGS, METRICS, TopModel
 from flowscope.cli.capture import stop_on_signals
 from flowscope.cli.options import (
@@ -65,6 +67,7 @@ def register(commands: Any) -> None:
     add_settings(top, "probes")
     add_settings(top, "identity")
     add_settings(top, "replay", skip=("replay.exit_at_end",))
+    add_settings(top, "client", title="a remote agent or relay (--server): TLS", skip=("client.server",))
     add_top_arguments(top)
     top.set_defaults(run=run_top)
 
@@ -147,11 +150,13 @@ def run_top(args: argparse.Namespace) -> int:
 
 
 def _top_remote(args: argparse.Namespace, config: Any, view_filter: Any) -> int:
-    """top over a remote agent or relay: its followed records are the source."""
+    """top over a remote agent or relay: its followed records are the source, from the recent ones the server holds
+    (as many intervals back as top keeps) on."""
     from flowscope.proto.client import Client, ClientError, RemoteSource
 
+    since = pd.Timestamp.now(tz="UTC") - pd.Timedelta(seconds=args.history * config.probes.interval)
     try:
-        source = RemoteSource(Client(config.client.model_copy(update={"server": args.server})))
+        source = RemoteSource(Client(config.client.model_copy(update={"server": args.server})), since=since)
     except ClientError as err:
         raise UsageError(str(err)) from None
     model = TopModel(history=args.history, fallback_seconds=config.probes.interval, rate_window=args.window)

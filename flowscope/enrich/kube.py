@@ -182,6 +182,7 @@ class _Reflector:
         parsed, token, version = [], None, None
         while True:
             response = list_function(
+                **self.source.selection,
                 limit=LIST_PAGE,
                 _continue=token,
                 _preload_content=False,
@@ -217,6 +218,7 @@ class _Reflector:
         """Applies watch events until the server ends the stream; returns the last version seen."""
         seconds = random.randint(*self.source.watch_seconds)
         response = list_function(
+            **self.source.selection,
             watch=True,
             resource_version=version,
             allow_watch_bookmarks=True,
@@ -312,11 +314,14 @@ class KubernetesSource:
         kubeconfig: str | None = None,
         resources: tuple[str, ...] = tuple(RESOURCES),
         watch_seconds: tuple[int, int] = WATCH_SECONDS,
+        label_selector: str | None = None,
     ) -> None:
         self.catalog = catalog
         self.kubeconfig = kubeconfig
         self.configuration = client_configuration(kubeconfig)
         self.watch_seconds = watch_seconds
+        # Only the objects with these labels (the relay's agent pods), as the API server selects them.
+        self.selection = {"label_selector": label_selector} if label_selector else {}
         self.stopping = threading.Event()
         self.reflectors = {resource: _Reflector(self, resource) for resource in resources}
 

@@ -5,11 +5,14 @@ and `flowscope observe` / `flowscope status` / `read_grpc` as a user runs them."
 from __future__ import annotations
 
 import json
+import os
+import stat
 import threading
 
 import grpc
 import pandas as pd
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from flowscope.proto import codec
 from flowscope.proto.client import ClientError, request
@@ -222,3 +225,19 @@ def test_read_grpc_gives_the_typed_frame_of_the_recording(shop_agent):
     pd.testing.assert_frame_equal(events, EVENTS[EVENTS["time"] >= BATCHES[2].time_start].reset_index(drop=True))
     with pytest.raises(ClientError, match='bad filter term "prot=tcp"'):
         read_grpc(f"unix://{shop_agent.socket}", filter="prot=tcp")
+
+
+def test_the_sockets_are_0660_and_reflection_names_every_service(shop_agent):
+    for path in (shop_agent.socket, shop_agent.hubble_socket):
+        mode = os.stat(path)
+        assert (stat.S_ISSOCK(mode.st_mode), stat.S_IMODE(mode.st_mode), mode.st_uid) == (True, 0o660, os.getuid())
+    channel = grpc.insecure_channel(f"unix://{shop_agent.socket}")
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    (answer,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = sorted(service.name for service in answer.list_services_response.service)
+    assert names == ["flowscope.v1.FlowScope", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                     "observer.Observer"]  # fmt: skip
+    request_file = reflection_pb2.ServerReflectionRequest(file_containing_symbol="observer.Observer")
+    (described,) = stub.ServerReflectionInfo(iter([request_file]))
+    assert described.file_descriptor_response.file_descriptor_proto  # a client can build the Observer's messages
+    channel.close()

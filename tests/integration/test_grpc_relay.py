@@ -73,3 +73,52 @@ def test_three_agents_behind_a_relay_one_restarted_mid_stream(tmp_path):
     assert (pb.NODE_UNAVAILABLE, ["b"]) in states and states.index((pb.NODE_UNAVAILABLE, ["b"])) < len(states) - 1
     assert states[-1] == (pb.NODE_CONNECTED, ["b"])
     assert sorted((n.name, n.state) for n in nodes) == [(x, pb.NODE_CONNECTED) for x in ("a", "b", "c")]
+
+
+def test_records_older_than_what_the_relay_let_out_are_lost_in_band_as_late(tmp_path):
+    a_batches = interval_batches(START, 30, SECONDS, FLOWS, "a")
+    a_last = a_batches[-1].flows["time_end"].max()  # START + 2.9 s + 20 µs
+    # b overlaps a's last 1 s: its intervals 0-8 and the first 19 flows of interval 9 end before a_last (late);
+    # flow 19 of interval 9 ends at a_last itself (not late), and intervals 10-19 after it
+    b_batches = interval_batches(START + pd.Timedelta(seconds=2), 20, SECONDS, FLOWS, "b")
+    b_flows = pd.concat([b.flows for b in b_batches], ignore_index=True)
+    on_time = sorted(b_flows.loc[b_flows["time_end"] >= a_last, "time_end"])
+    late = len(b_flows) - len(on_time)
+    assert (late, len(on_time)) == (9 * FLOWS + FLOWS - 1, 10 * FLOWS + 1)
+    a = Agent.start(tmp_path, recording(tmp_path / "a.jsonl", a_batches), "--speed", "0", name="a")
+    b_socket = tmp_path / "b.sock"  # b is not there yet: the relay does not wait for it
+    relay = Agent.start(
+        tmp_path, None, "--peer", f"unix://{a.socket}", "--peer", f"unix://{b_socket}", "--relay-interval", "0.1",
+        "--backoff", "0.1", "--drain-timeout", "1", name="relay", command="relay",
+    )  # fmt: skip
+    got: list[pb.GetFlowsResponse] = []
+    client = relay.client()
+    follower = threading.Thread(
+        target=lambda: got.extend(client.flows(request(follow=True, since=pd.Timestamp(0, tz="UTC")))), daemon=True
+    )
+    b = None
+    try:
+        follower.start()
+        wait_for(lambda: sum(r.flow.node == "a" for r in list(got)) == 30 * FLOWS, 60, "a's records")
+        b = Agent.start(tmp_path, recording(tmp_path / "b.jsonl", b_batches), "--speed", "0", name="b")
+
+        def lost_late() -> int:
+            return sum(r.lost.count for r in list(got) if r.HasField("lost") and r.lost.source == "b/late")
+
+        wait_for(lambda: sum(r.flow.node == "b" for r in list(got)) == len(on_time) and lost_late() == late, 60,
+                 "b's records on time and its late ones told lost")  # fmt: skip
+        status = relay.client().status()
+    finally:
+        client.cancel()
+        relay.stop()
+        for agent in (a, b):
+            if agent is not None:
+                agent.stop()
+    flows = codec.flows_from(r.flow for r in got if r.HasField("flow"))
+    assert flows["time_end"].is_monotonic_increasing
+    assert flows.loc[flows["node"] == "b", "time_end"].tolist() == on_time
+    assert flows.loc[flows["node"] == "a", "time_end"].tolist() == sorted(
+        pd.concat([x.flows for x in a_batches])["time_end"]
+    )
+    assert lost_late() == late
+    assert status.sources["b/late"] == pb.Count(produced=late, delivered=0, lost=late)

@@ -43,6 +43,25 @@ def _key(obj: dict[str, Any]) -> tuple[str, str]:
     return metadata.get("namespace", ""), metadata["name"]
 
 
+def selects(selector: str, obj: dict[str, Any]) -> bool:
+    """Whether a label selector's requirements (k=v, k==v, k!=v, k, !k; comma-separated) all hold for `obj`."""
+    labels = obj.get("metadata", {}).get("labels") or {}
+    for requirement in filter(None, (part.strip() for part in selector.split(","))):
+        key, operator, value = next(
+            ((k, op, v) for op in ("!=", "==", "=") for k, sep, v in [requirement.partition(op)] if sep),
+            (requirement, "", ""),
+        )
+        if operator == "!=":
+            held = labels.get(key) != value
+        elif operator:
+            held = labels.get(key) == value
+        else:
+            held = key[1:] not in labels if key.startswith("!") else key in labels
+        if not held:
+            return False
+    return True
+
+
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
             "reason": reason, "code": code}  # fmt: skip
@@ -55,7 +74,8 @@ class FakeApiServer:
         self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {r[0]: {} for r in RESOURCES.values()}
         self.history: dict[str, list[tuple[int, str, dict[str, Any]]]] = {r[0]: [] for r in RESOURCES.values()}
         self.compacted: dict[str, int] = {r[0]: 0 for r in RESOURCES.values()}
-        self.watchers: dict[str, list[tuple[queue.Queue[Any], bool]]] = {r[0]: [] for r in RESOURCES.values()}
+        # resource -> open watches: (their feed, whether they asked for bookmarks, their label selector)
+        self.watchers: dict[str, list[tuple[queue.Queue[Any], bool, str]]] = {r[0]: [] for r in RESOURCES.values()}
         self.requests: list[dict[str, Any]] = []
         self.answering = threading.Event()  # cleared: requests are taken but not answered (a hung API)
         self.answering.set()
@@ -114,14 +134,16 @@ class FakeApiServer:
             self.version += 1
             obj = json.loads(json.dumps(obj))
             obj.setdefault("metadata", {})["resourceVersion"] = str(self.version)
+            before = self.objects[resource].get(_key(obj))
             if kind == "DELETED":
                 self.objects[resource].pop(_key(obj), None)
             else:
                 self.objects[resource][_key(obj)] = obj
             self.history[resource].append((self.version, kind, obj))
-            line = json.dumps({"type": kind, "object": obj})
-            for watcher, _ in self.watchers[resource]:
-                watcher.put(line)
+            for watcher, _, selector in self.watchers[resource]:
+                seen = _as_selected(kind, before, obj, selector)
+                if seen is not None:
+                    watcher.put(json.dumps({"type": seen, "object": obj}))
             return obj
 
     def add(self, resource: str, obj: dict[str, Any]) -> dict[str, Any]:
@@ -136,7 +158,7 @@ class FakeApiServer:
     def inject(self, resource: str, line: str) -> None:
         """A raw line into the open watch streams (malformed events)."""
         with self.lock:
-            for watcher, _ in self.watchers[resource]:
+            for watcher, _, _ in self.watchers[resource]:
                 watcher.put(line)
 
     def bookmark(self, resource: str) -> None:
@@ -144,7 +166,7 @@ class FakeApiServer:
             kind, api_version = next((k, v) for r, k, v in RESOURCES.values() if r == resource)
             marker = {"kind": kind, "apiVersion": api_version, "metadata": {"resourceVersion": str(self.version)}}
             line = json.dumps({"type": "BOOKMARK", "object": marker})
-            for watcher, bookmarks in self.watchers[resource]:
+            for watcher, bookmarks, _ in self.watchers[resource]:
                 if bookmarks:
                     watcher.put(line)
 
@@ -154,7 +176,7 @@ class FakeApiServer:
             self.compacted[resource] = self.version
             self.history[resource].clear()
             gone = json.dumps({"type": "ERROR", "object": _status(410, "Expired", "too old resource version")})
-            for watcher, _ in self.watchers[resource]:
+            for watcher, _, _ in self.watchers[resource]:
                 watcher.put(gone)
                 watcher.put(_END)
 
@@ -162,7 +184,7 @@ class FakeApiServer:
         """Ends every open watch stream normally (as the server's watch timeout does)."""
         with self.lock:
             for watchers in self.watchers.values():
-                for watcher, _ in watchers:
+                for watcher, _, _ in watchers:
                     watcher.put(_END)
 
     def open_watches(self, resource: str) -> int:
@@ -172,6 +194,17 @@ class FakeApiServer:
     def requests_for(self, resource: str, watch: bool) -> list[dict[str, Any]]:
         with self.lock:
             return [r for r in self.requests if r["resource"] == resource and r["watch"] == watch]
+
+
+def _as_selected(kind: str, before: dict[str, Any] | None, obj: dict[str, Any], selector: str) -> str | None:
+    """The event a watch with `selector` sees of a change (None: nothing), as the API server sends it: an object
+    that comes to match is ADDED, one that stops matching is DELETED."""
+    was, now = before is not None and selects(selector, before), selects(selector, obj)
+    if kind == "DELETED":
+        return kind if was or (before is None and now) else None
+    if now:
+        return "MODIFIED" if kind == "MODIFIED" and was else "ADDED"
+    return "DELETED" if was else None
 
 
 def _in_netns(path: str, factory: Callable[[], Any]) -> Any:
@@ -263,6 +296,7 @@ def _handler_for(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                 else:
                     version, offset = api.version, 0
                 items = [api.objects[resource][k] for k in sorted(api.objects[resource])]
+                items = [obj for obj in items if selects(query.get("labelSelector", ""), obj)]
             limit = int(query.get("limit", 0)) or len(items) or 1
             page = items[offset : offset + limit]
             metadata: dict[str, Any] = {"resourceVersion": str(version)}
@@ -280,6 +314,7 @@ def _handler_for(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             bookmarks = query.get("allowWatchBookmarks") in ("true", "1", "True")
             timeout = float(query.get("timeoutSeconds", 1800))
             feed: queue.Queue[Any] = queue.Queue()
+            selector = query.get("labelSelector", "")
             with api.lock:
                 since = int(query.get("resourceVersion") or 0)
                 if since and since < api.compacted[resource]:
@@ -289,12 +324,13 @@ def _handler_for(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                     feed.put(_END)
                 elif since:
                     for version, kind, obj in api.history[resource]:
-                        if version > since:
+                        if version > since and selects(selector, obj):
                             feed.put(json.dumps({"type": kind, "object": obj}))
                 else:  # no version: the current state as ADDED events first
                     for obj in api.objects[resource].values():
-                        feed.put(json.dumps({"type": "ADDED", "object": obj}))
-                api.watchers[resource].append((feed, bookmarks))
+                        if selects(selector, obj):
+                            feed.put(json.dumps({"type": "ADDED", "object": obj}))
+                api.watchers[resource].append((feed, bookmarks, selector))
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Transfer-Encoding", "chunked")
@@ -463,3 +499,33 @@ def test_a_wrong_token_is_401(api, tmp_path):
     with pytest.raises(ApiException) as raised:
         client.CoreV1Api(client.ApiClient(configuration)).list_node()
     assert raised.value.status == 401
+
+
+def test_a_label_selector_selects_in_lists_and_watches(api, tmp_path):
+    from kubernetes import watch
+
+    api.add("pods", pod("shop", "agent", "10.203.9.1", labels={"app": "agent", "tier": "node"}))
+    api.add("pods", pod("shop", "web", "10.203.9.2", labels={"app": "web"}))
+    core = _client(api, tmp_path)
+    listed = core.list_pod_for_all_namespaces(label_selector="app=agent,tier")
+    assert [p.metadata.name for p in listed.items] == ["agent"]
+    assert [p.metadata.name for p in core.list_pod_for_all_namespaces(label_selector="app!=agent,!tier").items] == [
+        "web"
+    ]
+    seen = []
+    watcher = watch.Watch()
+
+    def feed() -> None:
+        while api.open_watches("pods") == 0:
+            threading.Event().wait(0.01)
+        api.modify("pods", pod("shop", "web", "10.203.9.2", labels={"app": "agent", "tier": "node"}))  # comes in
+        api.modify("pods", pod("shop", "agent", "10.203.9.1", labels={"app": "agent"}))  # goes out
+        api.add("pods", pod("shop", "other", "10.203.9.3"))  # never in
+
+    threading.Thread(target=feed, daemon=True).start()
+    for event in watcher.stream(core.list_pod_for_all_namespaces, label_selector="app=agent,tier",
+                                resource_version=listed.metadata.resource_version, timeout_seconds=5):  # fmt: skip
+        seen.append((event["type"], event["raw_object"]["metadata"]["name"]))
+        if len(seen) == 2:
+            watcher.stop()
+    assert seen == [("ADDED", "web"), ("DELETED", "agent")]
