@@ -15,10 +15,10 @@ RUNTIME_PACKAGES := python3-bpfcc bpfcc-tools bpftool iproute2 iptables python3-
 # What the tests add: traffic generators and packet capture for ground truth.
 # ClickHouse (18.16) and ZooKeeper: the flow store's tests start their own instances.
 TEST_PACKAGES := iperf3 tshark tcpreplay procps systemd clickhouse-server clickhouse-client zookeeper
-# What the deploy tests add: the image's builders and runtime (mmdebstrap, umoci, crun), capsh for the
-# capability set, Go and sprig for the chart's renderer (Debian has no Helm), systemd-nspawn for `make install`.
-DEPLOY_PACKAGES := mmdebstrap umoci crun libcap2-bin golang-go golang-github-masterminds-sprig-dev \
-	golang-gopkg-yaml.v2-dev systemd-container
+# What the deploy tests add: the image's builders and runtime (mmdebstrap, umoci, runc), openssl to read the
+# chart's certificates, Go and sprig for the chart's renderer (Debian has no Helm), systemd-nspawn for `make install`.
+DEPLOY_PACKAGES := mmdebstrap umoci runc golang-go golang-github-masterminds-sprig-dev \
+	golang-gopkg-yaml.v2-dev systemd-container openssl
 # What the kernel matrix adds: qemu boots Debian's kernels, busybox is their initramfs, kmod lists modules.
 MATRIX_PACKAGES := qemu-system-x86 busybox-static kmod
 ARGS ?=
@@ -85,7 +85,9 @@ image:
 # The plain-host install: a venv at $(PREFIX) with flowscope from the lock, the unit, the default config and
 # the data directory, all under $(DESTDIR) (empty: this host). `systemctl enable --now flowscope` starts it.
 PREFIX := /opt/flowscope
-install: system-packages
+# With DESTDIR, the root must already have RUNTIME_PACKAGES (e.g. an mmdebstrap tree of them).
+install:
+	$(if $(DESTDIR),,@$(MAKE) --no-print-directory system-packages)
 	scripts/install-host "$(DESTDIR)" "$(PREFIX)"
 
 clean:

@@ -24,6 +24,7 @@ import yaml
 
 from flowscope.config import Config
 from tests.helm.chart import CHART, ROOT, RenderError, find, manifests, render_text, renderer
+from tests.kernel.image import SMALLEST
 
 FLOWSCOPE = str(Path(sys.executable).with_name("flowscope"))
 KUBERNETES_VERSIONS = ("1.33.0", "1.35.0", "1.37.0")
@@ -142,7 +143,7 @@ def test_the_chart_wires_the_agent_to_its_probes_and_secrets(render) -> None:
     assert (pod["hostNetwork"], pod["hostPID"], pod["terminationGracePeriodSeconds"]) == (True, True, 30)
     assert container["readinessProbe"]["httpGet"] == {"host": "127.0.0.1", "port": 9465, "path": "/healthz"}
     assert container["env"][0] == {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
-    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": [*SMALLEST, "SYS_PTRACE"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     host_paths = {path: volumes[name]["hostPath"]["path"] for path, name in mounts.items()
