@@ -13,13 +13,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
-
-from flowscope.analysis.flowlog import read_flowlog
-from flowscope.pipeline.status import fetch
-from tests.kernel.tc_flows import Hosts, flow_totals, start_sink, udp_frame, udp_id
-from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_DIR = ROOT / "build" / "image"
@@ -29,7 +23,6 @@ INPUTS = ("flowscope", "exporters", "ui", "probes", "proto", "deploy/image", "sc
 # The smallest set the agent loads its probes and logs flows with (kernels 5.8+ with tracefs and bpffs mounted;
 # deploy/image/README.md says what the chart adds and why).
 SMALLEST = ["BPF", "PERFMON", "NET_ADMIN"]
-FLOWS, COUNT, PAYLOAD = 6, 30, 300
 PATH = "/opt/flowscope/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -107,41 +100,3 @@ def run_container(
     if timeout is None:
         return subprocess.Popen(argv, text=True, **popen)  # type: ignore[call-overload]
     return subprocess.run(argv, text=True, capture_output=True, timeout=timeout, env={**os.environ})
-
-
-def _status(socket_path: Path) -> dict:
-    code, body = fetch(str(socket_path))
-    assert code == 200
-    return json.loads(body)
-
-
-def assert_agent_logs_lab_traffic(
-    hosts: Hosts,
-    start: Callable[[], subprocess.Popen],
-    stop: Callable[[subprocess.Popen], None],
-    status_socket: Path,
-    data_dir: Path,
-) -> str:
-    """Starts an installed agent (watching hosts.a's fstcA), sends FLOWS UDP flows of COUNT datagrams through
-    it, stops it and finds exactly those packets and L2 bytes in its flow log under data_dir; returns what the
-    process wrote to stderr."""
-    a4, b4 = hosts.port_a.ip4, hosts.port_b.ip4
-    start_sink(hosts.b, "udp-sink", b4, "7001")
-    agent = start()
-    try:
-        wait_for(lambda: status_socket.exists() and _status(status_socket)["intervals"] >= 1, 300, "a first interval")
-        report = hosts.udp("a", 4, 22000, 7001, PAYLOAD, COUNT, "--flows", str(FLOWS))
-        drained = _status(status_socket)["intervals"] + 2  # every packet sent is in an interval drained after this
-        wait_for(lambda: _status(status_socket)["intervals"] >= drained, 60, "two more intervals")
-        stop(agent)
-        _, errors = agent.communicate(timeout=120)
-    finally:
-        agent.kill()
-        agent.wait()
-    assert agent.returncode == 0, errors
-    assert report["per_flow"] == COUNT
-    totals = flow_totals(read_flowlog(data_dir), "fstcA", {a4, b4})
-    frame = udp_frame(4, PAYLOAD)
-    expected = {udp_id("egress", 4, a4, 22000 + n, b4, 7001): (COUNT, COUNT * frame) for n in range(FLOWS)}
-    assert totals == expected, errors
-    return errors or ""

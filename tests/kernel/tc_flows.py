@@ -13,13 +13,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
+from flowscope.analysis.flowlog import read_flowlog
+from flowscope.pipeline.status import fetch
 from tests.kernel import traffic
 from tests.kernel.capture import CaptureResult
 from tests.kernel.lab import Lab, Netns, Port
+from tests.waiting import wait_for
 
 TRANSPORTS = {"ring": (), "perf": ("--perf-buffer",)}
 TRANSPORT_NAMES = {"ring": "ring buffer", "perf": "perf buffer"}
@@ -143,3 +148,44 @@ def flowscope_filters(netns: Netns, ifname: str) -> list[tuple[str, str]]:
     """(hook, name) of the filters flowscope attached, sorted."""
     found = [(entry["hook"], entry["options"].get("bpf_name", "")) for entry in filters(netns, ifname)]
     return sorted((hook, name) for hook, name in found if name.startswith("flowscope:"))
+
+
+def _status(socket_path: Path) -> dict:
+    code, body = fetch(str(socket_path))
+    assert code == 200
+    return json.loads(body)
+
+
+def assert_agent_logs_lab_traffic(
+    hosts: Hosts,
+    start: Callable[[], subprocess.Popen],
+    stop: Callable[[subprocess.Popen], None],
+    status_socket: Path,
+    data_dir: Path,
+    flows: int = 6,
+    count: int = 30,
+    payload: int = 300,
+) -> str:
+    """Starts an agent (watching hosts.a's fstcA: in the namespace, its image, an installed root), sends `flows`
+    UDP flows of `count` datagrams through it, stops it and finds exactly those packets and L2 bytes in its
+    flow log under data_dir; returns what the process wrote to stderr."""
+    a4, b4 = hosts.port_a.ip4, hosts.port_b.ip4
+    start_sink(hosts.b, "udp-sink", b4, "7001")
+    agent = start()
+    try:
+        wait_for(lambda: status_socket.exists() and _status(status_socket)["intervals"] >= 1, 300, "a first interval")
+        report = hosts.udp("a", 4, 22000, 7001, payload, count, "--flows", str(flows))
+        drained = _status(status_socket)["intervals"] + 2  # every packet sent is in an interval drained after this
+        wait_for(lambda: _status(status_socket)["intervals"] >= drained, 60, "two more intervals")
+        stop(agent)
+        _, errors = agent.communicate(timeout=120)
+    finally:
+        agent.kill()
+        agent.wait()
+    assert agent.returncode == 0, errors
+    assert report["per_flow"] == count
+    totals = flow_totals(read_flowlog(data_dir), "fstcA", {a4, b4})
+    frame = udp_frame(4, payload)
+    expected = {udp_id("egress", 4, a4, 22000 + n, b4, 7001): (count, count * frame) for n in range(flows)}
+    assert totals == expected, errors
+    return errors or ""

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.image import SMALLEST, assert_agent_logs_lab_traffic, built_image, run_container, runtime_config
+from tests.kernel.image import SMALLEST, built_image, run_container, runtime_config
 from tests.kernel.lab import Lab
-from tests.kernel.tc_flows import two_hosts
+from tests.kernel.tc_flows import assert_agent_logs_lab_traffic, two_hosts
 
 pytestmark = pytest.mark.timeout(2400)
 

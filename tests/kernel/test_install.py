@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.image import ROOT, SMALLEST, assert_agent_logs_lab_traffic
+from tests.kernel.image import ROOT, SMALLEST
 from tests.kernel.lab import Lab
-from tests.kernel.tc_flows import two_hosts
+from tests.kernel.tc_flows import assert_agent_logs_lab_traffic, two_hosts
 
 pytestmark = pytest.mark.timeout(1800)
 
