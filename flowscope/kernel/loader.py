@@ -210,9 +210,16 @@ def require_privileges() -> None:
     caps = effective_capabilities()
     has = {cap: bool(caps >> cap & 1) for cap in (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF)}
     admin = has[CAP_SYS_ADMIN]
-    if not (has[CAP_NET_ADMIN] and (has[CAP_BPF] or admin) and (has[CAP_PERFMON] or admin)):
+    missing = [
+        name
+        for name, present in (("CAP_BPF", has[CAP_BPF] or admin), ("CAP_NET_ADMIN", has[CAP_NET_ADMIN]),
+                              ("CAP_PERFMON", has[CAP_PERFMON] or admin))
+        if not present
+    ]  # fmt: skip
+    if missing:
         raise LoaderError(
-            "flowscope needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) to load probes; run it with sudo."
+            "flowscope needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) to load probes and lacks "
+            f"{', '.join(missing)}; run it with sudo, or add the capability to its container or unit."
         )
 
 

@@ -4,14 +4,15 @@ in the log with the exact packet and byte counts sent, and the flow log's record
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from flowscope.analysis.flowlog import read_flowlog
-from tests.kernel.agent_runs import agent_with_udp_traffic
+from tests.kernel.agent_runs import FLOWSCOPE, assert_agent_logs_lab_traffic
 from tests.kernel.lab import Lab
-from tests.kernel.tc_flows import flow_totals, start_sink, two_hosts, udp_frame, udp_id
+from tests.kernel.tc_flows import two_hosts
 
 FLOWS, COUNT, PAYLOAD = 12, 40, 200
 
@@ -20,14 +21,18 @@ pytestmark = pytest.mark.timeout(300)
 
 def test_the_agent_logs_the_lab_traffic_exactly(tc_lab: Lab, tmp_path: Path) -> None:
     hosts = two_hosts(tc_lab)
-    a4, b4 = hosts.port_a.ip4, hosts.port_b.ip4
-    start_sink(hosts.b, "udp-sink", b4, "7001")
-    report, errors = agent_with_udp_traffic(
-        hosts, tmp_path, FLOWS, COUNT, PAYLOAD, "--data-dir", str(tmp_path / "log"),
-        env={**os.environ, "FLOWSCOPE_GRPC_ENABLED": "0"},
-    )  # fmt: skip
-    assert report["per_flow"] == COUNT
-    totals = flow_totals(read_flowlog(tmp_path / "log"), "fstcA", {a4, b4})
-    frame = udp_frame(4, PAYLOAD)
-    assert totals == {udp_id("egress", 4, a4, 21000 + n, b4, 7001): (COUNT, COUNT * frame) for n in range(FLOWS)}
+    sock = tmp_path / "agent.sock"
+    argv = [FLOWSCOPE, "agent", "-i", "fstcA", "--interval", "0.5", "--status-socket", str(sock)]
+    argv += ["--data-dir", str(tmp_path / "log")]
+    environment = {**os.environ, "FLOWSCOPE_GRPC_ENABLED": "0"}
+    errors = assert_agent_logs_lab_traffic(
+        hosts,
+        lambda: hosts.a.popen(*argv, stderr=subprocess.PIPE, env=environment),
+        lambda agent: agent.send_signal(signal.SIGTERM),
+        sock,
+        tmp_path / "log",
+        flows=FLOWS,
+        count=COUNT,
+        payload=PAYLOAD,
+    )
     assert "lost nothing" in errors.splitlines()[-1], errors

@@ -84,8 +84,8 @@ def test_missing_privileges() -> None:
     assert_one_sentence(
         result,
         1,
-        "flowscope capture: flowscope needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) to load probes; "
-        "run it with sudo.",
+        "flowscope capture: flowscope needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) to load probes and lacks "
+        "CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON; run it with sudo, or add the capability to its container or unit.",
     )
 
 

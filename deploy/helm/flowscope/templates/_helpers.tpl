@@ -1,0 +1,77 @@
+{{- define "flowscope.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "flowscope.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "flowscope.selector" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "flowscope.serviceAccountName" -}}
+{{- .Values.serviceAccount.name | default (include "flowscope.fullname" .) -}}
+{{- end -}}
+
+{{- define "flowscope.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* The agents' TLS Secret: the operator's, or the one this chart generates. */}}
+{{- define "flowscope.tlsSecret" -}}
+{{- .Values.tls.existingSecret | default (printf "%s-tls" (include "flowscope.fullname" .)) -}}
+{{- end -}}
+
+{{/* The name the agents' certificate carries and the relay checks (node addresses are not known here). */}}
+{{- define "flowscope.agentServerName" -}}
+{{- printf "agent.%s.%s" (include "flowscope.fullname" .) .Release.Namespace -}}
+{{- end -}}
+
+{{/* Whether the agents serve the flow API on TCP (the relay reads them there). */}}
+{{- define "flowscope.agentTcp" -}}
+{{- if or .Values.relay.enabled .Values.agent.grpc.tcp -}}true{{- end -}}
+{{- end -}}
+
+{{/* The agent's config file: the chart's settings, under what values.agent.config says (user keys win). */}}
+{{- define "flowscope.agentConfig" -}}
+{{- $managed := dict "status" (dict "address" (printf "127.0.0.1:%d" (int .Values.agent.statusPort))) -}}
+{{- if include "flowscope.agentTcp" . -}}
+{{- $_ := set $managed "grpc" (dict "address" (printf "0.0.0.0:%d" (int .Values.agent.grpc.port)) "tls_cert" "/etc/flowscope/tls/tls.crt" "tls_key" "/etc/flowscope/tls/tls.key" "tls_client_ca" "/etc/flowscope/tls/ca.crt") -}}
+{{- end -}}
+{{- if .Values.metrics.enabled -}}
+{{- $_ := set $managed "metrics" (dict "address" (printf "0.0.0.0:%d" (int .Values.metrics.port)) "plaintext_anywhere" true) -}}
+{{- end -}}
+{{- if .Values.clickhouse.enabled -}}
+{{- $clickhouse := dict "url" (required "clickhouse.url is required when clickhouse.enabled is true" .Values.clickhouse.url) -}}
+{{- if .Values.clickhouse.passwordSecret.name -}}
+{{- $_ := set $clickhouse "password_file" "/etc/flowscope/clickhouse/password" -}}
+{{- end -}}
+{{- if .Values.clickhouse.cluster -}}
+{{- $_ := set $clickhouse "cluster" .Values.clickhouse.cluster -}}
+{{- end -}}
+{{- $_ := set $clickhouse "ttl_days" (int .Values.clickhouse.ttlDays) -}}
+{{- $_ := set $managed "clickhouse" $clickhouse -}}
+{{- end -}}
+{{- toYaml (mergeOverwrite $managed (deepCopy .Values.agent.config)) -}}
+{{- end -}}
+
+{{- define "flowscope.relayConfig" -}}
+{{- $managed := dict
+  "grpc" (dict "address" (printf "0.0.0.0:%d" (int .Values.relay.port)) "plaintext_anywhere" true "socket" "/run/flowscope/flowscope.sock" "hubble_socket" "/run/flowscope/hubble.sock")
+  "client" (dict "tls" true "tls_ca" "/etc/flowscope/tls/ca.crt" "tls_client_cert" "/etc/flowscope/tls/client.crt" "tls_client_key" "/etc/flowscope/tls/client.key" "tls_server_name" (include "flowscope.agentServerName" .))
+  "relay" (dict "peers" .Values.relay.peers) -}}
+{{- toYaml (mergeOverwrite $managed (deepCopy .Values.relay.config)) -}}
+{{- end -}}

@@ -1,0 +1,285 @@
+"""The Helm chart, rendered with the value sets the README shows and more: every object valid against the
+Kubernetes OpenAPI schemas of current releases, every config key the chart writes accepted by the agent, the
+ClusterRole exactly what the code's Kubernetes API calls need, the password only in its Secret, and the rules
+and dashboards of deploy/ shipped whole."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import importlib
+import inspect
+import json
+import pkgutil
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes.client.api
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.helm.chart import CHART, ROOT, RenderError, find, manifests, render_text, renderer
+from tests.kernel.image import SMALLEST
+
+FLOWSCOPE = str(Path(sys.executable).with_name("flowscope"))
+KUBERNETES_VERSIONS = ("1.33.0", "1.35.0", "1.37.0")
+PASSWORD = "Pw-7f3a9c-only-in-the-secret"
+VALUE_SETS = {
+    "defaults": {},
+    "flowlog": yaml.safe_load((CHART / "values" / "flowlog.yaml").read_text()),
+    "prometheus": yaml.safe_load((CHART / "values" / "prometheus.yaml").read_text()),
+    "clickhouse": yaml.safe_load((CHART / "values" / "clickhouse.yaml").read_text()),
+    "relay": {
+        "relay": {
+            "enabled": True, "peers": ["10.0.0.1:4244", "10.0.0.2:4244"], "config": {"relay": {"sort_window": 5000}},
+        },
+        "agent": {"config": {"probes": {"interval": 0.5, "flow_map_size": 131072}, "stop_timeout": "15s"}},
+    },
+    "everything": {
+        "fullnameOverride": "observe",
+        "relay": {"enabled": True, "peers": ["10.0.0.1:4244"]},
+        "metrics": {"enabled": True, "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+        "clickhouse": {
+            "enabled": True, "url": "clickhouse://flowscope@ch:9000/flows?secure=1", "cluster": "shards",
+            "passwordSecret": {"create": True, "password": PASSWORD},
+        },
+        "dashboards": {"enabled": True},
+        "agent": {"priorityClassName": "system-node-critical", "hostPaths": {"cgroup": "/sys/fs/cgroup/unified"}},
+    },
+}  # fmt: skip
+CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}  # prometheus-operator's, not in Kubernetes' schemas
+
+
+@pytest.fixture(scope="module")
+def render(tmp_path_factory: pytest.TempPathFactory):
+    binary = renderer(tmp_path_factory.mktemp("render"))
+    values_dir = tmp_path_factory.mktemp("values")
+
+    def rendered(name: str, kube_version: str = "v1.35.0") -> list[dict[str, Any]]:
+        path = values_dir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(VALUE_SETS[name]))
+        return manifests(render_text(binary, path, kube_version=kube_version))
+
+    rendered.binary = binary  # type: ignore[attr-defined]
+    return rendered
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_every_object_is_valid_for_current_kubernetes(render, value_set: str) -> None:
+    for version in KUBERNETES_VERSIONS:
+        docs = render(value_set, f"v{version}")
+        for doc in docs:
+            if doc["kind"] in CUSTOM_KINDS:
+                assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+                continue
+            kubernetes_validate.validate(doc, version, strict=True)
+        kinds = sorted(doc["kind"] for doc in docs)
+        assert {"ConfigMap", "DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= set(kinds)
+
+
+def test_a_broken_object_fails_the_schema_check(render) -> None:
+    daemonset = find(render("defaults"), "DaemonSet")
+    daemonset["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"] = "BPF"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(daemonset, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+def config_files(docs: list[dict[str, Any]]) -> dict[str, str]:
+    return find(docs, "ConfigMap", "-config")["data"]
+
+
+def leaves(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= leaves(value, (*prefix, key))
+        else:
+            out[(*prefix, key)] = value
+    return out
+
+
+# What flowscope reads the chart's text values as, by hand (durations in seconds, sizes in bytes).
+PARSED = {"7d": 604800.0, "1GiB": 1 << 30, "15s": 15.0}
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_the_agent_accepts_every_key_the_chart_writes(render, value_set: str, tmp_path: Path) -> None:
+    files = config_files(render(value_set))
+    # The metrics section comes with issue 12's exporter; until this tree has it, the rest is checked and the
+    # test says it could not check that section.
+    for name, text in files.items():
+        written = yaml.safe_load(text)
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(written))
+        result = subprocess.run(
+            [FLOWSCOPE, "agent", "--print-config", "--config", str(path)], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, f"{name}: {result.stderr}"
+        printed = leaves(yaml.safe_load(result.stdout))
+        for key, value in leaves(written).items():
+            expected = PARSED.get(value, value) if isinstance(value, str) else value
+            assert printed.get(key, "absent") == expected, f"{name}: {'.'.join(key)}"
+
+
+def test_the_chart_wires_the_agent_to_its_probes_and_secrets(render) -> None:
+    docs = render("everything")
+    agent = yaml.safe_load(config_files(docs)["agent.yaml"])
+    assert agent["status"] == {"address": "127.0.0.1:9465"}
+    assert agent["clickhouse"] == {
+        "url": "clickhouse://flowscope@ch:9000/flows?secure=1", "cluster": "shards", "ttl_days": 30,
+        "password_file": "/etc/flowscope/clickhouse/password",
+    }  # fmt: skip
+    assert agent["grpc"]["address"] == "0.0.0.0:4244"
+    pod = find(docs, "DaemonSet")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert (pod["hostNetwork"], pod["hostPID"], pod["terminationGracePeriodSeconds"]) == (True, True, 30)
+    assert container["readinessProbe"]["httpGet"] == {"host": "127.0.0.1", "port": 9465, "path": "/healthz"}
+    assert container["env"][0] == {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": [*SMALLEST, "SYS_PTRACE"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    host_paths = {path: volumes[name]["hostPath"]["path"] for path, name in mounts.items()
+                  if "hostPath" in volumes[name]}  # fmt: skip
+    assert host_paths == {
+        "/sys/fs/bpf": "/sys/fs/bpf", "/sys/kernel/tracing": "/sys/kernel/tracing",
+        "/sys/kernel/debug": "/sys/kernel/debug", "/sys/fs/cgroup/unified": "/sys/fs/cgroup/unified",
+        "/lib/modules": "/lib/modules", "/usr/src": "/usr/src", "/var/lib/flowscope": "/var/lib/flowscope",
+        "/var/cache/flowscope": "/var/cache/flowscope", "/run/flowscope": "/run/flowscope",
+    }  # fmt: skip
+    secret = volumes[mounts["/etc/flowscope/clickhouse"]]["secret"]
+    assert secret["items"] == [{"key": "password", "path": "password"}]
+
+
+def test_the_password_is_only_in_its_secret(render) -> None:
+    docs = render("everything")
+    encoded = base64.b64encode(PASSWORD.encode()).decode()
+    holders = [d for d in docs if PASSWORD in json.dumps(d) or encoded in json.dumps(d)]
+    assert [(d["kind"], d["metadata"]["name"]) for d in holders] == [("Secret", "flowscope-clickhouse")]
+    assert base64.b64decode(holders[0]["data"]["password"]).decode() == PASSWORD
+
+
+def test_the_relay_gets_the_agents_and_their_certificates(render) -> None:
+    docs = render("relay")
+    relay = yaml.safe_load(config_files(docs)["relay.yaml"])
+    assert relay["relay"] == {"peers": ["10.0.0.1:4244", "10.0.0.2:4244"], "sort_window": 5000}
+    assert relay["client"]["tls_server_name"] == "agent.fs-flowscope.flowscope"
+    tls = find(docs, "Secret", "-tls")["data"]
+    certificate = base64.b64decode(tls["tls.crt"]).decode()
+    result = subprocess.run(
+        ["openssl", "x509", "-noout", "-ext", "subjectAltName"], input=certificate, capture_output=True, text=True
+    )
+    assert "DNS:agent.fs-flowscope.flowscope" in result.stdout, result.stderr
+    pod = find(docs, "Deployment", "-relay")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_a_relay_without_agents_is_a_clear_error(render, tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text("relay: {enabled: true}\n")
+    with pytest.raises(RenderError, match=r"relay\.peers is empty: list the agents' API addresses"):
+        render_text(render.binary, values)
+
+
+# ---- RBAC from the code --------------------------------------------------------------------------------
+
+
+def api_methods() -> dict[str, tuple[str, str]]:
+    """Every read method of the Kubernetes client's API classes -> (API group, resource), from its request path."""
+    methods: dict[str, tuple[str, str]] = {}
+    api_classes = [
+        api_class
+        for module in pkgutil.iter_modules(kubernetes.client.api.__path__)
+        for name, api_class in vars(importlib.import_module(f"kubernetes.client.api.{module.name}")).items()
+        if name.endswith("Api") and inspect.isclass(api_class)
+    ]
+    for api_class in api_classes:
+        for method in vars(api_class):
+            variant = method.endswith(("_with_http_info", "_without_preload_content"))
+            if variant or not method.startswith(("list_", "read_")):
+                continue
+            # the request path is in the method's serializer (client 29+) or its _with_http_info (older clients)
+            helpers = (f"_{method}_serialize", f"{method}_with_http_info")
+            sources = [inspect.getsource(getattr(api_class, h)) for h in helpers if hasattr(api_class, h)]
+            path = next(filter(None, (re.search(r"'(/apis?/[^']+)'", text) for text in sources)), None)
+            if path is None:
+                continue
+            # /api/v1/[namespaces/{ns}/]pods[/{name}/log], /apis/GROUP/VERSION/...; shorter paths are discovery
+            parts = [p for p in path.group(1).split("/") if p and not p.startswith("{")]
+            group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1] if len(parts) > 1 else "", parts[3:])
+            if rest:
+                methods[method] = (group, "/".join([p for p in rest if p != "namespaces"] or ["namespaces"]))
+    return methods
+
+
+def rules_from_code() -> set[tuple[str, str, str]]:
+    """(group, resource, verb) of every Kubernetes API call in flowscope's code: a method named in the code
+    (as an attribute or a string), list_* is list, read_* is get, and list_* in a module that passes
+    watch=True is watch as well."""
+    methods = api_methods()
+    rules = set()
+    for source in [*ROOT.joinpath("flowscope").rglob("*.py"), *ROOT.joinpath("exporters").rglob("*.py")]:
+        tree = ast.parse(source.read_text())
+        names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        names |= {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        watches = any(
+            isinstance(n, ast.keyword) and n.arg == "watch" and isinstance(n.value, ast.Constant) and n.value.value
+            for n in ast.walk(tree)
+        )
+        for name in names & methods.keys():
+            group, resource = methods[name]
+            verbs = ["get"] if name.startswith("read_") else ["list", "watch"] if watches else ["list"]
+            rules |= {(group, resource, verb) for verb in verbs}
+    return rules
+
+
+def test_the_cluster_role_is_exactly_what_the_code_calls(render) -> None:
+    role = find(render("defaults"), "ClusterRole")
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    derived = rules_from_code()
+    assert ("", "pods", "watch") in derived and ("apps", "replicasets", "list") in derived  # the scan finds calls
+    assert granted == derived
+
+
+def test_the_scan_reads_a_method_path_as_its_resource() -> None:
+    methods = api_methods()
+    assert methods["list_pod_for_all_namespaces"] == ("", "pods")
+    assert methods["list_namespaced_endpoint_slice"] == ("discovery.k8s.io", "endpointslices")
+    assert methods["read_namespaced_pod"] == ("", "pods")
+    assert methods["list_node"] == ("", "nodes")
+
+
+# ---- what the chart takes from deploy/ -------------------------------------------------------------------
+
+
+def test_the_prometheus_rule_has_every_group_of_deploy_prometheus(render) -> None:
+    expected = []
+    for path in sorted((ROOT / "deploy" / "prometheus").glob("*.yml")):
+        content = yaml.safe_load(path.read_text()) or {}
+        if "groups" in content and "tests" not in content:
+            expected += content["groups"]
+    rules = [d for d in render("everything") if d["kind"] == "PrometheusRule"]
+    assert [r["spec"]["groups"] for r in rules] == ([expected] if expected else [])
+
+
+def test_the_dashboards_are_shipped_whole_per_folder(render) -> None:
+    expected = {
+        folder.name: {p.name: p.read_text() for p in folder.glob("*.json")}
+        for folder in (ROOT / "deploy" / "grafana").iterdir()
+        if folder.is_dir() and any(folder.glob("*.json"))
+    }
+    assert "clickhouse" in expected
+    maps = [d for d in render("everything") if d["kind"] == "ConfigMap" and "-dashboards-" in d["metadata"]["name"]]
+    shipped = {m["metadata"]["annotations"]["grafana_folder"].removeprefix("flowscope-"): m["data"] for m in maps}
+    assert shipped == expected
+    assert {m["metadata"]["labels"]["grafana_dashboard"] for m in maps} == {"1"}
