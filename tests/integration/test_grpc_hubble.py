@@ -140,10 +140,21 @@ def test_hubble_unsupported_filters_are_invalid_argument_naming_the_field(agent,
 def test_hubble_follow_nodes_and_unimplemented_calls(agent):
     call = agent.hubble().GetFlows(observer.GetFlowsRequest(number=5, follow=True))
     got: list = []
-    threading.Thread(target=lambda: got.extend(call), daemon=True).start()
+    ended: list[grpc.StatusCode] = []
+
+    def follow() -> None:
+        try:
+            got.extend(call)
+        except grpc.RpcError as error:
+            ended.append(error.code())
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
     wait_for(lambda: len(flows(got)) == 5, 30, "the last 5 flows of a follow")
     assert call.is_active()  # following: the stream stays open
     call.cancel()
+    reader.join(30)
+    assert ended == [grpc.StatusCode.CANCELLED]  # it ended only when the client cancelled
     nodes = agent.hubble().GetNodes(observer.GetNodesRequest()).nodes
     assert [(n.name, n.state, n.num_flows, n.max_flows, n.seen_flows) for n in nodes] == [
         ("agent", relay.NODE_CONNECTED, 33, 65536, 33)
