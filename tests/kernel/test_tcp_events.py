@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.kernel.tc_flows import TRANSPORTS
+from tests.kernel.tc_flows import TRANSPORTS, sender_report
 from tests.kernel.tracepoint_lab import (
     assert_balanced,
     capture,
@@ -90,12 +90,18 @@ def test_rtt_is_sampled_on_both_directions_of_a_connection(version: int) -> None
         run = capture(pair, "ring")
         sent = pair.socket_traffic(pair.client, "client", "--src", client, "--dst", server, "--dport", "5003",
                                    "--bytes", "40000", "--chunk", "4000", "--pause", "0.05")  # fmt: skip
-        listener.wait(timeout=30)
+        (accepted,) = sender_report(listener, timeout=30)["connections"]
         result = run.stop()
     assert_balanced(result)
     data = rows(result.flows, client, sent["sport"], server, 5003, "TCP")
     reply = rows(result.flows, server, 5003, client, sent["sport"], "TCP")
-    for flow in (data, reply):
-        sampled = flow["rtt_us"].dropna()
-        assert len(sampled) > 0
-        assert (sampled > 0).all() and (sampled < 1_000_000).all()
+    # The server sends no data, so its socket's smoothed RTT is the handshake's until it closes: every sample
+    # of the reply direction is exactly what TCP_INFO said of that socket.
+    assert len(reply["rtt_us"].dropna()) > 0
+    assert set(reply["rtt_us"].dropna()) == {accepted["rtt_us"]}, accepted
+    # The client's smoothed RTT moves with every ACK; a sample is taken between the client's reads of it, so
+    # the samples' median lies within the range of what the client read (on a loaded machine that range can
+    # span a factor of ten; the exact check above is the one that pins the value).
+    sampled = data["rtt_us"].dropna()
+    assert len(sampled) > 0
+    assert min(sent["rtt_us_seen"]) <= sampled.median() <= max(sent["rtt_us_seen"]), (list(sampled), sent)

@@ -35,6 +35,10 @@ import time
 
 PATH = os.path.abspath(__file__)
 IPV6_HOPOPTS = 54
+IP_RECVERR, IPV6_RECVERR = 11, 25  # <linux/in.h>, <linux/in6.h>; Python's socket module lacks them
+# An ICMP error for an earlier datagram, reported by the next send on a socket with IP_RECVERR: the kernel
+# clears it and sends nothing, so that datagram is sent again.
+EARLIER_ICMP_ERRORS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 
 def family(address: str) -> socket.AddressFamily:
@@ -64,6 +68,12 @@ def udp_send(args: argparse.Namespace) -> None:
         if args.hop_options:
             # A hop-by-hop header of 8 bytes (PadN only): exercises the probe's IPv6 extension-header walk.
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_HOPOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))
+        # Without IP_RECVERR the kernel hides ENOBUFS from UDP senders (it counts Udp SndbufErrors and returns
+        # success), so `refused` would always be 0 whatever the device did with the datagram.
+        if family(args.dst) == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         sock.bind((args.src, args.sport + offset))
         sockets.append(sock)
     payload = bytes(args.size)
@@ -80,15 +90,19 @@ def udp_send(args: argparse.Namespace) -> None:
     ):
         for sock in sockets:
             pace(sent, started, args.pps)
-            try:
-                sock.sendto(payload, destination)
-                sent += 1
-            except OSError as err:
-                # ENOBUFS: on a veth this comes back when the peer's backlog was full, after tc and packet
-                # sockets saw the datagram; a retry would count twice. Reported, so a test can refuse it.
-                if err.errno != errno.ENOBUFS:
-                    raise
-                refused += 1
+            while True:
+                try:
+                    sock.sendto(payload, destination)
+                    sent += 1
+                except OSError as err:
+                    if err.errno in EARLIER_ICMP_ERRORS:
+                        continue
+                    # ENOBUFS: a qdisc dropped it, or the veth peer's backlog was full (after tc and packet
+                    # sockets saw the datagram); a retry would count twice. Reported, so a test can refuse it.
+                    if err.errno != errno.ENOBUFS:
+                        raise
+                    refused += 1
+                break
         rounds += 1
     report(sent=sent, refused=refused, per_flow=rounds, flows=args.flows, size=args.size)
 
