@@ -97,6 +97,13 @@ def kernel_function(location: str) -> str:
     return name
 
 
+def tcp_retrans_segs(netns: Netns) -> int:
+    """The namespace's TcpRetransSegs (/proc/net/snmp, for IPv4 and IPv6 alike)."""
+    lines = [line.split() for line in netns.run("cat", "/proc/net/snmp").stdout.splitlines() if line.startswith("Tcp:")]
+    names, values = lines
+    return int(values[names.index("RetransSegs")])
+
+
 def assert_balanced(result: CaptureResult) -> None:
     assert result.returncode == 0, result.stderr
     assert result.summary["unbalanced_sources"] == [], result.summary["coverage"]
