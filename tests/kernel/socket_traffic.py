@@ -3,8 +3,9 @@
 line saying what happened, as the kernel reported it to the socket (ground truth for the probes), with the
 process's pid and comm.
 
-  refused  --src A --dst B --dport Q            connect to a closed port; reports the source port and how
-                                                long connect() took
+  refused  --src A --dst B --dport Q [--count N] connect to a closed port (N times, from N ports); reports
+                                                the source ports, whether every connect was refused and
+                                                how long it took
   server   ADDRESS PORT --connections N         prints "ready", accepts N connections, reads each to its
                                                 end, closes it; reports the connections (remote port, and
                                                 the kernel's smoothed RTT of the socket before it closed)
@@ -48,16 +49,18 @@ def report(**values: object) -> None:
 
 
 def refused(args: argparse.Namespace) -> None:
-    sock = socket.socket(family(args.dst), socket.SOCK_STREAM)
-    sock.bind((args.src, 0))
-    sport = sock.getsockname()[1]
+    sports, refusals = [], 0
     started = time.monotonic()
-    try:
-        sock.connect((args.dst, args.dport))
-    except ConnectionRefusedError:
-        report(sport=sport, refused=True, seconds=time.monotonic() - started)
-        return
-    report(sport=sport, refused=False, seconds=time.monotonic() - started)
+    for _ in range(args.count):
+        with socket.socket(family(args.dst), socket.SOCK_STREAM) as sock:
+            sock.bind((args.src, 0))
+            sports.append(sock.getsockname()[1])
+            try:
+                sock.connect((args.dst, args.dport))
+            except ConnectionRefusedError:
+                refusals += 1
+    seconds = time.monotonic() - started
+    report(sport=sports[0], sports=sports, refused=refusals == args.count, seconds=seconds)
 
 
 def server(args: argparse.Namespace) -> None:
@@ -112,6 +115,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--src", required=True)
     p.add_argument("--dst", required=True)
     p.add_argument("--dport", type=int, required=True)
+    p.add_argument("--count", type=int, default=1)
     p.set_defaults(run=refused)
     p = commands.add_parser("server")
     p.add_argument("address")
