@@ -8,27 +8,13 @@ import math
 import re
 from pathlib import Path
 
-from tests.kernel.capture import Capture
+from tests.kernel.capture import Capture, held_by
 from tests.kernel.lab import Lab
 from tests.kernel.tc_flows import filters, flow_totals, start_sink, two_hosts, udp_frame, udp_id
+from tests.kernel.tracepoint_lab import RAW_TRACEPOINTS
 
 DURATION, INTERVAL = 4.0, 0.5
 KPROBE_EVENTS = Path("/sys/kernel/tracing/kprobe_events")
-
-
-def held_bpf_objects(pid: int) -> tuple[set[str], set[int]]:
-    """(tracepoint names of the raw tracepoint links, ids of the programs) that process `pid` holds open."""
-    tracepoints, programs = set(), set()
-    for fdinfo in Path(f"/proc/{pid}/fdinfo").iterdir():
-        try:
-            fields = dict(line.split(":\t", 1) for line in fdinfo.read_text().splitlines() if ":\t" in line)
-        except FileNotFoundError:  # an fd closed meanwhile
-            continue
-        if fields.get("link_type") == "raw_tracepoint":
-            tracepoints.add(fields["tp_name"])
-        elif "prog_id" in fields and "link_type" not in fields:
-            programs.add(int(fields["prog_id"]))
-    return tracepoints, programs
 
 
 def test_capture_with_a_duration_ends_by_itself_and_names_the_probes_the_kernel_runs() -> None:
@@ -36,7 +22,7 @@ def test_capture_with_a_duration_ends_by_itself_and_names_the_probes_the_kernel_
         hosts = two_hosts(lab)
         start_sink(hosts.b, "udp-sink", hosts.address("b", 4), "5000")
         run = Capture.start(hosts.a, ["fstcA"], INTERVAL, "--duration", str(DURATION))
-        tracepoints, programs = held_bpf_objects(run.process.pid)
+        held = held_by(run.process.pid)
         tc_programs = {entry["hook"]: entry["options"]["prog"]["id"] for entry in filters(hosts.a, "fstcA")}
         sent = hosts.udp("a", 4, 40000, 5000, 100, 30)
         result = run.wait(timeout=DURATION + 60)  # no signal: it ends when the duration has passed
@@ -52,10 +38,10 @@ def test_capture_with_a_duration_ends_by_itself_and_names_the_probes_the_kernel_
     active = {name for name, probe in probes.items() if probe["active"]}
     # The tc probe runs on both hooks of the interface, with programs this capture loaded.
     assert probes["tc_flows"]["hook"] == "tc clsact ingress + egress"
-    assert set(tc_programs) == {"ingress", "egress"} and set(tc_programs.values()) <= programs
+    assert set(tc_programs) == {"ingress", "egress"} and set(tc_programs.values()) == held.tc_programs
     # The raw tracepoints of the active probes are exactly the links the capture holds.
     named = {name for probe in active for name in re.findall(r"\w+:(\w+)", probes[probe]["hook"])}
-    assert named == tracepoints != set()
+    assert named == set(held.raw_tracepoints) == RAW_TRACEPOINTS
     kprobe_families = {name for name, probe in probes.items() if probe["hook"].startswith("kprobe")}
     if KPROBE_EVENTS.exists():
         assert kprobe_families <= active

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.capture import FLOWSCOPE
+from tests.kernel.tracepoint_lab import RAW_TRACEPOINTS
 
 TRACEFS = Path("/sys/kernel/tracing")
 
@@ -48,9 +49,7 @@ def test_doctor_reports_the_facts_of_the_running_kernel() -> None:
     }
     assert report["load_check"].startswith("ok"), report["load_check"]
     programs = {program["attach"]: program for program in report["verifier"]["programs"]}
-    hooks = ("kfree_skb", "inet_sock_set_state", "tcp_probe", "tcp_retransmit_skb", "tcp_send_reset")
-    hooks += ("tcp_receive_reset",)
-    assert set(programs) == {"tc", *(f"raw_tracepoint:{hook}" for hook in hooks)}
+    assert set(programs) == {"tc", *(f"raw_tracepoint:{hook}" for hook in RAW_TRACEPOINTS)}
     for program in report["verifier"]["programs"]:
         # Linux 5.16 on says how many instructions the verifier processed.
         assert program["verified_instructions"] > 0 and program["instructions"] > 0, program

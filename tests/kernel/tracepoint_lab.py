@@ -62,6 +62,10 @@ def client_server(subnet: int = 1) -> Iterator[Pair]:
         yield Pair(lab, client, server, client_port, server_port)
 
 
+# The raw tracepoints the tracepoint families hook, on every kernel of the matrix (the design's list).
+RAW_TRACEPOINTS = {"kfree_skb", "inet_sock_set_state", "tcp_probe", "tcp_retransmit_skb", "tcp_send_reset"}
+RAW_TRACEPOINTS |= {"tcp_receive_reset"}
+
 # The drop and TCP probes see the whole machine: room in their tables, and event rates no other workload
 # dropping packets meanwhile can use up (a test that is about the rate limit sets its own).
 TABLES = ("--drop-map-size", "131072", "--tcp-map-size", "131072", "--drop-events-rate", "1000000")
