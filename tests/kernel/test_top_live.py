@@ -9,6 +9,7 @@ The lab: namespaces fstop-...-a and fstop-...-b joined by the veth pair fstopA/f
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import pytest
 from tests.kernel import traffic
 from tests.kernel.lab import Lab, Netns, Port
 from tests.kernel.pcap import Dumpcap
+from tests.kernel.tc_flows import sender_report
 from tests.ui.terminal import Terminal, restored
 
 pytestmark = pytest.mark.kernel
@@ -103,7 +105,11 @@ def test_tui_shows_the_flows_and_quitting_detaches_the_probes(top_lab):
                          stdout=subprocess.PIPE)  # fmt: skip
         term.read_until(f"UDP {left.ip4}:40000 → {right.ip4}:5353".encode(), timeout=30)
         term.read_until(b"tc_flows")  # the header names the active probes
-        sender.wait(timeout=30)
+        sent = sender_report(sender, timeout=30)["sent"]
+        term.write(b"\r")  # the row's detail: what went to the peer over the last ten intervals, each datagram
+        term.read_until_line(rf"^ {re.escape(right.ip4)}:5353 +→ +[0-9.]+ k?B +{sent} +0$")
+        term.write(b"\x1b")
+        term.read_until_line(r"^ group flow ")  # back on the main screen (a key at once would read as Alt+key)
         term.write(b"g")  # pod grouping: without Kubernetes, the ends show as their addresses
         term.read_until(b"group pod")
         term.write(b"q")
