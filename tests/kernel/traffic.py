@@ -104,6 +104,12 @@ def udp_send(args: argparse.Namespace) -> None:
                     refused += 1
                 break
         rounds += 1
+    for sock in sockets:  # ICMP errors queued under IP_RECVERR: read (consumed), not freed as drops on close
+        while select.select([sock], [], [], 0)[0]:
+            try:
+                sock.recvmsg(65536, 1024, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
     report(sent=sent, refused=refused, per_flow=rounds, flows=args.flows, size=args.size)
 
 
