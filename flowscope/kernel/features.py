@@ -90,7 +90,9 @@ class KernelFeatures:
             return None
         try:
             return Btf.load(self.btf_path)
-        except BtfError:
+        except BtfError as err:
+            # Said where BTF is reported (doctor, the probes' reasons), not taken for a readable BTF.
+            self.btf_error = f"the kernel's BTF at {self.btf_path} is unreadable: {str(err).rstrip('.')}"
             return None
 
     @cached_property
@@ -117,7 +119,7 @@ class KernelFeatures:
     def to_dict(self) -> dict[str, object]:
         return {
             "release": self.release,
-            "btf": str(self.btf_path) if self.btf_path else None,
+            "btf": str(self.btf_path) if self.btf is not None else None,
             "btf_error": self.btf_error or None,
             "tracefs": str(self.tracefs) if self.tracefs else None,
             "tracefs_note": self.tracefs_note or None,

@@ -9,6 +9,7 @@ result.flows                                          # every interval's flow ro
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from flowscope.schema import FlowBatch
 from tests.kernel.lab import Netns
 
 FLOWSCOPE = str(Path(sys.executable).with_name("flowscope"))
+BPF_PROG_TYPE_SCHED_CLS = 3
 READY_TIMEOUT = 120.0  # compiling the probes takes a few seconds; a busy CI machine more
 
 
@@ -50,6 +52,38 @@ class CaptureResult:
         """One {"produced", "delivered", "lost"} per interval for `source` (zeros where it reported nothing)."""
         empty = {"produced": 0, "delivered": 0, "lost": 0}
         return [batch.coverage.to_dict().get(source, empty) for batch in self.batches]
+
+
+@dataclass
+class Held:
+    """The BPF objects a process holds, from its fdinfo."""
+
+    programs: dict[int, int]  # program id -> program type
+    raw_tracepoints: dict[str, int]  # tracepoint -> program id, of the raw tracepoint links
+
+    @property
+    def tc_programs(self) -> set[int]:
+        return {id_ for id_, kind in self.programs.items() if kind == BPF_PROG_TYPE_SCHED_CLS}
+
+
+def held_by(pid: int) -> Held:
+    """What process `pid` holds open: the kernel's own record of which probes it runs."""
+    programs: dict[int, int] = {}
+    links: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fields = dict(
+                line.split(":\t", 1)
+                for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines()
+                if ":\t" in line
+            )
+        except OSError:
+            continue
+        if "prog_type" in fields:
+            programs[int(fields["prog_id"])] = int(fields["prog_type"])
+        elif fields.get("link_type") == "raw_tracepoint":
+            links[fields["tp_name"]] = int(fields["prog_id"])
+    return Held(programs, links)
 
 
 class Capture:

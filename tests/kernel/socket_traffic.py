@@ -3,13 +3,16 @@
 line saying what happened, as the kernel reported it to the socket (ground truth for the probes), with the
 process's pid and comm.
 
-  refused  --src A --dst B --dport Q            connect to a closed port; reports the source port and how
-                                                long connect() took
+  refused  --src A --dst B --dport Q [--count N] connect to a closed port (N times, from N ports); reports
+                                                the source ports, whether every connect was refused and
+                                                how long it took
   server   ADDRESS PORT --connections N         prints "ready", accepts N connections, reads each to its
-                                                end, closes it; reports the connections (local/remote)
+                                                end, closes it; reports the connections (remote port, and
+                                                the kernel's smoothed RTT of the socket before it closed)
   client   --src A --dst B --dport Q --bytes N [--chunk C] [--pause S]
            sends N bytes in chunks of C (pausing S seconds between chunks), half-closes, waits for the peer
-           to close; reports the source port and the kernel's TCP_INFO: total_retrans, rtt_us
+           to close; reports the source port and the kernel's TCP_INFO: total_retrans, rtt_us, and
+           rtt_us_seen (the smoothed RTT read once connected and after each chunk)
 """
 
 from __future__ import annotations
@@ -32,22 +35,32 @@ def family(address: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
 
 
+def tcp_info(sock: socket.socket) -> tuple[int, int]:
+    """(total_retrans, rtt_us) from the kernel's TCP_INFO of the socket; rtt_us is its smoothed RTT."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    (total_retrans,) = struct.unpack_from("<I", info, TCP_INFO_TOTAL_RETRANS)
+    (rtt_us,) = struct.unpack_from("<I", info, TCP_INFO_RTT)
+    return total_retrans, rtt_us
+
+
 def report(**values: object) -> None:
     with open("/proc/self/comm", encoding="utf-8") as comm:
         print(json.dumps({"pid": os.getpid(), "comm": comm.read().strip(), **values}), flush=True)
 
 
 def refused(args: argparse.Namespace) -> None:
-    sock = socket.socket(family(args.dst), socket.SOCK_STREAM)
-    sock.bind((args.src, 0))
-    sport = sock.getsockname()[1]
+    sports, refusals = [], 0
     started = time.monotonic()
-    try:
-        sock.connect((args.dst, args.dport))
-    except ConnectionRefusedError:
-        report(sport=sport, refused=True, seconds=time.monotonic() - started)
-        return
-    report(sport=sport, refused=False, seconds=time.monotonic() - started)
+    for _ in range(args.count):
+        with socket.socket(family(args.dst), socket.SOCK_STREAM) as sock:
+            sock.bind((args.src, 0))
+            sports.append(sock.getsockname()[1])
+            try:
+                sock.connect((args.dst, args.dport))
+            except ConnectionRefusedError:
+                refusals += 1
+    seconds = time.monotonic() - started
+    report(sport=sports[0], sports=sports, refused=refusals == args.count, seconds=seconds)
 
 
 def server(args: argparse.Namespace) -> None:
@@ -62,7 +75,8 @@ def server(args: argparse.Namespace) -> None:
         with connection:
             while connection.recv(1 << 16):
                 pass
-        connections.append({"remote_port": remote[1]})
+            _, rtt_us = tcp_info(connection)
+        connections.append({"remote_port": remote[1], "rtt_us": rtt_us})
     listener.close()
     report(connections=connections)
 
@@ -72,6 +86,7 @@ def client(args: argparse.Namespace) -> None:
     sock.bind((args.src, 0))
     sock.connect((args.dst, args.dport))
     started = time.monotonic()
+    rtt_us_seen = [tcp_info(sock)[1]]
     chunk = bytes(args.chunk)
     remaining = args.bytes
     while remaining:
@@ -80,15 +95,17 @@ def client(args: argparse.Namespace) -> None:
         remaining -= size
         if args.pause and remaining:
             time.sleep(args.pause)
+        rtt_us_seen.append(tcp_info(sock)[1])
     sock.shutdown(socket.SHUT_WR)
     while sock.recv(1 << 16):  # the peer's FIN ends this, after it has acknowledged everything
         pass
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    (total_retrans,) = struct.unpack_from("<I", info, TCP_INFO_TOTAL_RETRANS)
-    (rtt_us,) = struct.unpack_from("<I", info, TCP_INFO_RTT)
+    total_retrans, rtt_us = tcp_info(sock)
     sport = sock.getsockname()[1]
     sock.close()
-    report(sport=sport, total_retrans=total_retrans, rtt_us=rtt_us, seconds=time.monotonic() - started)
+    report(
+        sport=sport, total_retrans=total_retrans, rtt_us=rtt_us, rtt_us_seen=[*rtt_us_seen, rtt_us],
+        seconds=time.monotonic() - started,
+    )  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
@@ -98,6 +115,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--src", required=True)
     p.add_argument("--dst", required=True)
     p.add_argument("--dport", type=int, required=True)
+    p.add_argument("--count", type=int, default=1)
     p.set_defaults(run=refused)
     p = commands.add_parser("server")
     p.add_argument("address")

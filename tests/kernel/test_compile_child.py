@@ -9,23 +9,20 @@ Each test runs `flowscope capture` as users do, in its own namespaces (fsmem-*, 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from flowscope.kernel.compile_child import load
-from flowscope.kernel.features import probe_features
-from flowscope.kernel.loader import LoaderError, LoadOptions, plan_families
-from tests.kernel.capture import Capture
+from flowscope.kernel.loader import LoaderError, LoadOptions
+from tests.kernel.capture import Capture, held_by
 from tests.kernel.lab import Lab, Netns
+from tests.kernel.tracepoint_lab import RAW_TRACEPOINTS
 
-BPF_PROG_TYPE_SCHED_CLS = 3
 GONE_WITHIN_S = 10.0  # the kernel frees a program after its last reference, in a work item
 
 
@@ -35,37 +32,6 @@ def agent_netns() -> Iterator[Netns]:
         a, b = lab.namespace("a"), lab.namespace("b")
         lab.link(a, "fsmeA", b, "fsmeB", subnet=1)
         yield a
-
-
-@dataclass
-class Held:
-    """The BPF objects a process holds, from its fdinfo."""
-
-    programs: dict[int, int]  # program id -> program type
-    raw_tracepoints: dict[str, int]  # tracepoint -> program id, of the raw tracepoint links
-
-    @property
-    def tc_programs(self) -> set[int]:
-        return {id_ for id_, kind in self.programs.items() if kind == BPF_PROG_TYPE_SCHED_CLS}
-
-
-def held_by(pid: int) -> Held:
-    programs: dict[int, int] = {}
-    links: dict[str, int] = {}
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            fields = dict(
-                line.split(":\t", 1)
-                for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines()
-                if ":\t" in line
-            )
-        except OSError:
-            continue
-        if "prog_type" in fields:
-            programs[int(fields["prog_id"])] = int(fields["prog_type"])
-        elif fields.get("link_type") == "raw_tracepoint":
-            links[fields["tp_name"]] = int(fields["prog_id"])
-    return Held(programs, links)
 
 
 def loaded_programs() -> set[int]:
@@ -81,11 +47,6 @@ def remaining_after(ids: set[int], expected: set[int]) -> set[int]:
     return left
 
 
-def expected_raw_tracepoints() -> set[str]:
-    statuses = plan_families(probe_features(), LoadOptions())
-    return {r.target for s in statuses if s.active for r in s.family.requires if r.kind == "raw_tracepoint"}
-
-
 @pytest.mark.parametrize("transport", [(), ("--perf-buffer",)], ids=["ring", "perf"])
 def test_the_agent_maps_no_compiler_and_its_probes_go_with_it(agent_netns: Netns, transport: tuple[str, ...]) -> None:
     run = Capture.start(agent_netns, ["fsmeA"], 0.5, *transport)
@@ -95,7 +56,7 @@ def test_the_agent_maps_no_compiler_and_its_probes_go_with_it(agent_netns: Netns
     assert Path(f"/proc/{pid}/task/{pid}/children").read_text() == ""  # the compile step has exited
     held = held_by(pid)
     # One link per raw tracepoint the running families hook, each holding one of the agent's programs.
-    assert set(held.raw_tracepoints) == expected_raw_tracepoints()
+    assert set(held.raw_tracepoints) == RAW_TRACEPOINTS
     assert set(held.raw_tracepoints.values()) <= set(held.programs)
     assert len(held.tc_programs) == 2
     assert set(held.programs) <= loaded_programs()

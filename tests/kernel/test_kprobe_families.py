@@ -16,7 +16,7 @@ from flowscope.kernel.loader import LoadOptions, plan_families
 from tests.kernel.lab import Netns
 from tests.kernel.tc_flows import start_sink
 from tests.kernel.test_drops import udp_send
-from tests.kernel.tracepoint_lab import Pair, assert_balanced, capture, client_server, rows, total
+from tests.kernel.tracepoint_lab import Pair, assert_balanced, capture, client_server, rows, tcp_retrans_segs, total
 
 KPROBE_FAMILIES = {"skb_drop_kprobe", "tcp_events_kprobe", "sock_state_kprobe"}
 TRACEPOINT_FAMILIES = {"skb_drop", "tcp_events", "sock_state"}
@@ -27,13 +27,6 @@ def kprobe_families_or_skip() -> None:
     unavailable = [f"{name}: {statuses[name].reason}" for name in sorted(KPROBE_FAMILIES) if not statuses[name].active]
     if unavailable:
         pytest.skip(f"this kernel cannot run the kprobe variants ({'; '.join(unavailable)})")
-
-
-def tcp_retrans_segs(netns: Netns) -> int:
-    """The namespace's TcpRetransSegs (/proc/net/snmp, for IPv4 and IPv6 alike)."""
-    lines = [line.split() for line in netns.run("cat", "/proc/net/snmp").stdout.splitlines() if line.startswith("Tcp:")]
-    names, values = lines
-    return int(values[names.index("RetransSegs")])
 
 
 def rule_packets(netns: Netns, iptables: str, rule: int) -> int:

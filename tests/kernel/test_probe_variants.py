@@ -4,6 +4,8 @@ offsets and its verifier accepts every program, as a kernel with kprobes would l
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from flowscope.kernel.catalog import SKB_DROP_KPROBE, SOCK_STATE_KPROBE, TCP_EVENTS_KPROBE
@@ -11,6 +13,7 @@ from flowscope.kernel.features import probe_features
 from flowscope.kernel.headers import export_for_bcc, find_headers
 from flowscope.kernel.loader import LoadOptions, cflags_for, import_bcc, module_text, plan_families
 
+BPF_PROG_TYPE_KPROBE = 2
 VARIANTS = [SKB_DROP_KPROBE, TCP_EVENTS_KPROBE, SOCK_STATE_KPROBE]
 EXPECTED = {
     "kprobe__sk_skb_reason_drop",
@@ -50,6 +53,9 @@ def test_kprobe_variants_compile_and_pass_the_verifier(monkeypatch: pytest.Monke
         programs = {name for name in names if name.startswith("kprobe__")}
         assert programs == EXPECTED
         for name in sorted(programs):
-            assert module.load_func(name.encode(), bcc.BPF.KPROBE).fd > 0  # the verifier accepted it
+            fd = module.load_func(name.encode(), bcc.BPF.KPROBE).fd
+            # The kernel's own record of the program: a kprobe program the verifier walked.
+            fields = dict(line.split(":\t", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines())
+            assert int(fields["prog_type"]) == BPF_PROG_TYPE_KPROBE and int(fields["verified_insns"]) > 0, name
     finally:
         module.cleanup()

@@ -9,6 +9,7 @@ The lab: namespaces fstop-...-a and fstop-...-b joined by the veth pair fstopA/f
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +20,8 @@ import pytest
 
 from tests.kernel import traffic
 from tests.kernel.lab import Lab, Netns, Port
+from tests.kernel.pcap import Dumpcap
+from tests.kernel.tc_flows import sender_report
 from tests.ui.terminal import Terminal, restored
 
 pytestmark = pytest.mark.kernel
@@ -58,14 +61,17 @@ def send_known_traffic(a: Netns, left: Port, right: Port) -> None:
           "--bytes", "200000")  # fmt: skip
 
 
-def test_plain_output_has_the_rows_of_known_traffic(top_lab):
+def test_plain_output_has_the_rows_of_known_traffic(top_lab, tmp_path):
     _, a, b, left, right = top_lab
     start_sinks(b, right)
     top = a.popen(FLOWSCOPE, "top", "-o", "jsonl", "-i", "fstopA", "--rows", "100", "1", "6",
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     wait_for_probes(a, top)
-    send_known_traffic(a, left, right)
-    out, err = top.communicate(timeout=60)
+    with Dumpcap(a, "fstopA", tmp_path / "top.pcapng") as pcap:
+        send_known_traffic(a, left, right)
+        out, err = top.communicate(timeout=60)
+    assert pcap.dropped == 0, "the packet capture dropped packets: it is no ground truth"
+    wire = pcap.tcp_packets()
     assert top.returncode == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
 
@@ -76,8 +82,11 @@ def test_plain_output_has_the_rows_of_known_traffic(top_lab):
     assert (total(udp, "packets"), total(udp, "bytes")) == (50, 50 * 142)
     request = f"TCP {left.ip4}:41000 -> {right.ip4}:8080"
     reply = f"TCP {right.ip4}:8080 -> {left.ip4}:41000"
-    assert total(request, "bytes") > 200_000  # the payload and its headers
-    assert total(reply, "packets") > 0  # acknowledgements come back through fstopA's ingress
+    # What the packet capture on fstopA saw of the connection, each way (acknowledgements come back through
+    # its ingress).
+    for key, sport in ((request, 41000), (reply, 8080)):
+        seen = wire[wire["src_port"] == sport]
+        assert (total(key, "packets"), total(key, "bytes")) == (len(seen), int(seen["length"].sum())), key
     # connect (client) and accept (server) are one connection; both ends' closes are one close
     assert total(request, "connections") + total(reply, "connections") == 1
     assert total(request, "closes") + total(reply, "closes") == 1
@@ -96,7 +105,11 @@ def test_tui_shows_the_flows_and_quitting_detaches_the_probes(top_lab):
                          stdout=subprocess.PIPE)  # fmt: skip
         term.read_until(f"UDP {left.ip4}:40000 → {right.ip4}:5353".encode(), timeout=30)
         term.read_until(b"tc_flows")  # the header names the active probes
-        sender.wait(timeout=30)
+        sent = sender_report(sender, timeout=30)["sent"]
+        term.write(b"\r")  # the row's detail: what went to the peer over the last ten intervals, each datagram
+        term.read_until_line(rf"^ {re.escape(right.ip4)}:5353 +→ +[0-9.]+ k?B +{sent} +0$")
+        term.write(b"\x1b")
+        term.read_until_line(r"^ group flow ")  # back on the main screen (a key at once would read as Alt+key)
         term.write(b"g")  # pod grouping: without Kubernetes, the ends show as their addresses
         term.read_until(b"group pod")
         term.write(b"q")

@@ -62,6 +62,10 @@ def client_server(subnet: int = 1) -> Iterator[Pair]:
         yield Pair(lab, client, server, client_port, server_port)
 
 
+# The raw tracepoints the tracepoint families hook, on every kernel of the matrix (the design's list).
+RAW_TRACEPOINTS = {"kfree_skb", "inet_sock_set_state", "tcp_probe", "tcp_retransmit_skb", "tcp_send_reset"}
+RAW_TRACEPOINTS |= {"tcp_receive_reset"}
+
 # The drop and TCP probes see the whole machine: room in their tables, and event rates no other workload
 # dropping packets meanwhile can use up (a test that is about the rate limit sets its own).
 TABLES = ("--drop-map-size", "131072", "--tcp-map-size", "131072", "--drop-events-rate", "1000000")
@@ -95,6 +99,13 @@ def kernel_function(location: str) -> str:
     with open("/proc/kallsyms", encoding="utf-8") as symbols:
         assert any(line.split()[2] == name for line in symbols if line.split()[1] in "tT"), location
     return name
+
+
+def tcp_retrans_segs(netns: Netns) -> int:
+    """The namespace's TcpRetransSegs (/proc/net/snmp, for IPv4 and IPv6 alike)."""
+    lines = [line.split() for line in netns.run("cat", "/proc/net/snmp").stdout.splitlines() if line.startswith("Tcp:")]
+    names, values = lines
+    return int(values[names.index("RetransSegs")])
 
 
 def assert_balanced(result: CaptureResult) -> None:

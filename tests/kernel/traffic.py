@@ -35,6 +35,10 @@ import time
 
 PATH = os.path.abspath(__file__)
 IPV6_HOPOPTS = 54
+IP_RECVERR, IPV6_RECVERR = 11, 25  # <linux/in.h>, <linux/in6.h>; Python's socket module lacks them
+# An ICMP error for an earlier datagram, reported by the next send on a socket with IP_RECVERR: the kernel
+# clears it and sends nothing, so that datagram is sent again.
+EARLIER_ICMP_ERRORS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 
 def family(address: str) -> socket.AddressFamily:
@@ -64,6 +68,12 @@ def udp_send(args: argparse.Namespace) -> None:
         if args.hop_options:
             # A hop-by-hop header of 8 bytes (PadN only): exercises the probe's IPv6 extension-header walk.
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_HOPOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))
+        # Without IP_RECVERR the kernel hides ENOBUFS from UDP senders (it counts Udp SndbufErrors and returns
+        # success), so `refused` would always be 0 whatever the device did with the datagram.
+        if family(args.dst) == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         sock.bind((args.src, args.sport + offset))
         sockets.append(sock)
     payload = bytes(args.size)
@@ -80,16 +90,26 @@ def udp_send(args: argparse.Namespace) -> None:
     ):
         for sock in sockets:
             pace(sent, started, args.pps)
-            try:
-                sock.sendto(payload, destination)
-                sent += 1
-            except OSError as err:
-                # ENOBUFS: on a veth this comes back when the peer's backlog was full, after tc and packet
-                # sockets saw the datagram; a retry would count twice. Reported, so a test can refuse it.
-                if err.errno != errno.ENOBUFS:
-                    raise
-                refused += 1
+            while True:
+                try:
+                    sock.sendto(payload, destination)
+                    sent += 1
+                except OSError as err:
+                    if err.errno in EARLIER_ICMP_ERRORS:
+                        continue
+                    # ENOBUFS: a qdisc dropped it, or the veth peer's backlog was full (after tc and packet
+                    # sockets saw the datagram); a retry would count twice. Reported, so a test can refuse it.
+                    if err.errno != errno.ENOBUFS:
+                        raise
+                    refused += 1
+                break
         rounds += 1
+    for sock in sockets:  # ICMP errors queued under IP_RECVERR: read (consumed), not freed as drops on close
+        while select.select([sock], [], [], 0)[0]:
+            try:
+                sock.recvmsg(65536, 1024, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
     report(sent=sent, refused=refused, per_flow=rounds, flows=args.flows, size=args.size)
 
 
@@ -205,8 +225,8 @@ def eth_send(args: argparse.Namespace) -> None:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     sock.bind((args.ifname, 0))
     for _ in range(args.count):
-        sock.send(frame)
-    report(sent=args.count, refused=0, frame=len(frame))
+        sock.send(frame)  # a packet socket raises the device's refusal (ENOBUFS): nothing goes uncounted
+    report(sent=args.count, frame=len(frame))
 
 
 def raw_sink(args: argparse.Namespace) -> None:

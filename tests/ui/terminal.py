@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import re
 import select
 import struct
 import subprocess
@@ -70,6 +71,19 @@ class Terminal:
             lambda: "the screen did not show what was expected; it shows:\n" + "\n".join(self.lines()),
             timeout,
         )
+
+    def read_until_line(self, pattern: str, timeout: float = 30) -> str:
+        """Reads until a line of the screen matches the regular expression `pattern`; returns that line."""
+        found: list[str] = []
+
+        def matched() -> bool:
+            found[:] = [line for line in self.lines() if re.search(pattern, line)]
+            return bool(found)
+
+        self._read_until(
+            matched, lambda: f"no line matched {pattern!r}; the screen shows:\n" + "\n".join(self.lines()), timeout
+        )
+        return found[0]
 
     def write(self, keys: bytes) -> None:
         os.write(self.master, keys)

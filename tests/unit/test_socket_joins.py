@@ -192,6 +192,14 @@ def test_drop_accounting() -> None:
     assert coverage["drop_event_sampling"] == {"produced": 9, "delivered": 3, "lost": 6}
 
 
+def test_drops_neither_in_the_map_nor_counted_lost_leave_the_drop_map_unbalanced() -> None:
+    # The kernel saw 10 drops; the map holds 7 and 2 found it full: one is unaccounted for, and says so.
+    drops = drop_entry(flow_key("10.0.0.5", 53, "10.0.0.6", 4000), 3, 7, 420, 1, 2)
+    coverage = batch({"drops": drops}, drops=10, drop_map_full=2).coverage
+    assert coverage.to_dict()["drop_map"] == {"produced": 10, "delivered": 7, "lost": 2}
+    assert "drop_map" in coverage.unbalanced()
+
+
 # ---- TCP counters -----------------------------------------------------------------------------------------
 
 
