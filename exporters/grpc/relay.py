@@ -34,7 +34,7 @@ import pandas as pd
 
 from flowscope.config import ClientConfig, RelayConfig
 from flowscope.coverage import Coverage
-from flowscope.exporters.grpc.ring import NodeNotice
+from flowscope.exporters.grpc.ring import LATE_SOURCE, NodeNotice
 from flowscope.exporters.grpc.server import NodeInfo
 from flowscope.kernel.catalog import ProbeStatus
 from flowscope.proto import codec
@@ -43,7 +43,6 @@ from flowscope.schema import FlowBatch
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF = 30.0
-LATE_SOURCE = "late"  # the lost notices of records older than what the relay already let out
 
 
 def peer_address(ip: str, port: int) -> str:

@@ -27,6 +27,7 @@ from flowscope.filters import FilterSet
 from flowscope.schema import FlowBatch
 
 CLIENT_SOURCE = "client"  # the lost notices of a client that read too slowly
+LATE_SOURCE = "late"  # a relay's: records older than what it already let out
 
 
 def time_ns(column: pd.Series) -> np.ndarray:

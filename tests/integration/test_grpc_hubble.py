@@ -42,6 +42,8 @@ def test_hubble_status_checks_health_then_server_status(agent):
     assert check.status == health_pb2.HealthCheckResponse.SERVING
     status = agent.hubble().ServerStatus(observer.ServerStatusRequest())
     assert (status.num_flows, status.max_flows, status.seen_flows) == (33, 65536, 33)
+    last = BATCHES[-1]  # FLOWS PER SECOND: the latest interval's records per second
+    assert status.flows_rate == (len(last.flows) + len(last.events)) / 2.0 == 4.0
     assert status.uptime_ns > 0 and status.version.startswith("flowscope ")
 
 
@@ -88,7 +90,10 @@ def test_hubble_observe_gets_the_last_20_flows_with_every_printed_field(agent):
     connect = next(f for f in everything if f.Type == flow.SOCK)
     assert (connect.Summary, connect.event_type.type) == ("connect by checkout (4242)", 7)
     lost = [r.lost_events for r in responses if r.HasField("lost_events")]
-    assert [(e.source, e.num_events_lost) for e in lost] == [(flow.PERF_EVENT_RING_BUFFER, 2)]
+    # the recording lost 2 events in the kernel's ring between 12:00:06 and 12:00:08
+    assert [(e.source, e.num_events_lost, e.first.ToJsonString(), e.last.ToJsonString()) for e in lost] == [
+        (flow.PERF_EVENT_RING_BUFFER, 2, "2025-03-01T12:00:06Z", "2025-03-01T12:00:08Z")
+    ]
 
 
 def test_hubble_whitelist_and_blacklist_as_the_cli_sends_them(agent):
@@ -140,7 +145,14 @@ def test_hubble_unsupported_filters_are_invalid_argument_naming_the_field(agent,
 def test_hubble_follow_nodes_and_unimplemented_calls(agent):
     call = agent.hubble().GetFlows(observer.GetFlowsRequest(number=5, follow=True))
     got: list = []
-    threading.Thread(target=lambda: got.extend(call), daemon=True).start()
+
+    def read() -> None:
+        try:
+            got.extend(call)
+        except grpc.RpcError as err:  # the cancel below ends it
+            assert err.code() == grpc.StatusCode.CANCELLED
+
+    threading.Thread(target=read, daemon=True).start()
     wait_for(lambda: len(flows(got)) == 5, 30, "the last 5 flows of a follow")
     assert call.is_active()  # following: the stream stays open
     call.cancel()
