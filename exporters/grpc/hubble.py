@@ -297,7 +297,9 @@ class UnsupportedField(ValueError):
 
 
 def _pods(values: Sequence[str]) -> list[str]:
-    return [value.removeprefix("/") for value in values]  # "/name": a pod of any namespace
+    """Hubble's pod filters: "ns/prefix"; "prefix" alone is of namespace "default", as Hubble reads it (the
+    CLI sends `--pod name --namespace ns` as "ns/name"); "/prefix" is flowscope's: a pod of any namespace."""
+    return [value.removeprefix("/") if "/" in value else f"default/{value}" for value in values]
 
 
 def _workloads(values: Sequence[flow.Workload], name: str) -> list[str]:

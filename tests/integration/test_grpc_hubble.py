@@ -32,6 +32,18 @@ def agent(tmp_path_factory):
         yield agent
 
 
+def hubble_flows_of(pod: str) -> int:
+    """How many Hubble flows of the recording have `pod` on either side (a flow row of passed and dropped
+    packets is two flows)."""
+
+    def mine(frame):
+        return (frame["src_pod"] == pod) | (frame["dst_pod"] == pod)
+
+    drops, packets = FLOWS["drop_packets"].fillna(0), FLOWS["packets"].fillna(0)
+    forwarded, dropped = (drops == 0) | (packets > drops), drops > 0
+    return int((mine(FLOWS) & forwarded).sum() + (mine(FLOWS) & dropped).sum() + mine(EVENTS).sum())
+
+
 def flows(responses) -> list[flow.Flow]:
     return [r.flow for r in responses if r.HasField("flow")]
 
@@ -101,6 +113,12 @@ def test_hubble_whitelist_and_blacklist_as_the_cli_sends_them(agent):
     namespace = [flow.FlowFilter(source_pod=["kube-system/"]), flow.FlowFilter(destination_pod=["kube-system/"])]
     got = flows(agent.hubble().GetFlows(observer.GetFlowsRequest(number=MAX_UINT64, whitelist=namespace)))
     assert [(f.destination.pod_name, f.l4.UDP.destination_port) for f in got] == [("coredns-55", 53)] * 3
+    # --pod checkout: Hubble reads a pod without namespace as of "default" (none here); --pod checkout
+    # --namespace shop is sent as "shop/checkout", a prefix of the pod's name
+    for pods, want in ((["checkout"], 0), (["shop/checkout"], hubble_flows_of("checkout-7d9f"))):
+        pod = [flow.FlowFilter(source_pod=pods), flow.FlowFilter(destination_pod=pods)]
+        got = flows(agent.hubble().GetFlows(observer.GetFlowsRequest(number=MAX_UINT64, whitelist=pod)))
+        assert len(got) == want
     # --verdict DROPPED --not --protocol tcp: the drops of anything but TCP (the NETFILTER drops of 192.0.2.80)
     request = observer.GetFlowsRequest(
         number=MAX_UINT64, whitelist=[flow.FlowFilter(verdict=[flow.DROPPED])],
