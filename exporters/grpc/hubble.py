@@ -245,6 +245,9 @@ class HubbleApi:
     def progress(self, time_ns: int, node: str) -> None:
         return None
 
+    def pack(self, records: list[bytes]) -> list[bytes]:
+        return records  # one Flow per message, as Hubble's clients read them
+
     def node_status(self, notice: NodeNotice) -> bytes:
         state = {"connected": relay.NODE_CONNECTED, "unavailable": relay.NODE_UNAVAILABLE}[notice.state]
         status = relay.NodeStatusEvent(state_change=state, node_names=notice.nodes, message=notice.message)
