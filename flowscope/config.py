@@ -84,6 +84,21 @@ def _label_selector(value: str | None) -> str | None:
     return value
 
 
+_PORT_NAME = re.compile(r"^(?=.*[a-z])(?!.*--)[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")  # IANA_SVC_NAME
+
+
+def _port_or_name(value: object) -> int | str:
+    """A TCP port (1-65535), or the name of a container port as Kubernetes names them (grpc, flow-api)."""
+    number = isinstance(value, int) and not isinstance(value, bool)
+    if number or (isinstance(value, str) and value.isdigit()):
+        if not 0 < int(value) < 65536:  # type: ignore[arg-type]
+            raise ValueError("is not a port number 1-65535")
+        return int(value)  # type: ignore[arg-type]
+    if isinstance(value, str) and _PORT_NAME.match(value):
+        return value
+    raise ValueError("is neither a port number 1-65535 nor a container port's name such as grpc")
+
+
 def _power_of_two(value: int) -> int:
     if value & (value - 1):
         raise ValueError("must be a power of two")
@@ -385,9 +400,9 @@ class RelayConfig(Section):
         "app.kubernetes.io/name=flowscope; list + watch, with --kubeconfig or in-cluster)",
         flag="--discover-selector", metavar="LABELS",
     )  # fmt: skip
-    discover_port: int = option(
-        4244, "the flow API's TCP port on the discovered agents' pod IPs", flag="--discover-port", metavar="PORT",
-        gt=0, lt=65536,
+    discover_port: int | str = option(
+        4244, "the flow API's TCP port on the discovered agents' pod IPs: a number, or the name of the agents' "
+        "container port (e.g. grpc)", flag="--discover-port", metavar="PORT",
     )  # fmt: skip
     sort_window: int = option(
         100000, "records held to merge the agents' streams in time order (past it the oldest go early)",
@@ -404,6 +419,7 @@ class RelayConfig(Section):
 
     _durations = field_validator("drain_timeout", "backoff", mode="before")(seconds)
     _selector = field_validator("discover_selector")(_label_selector)
+    _port = field_validator("discover_port", mode="before")(_port_or_name)
 
 
 class LogConfig(Section):

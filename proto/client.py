@@ -127,11 +127,16 @@ class Client:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
     def flows(self, message: pb.GetFlowsRequest) -> Iterator[pb.GetFlowsResponse]:
-        """The server's responses to a GetFlows; ClientError when the call fails (cancel() ends a follow)."""
+        """The server's responses to a GetFlows, one per record (packed ones unpacked); ClientError when the
+        call fails (cancel() ends a follow)."""
         call = self.stub.GetFlows(message)
         self._calls.append(call)
         try:
-            yield from call
+            for response in call:
+                if response.WhichOneof("response") == "records":
+                    yield from response.records.items
+                else:
+                    yield response
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.CANCELLED:
                 raise explain(err, self.config.server) from None

@@ -170,6 +170,7 @@ def _columns(messages: Sequence[Any], times: Sequence[str]) -> dict[str, list[An
             column[row] = nanoseconds(value) if name in times else value
     for side, column in identities.items():
         cache: dict[bytes, dict[str, Any]] = {}
+        present: set[str] = set()  # the identity fields any row of this side has (from its distinct identities)
         rows = []
         for identity in column:
             if identity is None:
@@ -182,9 +183,10 @@ def _columns(messages: Sequence[Any], times: Sequence[str]) -> dict[str, list[An
                     field.name: dict(value.items) if field.name == "labels" else value
                     for field, value in identity.ListFields()
                 }
+                present.update(decoded)
             rows.append(decoded)
         for name in IDENTITY_FIELDS:
-            if any(row is not None and name in row for row in rows):
+            if name in present:
                 data[f"{side}_{name}"] = [None if row is None else row.get(name) for row in rows]
     return data
 

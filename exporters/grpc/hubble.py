@@ -13,8 +13,10 @@ Translation (a flow row, an event row -> flow.Flow):
   DROP_REASON_UNKNOWN and the kernel's name is in the summary. Retransmits and resets: FORWARDED at to-stack,
   summary "TCP retransmit ..." / "TCP reset ...". connect/accept/close: Type SOCK, event_type trace-sock (7),
   summary "connect by <comm> (pid)", "close from <STATE> after <lifetime>".
-- Lost notices: GetFlowsResponse.lost_events (kernel and agent sources as PERF_EVENT_RING_BUFFER or
-  OBSERVER_EVENTS_QUEUE, a slow client's as HUBBLE_RING_BUFFER), with the count.
+- Lost notices: GetFlowsResponse.lost_events with the count and the interval (first, last): losses between the
+  kernel and the agent as PERF_EVENT_RING_BUFFER, a sink's full queue and the relay's late records as
+  OBSERVER_EVENTS_QUEUE, a slow client's as HUBBLE_RING_BUFFER (see lost_event_source); behind a relay the
+  response's node_name is the node that lost them.
 
 FlowFilter fields map onto filter terms (see FIELD_TERMS); a field flowscope cannot answer (FQDNs, services,
 L7, identities, ...) is INVALID_ARGUMENT naming it, never ignored.
@@ -29,7 +31,17 @@ import numpy as np
 import pandas as pd
 
 from flowscope.display import duration_us
-from flowscope.exporters.grpc.ring import CLIENT_SOURCE, Chunk, NodeNotice, Notice, Query, View, time_ns, view_of
+from flowscope.exporters.grpc.ring import (
+    CLIENT_SOURCE,
+    LATE_SOURCE,
+    Chunk,
+    NodeNotice,
+    Notice,
+    Query,
+    View,
+    time_ns,
+    view_of,
+)
 from flowscope.filters import Filter, FilterError, FilterSet, Term, term
 from flowscope.proto.codec import column_values, nanoseconds, timestamp, varint
 from flowscope.proto.hubble.flow import flow_pb2 as flow
@@ -221,24 +233,37 @@ class HubbleApi:
         return view_of(flows, events, time_ns(flows["time_end"]), time_ns(events["time"]), encode)
 
     def notice(self, notice: Notice, node: str) -> bytes:
-        if notice.source == CLIENT_SOURCE:
-            source = flow.HUBBLE_RING_BUFFER
-        elif notice.source.startswith("sink:"):
-            source = flow.OBSERVER_EVENTS_QUEUE
-        else:
-            source = flow.PERF_EVENT_RING_BUFFER
-        lost = flow.LostEvent(source=source, num_events_lost=notice.count)
+        origin, _, source = notice.source.rpartition("/")  # a relay's sources are "<node>/<source>"
+        lost = flow.LostEvent(
+            source=lost_event_source(source), num_events_lost=notice.count, first=timestamp(notice.time_start),
+            last=timestamp(notice.time_end),
+        )  # fmt: skip
         return observer.GetFlowsResponse(
-            lost_events=lost, node_name=node, time=timestamp(notice.time_end)
+            lost_events=lost, node_name=origin or node, time=timestamp(notice.time_end)
         ).SerializeToString()
 
     def progress(self, time_ns: int, node: str) -> None:
         return None
 
+    def pack(self, records: list[bytes]) -> list[bytes]:
+        return records  # one Flow per message, as Hubble's clients read them
+
     def node_status(self, notice: NodeNotice) -> bytes:
         state = {"connected": relay.NODE_CONNECTED, "unavailable": relay.NODE_UNAVAILABLE}[notice.state]
         status = relay.NodeStatusEvent(state_change=state, node_names=notice.nodes, message=notice.message)
         return observer.GetFlowsResponse(node_status=status).SerializeToString()
+
+
+def lost_event_source(source: str) -> int:
+    """Hubble's LostEventSource of a flowscope loss source: a client too slow for its queue reads too late from
+    the ring (HUBBLE_RING_BUFFER); a sink's full queue and the relay's late records are user-space stages that
+    did not keep up (OBSERVER_EVENTS_QUEUE); the rest is lost between the kernel and the agent (its maps, rings
+    and perf buffers: PERF_EVENT_RING_BUFFER)."""
+    if source == CLIENT_SOURCE:
+        return flow.HUBBLE_RING_BUFFER
+    if source.startswith("sink:") or source == LATE_SOURCE:
+        return flow.OBSERVER_EVENTS_QUEUE
+    return flow.PERF_EVENT_RING_BUFFER
 
 
 def nodes_response(nodes: Sequence[Any]) -> observer.GetNodesResponse:
@@ -275,7 +300,9 @@ class UnsupportedField(ValueError):
 
 
 def _pods(values: Sequence[str]) -> list[str]:
-    return [value.removeprefix("/") for value in values]  # "/name": a pod of any namespace
+    """Hubble's pod filters: "ns/prefix"; "prefix" alone is of namespace "default", as Hubble reads it (the
+    CLI sends `--pod name --namespace ns` as "ns/name"); "/prefix" is flowscope's: a pod of any namespace."""
+    return [value.removeprefix("/") if "/" in value else f"default/{value}" for value in values]
 
 
 def _workloads(values: Sequence[flow.Workload], name: str) -> list[str]:

@@ -1,5 +1,6 @@
 """flowscope's own service (flowscope.v1.FlowScope): GetFlows streams every column of the flow and event
-records (proto/codec.py), lost notices in-band and progress marks; ServerStatus, GetNodes, GetNamespaces."""
+records (proto/codec.py), packed many to a stream message (Records), lost notices in-band and progress marks;
+ServerStatus, GetNodes, GetNamespaces."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ _RESPONSE = pb.GetFlowsResponse.DESCRIPTOR.fields_by_name
 _FLOW, _EVENT = (varint(_RESPONSE[name].number << 3 | 2) for name in ("flow", "event"))
 _NODE_TAG = varint(_RESPONSE["node"].number << 3 | 2)
 NODE_STATES = {"connected": pb.NODE_CONNECTED, "unavailable": pb.NODE_UNAVAILABLE}
+_RECORDS_TAG = varint(_RESPONSE["records"].number << 3 | 2)
+_ITEM_TAG = varint(pb.Records.DESCRIPTOR.fields_by_name["items"].number << 3 | 2)
+PACK_BYTES = 256 * 1024  # per stream message: far below gRPC's 4 MiB default limit
 
 
 def node_suffix(node: str) -> bytes:
@@ -56,9 +60,27 @@ class OwnApi:
     def progress(self, time_ns: int, node: str) -> bytes:
         return pb.GetFlowsResponse(progress=pb.Progress(time=timestamp(time_ns)), node=node).SerializeToString()
 
+    def pack(self, records: list[bytes]) -> list[bytes]:
+        """The records' responses as few `records` messages of at most about PACK_BYTES each."""
+        messages, items, size = [], [], 0
+        for record in records:
+            items.append(_ITEM_TAG + varint(len(record)) + record)
+            size += len(items[-1])
+            if size >= PACK_BYTES:
+                messages.append(_records(items))
+                items, size = [], 0
+        if items:
+            messages.append(_records(items))
+        return messages
+
     def node_status(self, notice: NodeNotice) -> bytes:
         status = pb.NodeStatus(state=NODE_STATES[notice.state], nodes=notice.nodes, message=notice.message)
         return pb.GetFlowsResponse(node_status=status).SerializeToString()
+
+
+def _records(items: list[bytes]) -> bytes:
+    body = b"".join(items)
+    return _RECORDS_TAG + varint(len(body)) + body
 
 
 def filter_set(request: pb.GetFlowsRequest) -> FilterSet:

@@ -16,8 +16,9 @@ An agent that goes or comes back is announced in-band (node notices) and shown b
 
 The agents are the `--peer` list, or the pods a label selector finds through the Kubernetes API (list + watch,
 as the identity source does): every pod of the selection that is not terminated and has an IP is an agent at
-IP:--discover-port, named by its node until it answers. A pod that goes takes its agent out of the merge and of
-GetNodes; one that comes (again) brings it in, and an address seen before resumes after its last record.
+IP:--discover-port (a number, or the name of the pod's container port), named by its node until it answers. A
+pod that goes takes its agent out of the merge and of GetNodes; one that comes (again) brings it in, and an
+address seen before resumes after its last record.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import pandas as pd
 
 from flowscope.config import ClientConfig, RelayConfig
 from flowscope.coverage import Coverage
-from flowscope.exporters.grpc.ring import NodeNotice
+from flowscope.exporters.grpc.ring import LATE_SOURCE, NodeNotice
 from flowscope.exporters.grpc.server import NodeInfo
 from flowscope.kernel.catalog import ProbeStatus
 from flowscope.proto import codec
@@ -43,7 +44,6 @@ from flowscope.schema import FlowBatch
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF = 30.0
-LATE_SOURCE = "late"  # the lost notices of records older than what the relay already let out
 
 
 def peer_address(ip: str, port: int) -> str:
@@ -54,10 +54,11 @@ class AgentPods:
     """The catalog of the relay's Kubernetes source: the agent pods its label selector finds, told to `changed` as
     {address: node name} whenever they change."""
 
-    def __init__(self, port: int, changed: Callable[[dict[str, str]], None]) -> None:
-        self.port = port
+    def __init__(self, port: int | str, changed: Callable[[dict[str, str]], None]) -> None:
+        self.port = port  # a number, or the name of the agents' container port
         self.changed = changed
         self.pods: dict[str, Any] = {}  # uid -> PodMeta
+        self._portless: set[str] = set()  # pods without the named port, told once
         self._lock = threading.Lock()
 
     def replace(self, _kind: str, pods: list[Any]) -> None:
@@ -82,8 +83,18 @@ class AgentPods:
     def _publish(self) -> None:
         with self._lock:
             pods = sorted(self.pods.values(), key=lambda pod: (pod.namespace, pod.name))
-        running = [pod for pod in pods if pod.ips and not pod.terminated]
-        self.changed({peer_address(pod.ips[0], self.port): pod.node or pod.name for pod in running})
+        agents = {}
+        for pod in pods:
+            if not pod.ips or pod.terminated:
+                continue
+            port = self.port if isinstance(self.port, int) else pod.ports.get(self.port)
+            if port is None:
+                if pod.uid not in self._portless:
+                    self._portless.add(pod.uid)
+                    log.warning("relay: pod %s/%s has no container port named %s", pod.namespace, pod.name, self.port)
+                continue
+            agents[peer_address(pod.ips[0], port)] = pod.node or pod.name
+        self.changed(agents)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from flowscope.filters import FilterSet
 from flowscope.schema import FlowBatch
 
 CLIENT_SOURCE = "client"  # the lost notices of a client that read too slowly
+LATE_SOURCE = "late"  # a relay's: records older than what it already let out
 
 
 def time_ns(column: pd.Series) -> np.ndarray:
@@ -102,6 +103,8 @@ class Api(Protocol):
     def progress(self, time_ns: int, node: str) -> bytes | None: ...
 
     def node_status(self, notice: NodeNotice) -> bytes | None: ...
+
+    def pack(self, records: list[bytes]) -> list[bytes]: ...  # records' responses -> the stream's messages
 
 
 @dataclass
@@ -374,7 +377,7 @@ class Ring:
                     if encoded is not None:
                         yield encoded
             if len(positions):
-                yield from view.encode(positions)
+                yield from api.pack(view.encode(positions))
             if query.follow:  # a follower sees the past in its intervals, as it sees what comes (top --server)
                 encoded = api.progress(chunk.end, chunk.node)
                 if encoded is not None:
@@ -383,7 +386,7 @@ class Ring:
     def _item(self, api: Api, item: Item, follower: Follower) -> Iterator[bytes]:
         if item.positions is not None and item.view is not None:
             follower.delivered += len(item.positions)
-            yield from item.view.encode(item.positions)
+            yield from api.pack(item.view.encode(item.positions))
         elif item.notice is not None:
             encoded = api.notice(item.notice, "")
             if encoded is not None:

@@ -263,7 +263,7 @@ class FlowServer:
         state, ring = self.state(), self.ring.state()
         response = hubble_pb.ServerStatusResponse(
             num_flows=ring["buffered"], max_flows=ring["capacity"], seen_flows=ring["seen"],
-            uptime_ns=ring["uptime_ns"], version=VERSION,
+            uptime_ns=ring["uptime_ns"], version=VERSION, flows_rate=ring["rate"],
         )  # fmt: skip
         if state.nodes is not None:
             response.num_connected_nodes.value = sum(node.state == "connected" for node in state.nodes)

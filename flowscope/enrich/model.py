@@ -51,6 +51,7 @@ class PodMeta:
     # From the static file: the workload as the user names it (wins over the controller chain).
     workload: Controller | None = None
     containers: Mapping[str, str] = field(default_factory=dict)  # container id -> container name
+    ports: Mapping[str, int] = field(default_factory=dict)  # named TCP container ports: name -> port
     # The pod's only long-running container, when it has exactly one: traffic seen by netns or IP is its.
     sole_container: str | None = None
     config_hash: str | None = None
@@ -191,6 +192,19 @@ def _long_running_containers(spec: Mapping[str, Any]) -> list[str]:
     return names
 
 
+def _named_ports(spec: Mapping[str, Any]) -> dict[str, int]:
+    """The pod's named TCP container ports (name -> containerPort), as a Service's targetPort names them."""
+    ports: dict[str, int] = {}
+    for index, entry in enumerate(_list(spec.get("containers"), "spec.containers")):
+        entry = _mapping(entry, f"spec.containers[{index}]")
+        for number, port in enumerate(_list(entry.get("ports"), f"spec.containers[{index}].ports")):
+            port = _mapping(port, f"spec.containers[{index}].ports[{number}]")
+            value = port.get("containerPort")
+            if port.get("name") and port.get("protocol", "TCP") == "TCP" and isinstance(value, int):
+                ports.setdefault(text(port["name"], f"spec.containers[{index}].ports[{number}].name"), value)
+    return ports
+
+
 def parse_pod(obj: Any) -> PodMeta:
     metadata = metadata_of(obj)
     spec = _optional_mapping(obj.get("spec"), "spec")
@@ -224,6 +238,7 @@ def parse_pod(obj: Any) -> PodMeta:
         terminated=status.get("phase") in TERMINATED_PHASES,
         controller=_controller(metadata),
         containers=containers,
+        ports=_named_ports(spec),
         sole_container=long_running[0] if len(long_running) == 1 else None,
         config_hash=config_hash if isinstance(config_hash, str) and config_hash else None,
         start_time=_timestamp(status.get("startTime"), "status.startTime"),

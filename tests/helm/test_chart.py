@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.helm.chart import CHART, ROOT, RenderError, find, manifests, render_text, renderer
+from tests.helm.chart import CHART, ROOT, find, manifests, render_text, renderer
 from tests.kernel.image import SMALLEST
 
 FLOWSCOPE = str(Path(sys.executable).with_name("flowscope"))
@@ -39,6 +39,7 @@ VALUE_SETS = {
         },
         "agent": {"config": {"probes": {"interval": 0.5, "flow_map_size": 131072}, "stop_timeout": "15s"}},
     },
+    "discovery": {"relay": {"enabled": True}},
     "everything": {
         "fullnameOverride": "observe",
         "relay": {"enabled": True, "peers": ["10.0.0.1:4244"]},
@@ -109,8 +110,6 @@ PARSED = {"7d": 604800.0, "1GiB": 1 << 30, "15s": 15.0}
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_the_agent_accepts_every_key_the_chart_writes(render, value_set: str, tmp_path: Path) -> None:
     files = config_files(render(value_set))
-    # The metrics section comes with issue 12's exporter; until this tree has it, the rest is checked and the
-    # test says it could not check that section.
     for name, text in files.items():
         written = yaml.safe_load(text)
         path = tmp_path / name
@@ -178,11 +177,21 @@ def test_the_relay_gets_the_agents_and_their_certificates(render) -> None:
     assert pod["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
-def test_a_relay_without_agents_is_a_clear_error(render, tmp_path: Path) -> None:
-    values = tmp_path / "values.yaml"
-    values.write_text("relay: {enabled: true}\n")
-    with pytest.raises(RenderError, match=r"relay\.peers is empty: list the agents' API addresses"):
-        render_text(render.binary, values)
+def test_a_relay_without_peers_discovers_the_release_agent_pods_by_their_port_name(render) -> None:
+    docs = render("discovery")
+    relay = yaml.safe_load(config_files(docs)["relay.yaml"])
+    agent = find(docs, "DaemonSet", "-agent")["spec"]["template"]
+    selector = dict(requirement.split("=") for requirement in relay["relay"]["discover_selector"].split(","))
+    assert selector == {
+        "app.kubernetes.io/name": "flowscope", "app.kubernetes.io/instance": "fs",
+        "app.kubernetes.io/component": "agent",
+    }  # fmt: skip
+    assert selector.items() <= agent["metadata"]["labels"].items()  # the agents' pods, and only theirs
+    relay_pod = find(docs, "Deployment", "-relay")["spec"]["template"]["metadata"]["labels"]
+    assert not selector.items() <= relay_pod.items()
+    assert relay["relay"]["discover_port"] == "grpc"
+    ports = {p["name"]: p["containerPort"] for p in agent["spec"]["containers"][0]["ports"]}
+    assert ports["grpc"] == 4244
 
 
 # ---- RBAC from the code --------------------------------------------------------------------------------

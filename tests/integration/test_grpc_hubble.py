@@ -32,6 +32,18 @@ def agent(tmp_path_factory):
         yield agent
 
 
+def hubble_flows_of(pod: str) -> int:
+    """How many Hubble flows of the recording have `pod` on either side (a flow row of passed and dropped
+    packets is two flows)."""
+
+    def mine(frame):
+        return (frame["src_pod"] == pod) | (frame["dst_pod"] == pod)
+
+    drops, packets = FLOWS["drop_packets"].fillna(0), FLOWS["packets"].fillna(0)
+    forwarded, dropped = (drops == 0) | (packets > drops), drops > 0
+    return int((mine(FLOWS) & forwarded).sum() + (mine(FLOWS) & dropped).sum() + mine(EVENTS).sum())
+
+
 def flows(responses) -> list[flow.Flow]:
     return [r.flow for r in responses if r.HasField("flow")]
 
@@ -42,6 +54,8 @@ def test_hubble_status_checks_health_then_server_status(agent):
     assert check.status == health_pb2.HealthCheckResponse.SERVING
     status = agent.hubble().ServerStatus(observer.ServerStatusRequest())
     assert (status.num_flows, status.max_flows, status.seen_flows) == (33, 65536, 33)
+    last = BATCHES[-1]  # FLOWS PER SECOND: the latest interval's records per second
+    assert status.flows_rate == (len(last.flows) + len(last.events)) / 2.0 == 4.0
     assert status.uptime_ns > 0 and status.version.startswith("flowscope ")
 
 
@@ -88,7 +102,10 @@ def test_hubble_observe_gets_the_last_20_flows_with_every_printed_field(agent):
     connect = next(f for f in everything if f.Type == flow.SOCK)
     assert (connect.Summary, connect.event_type.type) == ("connect by checkout (4242)", 7)
     lost = [r.lost_events for r in responses if r.HasField("lost_events")]
-    assert [(e.source, e.num_events_lost) for e in lost] == [(flow.PERF_EVENT_RING_BUFFER, 2)]
+    # the recording lost 2 events in the kernel's ring between 12:00:06 and 12:00:08
+    assert [(e.source, e.num_events_lost, e.first.ToJsonString(), e.last.ToJsonString()) for e in lost] == [
+        (flow.PERF_EVENT_RING_BUFFER, 2, "2025-03-01T12:00:06Z", "2025-03-01T12:00:08Z")
+    ]
 
 
 def test_hubble_whitelist_and_blacklist_as_the_cli_sends_them(agent):
@@ -96,6 +113,12 @@ def test_hubble_whitelist_and_blacklist_as_the_cli_sends_them(agent):
     namespace = [flow.FlowFilter(source_pod=["kube-system/"]), flow.FlowFilter(destination_pod=["kube-system/"])]
     got = flows(agent.hubble().GetFlows(observer.GetFlowsRequest(number=MAX_UINT64, whitelist=namespace)))
     assert [(f.destination.pod_name, f.l4.UDP.destination_port) for f in got] == [("coredns-55", 53)] * 3
+    # --pod checkout: Hubble reads a pod without namespace as of "default" (none here); --pod checkout
+    # --namespace shop is sent as "shop/checkout", a prefix of the pod's name
+    for pods, want in ((["checkout"], 0), (["shop/checkout"], hubble_flows_of("checkout-7d9f"))):
+        pod = [flow.FlowFilter(source_pod=pods), flow.FlowFilter(destination_pod=pods)]
+        got = flows(agent.hubble().GetFlows(observer.GetFlowsRequest(number=MAX_UINT64, whitelist=pod)))
+        assert len(got) == want
     # --verdict DROPPED --not --protocol tcp: the drops of anything but TCP (the NETFILTER drops of 192.0.2.80)
     request = observer.GetFlowsRequest(
         number=MAX_UINT64, whitelist=[flow.FlowFilter(verdict=[flow.DROPPED])],

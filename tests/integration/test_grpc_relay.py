@@ -12,6 +12,8 @@ import pytest
 from flowscope.proto import codec
 from flowscope.proto.client import request
 from flowscope.proto.flowscope.v1 import flowscope_pb2 as pb
+from flowscope.proto.hubble.flow import flow_pb2 as flow
+from flowscope.proto.hubble.observer import observer_pb2 as observer
 from tests.integration.grpc_agents import Agent, interval_batches, recording
 from tests.waiting import wait_for
 
@@ -19,6 +21,7 @@ pytestmark = pytest.mark.timeout(240)
 START = pd.Timestamp("2025-03-01T12:00:00Z")
 INTERVALS, SECONDS, FLOWS = 80, 0.1, 20
 SPEED = "0.5"
+MAX_UINT64 = (1 << 64) - 1  # hubble observe --all
 
 
 def test_three_agents_behind_a_relay_one_restarted_mid_stream(tmp_path):
@@ -108,6 +111,9 @@ def test_records_older_than_what_the_relay_let_out_are_lost_in_band_as_late(tmp_
         wait_for(lambda: sum(r.flow.node == "b" for r in list(got)) == len(on_time) and lost_late() == late, 60,
                  "b's records on time and its late ones told lost")  # fmt: skip
         status = relay.client().status()
+        # hubble observe --all through the relay: the late records are a LostEvent of b's, a user-space stage
+        # (the relay's merge) that did not keep up, not a kernel ring's
+        hubble = list(relay.hubble().GetFlows(observer.GetFlowsRequest(number=MAX_UINT64)))
     finally:
         client.cancel()
         relay.stop()
@@ -122,3 +128,6 @@ def test_records_older_than_what_the_relay_let_out_are_lost_in_band_as_late(tmp_
     )
     assert lost_late() == late
     assert status.sources["b/late"] == pb.Count(produced=late, delivered=0, lost=late)
+    hubble_lost = [(r.node_name, r.lost_events.source) for r in hubble if r.HasField("lost_events")]
+    assert set(hubble_lost) == {("b", flow.OBSERVER_EVENTS_QUEUE)}
+    assert sum(r.lost_events.num_events_lost for r in hubble if r.HasField("lost_events")) == late

@@ -1,7 +1,8 @@
 """`flowscope relay --discover-selector`: the agents are the pods of a label selector, listed and watched through
 the Kubernetes API (the local server of test_k8s_apiserver, driven by the real client). Real agents serve on
-loopback addresses that stand for pod IPs (127.0.0.2-5, one API port): a pod added, removed or replaced changes
-the relay's agents, GetNodes names them, and the follower gets every record of every agent once."""
+loopback addresses that stand for pod IPs (127.0.0.2-5, one API port, found by its container port's name): a
+pod added, removed or replaced changes the relay's agents, GetNodes names them, and the follower gets every
+record of every agent once."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ START = pd.Timestamp("2025-03-01T12:00:00Z")
 SELECTOR = {"app.kubernetes.io/name": "flowscope", "app.kubernetes.io/component": "agent"}
 
 
-def agent_pod(name: str, ip: str | None, node: str) -> dict:
-    return pod("flowscope", name, ip, node=node, labels=SELECTOR)
+def agent_pod(name: str, ip: str | None, node: str, port: int, port_name: str = "grpc") -> dict:
+    """An agent's pod whose container declares its flow API port by name (as the chart's DaemonSet does)."""
+    return pod("flowscope", name, ip, node=node, labels=SELECTOR, ports={"metrics": 9464, port_name: port})
 
 
 def test_agent_pods_added_removed_and_replaced_are_the_relays_agents(tmp_path):
@@ -40,14 +42,16 @@ def test_agent_pods_added_removed_and_replaced_are_the_relays_agents(tmp_path):
     def nodes() -> set[tuple[str, int, str]]:
         return {(n.name, n.state, n.address) for n in relay.client().nodes().nodes}
 
-    pods = {name: api.add("pods", agent_pod(name, ip, node)) for name, ip, node in
+    pods = {name: api.add("pods", agent_pod(name, ip, node, port)) for name, ip, node in
             (("agent-a", "127.0.0.2", "a"), ("agent-b", "127.0.0.3", "b"), ("agent-c", None, "c"))}  # fmt: skip
     api.add("pods", pod("flowscope", "web", "127.0.0.9", node="a", labels={"app.kubernetes.io/name": "flowscope"}))
+    # a pod of the selection whose container names no port grpc (an older agent) is no agent either
+    api.add("pods", agent_pod("agent-old", "127.0.0.6", "d", port, port_name="api"))
     agents = {"a": start_agent("a", "127.0.0.2"), "b": start_agent("b", "127.0.0.3")}
     selector = ",".join(f"{k}={v}" for k, v in SELECTOR.items())
     kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
     relay = Agent.start(
-        tmp_path, None, "--discover-selector", selector, "--discover-port", str(port), "--kubeconfig",
+        tmp_path, None, "--discover-selector", selector, "--discover-port", "grpc", "--kubeconfig",
         str(kubeconfig), "--relay-interval", "0.1", "--backoff", "0.1", "--drain-timeout", "1", name="relay",
         command="relay",
     )  # fmt: skip
@@ -67,7 +71,7 @@ def test_agent_pods_added_removed_and_replaced_are_the_relays_agents(tmp_path):
         wait_for(lambda: nodes() == {("a", connected, address[2]), ("b", connected, address[3])}, 60, "a and b")
         wait_for(lambda: records("a") == records("b") == 50, 60, "a's and b's records")
         agents["c"] = start_agent("c1", "127.0.0.4")
-        api.modify("pods", agent_pod("agent-c", "127.0.0.4", "c") | {"metadata": pods["agent-c"]["metadata"]})
+        api.modify("pods", agent_pod("agent-c", "127.0.0.4", "c", port) | {"metadata": pods["agent-c"]["metadata"]})
         wait_for(lambda: nodes() == {("a", connected, address[2]), ("b", connected, address[3]),
                                      ("c", connected, address[4])}, 60, "c once its pod has an IP")  # fmt: skip
         wait_for(lambda: records("c") == 50, 60, "c's records")
@@ -77,7 +81,7 @@ def test_agent_pods_added_removed_and_replaced_are_the_relays_agents(tmp_path):
         # c's pod replaced: the old one deleted, a new one (another uid and IP) on the same node
         agents.pop("c").stop()
         api.delete("pods", pods["agent-c"])
-        api.add("pods", agent_pod("agent-c-2", "127.0.0.5", "c"))
+        api.add("pods", agent_pod("agent-c-2", "127.0.0.5", "c", port))
         agents["c"] = start_agent("c2", "127.0.0.5")
         wait_for(lambda: nodes() == {("a", connected, address[2]), ("c", connected, address[5])}, 60, "c replaced")
         wait_for(lambda: records("c") == 100, 60, "the new c's records")

@@ -370,9 +370,10 @@ def pod(
     host_network: bool = False,
     phase: str = "Running",
     more_ips: tuple[str, ...] = (),
+    ports: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """A pod as the API sends it; `containers` maps container name -> runtime container id; `more_ips` are
-    the pod's further addresses (dual stack)."""
+    the pod's further addresses (dual stack); `ports` the first container's named TCP ports (name -> port)."""
     containers = containers if containers is not None else {"app": uuid.uuid4().hex * 2}
     metadata: dict[str, Any] = {"namespace": namespace, "name": name, "uid": uid or str(uuid.uuid4()),
                                 "labels": labels or {}}  # fmt: skip
@@ -387,13 +388,12 @@ def pod(
     if ip:
         status["podIP"] = ip
         status["podIPs"] = [{"ip": address} for address in (ip, *more_ips)]
+    specs: list[dict[str, Any]] = [{"name": n, "image": "registry.example/app:1"} for n in containers]
+    if ports:
+        specs[0]["ports"] = [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports.items()]
     return {
         "metadata": metadata,
-        "spec": {
-            "nodeName": node,
-            "hostNetwork": host_network,
-            "containers": [{"name": n, "image": "registry.example/app:1"} for n in containers],
-        },
+        "spec": {"nodeName": node, "hostNetwork": host_network, "containers": specs},
         "status": status,
     }
 

@@ -28,7 +28,7 @@ from flowscope.proto.hubble.flow import flow_pb2 as flowscope_dot_proto_dot_hubb
 from flowscope.proto.hubble.relay import relay_pb2 as flowscope_dot_proto_dot_hubble_dot_relay_dot_relay__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.flowscope/proto/hubble/observer/observer.proto\x12\x08observer\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1egoogle/protobuf/wrappers.proto\x1a&flowscope/proto/hubble/flow/flow.proto\x1a(flowscope/proto/hubble/relay/relay.proto\"\x15\n\x13ServerStatusRequest\"\x87\x02\n\x14ServerStatusResponse\x12\x11\n\tnum_flows\x18\x01 \x01(\x04\x12\x11\n\tmax_flows\x18\x02 \x01(\x04\x12\x12\n\nseen_flows\x18\x03 \x01(\x04\x12\x11\n\tuptime_ns\x18\x04 \x01(\x04\x12\x39\n\x13num_connected_nodes\x18\x05 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12;\n\x15num_unavailable_nodes\x18\x06 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12\x19\n\x11unavailable_nodes\x18\x07 \x03(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\"\xe0\x01\n\x0fGetFlowsRequest\x12\x0e\n\x06number\x18\x01 \x01(\x04\x12\r\n\x05\x66irst\x18\t \x01(\x08\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x12#\n\tblacklist\x18\x05 \x03(\x0b\x32\x10.flow.FlowFilter\x12#\n\twhitelist\x18\x06 \x03(\x0b\x32\x10.flow.FlowFilter\x12)\n\x05since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd6\x01\n\x10GetFlowsResponse\x12\x1a\n\x04\x66low\x18\x01 \x01(\x0b\x32\n.flow.FlowH\x00\x12-\n\x0bnode_status\x18\x02 \x01(\x0b\x32\x16.relay.NodeStatusEventH\x00\x12&\n\x0blost_events\x18\x03 \x01(\x0b\x32\x0f.flow.LostEventH\x00\x12\x12\n\tnode_name\x18\xe8\x07 \x01(\t\x12)\n\x04time\x18\xe9\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x10\n\x0eresponse_types\"\x9c\x01\n\x15GetAgentEventsRequest\x12\x0e\n\x06number\x18\x01 \x01(\x04\x12\r\n\x05\x66irst\x18\t \x01(\x08\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12)\n\x05since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"~\n\x16GetAgentEventsResponse\x12%\n\x0b\x61gent_event\x18\x01 \x01(\x0b\x32\x10.flow.AgentEvent\x12\x12\n\tnode_name\x18\xe8\x07 \x01(\t\x12)\n\x04time\x18\xe9\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9c\x01\n\x15GetDebugEventsRequest\x12\x0e\n\x06number\x18\x01 \x01(\x04\x12\r\n\x05\x66irst\x18\t \x01(\x08\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12)\n\x05since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"~\n\x16GetDebugEventsResponse\x12%\n\x0b\x64\x65\x62ug_event\x18\x01 \x01(\x0b\x32\x10.flow.DebugEvent\x12\x12\n\tnode_name\x18\xe8\x07 \x01(\t\x12)\n\x04time\x18\xe9\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x11\n\x0fGetNodesRequest\"1\n\x10GetNodesResponse\x12\x1d\n\x05nodes\x18\x01 \x03(\x0b\x32\x0e.observer.Node\"\xc0\x01\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x1f\n\x05state\x18\x04 \x01(\x0e\x32\x10.relay.NodeState\x12\x1a\n\x03tls\x18\x05 \x01(\x0b\x32\r.observer.TLS\x12\x11\n\tuptime_ns\x18\x06 \x01(\x04\x12\x11\n\tnum_flows\x18\x07 \x01(\x04\x12\x11\n\tmax_flows\x18\x08 \x01(\x04\x12\x12\n\nseen_flows\x18\t \x01(\x04\"+\n\x03TLS\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x13\n\x0bserver_name\x18\x02 \x01(\t2\x99\x03\n\x08Observer\x12\x45\n\x08GetFlows\x12\x19.observer.GetFlowsRequest\x1a\x1a.observer.GetFlowsResponse\"\x00\x30\x01\x12W\n\x0eGetAgentEvents\x12\x1f.observer.GetAgentEventsRequest\x1a .observer.GetAgentEventsResponse\"\x00\x30\x01\x12W\n\x0eGetDebugEvents\x12\x1f.observer.GetDebugEventsRequest\x1a .observer.GetDebugEventsResponse\"\x00\x30\x01\x12\x43\n\x08GetNodes\x12\x19.observer.GetNodesRequest\x1a\x1a.observer.GetNodesResponse\"\x00\x12O\n\x0cServerStatus\x12\x1d.observer.ServerStatusRequest\x1a\x1e.observer.ServerStatusResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.flowscope/proto/hubble/observer/observer.proto\x12\x08observer\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1egoogle/protobuf/wrappers.proto\x1a&flowscope/proto/hubble/flow/flow.proto\x1a(flowscope/proto/hubble/relay/relay.proto\"\x15\n\x13ServerStatusRequest\"\x9b\x02\n\x14ServerStatusResponse\x12\x11\n\tnum_flows\x18\x01 \x01(\x04\x12\x11\n\tmax_flows\x18\x02 \x01(\x04\x12\x12\n\nseen_flows\x18\x03 \x01(\x04\x12\x11\n\tuptime_ns\x18\x04 \x01(\x04\x12\x39\n\x13num_connected_nodes\x18\x05 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12;\n\x15num_unavailable_nodes\x18\x06 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12\x19\n\x11unavailable_nodes\x18\x07 \x03(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x12\n\nflows_rate\x18\t \x01(\x01\"\xe0\x01\n\x0fGetFlowsRequest\x12\x0e\n\x06number\x18\x01 \x01(\x04\x12\r\n\x05\x66irst\x18\t \x01(\x08\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x12#\n\tblacklist\x18\x05 \x03(\x0b\x32\x10.flow.FlowFilter\x12#\n\twhitelist\x18\x06 \x03(\x0b\x32\x10.flow.FlowFilter\x12)\n\x05since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd6\x01\n\x10GetFlowsResponse\x12\x1a\n\x04\x66low\x18\x01 \x01(\x0b\x32\n.flow.FlowH\x00\x12-\n\x0bnode_status\x18\x02 \x01(\x0b\x32\x16.relay.NodeStatusEventH\x00\x12&\n\x0blost_events\x18\x03 \x01(\x0b\x32\x0f.flow.LostEventH\x00\x12\x12\n\tnode_name\x18\xe8\x07 \x01(\t\x12)\n\x04time\x18\xe9\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x10\n\x0eresponse_types\"\x9c\x01\n\x15GetAgentEventsRequest\x12\x0e\n\x06number\x18\x01 \x01(\x04\x12\r\n\x05\x66irst\x18\t \x01(\x08\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12)\n\x05since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"~\n\x16GetAgentEventsResponse\x12%\n\x0b\x61gent_event\x18\x01 \x01(\x0b\x32\x10.flow.AgentEvent\x12\x12\n\tnode_name\x18\xe8\x07 \x01(\t\x12)\n\x04time\x18\xe9\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9c\x01\n\x15GetDebugEventsRequest\x12\x0e\n\x06number\x18\x01 \x01(\x04\x12\r\n\x05\x66irst\x18\t \x01(\x08\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12)\n\x05since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"~\n\x16GetDebugEventsResponse\x12%\n\x0b\x64\x65\x62ug_event\x18\x01 \x01(\x0b\x32\x10.flow.DebugEvent\x12\x12\n\tnode_name\x18\xe8\x07 \x01(\t\x12)\n\x04time\x18\xe9\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x11\n\x0fGetNodesRequest\"1\n\x10GetNodesResponse\x12\x1d\n\x05nodes\x18\x01 \x03(\x0b\x32\x0e.observer.Node\"\xc0\x01\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x1f\n\x05state\x18\x04 \x01(\x0e\x32\x10.relay.NodeState\x12\x1a\n\x03tls\x18\x05 \x01(\x0b\x32\r.observer.TLS\x12\x11\n\tuptime_ns\x18\x06 \x01(\x04\x12\x11\n\tnum_flows\x18\x07 \x01(\x04\x12\x11\n\tmax_flows\x18\x08 \x01(\x04\x12\x12\n\nseen_flows\x18\t \x01(\x04\"+\n\x03TLS\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x13\n\x0bserver_name\x18\x02 \x01(\t2\x99\x03\n\x08Observer\x12\x45\n\x08GetFlows\x12\x19.observer.GetFlowsRequest\x1a\x1a.observer.GetFlowsResponse\"\x00\x30\x01\x12W\n\x0eGetAgentEvents\x12\x1f.observer.GetAgentEventsRequest\x1a .observer.GetAgentEventsResponse\"\x00\x30\x01\x12W\n\x0eGetDebugEvents\x12\x1f.observer.GetDebugEventsRequest\x1a .observer.GetDebugEventsResponse\"\x00\x30\x01\x12\x43\n\x08GetNodes\x12\x19.observer.GetNodesRequest\x1a\x1a.observer.GetNodesResponse\"\x00\x12O\n\x0cServerStatus\x12\x1d.observer.ServerStatusRequest\x1a\x1e.observer.ServerStatusResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,27 +38,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVERSTATUSREQUEST']._serialized_start=207
   _globals['_SERVERSTATUSREQUEST']._serialized_end=228
   _globals['_SERVERSTATUSRESPONSE']._serialized_start=231
-  _globals['_SERVERSTATUSRESPONSE']._serialized_end=494
-  _globals['_GETFLOWSREQUEST']._serialized_start=497
-  _globals['_GETFLOWSREQUEST']._serialized_end=721
-  _globals['_GETFLOWSRESPONSE']._serialized_start=724
-  _globals['_GETFLOWSRESPONSE']._serialized_end=938
-  _globals['_GETAGENTEVENTSREQUEST']._serialized_start=941
-  _globals['_GETAGENTEVENTSREQUEST']._serialized_end=1097
-  _globals['_GETAGENTEVENTSRESPONSE']._serialized_start=1099
-  _globals['_GETAGENTEVENTSRESPONSE']._serialized_end=1225
-  _globals['_GETDEBUGEVENTSREQUEST']._serialized_start=1228
-  _globals['_GETDEBUGEVENTSREQUEST']._serialized_end=1384
-  _globals['_GETDEBUGEVENTSRESPONSE']._serialized_start=1386
-  _globals['_GETDEBUGEVENTSRESPONSE']._serialized_end=1512
-  _globals['_GETNODESREQUEST']._serialized_start=1514
-  _globals['_GETNODESREQUEST']._serialized_end=1531
-  _globals['_GETNODESRESPONSE']._serialized_start=1533
-  _globals['_GETNODESRESPONSE']._serialized_end=1582
-  _globals['_NODE']._serialized_start=1585
-  _globals['_NODE']._serialized_end=1777
-  _globals['_TLS']._serialized_start=1779
-  _globals['_TLS']._serialized_end=1822
-  _globals['_OBSERVER']._serialized_start=1825
-  _globals['_OBSERVER']._serialized_end=2234
+  _globals['_SERVERSTATUSRESPONSE']._serialized_end=514
+  _globals['_GETFLOWSREQUEST']._serialized_start=517
+  _globals['_GETFLOWSREQUEST']._serialized_end=741
+  _globals['_GETFLOWSRESPONSE']._serialized_start=744
+  _globals['_GETFLOWSRESPONSE']._serialized_end=958
+  _globals['_GETAGENTEVENTSREQUEST']._serialized_start=961
+  _globals['_GETAGENTEVENTSREQUEST']._serialized_end=1117
+  _globals['_GETAGENTEVENTSRESPONSE']._serialized_start=1119
+  _globals['_GETAGENTEVENTSRESPONSE']._serialized_end=1245
+  _globals['_GETDEBUGEVENTSREQUEST']._serialized_start=1248
+  _globals['_GETDEBUGEVENTSREQUEST']._serialized_end=1404
+  _globals['_GETDEBUGEVENTSRESPONSE']._serialized_start=1406
+  _globals['_GETDEBUGEVENTSRESPONSE']._serialized_end=1532
+  _globals['_GETNODESREQUEST']._serialized_start=1534
+  _globals['_GETNODESREQUEST']._serialized_end=1551
+  _globals['_GETNODESRESPONSE']._serialized_start=1553
+  _globals['_GETNODESRESPONSE']._serialized_end=1602
+  _globals['_NODE']._serialized_start=1605
+  _globals['_NODE']._serialized_end=1797
+  _globals['_TLS']._serialized_start=1799
+  _globals['_TLS']._serialized_end=1842
+  _globals['_OBSERVER']._serialized_start=1845
+  _globals['_OBSERVER']._serialized_end=2254
 # @@protoc_insertion_point(module_scope)

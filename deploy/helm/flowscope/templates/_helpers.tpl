@@ -68,10 +68,16 @@ app.kubernetes.io/component: {{ .component }}
 {{- toYaml (mergeOverwrite $managed (deepCopy .Values.agent.config)) -}}
 {{- end -}}
 
+{{/* The relay's config file: its agents are relay.peers, or else the agent pods of this release, found
+     through the Kubernetes API at their container port named grpc. */}}
 {{- define "flowscope.relayConfig" -}}
 {{- $managed := dict
   "grpc" (dict "address" (printf "0.0.0.0:%d" (int .Values.relay.port)) "plaintext_anywhere" true "socket" "/run/flowscope/flowscope.sock" "hubble_socket" "/run/flowscope/hubble.sock")
   "client" (dict "tls" true "tls_ca" "/etc/flowscope/tls/ca.crt" "tls_client_cert" "/etc/flowscope/tls/client.crt" "tls_client_key" "/etc/flowscope/tls/client.key" "tls_server_name" (include "flowscope.agentServerName" .))
   "relay" (dict "peers" .Values.relay.peers) -}}
+{{- if not .Values.relay.peers -}}
+{{- $selector := printf "app.kubernetes.io/name=%s,app.kubernetes.io/instance=%s,app.kubernetes.io/component=agent" .Chart.Name .Release.Name -}}
+{{- $_ := set $managed "relay" (dict "discover_selector" $selector "discover_port" "grpc") -}}
+{{- end -}}
 {{- toYaml (mergeOverwrite $managed (deepCopy .Values.relay.config)) -}}
 {{- end -}}
