@@ -9,10 +9,12 @@ process's pid and comm.
   server   ADDRESS PORT --connections N         prints "ready", accepts N connections, reads each to its
                                                 end, closes it; reports the connections (remote port, and
                                                 the kernel's smoothed RTT of the socket before it closed)
-  client   --src A --dst B --dport Q --bytes N [--chunk C] [--pause S]
+  client   --src A --dst B --dport Q --bytes N [--chunk C] [--pause S] [--wait-acked]
            sends N bytes in chunks of C (pausing S seconds between chunks), half-closes, waits for the peer
            to close; reports the source port and the kernel's TCP_INFO: total_retrans, rtt_us, and
-           rtt_us_seen (the smoothed RTT read once connected and after each chunk)
+           rtt_us_seen (the smoothed RTT read once connected and after each chunk). With --wait-acked each
+           chunk's RTT is read once the peer has acknowledged all of it, so with chunks of one segment every
+           value the socket's smoothed RTT takes is in rtt_us_seen
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import time
 PATH = os.path.abspath(__file__)
 TCP_INFO_TOTAL_RETRANS = 100  # byte offsets in struct tcp_info (UAPI, stable)
 TCP_INFO_RTT = 68
+TCP_INFO_UNACKED = 24
+ACK_DEADLINE = 30.0  # seconds; bounds a hang only
 
 
 def family(address: str) -> socket.AddressFamily:
@@ -41,6 +45,19 @@ def tcp_info(sock: socket.socket) -> tuple[int, int]:
     (total_retrans,) = struct.unpack_from("<I", info, TCP_INFO_TOTAL_RETRANS)
     (rtt_us,) = struct.unpack_from("<I", info, TCP_INFO_RTT)
     return total_retrans, rtt_us
+
+
+def unacked(sock: socket.socket) -> int:
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return struct.unpack_from("<I", info, TCP_INFO_UNACKED)[0]
+
+
+def wait_acked(sock: socket.socket) -> None:
+    deadline = time.monotonic() + ACK_DEADLINE
+    while unacked(sock):
+        if time.monotonic() > deadline:
+            raise SystemExit("socket_traffic: the peer did not acknowledge the data in time")
+        time.sleep(0.001)
 
 
 def report(**values: object) -> None:
@@ -93,6 +110,8 @@ def client(args: argparse.Namespace) -> None:
         size = min(remaining, len(chunk))
         sock.sendall(chunk[:size])
         remaining -= size
+        if args.wait_acked:
+            wait_acked(sock)
         if args.pause and remaining:
             time.sleep(args.pause)
         rtt_us_seen.append(tcp_info(sock)[1])
@@ -129,6 +148,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--bytes", type=int, required=True)
     p.add_argument("--chunk", type=int, default=64 * 1024)
     p.add_argument("--pause", type=float, default=0.0)
+    p.add_argument("--wait-acked", action="store_true")
     p.set_defaults(run=client)
     args = parser.parse_args(argv)
     args.run(args)
