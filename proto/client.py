@@ -141,6 +141,7 @@ class Client:
             if err.code() != grpc.StatusCode.CANCELLED:
                 raise explain(err, self.config.server) from None
         finally:
+            call.cancel()  # a follow left (Ctrl-C in it, or its reader gone) ends at the server too
             self._calls.remove(call)
 
     def cancel(self) -> None:

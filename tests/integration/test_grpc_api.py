@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
 import threading
 
 import grpc
@@ -17,7 +19,14 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from flowscope.proto import codec
 from flowscope.proto.client import ClientError, request
 from flowscope.proto.flowscope.v1 import flowscope_pb2 as pb
-from tests.integration.grpc_agents import Agent, interval_batches, recording, run_flowscope
+from tests.integration.grpc_agents import (
+    ENVIRONMENT,
+    FLOWSCOPE,
+    Agent,
+    interval_batches,
+    recording,
+    run_flowscope,
+)
 from tests.ui.scenario import shop_batches, write_replay
 
 pytestmark = pytest.mark.timeout(180)
@@ -213,6 +222,27 @@ def test_observe_and_status_as_a_user_runs_them(shop_agent):
     assert gone.returncode == 1 and gone.stderr.startswith(
         f"flowscope status: no flowscope server answers on unix://{shop_agent.socket}.absent"
     )
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_observe_follow_ends_at_sigint_with_status_130(shop_agent, tmp_path, sigint):
+    """Ctrl-C ends `observe -f` (as it ends `hubble observe -f`), also one started with SIGINT ignored, as a
+    background job of a non-interactive shell is (Python would leave it ignored and the follow would never end)."""
+    ignore = 'trap "" INT; ' if sigint == "ignored" else ""
+    server = f"unix://{shop_agent.socket}"
+    argv = ["sh", "-c", f'{ignore}exec "$0" "$@"', FLOWSCOPE, "observe", "--server", server, "--last", "3", "-f",
+            "-o", "jsonl"]  # fmt: skip
+    with open(tmp_path / "observe.err", "w") as errors:
+        observe = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True, env=ENVIRONMENT)
+    try:
+        records = [json.loads(observe.stdout.readline()) for _ in range(3)]  # then it follows: nothing more comes
+        observe.send_signal(signal.SIGINT)
+        observe.wait(timeout=60)
+    finally:
+        observe.kill()
+        observe.wait()
+    assert [(r["type"], r["src_port"], r["dst_port"]) for r in records] == [(e[1], e[3], e[5]) for e in expected()[-3:]]
+    assert (observe.returncode, observe.stdout.read(), (tmp_path / "observe.err").read_text()) == (130, "", "")
 
 
 def test_read_grpc_gives_the_typed_frame_of_the_recording(shop_agent):

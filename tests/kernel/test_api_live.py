@@ -50,11 +50,13 @@ def rule_packets(pair: Pair) -> int:
 class Followers:
     """`flowscope observe -f -o jsonl` and a Hubble GetFlows follow on the agent, read as they arrive."""
 
-    def __init__(self, socket: Path, hubble_socket: Path) -> None:
-        self.observe = subprocess.Popen(
-            [FLOWSCOPE, "observe", "--server", f"unix://{socket}", "-f", "-o", "jsonl"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+    def __init__(self, socket: Path, hubble_socket: Path, directory: Path) -> None:
+        self.errors = directory / "observe.err"
+        with open(self.errors, "w") as errors:  # a file: nothing has to read it while observe runs
+            self.observe = subprocess.Popen(
+                [FLOWSCOPE, "observe", "--server", f"unix://{socket}", "-f", "-o", "jsonl"],
+                stdout=subprocess.PIPE, stderr=errors, text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+            )  # fmt: skip
         self.records: list[dict] = []
         self.hubble: list[flow.Flow] = []
         self.channel = grpc.insecure_channel(f"unix://{hubble_socket}")
@@ -77,13 +79,22 @@ class Followers:
             assert err.code() == grpc.StatusCode.CANCELLED, err
 
     def stop(self) -> str:
+        """Ends both follows (observe as by Ctrl-C, with the exit status 130 that says so) and returns observe's
+        stderr. An observe still running a minute after SIGINT is made to print its threads' stacks (faulthandler
+        on SIGABRT) into the failure."""
         self.call.cancel()
         self.observe.send_signal(signal.SIGINT)
-        _, errors = self.observe.communicate(timeout=60)
+        try:
+            self.observe.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.observe.send_signal(signal.SIGABRT)
+            self.observe.wait(timeout=60)
+            raise AssertionError(f"observe -f did not exit after SIGINT:\n{self.errors.read_text()}") from None
         for thread in self.threads:
             thread.join(10)
         self.channel.close()
-        return errors
+        assert self.observe.returncode == 130, self.errors.read_text()
+        return self.errors.read_text()
 
 
 def own_totals(records: list[dict], src: str, dst: str) -> dict[int, tuple]:
@@ -132,15 +143,17 @@ def test_observe_and_a_hubble_client_get_the_lab_traffic_and_its_drops_exactly(t
         src, dst = pair.addresses(4)
         pair.server.run("iptables", "-w", "-A", "INPUT", "-p", "udp", "--dport", str(FILTERED), "-j", "DROP")
         start_sink(pair.server, "udp-sink", dst, str(FILTERED), str(OPEN))
-        agent = pair.client.popen(
-            FLOWSCOPE, "agent", "-i", "fstpC", "--interval", "0.5", "--node-name", f"apilive-{os.getpid()}",
-            "--status-socket", str(sockets["status"]), "--grpc-socket", str(sockets["api"]),
-            "--hubble-socket", str(sockets["hubble"]), *TABLES,
-            stderr=subprocess.PIPE, env={**os.environ, "FLOWSCOPE_FLOWLOG_ENABLED": "0"},
-        )  # fmt: skip
+        agent_log = tmp_path / "agent.err"
+        with agent_log.open("w") as agent_errors:  # a file: nothing has to read it while the agent runs
+            agent = pair.client.popen(
+                FLOWSCOPE, "agent", "-i", "fstpC", "--interval", "0.5", "--node-name", f"apilive-{os.getpid()}",
+                "--status-socket", str(sockets["status"]), "--grpc-socket", str(sockets["api"]),
+                "--hubble-socket", str(sockets["hubble"]), *TABLES,
+                stderr=agent_errors, env={**os.environ, "FLOWSCOPE_FLOWLOG_ENABLED": "0"},
+            )  # fmt: skip
         wait_for(lambda: sockets["status"].exists() and agent_intervals(sockets["status"]) >= 1, READY_TIMEOUT,
                  "the agent's first interval")  # fmt: skip
-        followers = Followers(sockets["api"], sockets["hubble"])
+        followers = Followers(sockets["api"], sockets["hubble"], tmp_path)
         client = Client(ClientConfig(server=f"unix://{sockets['api']}", timeout=10.0))
         wait_for(lambda: client.status().clients == 2, 60, "both followers registered")
         for dport, (sport, count) in SENT.items():
@@ -171,10 +184,10 @@ def test_observe_and_a_hubble_client_get_the_lab_traffic_and_its_drops_exactly(t
             client.close()
             errors = followers.stop()
             agent.send_signal(signal.SIGTERM)
-            _, agent_errors = agent.communicate(timeout=60)
+            agent.wait(timeout=60)
     assert blocked == 4
     assert own_totals(followers.records, src, dst) == own
     assert hubble_totals(followers.hubble, src, dst) == hubble
     assert served.client_lost == 0 and errors == ""
-    assert agent.returncode == 0, agent_errors
+    assert agent.returncode == 0, agent_log.read_text()
     assert pd.Series([r["node"] for r in followers.records]).eq(f"apilive-{os.getpid()}").all()
