@@ -26,10 +26,14 @@ class Dumpcap:
         # A short snapshot is enough (frame.len keeps the real length); a large buffer keeps up with bursts.
         argv = ["dumpcap", "-i", ifname, "-w", str(path), "-s", str(snaplen), "-B", "64", "-q"]
         self.process = netns.popen(*argv, stderr=subprocess.PIPE)
-        first = self.process.stderr.readline()
-        if not first.startswith("Capturing on"):
+        # dumpcap prints "Capturing on" before it opens the interface and "File:" once the interface is open
+        # and the file created: only packets after "File:" are sure to be captured.
+        said = [self.process.stderr.readline()]
+        if said[0].startswith("Capturing on"):
+            said.append(self.process.stderr.readline())
+        if not said[-1].startswith("File:"):
             self.process.kill()
-            raise AssertionError(f"dumpcap did not start: {first}{self.process.stderr.read()}")
+            raise AssertionError(f"dumpcap did not start: {''.join(said)}{self.process.stderr.read()}")
         self.received = self.dropped = -1
 
     def __enter__(self) -> Dumpcap:
