@@ -148,6 +148,10 @@ class ProbesConfig(Section):
         False, "run each probe family's kprobe variant where the kernel has kprobes, instead of its tracepoints",
         flag="--prefer-kprobes",
     )  # fmt: skip
+    state_dir: str = option(
+        "/run/flowscope", "directory of flowscope's state (the tc qdiscs it created, per network namespace)",
+        flag="--state-dir", metavar="DIR",
+    )  # fmt: skip
 
     _pages = field_validator("ring_pages", "perf_pages")(_power_of_two)
 

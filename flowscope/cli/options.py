@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from pathlib import Path
 from typing import Any, NoReturn
 
 from flowscope.config import SETTINGS, Config, ConfigError, Setting, load, section_settings
@@ -150,4 +151,10 @@ def open_source(config: Config, default_speed: float = 0.0) -> BatchSource:
         )
     from flowscope.pipeline.live import LiveSource
 
-    return LiveSource(load_options(config), interval=config.probes.interval, node=node_name(config.identity))
+    probes = config.probes
+    return LiveSource(
+        load_options(config),
+        interval=probes.interval,
+        node=node_name(config.identity),
+        state_dir=Path(probes.state_dir),
+    )

@@ -6,6 +6,12 @@ start removes those whose owner is gone, while the filters of a flowscope that s
 `capture` started next to it) stay. A clsact qdisc is created only where none exists and recorded in a
 state file; flowscope removes such a qdisc only when it holds no filter of anyone else. Filters and
 qdiscs that someone else created are never touched.
+
+The state file of a network namespace is named by its inode, which the kernel hands to a new namespace once
+the old one is gone, so the record also holds the namespace's cookie (unique until reboot) and the boot id:
+a record that a namespace inherited with its inode is ignored, and records of namespaces that no longer
+exist are deleted at start. Both err the safe way: a record wrongly dropped leaves an empty clsact behind,
+never removes one that someone else made.
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import socket
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,32 +37,112 @@ EGRESS_PARENT = 0xFFFFFFF3
 CLSACT_PARENT = 0xFFFFFFF1
 PREFERRED_PRIORITY = 1  # run before other filters so flowscope sees packets others may drop
 STATE_DIR = Path("/run/flowscope")
+SO_NETNS_COOKIE = 71  # asm-generic socket option (Linux 5.14); the socket module does not name it
+STATE_FILE = re.compile(r"tc-qdiscs-(\d+)\.json")
 
 
 class TcError(RuntimeError):
     pass
 
 
-def _state_file(state_dir: Path) -> Path:
-    # One file per network namespace (the same inode for every process in it).
-    netns = os.stat("/proc/self/ns/net").st_ino
-    return state_dir / f"tc-qdiscs-{netns}.json"
+@dataclass(frozen=True)
+class NetnsIdentity:
+    """This process's network namespace: its inode names the state file; cookie and boot tell it apart from
+    an earlier namespace that had the same inode."""
+
+    inode: int
+    cookie: int | None  # None on kernels without SO_NETNS_COOKIE: the inode alone is trusted there
+    boot: str
+
+    @classmethod
+    def current(cls) -> NetnsIdentity:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            try:
+                cookie = struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+            except OSError:
+                cookie = None
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return cls(os.stat("/proc/self/ns/net").st_ino, cookie, boot)
+
+
+def _state_file(state_dir: Path, netns: NetnsIdentity) -> Path:
+    return state_dir / f"tc-qdiscs-{netns.inode}.json"
 
 
 def _load_created(state_dir: Path) -> dict[str, int]:
+    """The qdiscs (interface name: index) that flowscope created in this network namespace."""
+    netns = NetnsIdentity.current()
+    path = _state_file(state_dir, netns)
     try:
-        return json.loads(_state_file(state_dir).read_text())
-    except (OSError, ValueError):
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as err:
+        log.warning("ignoring the unreadable tc state %s: %s", path, err)
+        return {}
+    if not isinstance(record, dict) or record.get("netns_cookie") != netns.cookie or record.get("boot") != netns.boot:
+        log.info("ignoring %s: written in an earlier network namespace that had this one's inode", path)
+        return {}
+    qdiscs = record.get("qdiscs")
+    if not isinstance(qdiscs, dict):
+        return {}
+    return {name: index for name, index in qdiscs.items() if isinstance(name, str) and isinstance(index, int)}
 
 
 def _save_created(state_dir: Path, created: dict[str, int]) -> None:
-    path = _state_file(state_dir)
+    netns = NetnsIdentity.current()
+    path = _state_file(state_dir, netns)
     if not created:
         path.unlink(missing_ok=True)
         return
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(created))
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    record = {"netns_cookie": netns.cookie, "boot": netns.boot, "qdiscs": created}
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(record))
+    os.replace(partial, path)  # a flowscope next to this one reads the old record or the new, never half
+
+
+def live_netns_inodes(proc: Path = Path("/proc")) -> set[int]:
+    """The network namespaces this process can see: those of every thread, and those bind-mounted (ip netns)
+    in its mount namespace. One that only an open descriptor or another mount namespace keeps alive is not
+    among them."""
+    inodes = set()
+    for task in proc.glob("[0-9]*/task/[0-9]*"):
+        try:
+            inodes.add(os.stat(task / "ns/net").st_ino)
+        except OSError:
+            continue  # exited, or not ours to look at
+    try:
+        mounts = (proc / "self/mountinfo").read_text()
+    except OSError:
+        mounts = ""
+    inodes.update(int(inode) for inode in re.findall(r" net:\[(\d+)\] ", mounts))
+    return inodes
+
+
+def prune_state(state_dir: Path, live: set[int]) -> list[int]:
+    """Deletes the state files of network namespaces not in `live` (and of earlier boots); returns their
+    inodes."""
+    boot = NetnsIdentity.current().boot
+    pruned = []
+    try:
+        entries = list(os.scandir(state_dir))
+    except OSError:
+        return []
+    for entry in entries:
+        match = STATE_FILE.fullmatch(entry.name)
+        if match is None:
+            continue
+        inode = int(match[1])
+        try:
+            record = json.loads(Path(entry.path).read_text())
+        except (OSError, ValueError):
+            record = None
+        earlier_boot = not isinstance(record, dict) or record.get("boot") != boot
+        if inode not in live or earlier_boot:
+            Path(entry.path).unlink(missing_ok=True)
+            pruned.append(inode)
+    return pruned
 
 
 @dataclass(frozen=True)
@@ -190,7 +279,11 @@ def _remove_created_qdisc(ipr: IPRoute, ifindex: int) -> bool:
 
 def remove_stale(state_dir: Path = STATE_DIR) -> int:
     """Removes flowscope filters whose process is gone (and the clsact qdiscs flowscope created that are
-    left empty); returns the number of filters removed. Only this network namespace is visited."""
+    left empty); returns the number of filters removed. Only this network namespace is visited; the state
+    of namespaces that no longer exist is deleted."""
+    pruned = prune_state(state_dir, live_netns_inodes())
+    if pruned:
+        log.info("deleted the tc state of %d network namespaces that no longer exist", len(pruned))
     removed = 0
     with IPRoute() as ipr:
         for link in ipr.get_links():

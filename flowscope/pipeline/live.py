@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,11 +30,18 @@ POLL_SLICE_MS = 100  # how often an interval looks whether it was asked to stop
 
 
 class LiveSource:
-    def __init__(self, options: LoadOptions, interval: float = 1.0, node: str | None = None) -> None:
+    def __init__(
+        self,
+        options: LoadOptions,
+        interval: float = 1.0,
+        node: str | None = None,
+        state_dir: Path = tc.STATE_DIR,
+    ) -> None:
         self.options = options
         self.interval = interval
         self.node = node or socket.gethostname()
-        self._attachments = tc.TcAttachments()
+        self.state_dir = state_dir
+        self._attachments = tc.TcAttachments(state_dir)
         self._symbols = KernelSymbols()
         self._reader: KernelReader | None = None
         self.map_fill: dict[str, float] = {}  # per drained map: entries of the last drain / its capacity
@@ -46,7 +54,7 @@ class LiveSource:
         self.interfaces = interfaces
         self.loaded: LoadedProbes = load(options)  # first: it says what is missing (bcc, privileges)
         try:
-            removed = tc.remove_stale()
+            removed = tc.remove_stale(state_dir)
             if removed:
                 log.info("removed %d tc filters left by an earlier flowscope process", removed)
             if self.loaded.is_active("tc_flows"):

@@ -61,3 +61,12 @@ def tc_lab() -> Iterator[Lab]:
     """A lab of the tc flow tests: namespaces fstc-*, 10.201.0.0/16 and fd00:201::/64."""
     with Lab("fstc-", "10.201.0.0/16", "fd00:201::/64") as lab:
         yield lab
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """flowscope's state (the tc qdiscs it created) goes to a directory of each test's own, not
+    /run/flowscope: what a test killed half-way leaves there reaches neither a later test nor the host."""
+    path = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("FLOWSCOPE_STATE_DIR", str(path))
+    return path

@@ -11,8 +11,9 @@ import json
 import signal
 import sys
 import threading
+from pathlib import Path
 
-from flowscope.config import FlowLogConfig
+from flowscope.config import FlowLogConfig, load
 from flowscope.exporters.flowlog import FlowLogSink
 from flowscope.exporters.jsonl import JsonlSink
 from flowscope.kernel.loader import LoadOptions
@@ -43,7 +44,8 @@ class StuckSink:
 def main(interface: str, path: str, flowlog: str) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    source = LiveSource(LoadOptions(interfaces=[interface]), interval=0.2)
+    state_dir = Path(load().probes.state_dir)  # the test's own (FLOWSCOPE_STATE_DIR)
+    source = LiveSource(LoadOptions(interfaces=[interface]), interval=0.2, state_dir=state_dir)
     with open(path, "w", encoding="utf-8") as out:
         sinks = [StuckSink(), JsonlSink(out), FlowLogSink(FlowLogConfig(directory=flowlog))]
         pipeline = Pipeline(source, sinks, queue_batches={"stuck": STUCK_QUEUE, "jsonl": 1024, "flowlog": 1024})
