@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,8 +24,6 @@ from tests.kernel.tc_flows import (
     udp_frame,
     udp_id,
 )
-
-STATE_DIR = "/run/flowscope"
 
 
 def owned_by(found: list[tuple[str, str]], run: Capture) -> bool:
@@ -71,13 +70,15 @@ def wait_for_filters(netns: Netns, run: Capture, timeout: float = 120.0) -> None
         time.sleep(0.05)
 
 
-def no_state_left(netns: Netns) -> bool:
+def no_state_left(netns: Netns, state_dir: Path) -> bool:
     inode = os.stat(f"/run/netns/{netns.name}").st_ino
-    return not os.path.exists(f"{STATE_DIR}/tc-qdiscs-{inode}.json")
+    return not (state_dir / f"tc-qdiscs-{inode}.json").exists()
 
 
 @pytest.mark.parametrize("someone_elses_clsact", [True, False])
-def test_after_a_sigkill_the_next_start_removes_the_stale_filters(tc_lab: Lab, someone_elses_clsact: bool) -> None:
+def test_after_a_sigkill_the_next_start_removes_the_stale_filters(
+    tc_lab: Lab, state_dir: Path, someone_elses_clsact: bool
+) -> None:
     hosts = two_hosts(tc_lab)
     start_sink(hosts.b, "udp-sink", hosts.address("b", 4), "7001")
     theirs = add_foreign_filters(hosts) if someone_elses_clsact else []
@@ -101,7 +102,7 @@ def test_after_a_sigkill_the_next_start_removes_the_stale_filters(tc_lab: Lab, s
     assert flowscope_filters(hosts.a, "fstcA") == []
     assert foreign(hosts.a, "fstcA") == theirs  # same priorities, handles and programs
     assert has_clsact(hosts.a, "fstcA") == someone_elses_clsact  # flowscope's own qdisc went with it
-    assert no_state_left(hosts.a)
+    assert no_state_left(hosts.a, state_dir)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -123,7 +124,7 @@ def test_a_signal_drains_and_removes_the_filters(tc_lab: Lab, signum: int) -> No
     assert has_clsact(hosts.a, "fstcA")
 
 
-def test_a_running_capture_keeps_its_filters_when_another_starts(tc_lab: Lab) -> None:
+def test_a_running_capture_keeps_its_filters_when_another_starts(tc_lab: Lab, state_dir: Path) -> None:
     hosts = two_hosts(tc_lab)
     start_sink(hosts.b, "udp-sink", hosts.address("b", 4), "7001")
     first = Capture.start(hosts.a, ["fstcA"])
@@ -144,4 +145,4 @@ def test_a_running_capture_keeps_its_filters_when_another_starts(tc_lab: Lab) ->
     assert_flow_map_balanced(second_result)
     assert flowscope_filters(hosts.a, "fstcA") == []
     assert not has_clsact(hosts.a, "fstcA")  # the first created it, and removed it once nothing was left
-    assert no_state_left(hosts.a)
+    assert no_state_left(hosts.a, state_dir)
