@@ -4,6 +4,7 @@ filters when another starts, and a clsact qdisc or filter that someone else crea
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.capture import Capture
-from tests.kernel.lab import Lab, Netns
+from tests.kernel.lab import Lab, Netns, host
 from tests.kernel.tc_flows import (
     Hosts,
     assert_flow_map_balanced,
@@ -146,3 +147,65 @@ def test_a_running_capture_keeps_its_filters_when_another_starts(tc_lab: Lab, st
     assert flowscope_filters(hosts.a, "fstcA") == []
     assert not has_clsact(hosts.a, "fstcA")  # the first created it, and removed it once nothing was left
     assert no_state_left(hosts.a, state_dir)
+
+
+def state_file(netns: Netns, state_dir: Path) -> Path:
+    return state_dir / f"tc-qdiscs-{os.stat(f'/run/netns/{netns.name}').st_ino}.json"
+
+
+def boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+@pytest.mark.parametrize("record", ["earlier namespace", "old format"])
+def test_a_record_inherited_with_the_namespace_inode_does_not_remove_someone_elses_qdisc(
+    tc_lab: Lab, state_dir: Path, record: str
+) -> None:
+    """The kernel hands a namespace's inode to a new one once it is gone: a record that an earlier namespace
+    left under this inode names fstcA, but the clsact on fstcA now is someone else's (the code before
+    records held the namespace cookie deleted it at stop)."""
+    hosts = two_hosts(tc_lab)
+    start_sink(hosts.b, "udp-sink", hosts.address("b", 4), "7001")
+    hosts.a.run("tc", "qdisc", "add", "dev", "fstcA", "clsact")
+    ifindex = hosts.a.link("fstcA")["ifindex"]
+    inherited = (
+        {"netns_cookie": 2**63, "boot": boot_id(), "qdiscs": {"fstcA": ifindex}}
+        if record == "earlier namespace"
+        else {"fstcA": ifindex}
+    )
+    state_file(hosts.a, state_dir).write_text(json.dumps(inherited))
+
+    run = Capture.start(hosts.a, ["fstcA"])
+    assert owned_by(flowscope_filters(hosts.a, "fstcA"), run)
+    send(hosts, 9)
+    result = run.stop()
+    a, b = hosts.address("a", 4), hosts.address("b", 4)
+    assert flow_totals(result.flows, "fstcA", {a, b}) == sent(hosts, 9)
+    assert flowscope_filters(hosts.a, "fstcA") == []
+    assert has_clsact(hosts.a, "fstcA")  # not flowscope's to remove
+
+
+def test_the_state_of_a_namespace_that_is_gone_is_pruned_and_a_live_ones_kept(tc_lab: Lab, state_dir: Path) -> None:
+    hosts = two_hosts(tc_lab)
+    gone = tc_lab.namespace("gone")
+    gone_inode = os.stat(f"/run/netns/{gone.name}").st_ino
+    host("ip", "netns", "del", gone.name)
+    tc_lab.namespaces.remove(gone)
+    assert gone.name not in host("ip", "netns", "list").stdout
+    gone_record = state_dir / f"tc-qdiscs-{gone_inode}.json"
+    gone_record.write_text(json.dumps({"netns_cookie": 2**63, "boot": boot_id(), "qdiscs": {"fstcG": 2}}))
+
+    killed = Capture.start(hosts.b, ["fstcB"])  # creates the clsact on fstcB and records it
+    killed.process.kill()
+    killed.process.wait(timeout=30)
+    kept_record = state_file(hosts.b, state_dir)
+    assert json.loads(kept_record.read_text())["qdiscs"] == {"fstcB": hosts.b.link("fstcB")["ifindex"]}
+
+    Capture.start(hosts.a, ["fstcA"]).stop()  # a start in another namespace prunes the state
+    assert not gone_record.exists()
+    assert kept_record.exists()  # b has no process left, but its bind mount keeps it alive
+
+    Capture.start(hosts.b, ["fstcB"]).stop()  # the kept record lets b's next capture remove b's clsact
+    assert not has_clsact(hosts.b, "fstcB")
+    assert not kept_record.exists()
+    assert list(state_dir.iterdir()) == []
