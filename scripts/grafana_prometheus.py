@@ -195,6 +195,8 @@ def overview() -> dict:
                 target(f"max by (node, sink) (flowscope_sink_queue_fill_ratio{{{NODE}}})", ref="queues",
                        instant=True),
                 target(f"max by (node, map) (flowscope_map_fill_ratio{{{NODE}}})", ref="maps", instant=True),
+                target(f"max by (node, family) (flowscope_metrics_folded_keys{{{NODE}}})", ref="folded",
+                       instant=True),
                 target(f"sum by (node) (rate(flowscope_identity_unresolved_total{{{NODE}}}[$__rate_interval]))",
                        ref="identity", instant=True),
                 target(f"sum by (node) (rate(process_cpu_seconds_total[$__rate_interval]) * on (instance) "
