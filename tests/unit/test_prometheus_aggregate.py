@@ -141,3 +141,30 @@ def test_an_rtt_on_a_bucket_bound_counts_in_that_bucket_as_prometheus_le_reads_i
     (histogram,) = [m for m in aggregate.families("n1") if m.name == "flowscope_tcp_rtt_seconds"]
     buckets = {s.labels["le"]: s.value for s in histogram.samples if s.name.endswith("_bucket")}
     assert (buckets["0.0005"], buckets["0.001"], buckets["0.0025"], buckets["+Inf"]) == (0, 2, 3, 3)
+
+
+def test_the_cap_holds_and_no_series_goes_down_whatever_the_traffic() -> None:
+    """Random traffic of 200 keys over a budget of 10, keys vanishing for longer than the grace: every interval
+    shows at most 10 series, a series shown again is never below what it showed before (unless its key expired:
+    a new series), and every value added is in exactly one series (or went with an expired key)."""
+    rng = np.random.default_rng(12)
+    table = Budgeted(1, budget=10, grace=5)
+    shown: dict[tuple, float] = {}
+    added = expired = 0.0
+    for second in range(300):
+        keys = sorted({(f"k{n}",) for n in rng.integers(0, 200 if second % 50 < 25 else 20, rng.integers(1, 40))})
+        values = rng.integers(1, 1000, (len(keys), 1)).astype(np.float64)
+        before = dict(table.entries)
+        table.add(keys, values, values[:, 0] * rng.random(len(keys)), second)
+        expired += sum(float(entry.own[0]) for key, entry in before.items() if key not in table.entries)
+        added += values.sum()
+        series = dict(table.series(1))
+        assert len(series) <= 10
+        for key, value in series.items():
+            if key in table.entries or key == ("other",):
+                assert value >= shown.get(key, 0), (second, key)
+        shown = {k: v for k, v in {**shown, **{k: float(v[0]) for k, v in series.items()}}.items()
+                 if k in table.entries or k == ("other",)}  # fmt: skip
+        own = sum(float(entry.own[0]) for entry in table.entries.values())
+        assert own + table.other[0] + expired == added
+    assert table.folds > 0 and table.folded_ever
