@@ -72,7 +72,7 @@ class _Entry:
     own: np.ndarray  # the values of the key's own series (they grow only while it is kept)
     score: float  # decayed weight (bytes), its rank
     seen: float  # batch time (epoch seconds) the key last had records
-    kept: bool = False
+    kept: bool | None = None  # None: new, not ranked yet
 
 
 class Budgeted:
@@ -85,6 +85,7 @@ class Budgeted:
         self.entries: dict[tuple, _Entry] = {}
         self.other = np.zeros(width)
         self.folded_ever = False  # "other" has a series once anything folded into it
+        self.folds = 0  # times a key went to "other": new beyond the budget, or out of the top
 
     def add(self, keys: Sequence[tuple], values: np.ndarray, weights: np.ndarray, now: float) -> None:
         """One interval: `values[i]` (width counters) of `keys[i]`, ranked by `weights[i]`."""
@@ -111,15 +112,15 @@ class Budgeted:
 
     def _rank(self) -> None:
         if len(self.entries) <= self.budget and not self.folded_ever:
-            for entry in self.entries.values():
-                entry.kept = True
-            return
-        self.folded_ever = True
-        kept = heapq.nlargest(self.budget - 1, self.entries.values(), key=lambda e: e.score)  # one for "other"
-        for entry in self.entries.values():
-            entry.kept = False
-        for entry in kept:
-            entry.kept = True
+            top = set(self.entries)
+        else:
+            self.folded_ever = True
+            top = set(heapq.nlargest(self.budget - 1, self.entries, key=lambda k: self.entries[k].score))  # +other
+        for key, entry in self.entries.items():
+            kept = key in top
+            if not kept and entry.kept is not False:
+                self.folds += 1
+            entry.kept = kept
 
     @property
     def folded(self) -> int:
@@ -390,9 +391,14 @@ class Aggregate:
             "flowscope_metrics_folded_keys", 'Keys whose records a family counts in its "other" series now (the '
             "budget)", labels=["node", "family"],
         )  # fmt: skip
+        folds = CounterMetricFamily(
+            "flowscope_metrics_folds", 'Times a key of a family went to its "other" series: new beyond the budget, '
+            "or out of the top by bytes", labels=["node", "family"],
+        )  # fmt: skip
         for name, table in self.tables().items():
             folded.add_metric([node, name], table.folded)
-        out.append(folded)
+            folds.add_metric([node, name], table.folds)
+        out += [folded, folds]
         intervals = CounterMetricFamily("flowscope_intervals", "Intervals the metrics have summed", labels=["node"])
         intervals.add_metric([node], self.intervals)
         out.append(intervals)
@@ -406,13 +412,15 @@ class Aggregate:
         return out
 
     def tables(self) -> dict[str, Budgeted]:
-        return {
-            "flowscope_workload_packets": self.traffic,
-            "flowscope_workload_drops": self.drops,
-            "flowscope_workload_tcp": self.tcp,
-            "flowscope_workload_tcp_rtt_seconds": self.rtt,
-            "flowscope_drop_events": self.locations,
-        }
+        """The budgeted table of each per-workload family, by the family's name (the families of one table, such
+        as packets and bytes, share its keys)."""
+        tables = {
+            f"flowscope_{spec.name}": table
+            for table, specs in ((self.traffic, TRAFFIC), (self.drops, DROPS), (self.tcp, TCP),
+                                 (self.locations, DROP_LOCATIONS))
+            for spec in specs
+        }  # fmt: skip
+        return {**tables, "flowscope_workload_tcp_rtt_seconds": self.rtt}
 
 
 def _counters(specs: Sequence[FamilySpec], labels: tuple[str, ...], table: Budgeted, node: str) -> list[Metric]:

@@ -1,8 +1,9 @@
 """The Prometheus output against Debian's real Prometheus and promtool: /metrics passes `promtool check metrics`
 (text and OpenMetrics), the rules pass `promtool check rules` and their unit tests, a Prometheus scraping an
-agent that replays a recording holds exactly the recording's packets, bytes, drops and TCP counts, every
-expression of the dashboards and rules returns data from it, and the cardinality budget holds with counters
-that never go down.
+agent that replays a recording holds exactly the recording's packets, bytes, drops, TCP counts and RTT
+buckets, every expression of the dashboards and rules gives numbers from a Prometheus that saw the counters move
+(not the NaN of a rate of nothing), and the cardinality budget holds with a folded counter that rises and
+counters that never go down.
 
 Scrapes are waited for, never slept for: a test waits until Prometheus holds a sample of
 flowscope_intervals_total that counts the agent's last interval."""
@@ -14,6 +15,7 @@ import http.client
 import importlib.util
 import itertools
 import json
+import math
 import os
 import re
 import socket
@@ -30,10 +32,11 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from flowscope.config import MetricsConfig
-from flowscope.exporters.prometheus import PrometheusSink
+from flowscope.exporters.prometheus import RTT_BUCKETS, PrometheusSink
+from flowscope.pipeline.pipeline import Pipeline
 from flowscope.schema import FlowBatch, flows_frame
 from tests.integration.servers import Prometheus, free_port
-from tests.ui.scenario import shop_batches, write_replay
+from tests.ui.scenario import QueueSource, shop_batches, write_replay
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -48,6 +51,7 @@ SHOP = shop_batches()
 LIVE_ONLY = ("flowscope_map_fill_ratio", "flowscope_identity_unresolved_total")
 # Grafana's variables as a dashboard sends them with every selection at All.
 GRAFANA = {"$node": ".*", "$namespace": ".*", "$workload": ".*", "$__rate_interval": "1m", "$__range": "1h"}
+RECORDED = "node_namespace_workload_direction:flowscope_workload_bytes:rate1m"  # a recording rule's series
 
 
 def generator():
@@ -174,7 +178,7 @@ def connections(batches: list[FlowBatch]) -> int:
     return len(ends)
 
 
-def test_prometheus_holds_exactly_the_replayed_counts_and_every_expression_returns_data(tmp_path: Path) -> None:
+def test_prometheus_holds_exactly_the_replayed_counts(tmp_path: Path) -> None:
     flows = pd.concat([b.flows for b in SHOP], ignore_index=True)
     with agent(tmp_path, SHOP) as address:
         prometheus = Prometheus(tmp_path / "prometheus", [address], rule_files=[RULES]).start()
@@ -200,6 +204,12 @@ def test_prometheus_holds_exactly_the_replayed_counts_and_every_expression_retur
             assert prometheus.value("flowscope_tcp_retransmits_total") == flows["retransmits"].sum()
             assert prometheus.value("flowscope_tcp_resets_total") == flows["resets"].sum()
             assert prometheus.value("flowscope_tcp_rtt_seconds_count") == flows["rtt_us"].notna().sum()
+            seconds = flows["rtt_us"].dropna() / 1e6
+            assert prometheus.value("flowscope_tcp_rtt_seconds_sum") == pytest.approx(seconds.sum(), rel=1e-12)
+            buckets = prometheus.query("flowscope_tcp_rtt_seconds_bucket")
+            assert {float(b["metric"]["le"]): int(b["value"][1]) for b in buckets} == {
+                bound: int((seconds <= bound).sum()) for bound in (*RTT_BUCKETS, math.inf)
+            }
             assert prometheus.value("flowscope_tcp_connections_opened_total") == connections(SHOP)
             lost = {
                 s["metric"]["source"]: float(s["value"][1]) for s in prometheus.query("flowscope_records_lost_total")
@@ -210,12 +220,47 @@ def test_prometheus_holds_exactly_the_replayed_counts_and_every_expression_retur
                     recorded[source] = recorded.get(source, 0) + count.lost
             assert lost == recorded
             assert recorded["event_ring"] == 2  # the scenario's ring loses 2 events: the alert's series is there
-            for where, expr in expressions():
-                if any(name in expr for name in LIVE_ONLY):
-                    continue
-                wait_for(lambda expr=expr: prometheus.query(expr), 60, f"{where}: {expr} returning data")
         finally:
             prometheus.stop()
+
+
+def expressions_give_numbers(prometheus: Prometheus, skip: tuple[str, ...] = ()) -> None:
+    """Every dashboard and rule expression, evaluated at one instant just after the recording rules ran on the
+    latest scrape, gives at least one sample, and a dashboard's at least one that is a number: a 0/0 rate ratio or
+    a quantile of no samples is NaN, which Grafana draws as no data. An alert's ratio may be NaN where nothing
+    happened (no connection failed: 0/0); its series must be there."""
+    scraped = prometheus.value("timestamp(flowscope_intervals_total)")
+    evaluated = f"max(timestamp({RECORDED}))"
+    wait_for(lambda: (prometheus.value(evaluated) or 0) > scraped, 60, "the rules evaluated after the last scrape")
+    at = prometheus.value(evaluated)
+    empty, nan = [], []
+    for where, expr in expressions():
+        if any(name in expr for name in skip):
+            continue
+        values = [float(sample["value"][1]) for sample in prometheus.query(expr, time=at)]
+        if not values:
+            empty.append(f"{where}: {expr}")
+        elif not where.startswith("alert") and not any(math.isfinite(v) for v in values):
+            nan.append(f"{where}: {expr}")
+    assert (empty, nan) == ([], []), "\n".join(["no data:", *empty, "only NaN:", *nan])
+
+
+def test_every_dashboard_and_rule_expression_gives_numbers_while_the_counters_move(tmp_path: Path) -> None:
+    """The pipeline replays the recording one interval per scrape (each published only once Prometheus holds the
+    previous one), so every counter moves between scrapes and the rates are of real increments."""
+    address = f"127.0.0.1:{free_port()}"
+    pipeline = Pipeline(QueueSource(), [PrometheusSink(MetricsConfig(address=address))])
+    prometheus = Prometheus(tmp_path / "prometheus", [address], rule_files=[RULES]).start()
+    pipeline.start()
+    try:
+        wait_for(lambda: prometheus.value("flowscope_intervals_total") == 0, 60, "a scrape before the first interval")
+        for count, batch in enumerate(SHOP, 1):
+            pipeline.publish(batch)
+            wait_for(lambda n=count: prometheus.value("flowscope_intervals_total") == n, 60, f"the scrape of {count}")
+        expressions_give_numbers(prometheus, LIVE_ONLY)
+    finally:
+        prometheus.stop()
+        pipeline.close()
 
 
 # ---- the budget ------------------------------------------------------------------------------------------
@@ -243,7 +288,7 @@ def test_the_budget_caps_the_series_folds_the_rest_and_no_counter_goes_down(tmp_
     sink.open()
     prometheus = Prometheus(tmp_path / "prometheus", [address], scrape_interval="200ms").start()
     try:
-        other, total = [], 0
+        other, folds, total = [], [], 0
         for interval in range(INTERVALS):
             batch = load_batch(interval)
             total += int(batch.flows["bytes"].sum())
@@ -254,8 +299,12 @@ def test_the_budget_caps_the_series_folds_the_rest_and_no_counter_goes_down(tmp_
                 WORKLOADS - (BUDGET - 1)
             )
             other.append(prometheus.value('flowscope_workload_bytes_total{workload="other"}'))
+            folds.append(prometheus.value('flowscope_metrics_folds_total{family="flowscope_workload_bytes"}'))
             assert prometheus.value("sum(flowscope_workload_bytes_total)") <= total
         assert all(later > earlier for earlier, later in itertools.pairwise(other)), other
+        # the folded counter: the 8 keys beyond the budget at first, then every key that falls out of the top
+        assert folds[0] == WORKLOADS - (BUDGET - 1) and folds[-1] > folds[0], folds
+        assert all(later >= earlier for earlier, later in itertools.pairwise(folds)), folds
         assert prometheus.value("flowscope_bytes_total") == total
         # keys moved in and out of the top: more label sets over the run than the budget, none ever reset
         assert prometheus.value("count(count_over_time(flowscope_workload_bytes_total[10m]))") > BUDGET

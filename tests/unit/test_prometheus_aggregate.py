@@ -102,10 +102,28 @@ def test_folded_keys_go_to_other_and_a_key_returning_resumes_where_it_stopped() 
     table = Budgeted(1, budget=3, grace=600)
     table.add([("a",), ("b",), ("c",), ("d",)], np.array([[4.0], [3.0], [2.0], [1.0]]), np.array([4, 3, 2, 1]), 0)
     assert dict(table.series(1)) == {("a",): 4, ("b",): 3, ("other",): 3}  # c and d folded: 2 + 1
+    assert (table.folded, table.folds) == (2, 2)
     # d outweighs the rest now (decayed: a 3.2, b 2.4): d and a keep their labels, b folds
     table.add([("d",), ("b",)], np.array([[10.0], [5.0]]), np.array([10, 0]), 1)
     assert dict(table.series(1)) == {("a",): 4, ("d",): 10, ("other",): 8}
-    assert table.folded == 2
+    assert (table.folded, table.folds) == (2, 3)  # b and c folded now; b's the third fold (c stayed folded)
+    table.add([("c",)], np.array([[1.0]]), np.array([1]), 2)  # still out of the top: no new fold
+    assert (table.folded, table.folds) == (2, 3)
+
+
+def test_every_per_workload_family_reports_its_folded_keys_and_folds() -> None:
+    aggregate = Aggregate(MetricsConfig(address="127.0.0.1:1", budget=2), EPHEMERAL)
+    aggregate.add(batch([flow("egress", 100), flow("egress", 7, src_workload="cart"), flow("ingress", 5)]))
+    folded = samples(aggregate, "flowscope_metrics_folded_keys")
+    folds = samples(aggregate, "flowscope_metrics_folds")
+    workload = ("packets", "bytes", "drops", "drop_bytes", "tcp_retransmits", "tcp_resets", "tcp_connections_opened",
+                "tcp_connections_closed", "tcp_connections_failed", "tcp_rtt_seconds")  # fmt: skip
+    names = {f"flowscope_workload_{name}" for name in workload} | {"flowscope_drop_events"}
+    assert {dict(k)["family"] for k in folded} == names == {dict(k)["family"] for k in folds}
+    # three traffic keys for a budget of 2 (one kept, one "other"): the two smaller ones folded
+    for family in ("flowscope_workload_packets", "flowscope_workload_bytes"):
+        assert folded[(("family", family),)] == 2
+        assert folds[(("family", family),)] == 2
 
 
 def test_a_key_unseen_for_the_grace_period_loses_its_series() -> None:
@@ -115,3 +133,38 @@ def test_a_key_unseen_for_the_grace_period_loses_its_series() -> None:
     assert dict(table.series(1)) == {("gone",): 1, ("stays",): 2}  # 60 s unseen: still within the grace
     table.add([("stays",)], np.array([[1.0]]), np.array([1]), 61)
     assert dict(table.series(1)) == {("stays",): 3}
+
+
+def test_an_rtt_on_a_bucket_bound_counts_in_that_bucket_as_prometheus_le_reads_it() -> None:
+    aggregate = Aggregate(MetricsConfig(address="127.0.0.1:1"), EPHEMERAL)
+    aggregate.add(batch([flow("egress", 1, rtt_us=rtt) for rtt in (999, 1000, 1001)]))
+    (histogram,) = [m for m in aggregate.families("n1") if m.name == "flowscope_tcp_rtt_seconds"]
+    buckets = {s.labels["le"]: s.value for s in histogram.samples if s.name.endswith("_bucket")}
+    assert (buckets["0.0005"], buckets["0.001"], buckets["0.0025"], buckets["+Inf"]) == (0, 2, 3, 3)
+
+
+def test_the_cap_holds_and_no_series_goes_down_whatever_the_traffic() -> None:
+    """Random traffic of 200 keys over a budget of 10, keys vanishing for longer than the grace: every interval
+    shows at most 10 series, a series shown again is never below what it showed before (unless its key expired:
+    a new series), and every value added is in exactly one series (or went with an expired key)."""
+    rng = np.random.default_rng(12)
+    table = Budgeted(1, budget=10, grace=5)
+    shown: dict[tuple, float] = {}
+    added = expired = 0.0
+    for second in range(300):
+        keys = sorted({(f"k{n}",) for n in rng.integers(0, 200 if second % 50 < 25 else 20, rng.integers(1, 40))})
+        values = rng.integers(1, 1000, (len(keys), 1)).astype(np.float64)
+        before = dict(table.entries)
+        table.add(keys, values, values[:, 0] * rng.random(len(keys)), second)
+        expired += sum(float(entry.own[0]) for key, entry in before.items() if key not in table.entries)
+        added += values.sum()
+        series = dict(table.series(1))
+        assert len(series) <= 10
+        for key, value in series.items():
+            if key in table.entries or key == ("other",):
+                assert value >= shown.get(key, 0), (second, key)
+        shown = {k: v for k, v in {**shown, **{k: float(v[0]) for k, v in series.items()}}.items()
+                 if k in table.entries or k == ("other",)}  # fmt: skip
+        own = sum(float(entry.own[0]) for entry in table.entries.values())
+        assert own + table.other[0] + expired == added
+    assert table.folds > 0 and table.folded_ever
