@@ -514,7 +514,9 @@ def _match_verdict(frame: pd.DataFrame, kind: FrameKind, values: tuple) -> Mask:
     else:
         drops = _counter(frame, "drop_packets")
         dropped = drops > 0
-        forwarded = _counter(frame, "packets") > drops
+        # Not dropped is forwarded: a row of counters only (the retransmits or RTT of a flow whose packets no
+        # hook counted) was seen and not dropped; a row of passed and dropped packets is both.
+        forwarded = (drops == 0) | (_counter(frame, "packets") > drops)
     result = np.zeros(len(frame), dtype=bool)
     if "dropped" in values:
         result |= dropped

@@ -3,7 +3,9 @@ Hubble's FlowFilters mapped onto flowscope's filter engine.
 
 Translation (a flow row, an event row -> flow.Flow):
 - A flow row becomes a FORWARDED Flow of the packets that passed and, when it counts drops, a DROPPED Flow of
-  the dropped ones (a row with no packet at all, only counters, is TRACED). time is the row's time_end; IP,
+  the dropped ones. A row of counters only (no packet counted) is FORWARDED: seen and not dropped, as Cilium's
+  trace points report what passes them, and as the filter's verdict=forwarded selects it; flowscope emits no
+  other verdict, so Hubble's others (TRACED, AUDIT, ...) match nothing. time is the row's time_end; IP,
   l4 (ports, TCP flags, ICMP type/code), source/destination (namespace, pod_name, labels "k=v", workloads),
   node_name, traffic_direction, interface, cgroup_id; Type L3_L4; event_type a trace (4) at the hook where
   tc saw it: from-network (ingress) or to-network (egress). The summary keeps what Hubble has no field for:
@@ -75,9 +77,7 @@ def split_verdicts(flows: pd.DataFrame) -> pd.DataFrame:
             ).astype(flows[counter].dtype)
         forwarded.loc[kept, ["drop_packets", "drop_bytes"]] = 0
         forwarded.loc[kept, "drop_reason"] = pd.NA
-    forwarded[VERDICT_COLUMN] = np.where(
-        forwarded["packets"].to_numpy(dtype=np.int64, na_value=0) > 0, "forwarded", "traced"
-    )
+    forwarded[VERDICT_COLUMN] = "forwarded"
     dropped["packets"], dropped["bytes"] = dropped["drop_packets"], dropped["drop_bytes"]
     dropped[VERDICT_COLUMN] = "dropped"
     return pd.concat([forwarded, dropped], ignore_index=True)
@@ -142,7 +142,7 @@ def flow_message(row: dict[str, Any]) -> flow.Flow:
     """The Hubble Flow of one row of split_verdicts()."""
     message = _base(row, row.get("time_end"))
     verdict = row[VERDICT_COLUMN]
-    message.verdict = {"forwarded": flow.FORWARDED, "dropped": flow.DROPPED, "traced": flow.TRACED}[verdict]
+    message.verdict = {"forwarded": flow.FORWARDED, "dropped": flow.DROPPED}[verdict]
     ingress = row.get("direction") == "ingress"
     message.traffic_direction = flow.INGRESS if ingress else flow.EGRESS if row.get("direction") else 0
     point = FROM_NETWORK if ingress else TO_NETWORK

@@ -5,7 +5,10 @@ Each agent is followed on a thread of its own (reconnecting with backoff when it
 its last record on, so nothing comes twice). The merge holds records in a heap and lets out those no
 connected agent can still precede: an agent's progress marks say that it has sent everything up to a time,
 so the watermark is the lowest mark of the agents that are connected and have spoken within the drain
-timeout. Past `sort_window` held records the oldest go out early.
+timeout (a connection counts as speaking: one just made holds the others back until its first records come).
+An agent still on its first attempt to connect holds them back too (within the drain timeout), so that the
+relay's start, or an agent's joining, does not make the records of the agents slower to answer late.
+Past `sort_window` held records the oldest go out early.
 
 The merged stream is in time order, always: a record that arrives older than the latest record already let out
 (an agent that was unavailable, silent past the drain timeout or behind by more than the sort window) is late.
@@ -102,8 +105,9 @@ class Peer:
     address: str
     info: NodeInfo
     watermark: int = 0  # nanoseconds: the agent has sent everything up to it
-    heard: float = 0.0  # monotonic time of its latest message
+    heard: float = 0.0  # monotonic time of its latest message, or of its connection
     connected: bool = False
+    attempted: bool = False  # its first attempt to connect (since it became one of the agents) has ended
     last_time: int | None = None  # the time of its latest record, and the records at that time
     last_records: set[bytes] = field(default_factory=set)
     client: Client | None = None
@@ -158,6 +162,7 @@ class RelaySource:
                 if peer is None:
                     peer = self._known[address] = Peer(address, NodeInfo(name, state="unavailable", address=address))
                 peer.stop, peer.connected, peer.info.state = threading.Event(), False, "unavailable"
+                peer.attempted, peer.heard = False, time.monotonic()
                 self.peers[address] = peer
                 new.append(peer)
             started = self._started
@@ -227,7 +232,11 @@ class RelaySource:
 
     def _release(self) -> list[tuple[str, bytes, str]]:
         now = time.monotonic()
-        live = [p.watermark for p in self.peers.values() if p.connected and now - p.heard <= self.config.drain_timeout]
+        live = [
+            p.watermark
+            for p in self.peers.values()
+            if (p.connected or not p.attempted) and now - p.heard <= self.config.drain_timeout
+        ]
         watermark = min(live) if live else None
         out = []
         while self._heap and (
@@ -317,7 +326,9 @@ class RelaySource:
     def _set_state(self, peer: Peer, connected: bool, message: str) -> None:
         with self._lock:
             changed = peer.connected != connected or (not connected and peer.info.state == "connected")
-            peer.connected = connected
+            peer.connected, peer.attempted = connected, True
+            if connected:
+                peer.heard = time.monotonic()
             peer.info.state = "connected" if connected else "unavailable"
             peer.info.message = message
             name = peer.info.name

@@ -546,7 +546,7 @@ def _unsided_sql(field: str, values: tuple, table: str, clause: Where) -> str:
             dropped, forwarded = "ifNull(kind = 'drop', 0)", "NOT ifNull(kind = 'drop', 0)"
         else:
             dropped = "ifNull(drop_packets, 0) > 0"
-            forwarded = "ifNull(packets, 0) > ifNull(drop_packets, 0)"
+            forwarded = "ifNull(drop_packets, 0) = 0 OR ifNull(packets, 0) > ifNull(drop_packets, 0)"
         chosen = [dropped] * ("dropped" in values) + [forwarded] * ("forwarded" in values)
         return " OR ".join(f"({c})" for c in chosen)
     if field == "type":

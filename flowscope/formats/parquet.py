@@ -69,6 +69,8 @@ def is_parquet(path: str) -> bool:
     """A Parquet file, or a flow log directory of them."""
     if os.path.isdir(path):
         return True
+    if not os.path.isfile(path):  # a pipe (a FIFO, /dev/stdin) is JSON lines: peeking would eat its first bytes
+        return False
     try:
         with open(path, "rb") as handle:
             return handle.read(4) == PARQUET_MAGIC

@@ -1,6 +1,8 @@
 """`capture --replay`: a recording comes out as it went in, with the identity of the node it was made on."""
 
 import json
+import os
+import threading
 
 from flowscope.cli import main
 from tests.ui.scenario import shop_batches, write_replay
@@ -25,6 +27,22 @@ def test_capture_replays_a_recording_unchanged_and_names_nothing_from_this_machi
     assert [r for r in written if r["type"] == "flow"] == [r for r in recorded if r["type"] == "flow"]
     assert [r for r in written if r["type"] == "event"] == [r for r in recorded if r["type"] == "event"]
     assert len([r for r in written if r["type"] == "flow"]) == sum(len(batch.flows) for batch in batches) == 22
+
+
+def test_capture_replays_a_recording_from_a_pipe_whole(tmp_path):
+    recording = write_replay(tmp_path / "shop.jsonl", shop_batches())
+    pipe, out = tmp_path / "shop.fifo", tmp_path / "out.jsonl"
+    os.mkfifo(pipe)
+
+    def feed() -> None:
+        with open(pipe, "wb") as writer:  # opens once capture reads: it must not read (and lose) bytes before
+            writer.write(recording.read_bytes())
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    assert main(["capture", "--replay", str(pipe), "-o", "jsonl", "--file", str(out)]) == 0
+    feeder.join(10)
+    assert [r for r in records(out) if r["type"] == "flow"] == [r for r in records(recording) if r["type"] == "flow"]
 
 
 T0, T1, T2 = "2025-03-01T12:00:00.000000000Z", "2025-03-01T12:00:01.000000000Z", "2025-03-01T12:00:02.000000000Z"
