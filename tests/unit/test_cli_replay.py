@@ -34,14 +34,25 @@ def test_capture_replays_a_recording_from_a_pipe_whole(tmp_path):
     pipe, out = tmp_path / "shop.fifo", tmp_path / "out.jsonl"
     os.mkfifo(pipe)
 
+    finished = threading.Event()
+
     def feed() -> None:
         with open(pipe, "wb") as writer:  # opens once capture reads: it must not read (and lose) bytes before
             writer.write(recording.read_bytes())
+        # a capture that peeked opens the pipe again, and would wait for a writer for ever: give it an end of file
+        while not finished.wait(1):
+            try:
+                os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # ENXIO: no reader waiting
+                pass
 
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
-    assert main(["capture", "--replay", str(pipe), "-o", "jsonl", "--file", str(out)]) == 0
-    feeder.join(10)
+    try:
+        assert main(["capture", "--replay", str(pipe), "-o", "jsonl", "--file", str(out)]) == 0
+    finally:
+        finished.set()
+        feeder.join(10)
     assert [r for r in records(out) if r["type"] == "flow"] == [r for r in records(recording) if r["type"] == "flow"]
 
 
