@@ -1,5 +1,6 @@
 """`capture --replay`: a recording comes out as it went in, with the identity of the node it was made on."""
 
+import contextlib
 import json
 import os
 import threading
@@ -41,10 +42,8 @@ def test_capture_replays_a_recording_from_a_pipe_whole(tmp_path):
             writer.write(recording.read_bytes())
         # a capture that peeked opens the pipe again, and would wait for a writer for ever: give it an end of file
         while not finished.wait(1):
-            try:
+            with contextlib.suppress(OSError):  # ENXIO: no reader waiting
                 os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:  # ENXIO: no reader waiting
-                pass
 
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
