@@ -51,6 +51,10 @@ def flow(direction: str, size: int, **extra: object) -> dict:
                    ("source_namespace", "shop"), ("source_workload", "checkout")): 100,
                   (("destination_namespace", "shop"), ("destination_workload", "payments"), ("direction", "ingress"),
                    ("source_namespace", "shop"), ("source_workload", "checkout")): 7}),
+        ("destination", {(("destination_namespace", "shop"), ("destination_workload", "payments"),
+                          ("direction", "egress")): 100,
+                         (("destination_namespace", "shop"), ("destination_workload", "payments"),
+                          ("direction", "ingress")): 7}),
     ],
 )  # fmt: skip
 def test_the_label_context_picks_whose_identity_labels_a_series(context: str, expected: dict) -> None:
@@ -58,6 +62,26 @@ def test_the_label_context_picks_whose_identity_labels_a_series(context: str, ex
     # egress leaves checkout (the local end: the source); ingress arrives at payments (local: the destination)
     aggregate.add(batch([flow("egress", 100), flow("ingress", 7)]))
     assert samples(aggregate, "flowscope_workload_bytes") == expected
+
+
+def test_pod_labels_name_the_pod_of_the_local_end() -> None:
+    aggregate = Aggregate(MetricsConfig(address="127.0.0.1:1", labels="pod"), EPHEMERAL)
+    pods = {"src_pod": "checkout-7d9f-abcde", "dst_pod": "payments-5c4b-fghij"}
+    aggregate.add(batch([flow("egress", 100, **pods), flow("ingress", 7, **pods), flow("egress", 3, **pods)]))
+    assert samples(aggregate, "flowscope_workload_bytes") == {
+        (("direction", "egress"), ("namespace", "shop"), ("pod", "checkout-7d9f-abcde")): 103,
+        (("direction", "ingress"), ("namespace", "shop"), ("pod", "payments-5c4b-fghij")): 7,
+    }
+
+
+def test_every_family_and_every_sample_carries_the_node_label() -> None:
+    aggregate = Aggregate(MetricsConfig(address="127.0.0.1:1"), EPHEMERAL)
+    aggregate.add(batch([flow("egress", 100, rtt_us=800, retransmits=1, drop_packets=1, drop_bytes=60,
+                              drop_reason="NO_SOCKET")]))  # fmt: skip
+    families = list(aggregate.families("n1"))
+    assert len(families) > 20
+    unlabelled = {(m.name, s.labels.get("node")) for m in families for s in m.samples if s.labels.get("node") != "n1"}
+    assert unlabelled == set()
 
 
 def test_the_server_port_label_is_never_an_ephemeral_port() -> None:
