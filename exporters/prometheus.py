@@ -6,8 +6,9 @@ hands over the latest ones (a custom collector: no label object per flow, no lab
 the pipeline's own state read at that moment (coverage, sink queues, probes, identity). prometheus-client
 answers in OpenMetrics when the scraper asks for it.
 
-The cardinality budget: every per-workload family has at most `budget` series. The keys with the most bytes
-(decayed over recent intervals) keep their labels; the rest fold into one series whose labels all read
+The cardinality budget: every per-workload family has at most `budget` series. The keys with the most activity
+in that family (decayed over recent intervals: bytes for traffic and drops, events for the TCP counters and
+drop locations, samples for RTT) keep their labels; the rest fold into one series whose labels all read
 "other". A key's own series grows only while it is kept and "other" takes its increments while it is folded,
 so no series ever goes down (a key that comes back resumes where it stopped). A key not seen for `grace`
 seconds, by the batches' own clock (a replay behaves as live), loses its series.
@@ -393,7 +394,7 @@ class Aggregate:
         )  # fmt: skip
         folds = CounterMetricFamily(
             "flowscope_metrics_folds", 'Times a key of a family went to its "other" series: new beyond the budget, '
-            "or out of the top by bytes", labels=["node", "family"],
+            "or out of the most active", labels=["node", "family"],
         )  # fmt: skip
         for name, table in self.tables().items():
             folded.add_metric([node, name], table.folded)

@@ -352,8 +352,9 @@ class MetricsConfig(Section):
         flag="--metrics-server-port",
     )  # fmt: skip
     budget: int = option(
-        1000, "series per per-workload family at most: the top by bytes keep their labels, the rest fold into "
-        "\"other\"", flag="--metrics-budget", metavar="N", ge=2,
+        1000, "series per per-workload family at most: the most active keys (by bytes; TCP and drop locations by "
+        "events, RTT by samples) keep their labels, the rest fold into \"other\"", flag="--metrics-budget",
+        metavar="N", ge=2,
     )  # fmt: skip
     grace: float = option(
         300.0, "a workload that sends nothing for this long loses its series (e.g. 5m)", flag="--metrics-grace",
