@@ -80,10 +80,9 @@ def run_capture(args: argparse.Namespace) -> int:
         transport = getattr(source, "events_transport", None)
         identity = enricher.health() if enricher is not None else None  # a replay's identity is the recording's
         total = pipeline.close(timeout=config.stop_timeout)
-    first, last = pipeline.first, pipeline.last
     summary = {
-        "time_start": format_time(first.time_start if first is not None else None),
-        "time_end": format_time(last.time_end if last is not None else None),
+        "time_start": format_time(pipeline.time_start),
+        "time_end": format_time(pipeline.time_end),
         "intervals": pipeline.intervals,
         "interrupted": interrupted,
         "node": source.node,

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+import pandas as pd
+
 from flowscope.coverage import SINK_PREFIX, Coverage
 from flowscope.enrich import Enricher
 from flowscope.formats.jsonl import format_time
@@ -74,8 +76,9 @@ class Pipeline:
         self.runners = [SinkRunner(sink, capacities.get(sink.name, default)) for sink in sinks]
         self.coverage = Coverage()  # every interval so far, sinks included
         self.intervals = 0
-        self.first: FlowBatch | None = None  # the first and the latest batch (their times)
-        self.last: FlowBatch | None = None
+        # the run's span: only the times, since a batch of 100k flows held here would be ~40 MB kept alive
+        self.time_start: pd.Timestamp | None = None
+        self.time_end: pd.Timestamp | None = None
         self.started = time.monotonic()
         self.source_ended = False
         self._lock = threading.Lock()
@@ -117,8 +120,8 @@ class Pipeline:
         with self._lock:
             self.coverage.merge(batch.coverage)
             self.intervals += 1
-            self.first = self.first or batch
-            self.last = batch
+            self.time_start = batch.time_start if self.time_start is None else self.time_start
+            self.time_end = batch.time_end
         for runner in self._open:
             runner.offer(batch)
 
@@ -165,7 +168,7 @@ class Pipeline:
         with self._lock:
             coverage = Coverage()
             coverage.merge(self.coverage)
-            intervals, last = self.intervals, self.last
+            intervals, last_end = self.intervals, self.time_end
         sinks = {}
         for runner in self._open:
             state = runner.state()
@@ -184,7 +187,7 @@ class Pipeline:
             "uptime_seconds": round(time.monotonic() - self.started, 3),
             "intervals": intervals,
             "source_ended": self.source_ended,
-            "last_interval_end": None if last is None else format_time(last.time_end),
+            "last_interval_end": None if last_end is None else format_time(last_end),
             "probes": [
                 {"name": p.name, "active": p.active, "hook": p.hook, "reason": p.reason or None} for p in self.probes()
             ],

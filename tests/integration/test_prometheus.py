@@ -23,6 +23,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from urllib.error import URLError
 from urllib.request import Request, urlopen
@@ -220,6 +221,26 @@ def test_prometheus_holds_exactly_the_replayed_counts(tmp_path: Path) -> None:
                     recorded[source] = recorded.get(source, 0) + count.lost
             assert lost == recorded
             assert recorded["event_ring"] == 2  # the scenario's ring loses 2 events: the alert's series is there
+            for part in ("produced", "delivered"):
+                stage = {}
+                for batch in SHOP:
+                    for source, count in batch.coverage.sources.items():
+                        stage[source] = stage.get(source, 0) + getattr(count, part)
+                got = {
+                    s["metric"]["source"]: float(s["value"][1])
+                    for s in prometheus.query(f"flowscope_records_{part}_total")
+                }
+                assert got == stage, part
+            # the output's own count: every flow and event row of the recording, none lost (read once a scrape
+            # after the last interval has it: the sink counts a batch once its write has returned)
+            rows = sum(len(b.flows) + len(b.events) for b in SHOP)
+            delivered = 'flowscope_sink_records_delivered_total{sink="prometheus"}'
+            wait_for(lambda: prometheus.value(delivered) == rows, 60, f"{rows} rows delivered to the output")
+            assert prometheus.value('flowscope_sink_records_produced_total{sink="prometheus"}') == rows
+            assert prometheus.value('flowscope_sink_records_lost_total{sink="prometheus"}') == 0
+            assert prometheus.value("flowscope_flows_active") == len(SHOP[-1].flows)
+            build = prometheus.query("flowscope_build_info")
+            assert [(b["metric"]["version"], b["value"][1]) for b in build] == [(version("flowscope"), "1")]
         finally:
             prometheus.stop()
 
