@@ -65,12 +65,19 @@ _FLOW_TAG = varint(observer.GetFlowsResponse.DESCRIPTOR.fields_by_name["flow"].n
 # ---- records -> Flows --------------------------------------------------------------------------------------------
 
 
-def split_verdicts(flows: pd.DataFrame) -> pd.DataFrame:
-    """The flow rows as Hubble sees them: one row per verdict (forwarded packets, dropped packets)."""
+def verdict_rows(flows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The flow rows (numbers) that have a forwarded part, and those that have a dropped part."""
     packets = flows["packets"].to_numpy(dtype=np.int64, na_value=0)
     drops = flows["drop_packets"].to_numpy(dtype=np.int64, na_value=0)
-    forwarded = flows[(drops == 0) | (packets > drops)].copy()
-    dropped = flows[drops > 0].copy()
+    return np.flatnonzero((drops == 0) | (packets > drops)), np.flatnonzero(drops > 0)
+
+
+def split_verdicts(flows: pd.DataFrame) -> pd.DataFrame:
+    """The flow rows as Hubble sees them: one row per verdict (forwarded packets, dropped packets), the
+    forwarded parts first, each in the rows' order (verdict_rows)."""
+    forwarded_rows, dropped_rows = verdict_rows(flows)
+    forwarded = flows.iloc[forwarded_rows].copy()
+    dropped = flows.iloc[dropped_rows].copy()
     kept = forwarded["drop_packets"].to_numpy(dtype=np.int64, na_value=0) > 0
     if kept.any():
         for counter, drop_counter in (("packets", "drop_packets"), ("bytes", "drop_bytes")):
@@ -222,6 +229,8 @@ class HubbleApi:
     def view(self, chunk: Chunk) -> View:
         flows, events = split_verdicts(chunk.batch.flows), chunk.batch.events
         count, node = len(flows), chunk.node
+        # each row's record of the chunk (its flow row, or its event numbered after the chunk's flow rows)
+        sources = np.concatenate([*verdict_rows(chunk.batch.flows), len(chunk.batch.flows) + np.arange(len(events))])
 
         def encode(rows: np.ndarray) -> list[bytes]:
             flow_rows, event_rows = rows[rows < count], rows[rows >= count] - count
@@ -233,7 +242,7 @@ class HubbleApi:
                 encoded[count + r] = response_bytes(event_message(row), node)
             return [encoded[r] for r in rows.tolist()]
 
-        return view_of(flows, events, time_ns(flows["time_end"]), time_ns(events["time"]), encode)
+        return view_of(flows, events, time_ns(flows["time_end"]), time_ns(events["time"]), encode, sources)
 
     def notice(self, notice: Notice, node: str) -> bytes:
         origin, _, source = notice.source.rpartition("/")  # a relay's sources are "<node>/<source>"
