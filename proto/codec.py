@@ -83,6 +83,7 @@ def _identity(names: list[str], row: tuple) -> pb.Identity | None:
     labels = fields.pop("labels", None)
     identity = pb.Identity(**fields)
     if labels is not None:
+        identity.labels.SetInParent()  # present even when empty: {} is "known to have no labels", None unknown
         identity.labels.items.update({str(k): str(v) for k, v in labels.items()})
     return identity
 

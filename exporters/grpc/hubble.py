@@ -21,7 +21,8 @@ Translation (a flow row, an event row -> flow.Flow):
   response's node_name is the node that lost them.
 
 FlowFilter fields map onto filter terms (see FIELD_TERMS); a field flowscope cannot answer (FQDNs, services,
-L7, identities, ...) is INVALID_ARGUMENT naming it, never ignored.
+L7, identities, ...) is INVALID_ARGUMENT naming it, never ignored; so is a field these subset protos do not
+know (a newer client's), by its number: "whitelist[0]: unsupported FlowFilter field number 40".
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from flowscope.display import duration_us
 from flowscope.exporters.grpc.ring import (
@@ -62,12 +65,19 @@ _FLOW_TAG = varint(observer.GetFlowsResponse.DESCRIPTOR.fields_by_name["flow"].n
 # ---- records -> Flows --------------------------------------------------------------------------------------------
 
 
-def split_verdicts(flows: pd.DataFrame) -> pd.DataFrame:
-    """The flow rows as Hubble sees them: one row per verdict (forwarded packets, dropped packets)."""
+def verdict_rows(flows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The flow rows (numbers) that have a forwarded part, and those that have a dropped part."""
     packets = flows["packets"].to_numpy(dtype=np.int64, na_value=0)
     drops = flows["drop_packets"].to_numpy(dtype=np.int64, na_value=0)
-    forwarded = flows[(drops == 0) | (packets > drops)].copy()
-    dropped = flows[drops > 0].copy()
+    return np.flatnonzero((drops == 0) | (packets > drops)), np.flatnonzero(drops > 0)
+
+
+def split_verdicts(flows: pd.DataFrame) -> pd.DataFrame:
+    """The flow rows as Hubble sees them: one row per verdict (forwarded packets, dropped packets), the
+    forwarded parts first, each in the rows' order (verdict_rows)."""
+    forwarded_rows, dropped_rows = verdict_rows(flows)
+    forwarded = flows.iloc[forwarded_rows].copy()
+    dropped = flows.iloc[dropped_rows].copy()
     kept = forwarded["drop_packets"].to_numpy(dtype=np.int64, na_value=0) > 0
     if kept.any():
         for counter, drop_counter in (("packets", "drop_packets"), ("bytes", "drop_bytes")):
@@ -219,6 +229,8 @@ class HubbleApi:
     def view(self, chunk: Chunk) -> View:
         flows, events = split_verdicts(chunk.batch.flows), chunk.batch.events
         count, node = len(flows), chunk.node
+        # each row's record of the chunk (its flow row, or its event numbered after the chunk's flow rows)
+        sources = np.concatenate([*verdict_rows(chunk.batch.flows), len(chunk.batch.flows) + np.arange(len(events))])
 
         def encode(rows: np.ndarray) -> list[bytes]:
             flow_rows, event_rows = rows[rows < count], rows[rows >= count] - count
@@ -230,7 +242,7 @@ class HubbleApi:
                 encoded[count + r] = response_bytes(event_message(row), node)
             return [encoded[r] for r in rows.tolist()]
 
-        return view_of(flows, events, time_ns(flows["time_end"]), time_ns(events["time"]), encode)
+        return view_of(flows, events, time_ns(flows["time_end"]), time_ns(events["time"]), encode, sources)
 
     def notice(self, notice: Notice, node: str) -> bytes:
         origin, _, source = notice.source.rpartition("/")  # a relay's sources are "<node>/<source>"
@@ -402,12 +414,37 @@ def _terms(name: str, values: Any) -> list:
     raise UnsupportedField(f"{name}: flowscope cannot filter on it")
 
 
+def unknown_field(message: Message, path: str) -> str | None:
+    """What `message` (or a message inside it) carries that these subset protos do not know, e.g. a FlowFilter
+    field of a newer hubble CLI: "<path>: unsupported FlowFilter field number 40"; None when all is known.
+    Such a field would otherwise be dropped silently by the parser's descriptor-driven accessors."""
+    numbers = sorted({field.field_number for field in UnknownFieldSet(message)})
+    if numbers:
+        plural = "s" if len(numbers) > 1 else ""
+        listed = ", ".join(str(number) for number in numbers)
+        return f"{path}: unsupported {message.DESCRIPTOR.name} field number{plural} {listed}"
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None or descriptor.message_type.GetOptions().map_entry:
+            continue
+        items = [(None, value)] if isinstance(value, Message) else enumerate(value)  # one message or a list
+        for index, item in items:
+            where = f"{path}.{descriptor.name}" + ("" if index is None else f"[{index}]")
+            found = unknown_field(item, where)
+            if found is not None:
+                return found
+    return None
+
+
 def filter_set(whitelist: Sequence[flow.FlowFilter], blacklist: Sequence[flow.FlowFilter]) -> FilterSet:
-    """Hubble's whitelist minus blacklist; ValueError names the list, index and field of what cannot be mapped."""
+    """Hubble's whitelist minus blacklist; ValueError names the list, index and field of what cannot be mapped
+    (a field these protos do not know by its number)."""
 
     def mapped(filters: Sequence[flow.FlowFilter], what: str) -> tuple[Filter, ...]:
         out: list[Filter] = []
         for index, message in enumerate(filters):
+            unknown = unknown_field(message, f"{what}[{index}]")
+            if unknown is not None:
+                raise ValueError(unknown)
             try:
                 out.extend(flow_filter(message))
             except UnsupportedField as err:

@@ -65,6 +65,9 @@ class View:
     times: np.ndarray  # nanoseconds, ascending, one per position of `order`
     order: np.ndarray  # row numbers into flows (< len(flows)) and events (len(flows) + row)
     encode_rows: Callable[[np.ndarray], list[bytes]]  # rows -> wire bytes
+    # per row (of flows then events), the chunk's record it shows: a flow row's number, an event's flows + row
+    # (None: the rows are the chunk's records themselves, as in the own API's view)
+    sources: np.ndarray | None = None
     _cache: dict[int, bytes] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -85,10 +88,16 @@ class View:
 
 
 def view_of(flows: pd.DataFrame, events: pd.DataFrame, flow_times: np.ndarray, event_times: np.ndarray,
-            encode_rows: Callable[[np.ndarray], list[bytes]]) -> View:  # fmt: skip
+            encode_rows: Callable[[np.ndarray], list[bytes]], sources: np.ndarray | None = None) -> View:  # fmt: skip
     times = np.concatenate([flow_times, event_times])
     order = np.argsort(times, kind="stable")
-    return View(flows, events, times[order], order, encode_rows)
+    return View(flows, events, times[order], order, encode_rows, sources)
+
+
+def record_order(batch: FlowBatch) -> np.ndarray:
+    """The batch's records (flow rows, then event rows numbered after them) in time order: the own view's."""
+    times = np.concatenate([time_ns(batch.flows["time_end"]), time_ns(batch.events["time"])])
+    return np.argsort(times, kind="stable")
 
 
 class Api(Protocol):
@@ -110,7 +119,8 @@ class Api(Protocol):
 @dataclass
 class Chunk:
     """One interval's records as they came (a FlowBatch), with its losses and the sequence number of its first
-    record; what the ring dropped of it is before `start` (positions of the own view's time order)."""
+    record; the ring dropped its first `start` records in time order (ties in the batch's order), marked in
+    `dropped` by record (flow rows, then event rows numbered after them)."""
 
     seq: int
     node: str
@@ -119,7 +129,7 @@ class Chunk:
     end: int  # nanoseconds: every record of the interval is at or before it
     records: int
     start: int = 0
-    cut: int = 0  # nanoseconds: records before it were dropped from the ring
+    dropped: np.ndarray | None = None  # bool per record; None: none dropped
     _views: dict[str, View] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -130,9 +140,14 @@ class Chunk:
                 view = self._views[api.name] = api.view(self)
             return view
 
-    def retained(self, view: View) -> int:
-        """The first position of `view` still in the ring."""
-        return int(np.searchsorted(view.times, self.cut, side="left")) if self.start else 0
+    def retained(self, view: View, positions: np.ndarray) -> np.ndarray:
+        """The positions of `view` whose records are still in the ring. By record, not by time: records that
+        share the time of the cut are kept or dropped as counted, and an API's rows of one record go together."""
+        dropped = self.dropped  # one read: the ring's thread replaces it whole
+        if dropped is None:
+            return positions
+        rows = view.order[positions]
+        return positions[~dropped[rows if view.sources is None else view.sources[rows]]]
 
 
 def batch_notices(batch: FlowBatch) -> list[Notice]:
@@ -308,12 +323,11 @@ class Ring:
                 self.chunks.popleft()
                 self.buffered -= held
                 continue
+            dropped = np.zeros(oldest.records, dtype=bool)
+            dropped[record_order(oldest.batch)[: oldest.start + excess]] = True
+            oldest.dropped = dropped  # before start, which readers do not use for this
             oldest.start += excess
             self.buffered -= excess
-            own_times = np.sort(
-                np.concatenate([time_ns(oldest.batch.flows["time_end"]), time_ns(oldest.batch.events["time"])])
-            )
-            oldest.cut = int(own_times[oldest.start])
 
     def announce(self, notice: NodeNotice) -> None:
         """A node notice to every follower (a relay's nodes coming and going)."""
@@ -355,7 +369,7 @@ class Ring:
         for chunk in chunks if query.first else reversed(chunks):
             view = chunk.view(api)
             positions = view.select(query.filters)
-            positions = positions[positions >= chunk.retained(view)]
+            positions = chunk.retained(view, positions)
             if query.since is not None:
                 positions = positions[view.times[positions] >= query.since]
             if query.until is not None:

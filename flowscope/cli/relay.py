@@ -19,7 +19,7 @@ EPILOG = """\
 examples:
   flowscope relay --peer 10.0.0.5:4244 --peer 10.0.0.6:4244 --tls-ca ca.pem --grpc-addr 0.0.0.0:4245 \\
       --tls-cert relay.pem --tls-key relay-key.pem
-  hubble observe --server unix:///run/flowscope/hubble.sock --last 5     (--last N is N per agent)
+  hubble observe --server unix:///run/flowscope/hubble.sock --last 5   (the last 5 of all agents merged)
   hubble list nodes --server unix:///run/flowscope/hubble.sock
   flowscope relay --discover-selector app.kubernetes.io/name=flowscope --discover-port 4244 --tls-ca ca.pem
       (in a pod: the agents' pods through the Kubernetes API; --kubeconfig FILE outside the cluster)

@@ -128,3 +128,13 @@ def test_durations_read_rounded(value: float, shown: str) -> None:
     from flowscope.display import seconds
 
     assert seconds(value) == shown
+
+
+def test_relay_help_says_last_n_is_of_all_agents(capsys) -> None:
+    # The relay answers `--last N` from its own ring of the merged streams (Ring._history): N overall.
+    with pytest.raises(SystemExit):
+        main(["relay", "--help"])
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("hubble observe")]
+    assert lines == [
+        "hubble observe --server unix:///run/flowscope/hubble.sock --last 5   (the last 5 of all agents merged)"
+    ]
