@@ -100,6 +100,13 @@ class AgentPods:
         self.changed(agents)
 
 
+def reached_with(config: ClientConfig) -> tuple[bool, str]:
+    """GetNodes' TLS of an agent: whether the relay reaches it over TLS (as the client decides: --tls, or
+    implied by --tls-ca or --tls-client-cert) and the server name it asks for (empty: the address's host)."""
+    tls = config.tls or bool(config.tls_ca or config.tls_client_cert)
+    return tls, (config.tls_server_name or "") if tls else ""
+
+
 @dataclass
 class Peer:
     address: str
@@ -160,7 +167,10 @@ class RelaySource:
                     continue
                 peer = self._known.get(address)
                 if peer is None:
-                    peer = self._known[address] = Peer(address, NodeInfo(name, state="unavailable", address=address))
+                    # not answered yet: no version is known (not the relay's own); TLS is how it is reached
+                    tls, server_name = reached_with(self.client_config)
+                    info = NodeInfo(name, "unavailable", address, version="", tls=tls, server_name=server_name)
+                    peer = self._known[address] = Peer(address, info)
                 peer.stop, peer.connected, peer.info.state = threading.Event(), False, "unavailable"
                 peer.attempted, peer.heard = False, time.monotonic()
                 self.peers[address] = peer
@@ -278,8 +288,8 @@ class RelaySource:
             status = client.status()
             with self._lock:
                 peer.info = NodeInfo(
-                    status.node, "connected", peer.address, status.version, bool(config.tls or config.tls_ca),
-                    config.tls_server_name or "", status.uptime_ns, status.seen, status.buffered, status.capacity,
+                    status.node, "connected", peer.address, status.version, *reached_with(config), status.uptime_ns,
+                    status.seen, status.buffered, status.capacity,
                 )  # fmt: skip
             since = (
                 pd.Timestamp(peer.last_time, unit="ns", tz="UTC")

@@ -43,8 +43,10 @@ FILTER_FLAGS = {
     "--traffic-direction": ("direction", None),
 }  # fmt: skip
 SHORT = {"--namespace": "-n", "--label": "-l", "--type": "-t"}
-_RELATIVE = re.compile(r"^(\d+(\.\d+)?(ms|s|m|h|d))+$")
-_UNITS = {"ms": "ms", "s": "s", "m": "min", "h": "h", "d": "D"}
+# Go's durations, as hubble's --since takes them (ns, us/µs, ms, s, m, h), and days
+_DURATION = r"(\d+(\.\d+)?)(ns|us|µs|ms|s|m|h|d)"
+_RELATIVE = re.compile(rf"^({_DURATION})+$")
+_UNITS = {"ns": "ns", "us": "us", "µs": "us", "ms": "ms", "s": "s", "m": "min", "h": "h", "d": "D"}
 
 
 class _FilterFlag(argparse.Action):
@@ -92,8 +94,7 @@ def register(commands: Any) -> None:
 def parse_time(text: str, flag: str) -> pd.Timestamp:
     """5m, 1h30m (ago) or an absolute time (RFC 3339; without a zone, UTC)."""
     if _RELATIVE.match(text):
-        ago = sum((pd.Timedelta(float(n), unit=_UNITS[u]) for n, _, u in re.findall(r"(\d+(\.\d+)?)(ms|s|m|h|d)", text)),  # noqa: E501
-                  pd.Timedelta(0))  # fmt: skip
+        ago = sum((pd.Timedelta(float(n), unit=_UNITS[u]) for n, _, u in re.findall(_DURATION, text)), pd.Timedelta(0))
         return pd.Timestamp.now(tz="UTC") - ago
     try:
         stamp = pd.Timestamp(text)
@@ -104,6 +105,8 @@ def parse_time(text: str, flag: str) -> pd.Timestamp:
 
 def filter_text(args: argparse.Namespace) -> str:
     """The flags' terms (a flag repeated ORs its values) and the FILTER words, as one filter."""
+    if getattr(args, "negate_next", False):  # a --not last, or before FILTER words: it would negate nothing
+        raise UsageError("--not negates the filter flag after it; give one (or write `not TERM` in the FILTER).")
     grouped: dict[tuple[bool, str], list[str]] = {}
     for negated, name, value in getattr(args, "terms", []):
         grouped.setdefault((negated, name), []).append(value)

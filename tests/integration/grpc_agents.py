@@ -22,7 +22,8 @@ import pandas as pd
 from flowscope.config import ClientConfig
 from flowscope.coverage import Coverage
 from flowscope.proto.client import Client, ClientError
-from flowscope.proto.hubble.observer import observer_pb2_grpc
+from flowscope.proto.hubble.observer import observer_pb2, observer_pb2_grpc
+from flowscope.proto.hubble.relay import relay_pb2
 from flowscope.schema import FlowBatch, events_frame, flows_frame
 from tests.ui.scenario import write_replay
 from tests.waiting import wait_for
@@ -97,6 +98,22 @@ class Agent:
     def hubble(self) -> observer_pb2_grpc.ObserverStub:
         """A client of the Hubble service on the hubble socket, as `hubble --server unix://...` connects."""
         return observer_pb2_grpc.ObserverStub(grpc.insecure_channel(f"unix://{self.hubble_socket}"))
+
+    def hubble_nodes(self) -> list[tuple[str, str, str, str, bool, str]]:
+        """Hubble's GetNodes as `hubble list nodes` calls it: (name, state, version, address, TLS enabled, TLS
+        server name) of each node."""
+        nodes = self.hubble().GetNodes(observer_pb2.GetNodesRequest()).nodes
+        return [(n.name, relay_pb2.NodeState.Name(n.state), n.version, n.address, n.tls.enabled, n.tls.server_name)
+                for n in nodes]  # fmt: skip
+
+    def hubble_node_counts(self) -> tuple[int | None, int | None, list[str]]:
+        """Hubble's ServerStatus node counts (None: not sent): connected, unavailable, the unavailable's names."""
+        status = self.hubble().ServerStatus(observer_pb2.ServerStatusRequest())
+        return (
+            status.num_connected_nodes.value if status.HasField("num_connected_nodes") else None,
+            status.num_unavailable_nodes.value if status.HasField("num_unavailable_nodes") else None,
+            list(status.unavailable_nodes),
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.process.poll() is None:

@@ -184,6 +184,18 @@ def test_hubble_follow_nodes_and_unimplemented_calls(agent):
     assert [(n.name, n.state, n.num_flows, n.max_flows, n.seen_flows) for n in nodes] == [
         ("agent", relay.NODE_CONNECTED, 33, 65536, 33)
     ]
+    status = agent.hubble().ServerStatus(observer.ServerStatusRequest())
+    assert [(n.version, n.address, n.tls.enabled, n.tls.server_name) for n in nodes] == [
+        (status.version, f"unix://{agent.socket}", False, "")
+    ]
+    assert nodes[0].uptime_ns > 0
+    # an agent is no relay: ServerStatus has no node counts (the CLI prints none)
+    assert not status.HasField("num_connected_nodes") and not status.HasField("num_unavailable_nodes")
     with pytest.raises(grpc.RpcError) as raised:
         list(agent.hubble().GetAgentEvents(observer.GetAgentEventsRequest(number=1)))
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert raised.value.details() == "flowscope has no Cilium agent events"
+    with pytest.raises(grpc.RpcError) as raised:
+        list(agent.hubble().GetDebugEvents(observer.GetDebugEventsRequest(number=1, follow=True)))
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert raised.value.details() == "flowscope has no Cilium debug events"

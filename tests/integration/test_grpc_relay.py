@@ -5,6 +5,7 @@ and by GetNodes."""
 from __future__ import annotations
 
 import threading
+from importlib.metadata import version
 
 import pandas as pd
 import pytest
@@ -22,6 +23,7 @@ START = pd.Timestamp("2025-03-01T12:00:00Z")
 INTERVALS, SECONDS, FLOWS = 80, 0.1, 20
 SPEED = "0.5"
 MAX_UINT64 = (1 << 64) - 1  # hubble observe --all
+VERSION = f"flowscope {version('flowscope')}"
 
 
 def test_three_agents_behind_a_relay_one_restarted_mid_stream(tmp_path):
@@ -50,10 +52,14 @@ def test_three_agents_behind_a_relay_one_restarted_mid_stream(tmp_path):
         agents["b"].stop()
         wait_for(lambda: any(r.node_status.state == pb.NODE_UNAVAILABLE for r in list(got)), 60, "b unavailable")
         assert "b" in relay.client().status().unavailable_nodes
+        # hubble status and hubble list nodes on the relay: b is known (by the name it answered with) and down
+        down = relay.hubble_node_counts()
+        down_nodes = relay.hubble_nodes()
         agents["b"] = Agent.start(tmp_path, recording(tmp_path / "b2.jsonl", after), "--speed", SPEED, name="b")
         total = (2 * INTERVALS + len(before) + len(after)) * FLOWS
         wait_for(lambda: sum(r.HasField("flow") for r in list(got)) == total, 120, "every record through the relay")
         nodes = relay.client().nodes().nodes
+        up, up_nodes = relay.hubble_node_counts(), relay.hubble_nodes()
     finally:
         client.cancel()
         relay.stop()
@@ -76,6 +82,15 @@ def test_three_agents_behind_a_relay_one_restarted_mid_stream(tmp_path):
     assert (pb.NODE_UNAVAILABLE, ["b"]) in states and states.index((pb.NODE_UNAVAILABLE, ["b"])) < len(states) - 1
     assert states[-1] == (pb.NODE_CONNECTED, ["b"])
     assert sorted((n.name, n.state) for n in nodes) == [(x, pb.NODE_CONNECTED) for x in ("a", "b", "c")]
+    address = {node: f"unix://{agent.socket}" for node, agent in agents.items()}  # the --peer addresses
+    assert down == (2, 1, ["b"])
+    assert down_nodes == [
+        ("a", "NODE_CONNECTED", VERSION, address["a"], False, ""),
+        ("b", "NODE_UNAVAILABLE", VERSION, address["b"], False, ""),
+        ("c", "NODE_CONNECTED", VERSION, address["c"], False, ""),
+    ]
+    assert up == (3, 0, [])
+    assert up_nodes == [(node, "NODE_CONNECTED", VERSION, address[node], False, "") for node in ("a", "b", "c")]
 
 
 def test_records_older_than_what_the_relay_let_out_are_lost_in_band_as_late(tmp_path):
@@ -103,6 +118,8 @@ def test_records_older_than_what_the_relay_let_out_are_lost_in_band_as_late(tmp_
     try:
         follower.start()
         wait_for(lambda: sum(r.flow.node == "a" for r in list(got)) == 30 * FLOWS, 60, "a's records")
+        # b never answered: named by its address, with no version (none is known), and counted unavailable
+        never = relay.hubble_node_counts(), relay.hubble_nodes()
         b = Agent.start(tmp_path, recording(tmp_path / "b.jsonl", b_batches), "--speed", "0", name="b")
 
         def lost_late() -> int:
@@ -128,6 +145,11 @@ def test_records_older_than_what_the_relay_let_out_are_lost_in_band_as_late(tmp_
     )
     assert lost_late() == late
     assert status.sources["b/late"] == pb.Count(produced=late, delivered=0, lost=late)
+    assert never == (
+        (1, 1, [f"unix://{b_socket}"]),
+        [("a", "NODE_CONNECTED", VERSION, f"unix://{a.socket}", False, ""),
+         (f"unix://{b_socket}", "NODE_UNAVAILABLE", "", f"unix://{b_socket}", False, "")],
+    )  # fmt: skip
     hubble_lost = [(r.node_name, r.lost_events.source) for r in hubble if r.HasField("lost_events")]
     assert set(hubble_lost) == {("b", flow.OBSERVER_EVENTS_QUEUE)}
     assert sum(r.lost_events.num_events_lost for r in hubble if r.HasField("lost_events")) == late

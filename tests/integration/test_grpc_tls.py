@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from importlib.metadata import version
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -15,7 +17,8 @@ from cryptography.x509.oid import NameOID
 
 from flowscope.config import ClientConfig
 from flowscope.proto.client import ClientError
-from tests.integration.grpc_agents import Agent, free_port, run_flowscope
+from tests.integration.grpc_agents import Agent, free_port, interval_batches, recording, run_flowscope
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -106,3 +109,39 @@ def test_plaintext_off_loopback_needs_the_force_flag_and_bad_settings_are_one_se
     forced = run_flowscope(*base, "--grpc-addr", f"0.0.0.0:{port}", "--grpc-plaintext-anywhere")
     assert forced.returncode == 0, forced.stderr
     assert f"the flow API serves plaintext on 0.0.0.0:{port}: anyone who can reach it reads every flow" in forced.stderr
+
+
+def test_a_relay_reaching_its_agents_over_mutual_tls_lists_them_with_their_tls(tmp_path, certificates):
+    """hubble list nodes / hubble status on a relay whose agents are TLS servers: one agent answers, the other
+    address has none yet (unavailable, no version known); both are listed as reached with TLS and the server
+    name the relay checks."""
+    port, nobody = free_port(), free_port()
+    pki = {name: str(certificates / f"{name}.pem") for name in ("ca", "server", "client")}
+    keys = {name: str(certificates / f"{name}-key.pem") for name in ("server", "client")}
+    trusted = ClientConfig(
+        server=f"127.0.0.1:{port}", tls_ca=pki["ca"], tls_client_cert=pki["client"], tls_client_key=keys["client"],
+        tls_server_name="localhost", timeout=5.0,
+    )  # fmt: skip
+    batches = interval_batches(pd.Timestamp("2025-03-01T12:00:00Z"), 2, 0.1, 2, "agent")
+    agent = Agent.start(
+        tmp_path, recording(tmp_path / "agent.jsonl", batches), "--speed", "0", "--grpc-addr", f"127.0.0.1:{port}",
+        "--tls-cert", pki["server"], "--tls-key", keys["server"], "--tls-client-ca", pki["ca"], client=trusted,
+    )  # fmt: skip
+    relay = None
+    try:
+        relay = Agent.start(
+            tmp_path, None, "--peer", f"127.0.0.1:{port}", "--peer", f"127.0.0.1:{nobody}", "--tls-ca", pki["ca"],
+            "--tls-client-cert", pki["client"], "--tls-client-key", keys["client"], "--tls-server-name", "localhost",
+            "--relay-interval", "0.1", "--backoff", "0.1", name="relay", command="relay",
+        )  # fmt: skip
+        wait_for(lambda: relay.hubble_node_counts()[0] == 1, 60, "the relay connected to the TLS agent")
+        counts, nodes = relay.hubble_node_counts(), relay.hubble_nodes()
+    finally:
+        if relay is not None:
+            relay.stop()
+        agent.stop()
+    assert counts == (1, 1, [f"127.0.0.1:{nobody}"])
+    assert nodes == [
+        ("agent", "NODE_CONNECTED", f"flowscope {version('flowscope')}", f"127.0.0.1:{port}", True, "localhost"),
+        (f"127.0.0.1:{nobody}", "NODE_UNAVAILABLE", "", f"127.0.0.1:{nobody}", True, "localhost"),
+    ]
