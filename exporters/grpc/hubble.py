@@ -88,6 +88,11 @@ def split_verdicts(flows: pd.DataFrame) -> pd.DataFrame:
         forwarded.loc[kept, ["drop_packets", "drop_bytes"]] = 0
         forwarded.loc[kept, "drop_reason"] = pd.NA
     forwarded[VERDICT_COLUMN] = "forwarded"
+    # a row split in two keeps its TCP counters on its FORWARDED half only: summed over Hubble's output, they count once
+    halves = np.isin(dropped_rows, forwarded_rows)
+    if halves.any():
+        dropped.loc[halves, ["retransmits", "resets"]] = 0
+        dropped.loc[halves, "rtt_us"] = pd.NA
     dropped["packets"], dropped["bytes"] = dropped["drop_packets"], dropped["drop_bytes"]
     dropped[VERDICT_COLUMN] = "dropped"
     return pd.concat([forwarded, dropped], ignore_index=True)
