@@ -86,8 +86,8 @@ def test_hubble_observe_gets_the_last_20_flows_with_every_printed_field(agent):
     assert (first.node_name, first.traffic_direction, first.interface.name) == ("node-a", flow.EGRESS, "veth-checkout")
     assert (first.event_type.type, first.event_type.sub_type) == (4, 11)  # a trace at to-network
     assert not first.HasField("is_reply")  # unknown: the CLI prints <>
-    assert (
-        first.Summary == "TCP Flags: none; kernel drop TCP_INVALID_SEQUENCE; 2 packets, 2000 bytes in 2.000s; RTT 1.5ms"
+    assert (  # the RTT is on the FORWARDED half of the split row
+        first.Summary == "TCP Flags: none; kernel drop TCP_INVALID_SEQUENCE; 2 packets, 2000 bytes in 2.000s"
     )
     forwarded = next(
         f for f in everything if f.time == first.time and f.verdict == flow.FORWARDED and f.l4.TCP.source_port == 43210
@@ -140,7 +140,7 @@ def test_hubble_whitelist_and_blacklist_as_the_cli_sends_them(agent):
         )],
     )  # fmt: skip
     assert [f.Summary for f in flows(agent.hubble().GetFlows(request))] == [
-        "TCP Flags: none; kernel drop TCP_INVALID_SEQUENCE; 2 packets, 2000 bytes in 2.000s; RTT 1.5ms",
+        "TCP Flags: none; kernel drop TCP_INVALID_SEQUENCE; 2 packets, 2000 bytes in 2.000s",
     ]  # the drop event of that reason is of the reply (payments -> checkout:43210)
 
 
