@@ -49,7 +49,10 @@ VALUE_SETS = {
             "passwordSecret": {"create": True, "password": PASSWORD},
         },
         "dashboards": {"enabled": True},
-        "agent": {"priorityClassName": "system-node-critical", "hostPaths": {"cgroup": "/sys/fs/cgroup/unified"}},
+        "agent": {
+            "priorityClassName": "system-node-critical", "startupSeconds": 603,
+            "hostPaths": {"cgroup": "/sys/fs/cgroup/unified"},
+        },
     },
 }  # fmt: skip
 CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}  # prometheus-operator's, not in Kubernetes' schemas
@@ -292,3 +295,13 @@ def test_the_dashboards_are_shipped_whole_per_folder(render) -> None:
     shipped = {m["metadata"]["annotations"]["grafana_folder"].removeprefix("flowscope-"): m["data"] for m in maps}
     assert shipped == expected
     assert {m["metadata"]["labels"]["grafana_dashboard"] for m in maps} == {"1"}
+
+
+# ---- probes, scratch space, certificates, service accounts ------------------------------------------------
+
+
+def test_the_startup_probe_waits_startup_seconds(render) -> None:
+    probe = find(render("defaults"), "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert (probe["periodSeconds"], probe["failureThreshold"]) == (5, 60)  # 300 s to compile and load the probes
+    probe = find(render("everything"), "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert (probe["periodSeconds"], probe["failureThreshold"]) == (5, 121)  # 603 s, rounded up to a period
