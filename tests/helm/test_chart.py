@@ -63,10 +63,14 @@ def render(tmp_path_factory: pytest.TempPathFactory):
     binary = renderer(tmp_path_factory.mktemp("render"))
     values_dir = tmp_path_factory.mktemp("values")
 
-    def rendered(name: str, kube_version: str = "v1.35.0") -> list[dict[str, Any]]:
+    def rendered(name: str, kube_version: str = "v1.35.0", cluster: list[dict] | None = None) -> list[dict[str, Any]]:
         path = values_dir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(VALUE_SETS[name]))
-        return manifests(render_text(binary, path, kube_version=kube_version))
+        objects = None
+        if cluster is not None:
+            objects = values_dir / f"{name}-cluster.yaml"
+            objects.write_text(yaml.safe_dump_all(cluster))
+        return manifests(render_text(binary, path, kube_version=kube_version, cluster=objects))
 
     rendered.binary = binary  # type: ignore[attr-defined]
     return rendered
@@ -305,3 +309,28 @@ def test_the_startup_probe_waits_startup_seconds(render) -> None:
     assert (probe["periodSeconds"], probe["failureThreshold"]) == (5, 60)  # 300 s to compile and load the probes
     probe = find(render("everything"), "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
     assert (probe["periodSeconds"], probe["failureThreshold"]) == (5, 121)  # 603 s, rounded up to a period
+
+
+TLS_KEYS = ("ca.crt", "tls.crt", "tls.key", "client.crt", "client.key")
+
+
+def tls_secret(namespace: str, keys: tuple[str, ...] = TLS_KEYS) -> dict[str, Any]:
+    data = {key: base64.b64encode(f"kept {key}".encode()).decode() for key in keys}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fs-flowscope-tls", "namespace": namespace},
+            "type": "Opaque", "data": data}  # fmt: skip
+
+
+def test_an_upgrade_keeps_the_certificates_of_the_existing_secret(render) -> None:
+    existing = tls_secret("flowscope")
+    secret = find(render("discovery", cluster=[existing]), "Secret", "-tls")
+    assert secret["data"] == existing["data"]  # the same CA: agents and relays of both revisions trust each other
+    fresh = [find(render("discovery"), "Secret", "-tls")["data"] for _ in range(2)]
+    assert fresh[0]["ca.crt"] != fresh[1]["ca.crt"]  # without a Secret (install, helm template): a new CA
+    assert sorted(fresh[0]) == sorted(TLS_KEYS)
+
+
+def test_an_incomplete_or_foreign_secret_is_not_kept(render) -> None:
+    for existing in (tls_secret("flowscope", TLS_KEYS[:3]), tls_secret("elsewhere")):
+        data = find(render("discovery", cluster=[existing]), "Secret", "-tls")["data"]
+        assert sorted(data) == sorted(TLS_KEYS)
+        assert not {base64.b64decode(value) for value in data.values()} & {f"kept {k}".encode() for k in TLS_KEYS}
