@@ -253,18 +253,75 @@ def rules_from_code() -> set[tuple[str, str, str]]:
     return rules
 
 
-def test_the_cluster_role_is_exactly_what_the_code_calls(render) -> None:
-    role = find(render("defaults"), "ClusterRole")
-    granted = {
+def granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
         (group, resource, verb)
         for rule in role["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
+
+
+def rules_of_source(path: Path) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) of the KubernetesSource the module at `path` makes: its `resources=` (default:
+    every one of flowscope.enrich.kube.RESOURCES), each listed with the list function RESOURCES names and
+    watched (kube.py's reflectors list, then watch)."""
+    from flowscope.enrich import kube
+
+    calls = [
+        node
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", getattr(node.func, "attr", None)) == "KubernetesSource"
+    ]
+    assert len(calls) == 1, f"{path}: {len(calls)} KubernetesSource calls"
+    given = [ast.literal_eval(k.value) for k in calls[0].keywords if k.arg == "resources"]
+    resources = given[0] if given else tuple(kube.RESOURCES)
+    methods = api_methods()
+    return {(*methods[kube.RESOURCES[r][1]], verb) for r in resources for verb in ("list", "watch")}
+
+
+def test_the_cluster_roles_are_exactly_what_the_code_calls(render) -> None:
+    docs = render("discovery")
+    agent = granted(find(docs, "ClusterRole", "fs-flowscope"))
+    relay = granted(find(docs, "ClusterRole", "-relay"))
     derived = rules_from_code()
     assert ("", "pods", "watch") in derived and ("apps", "replicasets", "list") in derived  # the scan finds calls
-    assert granted == derived
+    assert agent | relay == derived  # every call the code makes is granted, nothing else
+    assert agent == rules_of_source(ROOT / "flowscope" / "enrich" / "__init__.py")  # the identity source
+    assert relay == rules_of_source(ROOT / "exporters" / "grpc" / "relay.py") == {
+        ("", "pods", "list"), ("", "pods", "watch"),
+    }  # fmt: skip
+
+
+def test_the_relay_has_its_own_service_account_bound_to_its_role_only(render) -> None:
+    docs = render("discovery")
+    accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+    assert sorted(accounts) == ["fs-flowscope", "fs-flowscope-relay"]
+    relay_pod = find(docs, "Deployment", "-relay")["spec"]["template"]["spec"]
+    agent_pod = find(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]
+    assert (relay_pod["serviceAccountName"], relay_pod["automountServiceAccountToken"]) == ("fs-flowscope-relay", True)
+    assert agent_pod["serviceAccountName"] == "fs-flowscope"
+    bindings = {
+        d["roleRef"]["name"]: [(s["kind"], s["name"], s["namespace"]) for s in d["subjects"]]
+        for d in docs
+        if d["kind"] == "ClusterRoleBinding"
+    }
+    assert bindings == {
+        "fs-flowscope": [("ServiceAccount", "fs-flowscope", "flowscope")],
+        "fs-flowscope-relay": [("ServiceAccount", "fs-flowscope-relay", "flowscope")],
+    }
+
+
+def test_a_relay_given_its_peers_gets_no_role_and_no_token(render) -> None:
+    docs = render("relay")
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"] == ["fs-flowscope"]
+    assert [d["roleRef"]["name"] for d in docs if d["kind"] == "ClusterRoleBinding"] == ["fs-flowscope"]
+    account = find(docs, "ServiceAccount", "-relay")
+    pod = find(docs, "Deployment", "-relay")["spec"]["template"]["spec"]
+    assert (account["automountServiceAccountToken"], pod["automountServiceAccountToken"]) == (False, False)
+    assert pod["serviceAccountName"] == "fs-flowscope-relay"
 
 
 def test_the_scan_reads_a_method_path_as_its_resource() -> None:
