@@ -51,6 +51,7 @@ VALUE_SETS = {
         "dashboards": {"enabled": True},
         "agent": {
             "priorityClassName": "system-node-critical", "startupSeconds": 603,
+            "tmp": {"medium": "Memory", "sizeLimit": "128Mi"},
             "hostPaths": {"cgroup": "/sys/fs/cgroup/unified"},
         },
     },
@@ -391,3 +392,15 @@ def test_an_incomplete_or_foreign_secret_is_not_kept(render) -> None:
         data = find(render("discovery", cluster=[existing]), "Secret", "-tls")["data"]
         assert sorted(data) == sorted(TLS_KEYS)
         assert not {base64.b64decode(value) for value in data.values()} & {f"kept {k}".encode() for k in TLS_KEYS}
+
+
+def test_the_agent_has_a_writable_tmp_on_its_read_only_root(render) -> None:
+    pod = find(render("defaults"), "DaemonSet")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    assert [v for v in pod["volumes"] if v["name"] == "tmp"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
+    assert container["securityContext"]["seccompProfile"] == {"type": "Unconfined"}  # values.yaml says why
+    pod = find(render("everything"), "DaemonSet")["spec"]["template"]["spec"]
+    tmp = {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "128Mi"}}
+    assert [v for v in pod["volumes"] if v["name"] == "tmp"] == [tmp]
