@@ -404,3 +404,14 @@ def test_the_agent_has_a_writable_tmp_on_its_read_only_root(render) -> None:
     pod = find(render("everything"), "DaemonSet")["spec"]["template"]["spec"]
     tmp = {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "128Mi"}}
     assert [v for v in pod["volumes"] if v["name"] == "tmp"] == [tmp]
+
+
+def test_every_helm_install_of_the_readme_names_the_image_and_an_existing_value_set() -> None:
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    commands = [line.split() for line in text.splitlines() if line.startswith("helm install ")]
+    assert len(commands) == 3  # flow log only, + Prometheus, + ClickHouse
+    for argv in commands:
+        settings = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--set"]
+        files = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-f"]
+        assert "image.repository=REGISTRY/flowscope" in settings, argv  # the chart's default is a local name
+        assert len(files) == 1 and (ROOT / files[0]).is_file(), argv
