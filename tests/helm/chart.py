@@ -38,9 +38,17 @@ def renderer(build_dir: Path) -> Path:
 
 
 def render_text(
-    binary: Path, *values: Path, kube_version: str = "v1.35.0", name: str = "fs", namespace: str = "flowscope"
+    binary: Path,
+    *values: Path,
+    kube_version: str = "v1.35.0",
+    name: str = "fs",
+    namespace: str = "flowscope",
+    cluster: Path | None = None,
 ) -> str:
+    """The manifests; `cluster` is a YAML stream of the objects Helm's lookup finds (as at an upgrade)."""
     argv = [str(binary), "-chart", str(CHART), "-name", name, "-namespace", namespace, "-kube-version", kube_version]
+    if cluster is not None:
+        argv += ["-cluster", str(cluster)]
     for path in values:
         argv += ["-f", str(path)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60)

@@ -1,12 +1,13 @@
 // render: the part of `helm template` the chart's tests need, for machines without Helm (Debian 12 has
 // no package of it). It follows Helm 3's engine: Go's text/template with sprig's functions (less env and
 // expandenv) plus Helm's include, tpl, required, toYaml, fromYaml, toJson, fromJson and lookup (empty, as
-// `helm template` has no cluster); values are read as Helm reads them (YAML through JSON: numbers are
+// `helm template` has no cluster, unless -cluster FILE gives the objects an install or upgrade would find:
+// a YAML stream, looked up by apiVersion, kind, namespace and name as Helm's lookup does); values are read as Helm reads them (YAML through JSON: numbers are
 // float64) and merged over values.yaml as Helm coalesces them (maps merge, null deletes a key); every
 // template not starting with "_" is rendered with missingkey=zero and "<no value>" removed; .Files reads
 // the chart's files (following symlinks, as `helm package` does) with Get, Glob, AsConfig and Lines.
 //
-// Usage: render -chart DIR -name RELEASE -namespace NS [-kube-version v1.31.0] [-f values.yaml]...
+// Usage: render -chart DIR -name RELEASE -namespace NS [-kube-version v1.31.0] [-cluster objects.yaml] [-f values.yaml]...
 // Prints the manifests as `helm template` does: "---\n# Source: CHART/templates/FILE\n" + the text.
 package main
 
@@ -182,13 +183,66 @@ func main() {
 	namespace := flag.String("namespace", "default", "release namespace")
 	kubeVersion := flag.String("kube-version", "v1.31.0", "Kubernetes version for .Capabilities")
 	apiVersions := flag.String("api-versions", "", "comma-separated extra API versions for .Capabilities")
+	clusterFile := flag.String("cluster", "", "YAML stream of the objects lookup finds (default: none)")
 	var extra valueFiles
 	flag.Var(&extra, "f", "values file (repeatable; later ones win)")
 	flag.Parse()
-	if err := run(*chartDir, *release, *namespace, *kubeVersion, *apiVersions, extra); err != nil {
+	cluster, err := readCluster(*clusterFile)
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "render:", err)
 		os.Exit(1)
 	}
+	if err := run(*chartDir, *release, *namespace, *kubeVersion, *apiVersions, extra, cluster); err != nil {
+		fmt.Fprintln(os.Stderr, "render:", err)
+		os.Exit(1)
+	}
+}
+
+// readCluster reads the objects of a YAML stream (documents separated by "---" lines) as Helm's lookup
+// returns them: maps of JSON values.
+func readCluster(name string) ([]map[string]interface{}, error) {
+	if name == "" {
+		return nil, nil
+	}
+	text, err := os.ReadFile(name)
+	if err != nil {
+		return nil, err
+	}
+	var out []map[string]interface{}
+	for _, doc := range regexp.MustCompile(`(?m)^---\s*$`).Split(string(text), -1) {
+		obj, err := fromYAMLText([]byte(doc))
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+		if len(obj) > 0 {
+			out = append(out, obj)
+		}
+	}
+	return out, nil
+}
+
+// lookup is Helm's: the object of that apiVersion, kind, namespace ("" for cluster-scoped objects) and name,
+// or an empty map; with an empty name, a list of every such object ({"items": [...]}).
+func lookup(cluster []map[string]interface{}, apiVersion, kind, namespace, name string) map[string]interface{} {
+	var items []interface{}
+	for _, obj := range cluster {
+		metadata, _ := obj["metadata"].(map[string]interface{})
+		if obj["apiVersion"] != apiVersion || obj["kind"] != kind {
+			continue
+		}
+		if namespace != "" && fmt.Sprint(metadata["namespace"]) != namespace {
+			continue
+		}
+		if name == "" {
+			items = append(items, obj)
+		} else if fmt.Sprint(metadata["name"]) == name {
+			return obj
+		}
+	}
+	if name == "" {
+		return map[string]interface{}{"apiVersion": apiVersion, "kind": kind + "List", "items": items}
+	}
+	return map[string]interface{}{}
 }
 
 type apiSet []string
@@ -202,7 +256,9 @@ func (a apiSet) Has(v string) bool {
 	return false
 }
 
-func run(chartDir, release, namespace, kubeVersion, apiVersions string, valueFiles []string) error {
+func run(
+	chartDir, release, namespace, kubeVersion, apiVersions string, valueFiles []string, cluster []map[string]interface{},
+) error {
 	chartFiles, templates, err := readChartFiles(chartDir)
 	if err != nil {
 		return err
@@ -308,8 +364,8 @@ func run(chartDir, release, namespace, kubeVersion, apiVersions string, valueFil
 		}
 		return m
 	}
-	funcs["lookup"] = func(string, string, string, string) (map[string]interface{}, error) {
-		return map[string]interface{}{}, nil
+	funcs["lookup"] = func(apiVersion, kind, namespace, name string) (map[string]interface{}, error) {
+		return lookup(cluster, apiVersion, kind, namespace, name), nil
 	}
 	root.Funcs(funcs).Option("missingkey=zero")
 

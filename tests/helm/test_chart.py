@@ -49,7 +49,11 @@ VALUE_SETS = {
             "passwordSecret": {"create": True, "password": PASSWORD},
         },
         "dashboards": {"enabled": True},
-        "agent": {"priorityClassName": "system-node-critical", "hostPaths": {"cgroup": "/sys/fs/cgroup/unified"}},
+        "agent": {
+            "priorityClassName": "system-node-critical", "startupSeconds": 603,
+            "tmp": {"medium": "Memory", "sizeLimit": "128Mi"},
+            "hostPaths": {"cgroup": "/sys/fs/cgroup/unified"},
+        },
     },
 }  # fmt: skip
 CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}  # prometheus-operator's, not in Kubernetes' schemas
@@ -60,10 +64,14 @@ def render(tmp_path_factory: pytest.TempPathFactory):
     binary = renderer(tmp_path_factory.mktemp("render"))
     values_dir = tmp_path_factory.mktemp("values")
 
-    def rendered(name: str, kube_version: str = "v1.35.0") -> list[dict[str, Any]]:
+    def rendered(name: str, kube_version: str = "v1.35.0", cluster: list[dict] | None = None) -> list[dict[str, Any]]:
         path = values_dir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(VALUE_SETS[name]))
-        return manifests(render_text(binary, path, kube_version=kube_version))
+        objects = None
+        if cluster is not None:
+            objects = values_dir / f"{name}-cluster.yaml"
+            objects.write_text(yaml.safe_dump_all(cluster))
+        return manifests(render_text(binary, path, kube_version=kube_version, cluster=objects))
 
     rendered.binary = binary  # type: ignore[attr-defined]
     return rendered
@@ -246,18 +254,75 @@ def rules_from_code() -> set[tuple[str, str, str]]:
     return rules
 
 
-def test_the_cluster_role_is_exactly_what_the_code_calls(render) -> None:
-    role = find(render("defaults"), "ClusterRole")
-    granted = {
+def granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
         (group, resource, verb)
         for rule in role["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
+
+
+def rules_of_source(path: Path) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) of the KubernetesSource the module at `path` makes: its `resources=` (default:
+    every one of flowscope.enrich.kube.RESOURCES), each listed with the list function RESOURCES names and
+    watched (kube.py's reflectors list, then watch)."""
+    from flowscope.enrich import kube
+
+    calls = [
+        node
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", getattr(node.func, "attr", None)) == "KubernetesSource"
+    ]
+    assert len(calls) == 1, f"{path}: {len(calls)} KubernetesSource calls"
+    given = [ast.literal_eval(k.value) for k in calls[0].keywords if k.arg == "resources"]
+    resources = given[0] if given else tuple(kube.RESOURCES)
+    methods = api_methods()
+    return {(*methods[kube.RESOURCES[r][1]], verb) for r in resources for verb in ("list", "watch")}
+
+
+def test_the_cluster_roles_are_exactly_what_the_code_calls(render) -> None:
+    docs = render("discovery")
+    agent = granted(find(docs, "ClusterRole", "fs-flowscope"))
+    relay = granted(find(docs, "ClusterRole", "-relay"))
     derived = rules_from_code()
     assert ("", "pods", "watch") in derived and ("apps", "replicasets", "list") in derived  # the scan finds calls
-    assert granted == derived
+    assert agent | relay == derived  # every call the code makes is granted, nothing else
+    assert agent == rules_of_source(ROOT / "flowscope" / "enrich" / "__init__.py")  # the identity source
+    assert relay == rules_of_source(ROOT / "exporters" / "grpc" / "relay.py") == {
+        ("", "pods", "list"), ("", "pods", "watch"),
+    }  # fmt: skip
+
+
+def test_the_relay_has_its_own_service_account_bound_to_its_role_only(render) -> None:
+    docs = render("discovery")
+    accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+    assert sorted(accounts) == ["fs-flowscope", "fs-flowscope-relay"]
+    relay_pod = find(docs, "Deployment", "-relay")["spec"]["template"]["spec"]
+    agent_pod = find(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]
+    assert (relay_pod["serviceAccountName"], relay_pod["automountServiceAccountToken"]) == ("fs-flowscope-relay", True)
+    assert agent_pod["serviceAccountName"] == "fs-flowscope"
+    bindings = {
+        d["roleRef"]["name"]: [(s["kind"], s["name"], s["namespace"]) for s in d["subjects"]]
+        for d in docs
+        if d["kind"] == "ClusterRoleBinding"
+    }
+    assert bindings == {
+        "fs-flowscope": [("ServiceAccount", "fs-flowscope", "flowscope")],
+        "fs-flowscope-relay": [("ServiceAccount", "fs-flowscope-relay", "flowscope")],
+    }
+
+
+def test_a_relay_given_its_peers_gets_no_role_and_no_token(render) -> None:
+    docs = render("relay")
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"] == ["fs-flowscope"]
+    assert [d["roleRef"]["name"] for d in docs if d["kind"] == "ClusterRoleBinding"] == ["fs-flowscope"]
+    account = find(docs, "ServiceAccount", "-relay")
+    pod = find(docs, "Deployment", "-relay")["spec"]["template"]["spec"]
+    assert (account["automountServiceAccountToken"], pod["automountServiceAccountToken"]) == (False, False)
+    assert pod["serviceAccountName"] == "fs-flowscope-relay"
 
 
 def test_the_scan_reads_a_method_path_as_its_resource() -> None:
@@ -292,3 +357,61 @@ def test_the_dashboards_are_shipped_whole_per_folder(render) -> None:
     shipped = {m["metadata"]["annotations"]["grafana_folder"].removeprefix("flowscope-"): m["data"] for m in maps}
     assert shipped == expected
     assert {m["metadata"]["labels"]["grafana_dashboard"] for m in maps} == {"1"}
+
+
+# ---- probes, scratch space, certificates, service accounts ------------------------------------------------
+
+
+def test_the_startup_probe_waits_startup_seconds(render) -> None:
+    probe = find(render("defaults"), "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert (probe["periodSeconds"], probe["failureThreshold"]) == (5, 60)  # 300 s to compile and load the probes
+    probe = find(render("everything"), "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert (probe["periodSeconds"], probe["failureThreshold"]) == (5, 121)  # 603 s, rounded up to a period
+
+
+TLS_KEYS = ("ca.crt", "tls.crt", "tls.key", "client.crt", "client.key")
+
+
+def tls_secret(namespace: str, keys: tuple[str, ...] = TLS_KEYS) -> dict[str, Any]:
+    data = {key: base64.b64encode(f"kept {key}".encode()).decode() for key in keys}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fs-flowscope-tls", "namespace": namespace},
+            "type": "Opaque", "data": data}  # fmt: skip
+
+
+def test_an_upgrade_keeps_the_certificates_of_the_existing_secret(render) -> None:
+    existing = tls_secret("flowscope")
+    secret = find(render("discovery", cluster=[existing]), "Secret", "-tls")
+    assert secret["data"] == existing["data"]  # the same CA: agents and relays of both revisions trust each other
+    fresh = [find(render("discovery"), "Secret", "-tls")["data"] for _ in range(2)]
+    assert fresh[0]["ca.crt"] != fresh[1]["ca.crt"]  # without a Secret (install, helm template): a new CA
+    assert sorted(fresh[0]) == sorted(TLS_KEYS)
+
+
+def test_an_incomplete_or_foreign_secret_is_not_kept(render) -> None:
+    for existing in (tls_secret("flowscope", TLS_KEYS[:3]), tls_secret("elsewhere")):
+        data = find(render("discovery", cluster=[existing]), "Secret", "-tls")["data"]
+        assert sorted(data) == sorted(TLS_KEYS)
+        assert not {base64.b64decode(value) for value in data.values()} & {f"kept {k}".encode() for k in TLS_KEYS}
+
+
+def test_the_agent_has_a_writable_tmp_on_its_read_only_root(render) -> None:
+    pod = find(render("defaults"), "DaemonSet")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    assert [v for v in pod["volumes"] if v["name"] == "tmp"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
+    assert container["securityContext"]["seccompProfile"] == {"type": "Unconfined"}  # values.yaml says why
+    pod = find(render("everything"), "DaemonSet")["spec"]["template"]["spec"]
+    tmp = {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "128Mi"}}
+    assert [v for v in pod["volumes"] if v["name"] == "tmp"] == [tmp]
+
+
+def test_every_helm_install_of_the_readme_names_the_image_and_an_existing_value_set() -> None:
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    commands = [line.split() for line in text.splitlines() if line.startswith("helm install ")]
+    assert len(commands) == 3  # flow log only, + Prometheus, + ClickHouse
+    for argv in commands:
+        settings = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--set"]
+        files = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-f"]
+        assert "image.repository=REGISTRY/flowscope" in settings, argv  # the chart's default is a local name
+        assert len(files) == 1 and (ROOT / files[0]).is_file(), argv

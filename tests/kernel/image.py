@@ -1,6 +1,7 @@
 """The agent's OCI image (scripts/build-image) and a real container runtime to run it: runc from Debian, given
 an OCI runtime config as the DaemonSet of deploy/helm sets it up (the host's pid namespace, a network namespace
-of the node's, only the capabilities named, the host's /sys, /lib/modules, a data and a run directory).
+of the node's, only the capabilities named, and the volume mounts the rendered DaemonSet declares: bpffs,
+tracefs, cgroups, /lib/modules and /usr/src of the host, the data, cache and run directories, the /tmp emptyDir).
 
 podman is not used: this machine's root lacks CAP_SYS_RESOURCE, and podman always asks its runtime to set
 RLIMIT_NOFILE and RLIMIT_NPROC, which then fails with EPERM ("setrlimit `RLIMIT_NPROC`: Operation not
@@ -52,10 +53,60 @@ def bind(source: str | Path, destination: str, *options: str) -> dict:
     return {"type": "bind", "source": str(source), "destination": destination, "options": ["rbind", *options]}
 
 
+def chart_daemonset(build_dir: Path) -> dict:
+    """The agent's DaemonSet as deploy/helm renders it with its defaults (tests/helm/render.go)."""
+    from tests.helm.chart import find, manifests, render_text, renderer
+
+    return find(manifests(render_text(renderer(build_dir))), "DaemonSet", "-agent")
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "k": 10**3, "M": 10**6, "G": 10**9}
+    for unit, factor in units.items():
+        if quantity.endswith(unit):
+            return int(quantity.removesuffix(unit)) * factor
+    return int(quantity)
+
+
+def chart_mounts(daemonset: dict, node_dirs: dict[str, Path], scratch: Path) -> list[dict]:
+    """The agent container's volume mounts as the DaemonSet declares them, as runc mounts: a hostPath binds the
+    node's path (or, for the paths in `node_dirs`, the test's directory standing in for it), an emptyDir is a
+    tmpfs of its sizeLimit (medium Memory) or a fresh directory under `scratch` (the node's disk); readOnly
+    mounts are read-only. ConfigMap and Secret volumes are left out: the tests give the agent its settings as
+    flags and run it without the relay's TLS. A chart without a writable /tmp fails these tests (the root
+    filesystem is read-only, and the probes' compile writes there)."""
+    pod = daemonset["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "agent")
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    mounts = []
+    for mount in container["volumeMounts"]:
+        volume, destination = volumes[mount["name"]], mount["mountPath"]
+        read_only = ["ro"] if mount.get("readOnly") else []
+        if "configMap" in volume or "secret" in volume:
+            continue
+        assert "subPath" not in mount, mount
+        if "hostPath" in volume:
+            host = volume["hostPath"]["path"]
+            mounts.append(bind(node_dirs.get(host, Path(host)), destination, *read_only))
+        elif "emptyDir" in volume and volume["emptyDir"].get("medium") == "Memory":
+            size = _bytes(volume["emptyDir"]["sizeLimit"])
+            options = ["nosuid", "nodev", f"size={size}", *read_only]
+            mounts.append({"type": "tmpfs", "source": "tmpfs", "destination": destination, "options": options})
+        elif "emptyDir" in volume:
+            directory = scratch / f"emptydir-{mount['name']}"
+            directory.mkdir(parents=True, exist_ok=True)
+            mounts.append(bind(directory, destination, *read_only))
+        else:
+            raise AssertionError(f"no stand-in for the volume {volume}")
+    return mounts
+
+
 def runtime_config(
-    args: list[str], capabilities: list[str], netns: str, data_dir: Path, run_dir: Path, env: dict[str, str]
+    args: list[str], capabilities: list[str], netns: str, mounts: list[dict], env: dict[str, str]
 ) -> dict:
-    """An OCI runtime config for the image's root filesystem, as a hostPID, hostNetwork pod on a node."""
+    """An OCI runtime config for the image's root filesystem, as a hostPID, hostNetwork pod on a node: what a
+    container runtime gives every container (/proc, /dev, the network namespace's /sys, read-only as for an
+    unprivileged container), then `mounts` (chart_mounts: the DaemonSet's)."""
     caps = [f"CAP_{name}" for name in capabilities]
     return {
         "ociVersion": "1.0.2",
@@ -73,15 +124,11 @@ def runtime_config(
         "mounts": [
             {"type": "proc", "source": "proc", "destination": "/proc"},
             {"type": "tmpfs", "source": "tmpfs", "destination": "/dev", "options": ["nosuid", "mode=755"]},
-            {"type": "tmpfs", "source": "tmpfs", "destination": "/tmp", "options": ["nosuid", "nodev"]},
-            {"type": "tmpfs", "source": "tmpfs", "destination": "/var/cache/flowscope", "options": ["nosuid"]},
             bind("/dev/null", "/dev/null"),
             bind("/dev/zero", "/dev/zero"),
             bind("/dev/urandom", "/dev/urandom"),
-            bind("/sys", "/sys"),  # bpffs, tracefs, cgroups and BTF of the node, as the chart's hostPaths
-            bind("/lib/modules", "/lib/modules", "ro"),
-            bind(data_dir, "/var/lib/flowscope"),
-            bind(run_dir, "/run/flowscope"),
+            {"type": "sysfs", "source": "sysfs", "destination": "/sys", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            *mounts,
         ],
         "linux": {
             # the host's pid namespace (hostPID); the node's network namespace (hostNetwork) is the lab's

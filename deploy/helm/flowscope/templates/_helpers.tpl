@@ -26,6 +26,16 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.serviceAccount.name | default (include "flowscope.fullname" .) -}}
 {{- end -}}
 
+{{/* The relay's own ServiceAccount: it reads nothing but the agents' pods, and only when it finds them so. */}}
+{{- define "flowscope.relayServiceAccountName" -}}
+{{- .Values.serviceAccount.relayName | default (printf "%s-relay" (include "flowscope.fullname" .)) -}}
+{{- end -}}
+
+{{/* Whether the relay finds the agents through the Kubernetes API (no relay.peers). */}}
+{{- define "flowscope.relayDiscovers" -}}
+{{- if and .Values.relay.enabled (not .Values.relay.peers) -}}true{{- end -}}
+{{- end -}}
+
 {{- define "flowscope.image" -}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
