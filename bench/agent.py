@@ -54,7 +54,7 @@ def child(flow_map_size: int, flowlog: str | None) -> None:
             began = time.monotonic()
             batch = source.next_batch(source.interval)
             drained, cpu_drained = time.monotonic(), time.thread_time()
-            enricher.enrich(batch)
+            batch = enricher.enrich(batch)
             done, cpu_done = time.monotonic(), time.thread_time()
             if sink is not None:
                 sink.write(batch)
@@ -70,6 +70,7 @@ def child(flow_map_size: int, flowlog: str | None) -> None:
                 }
             )
             coverage.merge(batch.coverage)
+            del batch  # not alive through the next drain, as in the agent's pipeline
     finally:
         enricher.close()
         source.close()
