@@ -151,6 +151,52 @@ def measure(
     return result
 
 
+def measure_command(flows: int, flow_map_size: int, warmup: float, window: float, pcap: Path, directory: Path) -> dict:
+    """`flowscope agent` itself (its pipeline, a thread per sink, the status server) with its default outputs,
+    the flow log and the gRPC API, on the same traffic: its CPU share and RSS."""
+    state = directory / f"agent-{flows}"
+    state.mkdir()
+    agent = subprocess.Popen(
+        [str(Path(sys.executable).with_name("flowscope")), "agent", "-i", lab.VETH_CLIENT, "--flow-map-size",
+         str(flow_map_size), "--data-dir", str(state / "data"), "--state-dir", str(state), "--grpc-socket",
+         str(state / "api.sock"), "--hubble-socket", str(state / "hubble.sock"), "--status-socket",
+         str(state / "status.sock")],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    replay = None
+    try:
+        if agent.stderr is None or "agent running" not in agent.stderr.readline():
+            raise RuntimeError("flowscope agent did not start")
+        idle = lab.process_status(agent.pid)
+        replay = lab.tcpreplay(pcap, pps=flows, loops=int(warmup + window) + 2)
+        time.sleep(warmup)
+        cpu_before, wall_before = lab.cpu_seconds(agent.pid), time.monotonic()
+        time.sleep(window)
+        cpu_after, wall_after = lab.cpu_seconds(agent.pid), time.monotonic()
+        memory = lab.process_status(agent.pid)
+    finally:
+        if replay is not None:
+            replay.terminate()
+            replay.wait()
+        agent.send_signal(signal.SIGTERM)
+        _, errors = agent.communicate(timeout=60)
+    result = {
+        "flows": flows,
+        "output": "flowscope agent (flow log, gRPC API)",
+        "flow_map_size": flow_map_size,
+        "cpu_share": round((cpu_after - cpu_before) / (wall_after - wall_before), 3),
+        "rss_mb": round(memory["VmRSS"] / 2**20, 1),
+        "peak_rss_mb": round(memory["VmHWM"] / 2**20, 1),
+        "rss_before_traffic_mb": round(idle["VmRSS"] / 2**20, 1),
+        "stopped": errors.strip().splitlines()[-1] if errors.strip() else "",
+    }
+    lab.log(
+        f"flowscope agent with {flows:,} active flows (flow log, gRPC API): CPU {result['cpu_share']:.0%} of a core, "
+        f"RSS {result['rss_mb']} MB (peak {result['peak_rss_mb']}); {result['stopped']}"
+    )
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -174,6 +220,7 @@ def main() -> None:
             if flows:  # the same traffic with the flow log written, side by side
                 logdir = Path(directory) / f"log-{flows}"
                 results.append(measure(flows, map_size, args.warmup, args.window, pcap, logdir))
+                results.append(measure_command(flows, map_size, args.warmup, args.window, pcap, Path(directory)))
     lab.save("agent", {"runs": results, "elapsed_s": round(time.monotonic() - started, 1)})
 
 

@@ -173,8 +173,10 @@ def summary(results: dict[str, dict | None]) -> list[str]:
     if agent:
         for run in agent["runs"]:
             big = run["flows"] >= 100_000
-            logged = run.get("output") == "flow log"
-            what = f"{run['flows']:,} active flows" + (", flow log on" if logged else "")
+            command = "median_rows" not in run  # `flowscope agent` itself, with its default outputs
+            logged = run.get("output") == "flow log" or command
+            what = f"{run['flows']:,} active flows" + (", `flowscope agent` (flow log, gRPC API)" if command
+                                                       else ", flow log on" if logged else "")  # fmt: skip
             measured = f"{_n(run['rss_mb'])} MB (peak {_n(run['peak_rss_mb'])})"
             row(f"agent RSS at {what}", "<= 300 MB" if big else NONE, measured,
                 run["rss_mb"] <= 300 if big else None)  # fmt: skip
@@ -689,11 +691,21 @@ def agent(data: dict) -> list[str]:
             _n(run["coverage"].get("flow_map", {}).get("lost")),
         ]
         for run in data["runs"]
+        if "median_rows" in run
     ]
     header = ["active flows", "output", "flow map", "CPU", "RSS idle MB", "RSS MB", "peak MB", "rows/interval",
               "drain + FlowBatch ms", "enrich ms (CPU)", "flow log ms (CPU)", "log bytes/flow",
               "flow-map loss"]  # fmt: skip
     out += _table(header, rows)
+    for run in data["runs"]:
+        if "median_rows" not in run:
+            out += [
+                "`flowscope agent` itself (its pipeline, a thread per output, the status server) with its default",
+                f"outputs, the flow log and the gRPC API, on the same {_n(run['flows'])} flows: CPU "
+                f"{run['cpu_share']:.0%} of a core, RSS {_n(run['rss_mb'])} MB (peak {_n(run['peak_rss_mb'])}, "
+                f"{_n(run['rss_before_traffic_mb'])} before traffic).",
+                "",
+            ]
     out += [
         *_flowlog_budget(data),
         *_memory_finding(data),

@@ -29,7 +29,7 @@ BENCHMARKS = {
     "map_drain": 75,
     "events": 110,
     "identity": 30,
-    "agent": 120,  # five runs: idle, 10k and 100k flows, each of the two without and with the flow log
+    "agent": 180,  # seven runs: idle; 10k and 100k flows, each without and with the flow log and as `flowscope agent`
     "top_refresh": 45,  # written by the TUI's engineers (bench/top_refresh.py); run when present
     "clickhouse": 150,
     "flowlog": 120,
