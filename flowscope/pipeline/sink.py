@@ -177,6 +177,7 @@ class SinkRunner:
                     continue
                 assert isinstance(item, FlowBatch)
                 self._write(item)
+                del item  # not held while waiting for the next batch
         finally:
             self._call("close")
             self._take_settled()  # what the close wrote or gave up
