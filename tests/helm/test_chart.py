@@ -522,3 +522,36 @@ def test_metrics_are_plaintext_unless_metrics_tls_is_enabled(render) -> None:
         assert {key: endpoint.get(key) for key in scrape} == scrape
     plain = find(render("everything"), "PodMonitor")["spec"]["podMetricsEndpoints"][0]
     assert ("scheme" in plain, "tlsConfig" in plain) == (False, False)
+
+
+def test_the_readme_and_the_notes_reach_the_default_relay_over_tls(render, tmp_path: Path) -> None:
+    """The README's and NOTES.txt's lines through the relay (release and namespace flowscope, as the README
+    installs it) give the CA of the chart's Secret and a name the relay's certificate carries."""
+    values = tmp_path / "relay.yaml"
+    values.write_text(yaml.safe_dump({"relay": {"enabled": True}}))
+    docs = manifests(render_text(render.binary, values, name="flowscope"))
+    secret = find(docs, "Secret", "-tls")
+    relay_cert = base64.b64decode(secret["data"]["relay.crt"]).decode()
+    sans = openssl("x509", "-noout", "-ext", "subjectAltName", stdin=relay_cert).split("\n")[1]
+    names = {name.strip().removeprefix("DNS:") for name in sans.split(",")}
+    notes = render_text(render.binary, values, name="flowscope", notes=True)
+    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    for text in (notes, readme):
+        lines = [line.split() for line in text.splitlines() if "observe --server 127.0.0.1:4245" in line]
+        commands = [argv[argv.index("observe") - 1 :] for argv in lines]
+        assert [argv[0] for argv in commands] == ["flowscope", "hubble"]
+        for argv, ca_flag in zip(commands, ("--tls-ca", "--tls-ca-cert-files"), strict=True):
+            assert argv[argv.index(ca_flag) + 1] == "ca.crt", argv
+            assert argv[argv.index("--tls-server-name") + 1] == "flowscope-relay.flowscope.svc", argv
+        assert "--tls" in commands[1]  # hubble's CLI wants it besides the CA
+        assert "flowscope-relay.flowscope.svc" in names
+        [fetch] = [line.split() for line in text.splitlines() if "get secret" in line]
+        fetch = fetch[fetch.index("kubectl") :]
+        assert fetch[:6] == ["kubectl", "-n", "flowscope", "get", "secret", secret["metadata"]["name"]], fetch
+        assert fetch[6:] == ["-o", "jsonpath='{.data.ca\\.crt}'", "|", "base64", "-d", ">", "ca.crt"], fetch
+        forward = [line.split() for line in text.splitlines() if "port-forward" in line]
+        assert [argv[argv.index("kubectl") :] for argv in forward] == [
+            ["kubectl", "-n", "flowscope", "port-forward", "svc/flowscope-relay", "4245:4245"]
+        ]
+        service = find(docs, "Service", "-relay")
+        assert (service["metadata"]["name"], service["spec"]["ports"][0]["port"]) == ("flowscope-relay", 4245)
