@@ -144,7 +144,7 @@ def test_the_agent_in_the_image_logs_the_lab_traffic_exactly(image, container, t
 
 FLOWSCOPE = str(Path(sys.executable).with_name("flowscope"))
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-RELAY_VALUES = {"relay": {"enabled": True, "peers": ["127.0.0.1:4244"]}}  # an agent that is not there, on loopback
+RELAY_PEERS = ["127.0.0.1:4244"]  # an agent that is not there, on loopback
 RELAY_NAME = "fs-flowscope-relay.flowscope.svc"
 
 
@@ -157,14 +157,16 @@ def relay_status(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*argv, "-o", "json", "--timeout", "20"], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.parametrize("client_auth", [False, True], ids=["tls", "mutual-tls"])
 def test_the_relay_runs_from_the_image_unprivileged_and_answers_over_tls(
-    image: Image, tc_lab: Lab, tmp_path: Path
+    image: Image, tc_lab: Lab, tmp_path: Path, client_auth: bool
 ) -> None:
-    """The chart's relay Deployment (relay.enabled, TLS by default) as the kubelet runs it: its args after the
-    image's entrypoint, runAsUser/runAsGroup/fsGroup 65534, every capability dropped, no privilege escalation,
-    a read-only root, its ConfigMap and Secrets as files (0440, group 65534), its /run/flowscope emptyDir;
-    in a network namespace of its own with loopback only (its one peer, 127.0.0.1:4244, refuses)."""
-    objects = chart_objects(tmp_path, RELAY_VALUES)
+    """The chart's relay Deployment (relay.enabled, TLS by default; relay.tls.clientAuth) as the kubelet runs
+    it: its args after the image's entrypoint, runAsUser/runAsGroup/fsGroup 65534, every capability dropped, no
+    privilege escalation, a read-only root, its ConfigMap and Secrets as files (0440, group 65534), its
+    /run/flowscope emptyDir; in a network namespace of its own with loopback only (its one peer refuses)."""
+    values = {"relay": {"enabled": True, "peers": RELAY_PEERS, "tls": {"clientAuth": client_auth}}}
+    objects = chart_objects(tmp_path, values)
     deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-relay"))
     pod = deployment["spec"]["template"]["spec"]
     [spec] = pod["containers"]
@@ -181,7 +183,7 @@ def test_the_relay_runs_from_the_image_unprivileged_and_answers_over_tls(
     assert config["process"]["args"] == [
         "/opt/flowscope/bin/flowscope", "relay", "--config", "/etc/flowscope/relay.yaml",
     ]  # fmt: skip
-    name = f"fsimg-{os.getpid()}-relay"
+    name = f"fsimg-{os.getpid()}-relay-{int(client_auth)}"
     relay = run_container(name, tmp_path / "bundle", config, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120  # generous: a loaded machine imports grpc slowly
@@ -208,9 +210,13 @@ def test_the_relay_runs_from_the_image_unprivileged_and_answers_over_tls(
         assert {key: answer.get(key) for key in expected} == expected, answer
         # TCP 4245 in the relay's network namespace: TLS with the chart's relay certificate, as the README's
         # port-forward lines reach it (the CA of the chart's Secret, the Service's name)
-        ca = tmp_path / "volumes" / "volume-tls" / "ca.crt"
-        over_tls = relay_status(*netns.command(FLOWSCOPE, "status", "--server", "127.0.0.1:4245", "--tls-ca",
-                                               str(ca), "--tls-server-name", RELAY_NAME))  # fmt: skip
+        secret = tmp_path / "volumes" / "volume-tls"  # the chart's Secret as the relay's pod has it
+        tls = ["--server", "127.0.0.1:4245", "--tls-ca", str(secret / "ca.crt"), "--tls-server-name", RELAY_NAME]
+        client = ["--tls-client-cert", str(secret / "client.crt"), "--tls-client-key", str(secret / "client.key")]
+        if client_auth:  # without a certificate of the chart's CA the relay hangs up; the Secret's client.crt is one
+            anonymous = relay_status(*netns.command(FLOWSCOPE, "status", *tls))
+            assert (anonymous.returncode, anonymous.stdout) == (1, ""), anonymous.stderr
+        over_tls = relay_status(*netns.command(FLOWSCOPE, "status", *tls, *(client if client_auth else [])))
         assert over_tls.returncode == 0, over_tls.stderr
         answer = json.loads(over_tls.stdout)
         assert {key: answer.get(key) for key in expected} == expected, answer
