@@ -4,9 +4,9 @@ network namespace, every capability dropped but the smallest set): `flowscope do
 loads every probe, the agent of the image's Cmd logs the lab's traffic with the exact packet and byte counts
 sent, and a missing capability is one sentence that names it; the relay runs from it as the chart's Deployment
 runs it (uid 65534, no capability, its rendered config and certificates) and answers a status call on its unix
-socket and, over TLS, on its TCP port. The image is built once (scripts/build-image: 2.5 min here, more where
-Debian's packages must be downloaded) and rebuilt only when its inputs change; its layout is unpacked once per
-build (half a minute)."""
+socket and, over TLS, flowscope's and Hubble's on its TCP port. The image is built once (scripts/build-image:
+2.5 min here, more where Debian's packages must be downloaded) and rebuilt only when its inputs change; its
+layout is unpacked once per build (half a minute)."""
 
 from __future__ import annotations
 
@@ -157,6 +157,22 @@ def relay_status(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*argv, "-o", "json", "--timeout", "20"], capture_output=True, text=True, timeout=120)
 
 
+# Hubble's ServerStatus over TLS, as `hubble observe --tls --tls-ca-cert-files CA --tls-server-name NAME` asks it;
+# argv: server, CA, server name[, client certificate, client key]
+HUBBLE_STATUS = """
+import json, sys
+import grpc
+from google.protobuf.json_format import MessageToDict
+from flowscope.proto.hubble.observer import observer_pb2, observer_pb2_grpc
+server, ca, name, *client = sys.argv[1:]
+read = lambda path: open(path, "rb").read()
+credentials = grpc.ssl_channel_credentials(read(ca), *(read(path) for path in reversed(client)))
+channel = grpc.secure_channel(server, credentials, options=[("grpc.ssl_target_name_override", name)])
+status = observer_pb2_grpc.ObserverStub(channel).ServerStatus(observer_pb2.ServerStatusRequest(), timeout=20)
+print(json.dumps(MessageToDict(status, preserving_proto_field_name=True)))
+"""
+
+
 @pytest.mark.parametrize("client_auth", [False, True], ids=["tls", "mutual-tls"])
 def test_the_relay_runs_from_the_image_unprivileged_and_answers_over_tls(
     image: Image, tc_lab: Lab, tmp_path: Path, client_auth: bool
@@ -220,6 +236,17 @@ def test_the_relay_runs_from_the_image_unprivileged_and_answers_over_tls(
         assert over_tls.returncode == 0, over_tls.stderr
         answer = json.loads(over_tls.stdout)
         assert {key: answer.get(key) for key in expected} == expected, answer
+        # Hubble's API on the same port, over the same TLS
+        hubble = subprocess.run(
+            netns.command(sys.executable, "-c", HUBBLE_STATUS, "127.0.0.1:4245", str(secret / "ca.crt"), RELAY_NAME,
+                          *([str(secret / "client.crt"), str(secret / "client.key")] if client_auth else [])),
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert hubble.returncode == 0, hubble.stderr
+        answer = json.loads(hubble.stdout)
+        hubble_expected = {"max_flows": "65536", "num_connected_nodes": 0, "num_unavailable_nodes": 1,
+                           "unavailable_nodes": ["127.0.0.1:4244"]}  # fmt: skip
+        assert {key: answer.get(key) for key in hubble_expected} == hubble_expected, answer
         plaintext = relay_status(*netns.command(FLOWSCOPE, "status", "--server", "127.0.0.1:4245"))
         assert (plaintext.returncode, plaintext.stdout) == (1, ""), plaintext.stderr  # no plaintext on TCP
         assert "127.0.0.1:4245: Socket closed" in plaintext.stderr  # the TLS server hung up on the plaintext hello
