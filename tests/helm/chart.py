@@ -44,11 +44,15 @@ def render_text(
     name: str = "fs",
     namespace: str = "flowscope",
     cluster: Path | None = None,
+    notes: bool = False,
 ) -> str:
-    """The manifests; `cluster` is a YAML stream of the objects Helm's lookup finds (as at an upgrade)."""
+    """The manifests (or, with `notes`, the NOTES.txt helm install prints); `cluster` is a YAML stream of the
+    objects Helm's lookup finds (as at an upgrade)."""
     argv = [str(binary), "-chart", str(CHART), "-name", name, "-namespace", namespace, "-kube-version", kube_version]
     if cluster is not None:
         argv += ["-cluster", str(cluster)]
+    if notes:
+        argv.append("-notes")
     for path in values:
         argv += ["-f", str(path)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60)

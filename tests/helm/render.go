@@ -177,6 +177,9 @@ func readChartFiles(dir string) (files, map[string]string, error) {
 	return out, templates, walk(dir, "")
 }
 
+// notesOnly: render templates/NOTES.txt alone, as text (Helm prints it after an install), not the manifests.
+var notesOnly bool
+
 func main() {
 	chartDir := flag.String("chart", "", "chart directory")
 	release := flag.String("name", "flowscope", "release name")
@@ -184,6 +187,7 @@ func main() {
 	kubeVersion := flag.String("kube-version", "v1.31.0", "Kubernetes version for .Capabilities")
 	apiVersions := flag.String("api-versions", "", "comma-separated extra API versions for .Capabilities")
 	clusterFile := flag.String("cluster", "", "YAML stream of the objects lookup finds (default: none)")
+	flag.BoolVar(&notesOnly, "notes", false, "print the rendered NOTES.txt (what `helm install` shows) instead")
 	var extra valueFiles
 	flag.Var(&extra, "f", "values file (repeatable; later ones win)")
 	flag.Parse()
@@ -382,7 +386,7 @@ func run(
 	var out strings.Builder
 	for _, name := range names {
 		base := path.Base(name)
-		if strings.HasPrefix(base, "_") || base == "NOTES.txt" {
+		if strings.HasPrefix(base, "_") || (base == "NOTES.txt") != notesOnly {
 			continue
 		}
 		full := chartName + "/" + name
@@ -397,6 +401,10 @@ func run(
 		}
 		text := strings.ReplaceAll(buf.String(), "<no value>", "")
 		if strings.TrimSpace(text) == "" {
+			continue
+		}
+		if notesOnly {
+			out.WriteString(text)
 			continue
 		}
 		fmt.Fprintf(&out, "---\n# Source: %s\n%s\n", full, strings.TrimRight(text, "\n"))

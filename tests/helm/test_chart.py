@@ -40,6 +40,16 @@ VALUE_SETS = {
         "agent": {"config": {"probes": {"interval": 0.5, "flow_map_size": 131072}, "stop_timeout": "15s"}},
     },
     "discovery": {"relay": {"enabled": True}},
+    "relay-plaintext": {"relay": {"enabled": True, "peers": ["10.0.0.1:4244"], "tls": {"enabled": False}}},
+    "relay-own-cert": {
+        "relay": {"enabled": True, "peers": ["10.0.0.1:4244"],
+                  "tls": {"existingSecret": "relay-cert", "clientAuth": True}},
+        "tls": {"existingSecret": "agent-certs"},
+    },
+    "metrics-tls": {
+        "metrics": {"enabled": True, "tls": {"enabled": True}, "serviceMonitor": {"enabled": True},
+                    "podMonitor": {"enabled": True}},
+    },
     "everything": {
         "fullnameOverride": "observe",
         "relay": {"enabled": True, "peers": ["10.0.0.1:4244"]},
@@ -369,7 +379,7 @@ def test_the_startup_probe_waits_startup_seconds(render) -> None:
     assert (probe["periodSeconds"], probe["failureThreshold"]) == (5, 121)  # 603 s, rounded up to a period
 
 
-TLS_KEYS = ("ca.crt", "tls.crt", "tls.key", "client.crt", "client.key")
+TLS_KEYS = ("ca.crt", "tls.crt", "tls.key", "client.crt", "client.key", "relay.crt", "relay.key")
 
 
 def tls_secret(namespace: str, keys: tuple[str, ...] = TLS_KEYS) -> dict[str, Any]:
@@ -388,7 +398,9 @@ def test_an_upgrade_keeps_the_certificates_of_the_existing_secret(render) -> Non
 
 
 def test_an_incomplete_or_foreign_secret_is_not_kept(render) -> None:
-    for existing in (tls_secret("flowscope", TLS_KEYS[:3]), tls_secret("elsewhere")):
+    # an earlier chart's Secret had no relay.crt and relay.key: it is made anew, relay certificate and all
+    for existing in (tls_secret("flowscope", TLS_KEYS[:3]), tls_secret("flowscope", TLS_KEYS[:5]),
+                     tls_secret("elsewhere")):  # fmt: skip
         data = find(render("discovery", cluster=[existing]), "Secret", "-tls")["data"]
         assert sorted(data) == sorted(TLS_KEYS)
         assert not {base64.b64decode(value) for value in data.values()} & {f"kept {k}".encode() for k in TLS_KEYS}
@@ -415,3 +427,131 @@ def test_every_helm_install_of_the_readme_names_the_image_and_an_existing_value_
         files = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-f"]
         assert "image.repository=REGISTRY/flowscope" in settings, argv  # the chart's default is a local name
         assert len(files) == 1 and (ROOT / files[0]).is_file(), argv
+
+
+# ---- the relay's API and /metrics: TLS unless a value says plaintext ---------------------------------------
+
+
+def openssl(*args: str, stdin: str = "") -> str:
+    result = subprocess.run(["openssl", *args], input=stdin, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+RELAY_SOCKETS = {"socket": "/run/flowscope/flowscope.sock", "hubble_socket": "/run/flowscope/hubble.sock"}
+
+
+def test_the_relay_serves_its_api_over_tls_by_default(render, tmp_path: Path) -> None:
+    docs = render("discovery")
+    relay = yaml.safe_load(config_files(docs)["relay.yaml"])
+    assert relay["grpc"] == {
+        "address": "0.0.0.0:4245", **RELAY_SOCKETS,
+        "tls_cert": "/etc/flowscope/relay-tls/tls.crt", "tls_key": "/etc/flowscope/relay-tls/tls.key",
+    }  # fmt: skip
+    pod = find(docs, "Deployment", "-relay")["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["server-tls"] == {"name": "server-tls", "mountPath": "/etc/flowscope/relay-tls", "readOnly": True}
+    volume = next(v for v in pod["volumes"] if v["name"] == "server-tls")
+    assert volume["secret"] == {
+        "secretName": "fs-flowscope-tls", "defaultMode": 0o440,
+        "items": [{"key": "relay.crt", "path": "tls.crt"}, {"key": "relay.key", "path": "tls.key"}],
+    }  # fmt: skip
+    # the relay's certificate: the Service's names, signed by the CA the agents' and the clients' trust
+    data = {k: base64.b64decode(v).decode() for k, v in find(docs, "Secret", "-tls")["data"].items()}
+    assert sorted(data) == sorted(TLS_KEYS)
+    assert openssl("x509", "-noout", "-ext", "subjectAltName", stdin=data["relay.crt"]).split("\n")[1].strip() == (
+        "DNS:fs-flowscope-relay.flowscope.svc, DNS:fs-flowscope-relay.flowscope.svc.cluster.local, "
+        "DNS:fs-flowscope-relay.flowscope, DNS:fs-flowscope-relay"
+    )
+    service = find(docs, "Service", "-relay")
+    assert (service["metadata"]["name"], service["metadata"]["namespace"]) == ("fs-flowscope-relay", "flowscope")
+    assert openssl("x509", "-noout", "-subject", "-nameopt", "RFC2253", stdin=data["relay.crt"]) == (
+        "subject=CN=fs-flowscope-relay.flowscope.svc\n"
+    )
+    (tmp_path / "ca.crt").write_text(data["ca.crt"])
+    verified = openssl("verify", "-CAfile", str(tmp_path / "ca.crt"), "-purpose", "sslserver", stdin=data["relay.crt"])
+    assert verified == "stdin: OK\n"
+    modulus = [openssl(kind, "-noout", "-modulus", stdin=data[key]) for kind, key in
+               (("x509", "relay.crt"), ("rsa", "relay.key"))]  # fmt: skip
+    assert modulus[0] == modulus[1]
+
+
+def test_the_relay_serves_plaintext_only_when_a_value_says_so(render) -> None:
+    docs = render("relay-plaintext")
+    relay = yaml.safe_load(config_files(docs)["relay.yaml"])
+    assert relay["grpc"] == {"address": "0.0.0.0:4245", **RELAY_SOCKETS, "plaintext_anywhere": True}
+    pod = find(docs, "Deployment", "-relay")["spec"]["template"]["spec"]
+    assert "server-tls" not in {v["name"] for v in pod["volumes"]}
+    assert "server-tls" not in {m["name"] for m in pod["containers"][0]["volumeMounts"]}
+
+
+def test_the_relay_takes_its_certificate_from_a_secret_of_yours(render) -> None:
+    docs = render("relay-own-cert")
+    relay = yaml.safe_load(config_files(docs)["relay.yaml"])
+    assert relay["grpc"] == {
+        "address": "0.0.0.0:4245", **RELAY_SOCKETS, "tls_cert": "/etc/flowscope/relay-tls/tls.crt",
+        "tls_key": "/etc/flowscope/relay-tls/tls.key", "tls_client_ca": "/etc/flowscope/tls/ca.crt",
+    }  # fmt: skip
+    assert [d for d in docs if d["kind"] == "Secret"] == []  # both Secrets are the operator's
+    volumes = {v["name"]: v for v in find(docs, "Deployment", "-relay")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["server-tls"]["secret"] == {
+        "secretName": "relay-cert", "defaultMode": 0o440,
+        "items": [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}],
+    }  # fmt: skip
+    assert volumes["tls"]["secret"]["secretName"] == "agent-certs"
+
+
+def test_metrics_are_plaintext_unless_metrics_tls_is_enabled(render) -> None:
+    agent = yaml.safe_load(config_files(render("prometheus"))["agent.yaml"])
+    assert agent["metrics"] == {"address": "0.0.0.0:9464", "plaintext_anywhere": True}  # values.yaml says why
+    docs = render("metrics-tls")
+    agent = yaml.safe_load(config_files(docs)["agent.yaml"])
+    assert agent["metrics"] == {
+        "address": "0.0.0.0:9464", "tls_cert": "/etc/flowscope/tls/tls.crt", "tls_key": "/etc/flowscope/tls/tls.key",
+    }  # fmt: skip
+    assert "grpc" not in agent  # no relay, no agent.grpc.tcp: the flow API stays on the node's sockets
+    pod = find(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]
+    assert {"name": "tls", "mountPath": "/etc/flowscope/tls", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    assert next(v for v in pod["volumes"] if v["name"] == "tls")["secret"]["secretName"] == "fs-flowscope-tls"
+    assert sorted(find(docs, "Secret", "-tls")["data"]) == sorted(TLS_KEYS)
+    scrape = {"scheme": "https", "tlsConfig": {"ca": {"secret": {"name": "fs-flowscope-tls", "key": "ca.crt"}},
+                                               "serverName": "agent.fs-flowscope.flowscope"}}  # fmt: skip
+    service_monitor = find(docs, "ServiceMonitor")["spec"]["endpoints"][0]
+    pod_monitor = find(docs, "PodMonitor")["spec"]["podMetricsEndpoints"][0]
+    for endpoint in (service_monitor, pod_monitor):
+        assert {key: endpoint.get(key) for key in scrape} == scrape
+    plain = find(render("everything"), "PodMonitor")["spec"]["podMetricsEndpoints"][0]
+    assert ("scheme" in plain, "tlsConfig" in plain) == (False, False)
+
+
+def test_the_readme_and_the_notes_reach_the_default_relay_over_tls(render, tmp_path: Path) -> None:
+    """The README's and NOTES.txt's lines through the relay (release and namespace flowscope, as the README
+    installs it) give the CA of the chart's Secret and a name the relay's certificate carries."""
+    values = tmp_path / "relay.yaml"
+    values.write_text(yaml.safe_dump({"relay": {"enabled": True}}))
+    docs = manifests(render_text(render.binary, values, name="flowscope"))
+    secret = find(docs, "Secret", "-tls")
+    relay_cert = base64.b64decode(secret["data"]["relay.crt"]).decode()
+    sans = openssl("x509", "-noout", "-ext", "subjectAltName", stdin=relay_cert).split("\n")[1]
+    names = {name.strip().removeprefix("DNS:") for name in sans.split(",")}
+    notes = render_text(render.binary, values, name="flowscope", notes=True)
+    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    for text in (notes, readme):
+        lines = [line.split() for line in text.splitlines() if "observe --server 127.0.0.1:4245" in line]
+        commands = [argv[argv.index("observe") - 1 :] for argv in lines]
+        assert [argv[0] for argv in commands] == ["flowscope", "hubble"]
+        for argv, ca_flag in zip(commands, ("--tls-ca", "--tls-ca-cert-files"), strict=True):
+            assert argv[argv.index(ca_flag) + 1] == "ca.crt", argv
+            assert argv[argv.index("--tls-server-name") + 1] == "flowscope-relay.flowscope.svc", argv
+        assert "--tls" in commands[1]  # hubble's CLI wants it besides the CA
+        assert "flowscope-relay.flowscope.svc" in names
+        [fetch] = [line.split() for line in text.splitlines() if "get secret" in line]
+        fetch = fetch[fetch.index("kubectl") :]
+        assert fetch[:6] == ["kubectl", "-n", "flowscope", "get", "secret", secret["metadata"]["name"]], fetch
+        assert fetch[6:] == ["-o", "jsonpath='{.data.ca\\.crt}'", "|", "base64", "-d", ">", "ca.crt"], fetch
+        forward = [line.split() for line in text.splitlines() if "port-forward" in line]
+        assert [argv[argv.index("kubectl") :] for argv in forward] == [
+            ["kubectl", "-n", "flowscope", "port-forward", "svc/flowscope-relay", "4245:4245"]
+        ]
+        service = find(docs, "Service", "-relay")
+        assert (service["metadata"]["name"], service["spec"]["ports"][0]["port"]) == ("flowscope-relay", 4245)

@@ -55,6 +55,23 @@ app.kubernetes.io/component: {{ .component }}
 {{- if or .Values.relay.enabled .Values.agent.grpc.tcp -}}true{{- end -}}
 {{- end -}}
 
+{{/* Whether /metrics is served over TLS (the agents' certificate). */}}
+{{- define "flowscope.metricsTls" -}}
+{{- if and .Values.metrics.enabled .Values.metrics.tls.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* Whether the agents mount the `tls` Secret (their flow API on TCP, or /metrics over TLS). */}}
+{{- define "flowscope.agentTls" -}}
+{{- if or (include "flowscope.agentTcp" .) (include "flowscope.metricsTls" .) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The relay Service's names, the SANs of the relay's generated server certificate (the first is its CN). */}}
+{{- define "flowscope.relayNames" -}}
+{{- $service := printf "%s-relay" (include "flowscope.fullname" .) -}}
+{{- $ns := .Release.Namespace -}}
+{{- list (printf "%s.%s.svc" $service $ns) (printf "%s.%s.svc.%s" $service $ns .Values.clusterDomain) (printf "%s.%s" $service $ns) $service | join "," -}}
+{{- end -}}
+
 {{/* The agent's config file: the chart's settings, under what values.agent.config says (user keys win). */}}
 {{- define "flowscope.agentConfig" -}}
 {{- $managed := dict "status" (dict "address" (printf "127.0.0.1:%d" (int .Values.agent.statusPort))) -}}
@@ -62,7 +79,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- $_ := set $managed "grpc" (dict "address" (printf "0.0.0.0:%d" (int .Values.agent.grpc.port)) "tls_cert" "/etc/flowscope/tls/tls.crt" "tls_key" "/etc/flowscope/tls/tls.key" "tls_client_ca" "/etc/flowscope/tls/ca.crt") -}}
 {{- end -}}
 {{- if .Values.metrics.enabled -}}
+{{- if include "flowscope.metricsTls" . -}}
+{{- $_ := set $managed "metrics" (dict "address" (printf "0.0.0.0:%d" (int .Values.metrics.port)) "tls_cert" "/etc/flowscope/tls/tls.crt" "tls_key" "/etc/flowscope/tls/tls.key") -}}
+{{- else -}}
 {{- $_ := set $managed "metrics" (dict "address" (printf "0.0.0.0:%d" (int .Values.metrics.port)) "plaintext_anywhere" true) -}}
+{{- end -}}
 {{- end -}}
 {{- if .Values.clickhouse.enabled -}}
 {{- $clickhouse := dict "url" (required "clickhouse.url is required when clickhouse.enabled is true" .Values.clickhouse.url) -}}
@@ -81,8 +102,18 @@ app.kubernetes.io/component: {{ .component }}
 {{/* The relay's config file: its agents are relay.peers, or else the agent pods of this release, found
      through the Kubernetes API at their container port named grpc. */}}
 {{- define "flowscope.relayConfig" -}}
+{{- $grpc := dict "address" (printf "0.0.0.0:%d" (int .Values.relay.port)) "socket" "/run/flowscope/flowscope.sock" "hubble_socket" "/run/flowscope/hubble.sock" -}}
+{{- if .Values.relay.tls.enabled -}}
+{{- $_ := set $grpc "tls_cert" "/etc/flowscope/relay-tls/tls.crt" -}}
+{{- $_ := set $grpc "tls_key" "/etc/flowscope/relay-tls/tls.key" -}}
+{{- if .Values.relay.tls.clientAuth -}}
+{{- $_ := set $grpc "tls_client_ca" "/etc/flowscope/tls/ca.crt" -}}
+{{- end -}}
+{{- else -}}
+{{- $_ := set $grpc "plaintext_anywhere" true -}}
+{{- end -}}
 {{- $managed := dict
-  "grpc" (dict "address" (printf "0.0.0.0:%d" (int .Values.relay.port)) "plaintext_anywhere" true "socket" "/run/flowscope/flowscope.sock" "hubble_socket" "/run/flowscope/hubble.sock")
+  "grpc" $grpc
   "client" (dict "tls" true "tls_ca" "/etc/flowscope/tls/ca.crt" "tls_client_cert" "/etc/flowscope/tls/client.crt" "tls_client_key" "/etc/flowscope/tls/client.key" "tls_server_name" (include "flowscope.agentServerName" .))
   "relay" (dict "peers" .Values.relay.peers) -}}
 {{- if not .Values.relay.peers -}}
