@@ -33,8 +33,8 @@ from typing import Any
 
 import pandas as pd
 
-from flowscope.exporters.clickhouse_spool import SPOOL_DIRECTORY, Spool, Spooled, SpoolFileError
 from flowscope.config import ClickHouseConfig
+from flowscope.exporters.clickhouse_spool import SPOOL_DIRECTORY, Spool, Spooled, SpoolFileError
 from flowscope.formats.clickhouse import (
     AUTHENTICATION_CODES,
     ConnectionSettingsError,
