@@ -116,13 +116,13 @@ class Spool:
             with open(partial, "rb") as handle:
                 os.fsync(handle.fileno())
             entry = Spooled(self.directory / name, sequence, table, len(frame), block_id, partial.stat().st_size)
-            dropped = []
-            while self.entries and self.size + entry.size > self.limit:
-                dropped.append(self.entries[0])
-                self.remove(self.entries[0])
             if entry.size > self.limit:
                 partial.unlink()
-                return [*dropped, entry]
+                return [entry]
+            dropped = []
+            while self.size + entry.size > self.limit:
+                dropped.append(self.entries[0])
+                self.remove(self.entries[0])
             os.replace(partial, entry.path)
             self._sync_directory()
         except BaseException:
