@@ -49,6 +49,7 @@ from flowscope.formats.clickhouse import (
     is_network_error,
     migrations,
     parse_version,
+    time_seconds,
 )
 from flowscope.pipeline.sink import SinkError
 from flowscope.schema import FlowBatch
@@ -365,8 +366,11 @@ class ClickHouseSink:
         assert self.layout is not None
         if self.layout.cluster:
             return False
+        seconds = time_seconds(insert.table, insert.frame)  # the primary key's range: not a scan of the table
         rows = self._client.execute(
-            f"SELECT count() FROM {self.layout.table(insert.table)} WHERE block_id = %(id)s", {"id": insert.block_id}
+            f"SELECT count() FROM {self.layout.table(insert.table)} WHERE time >= toDateTime(%(first)s) "
+            "AND time <= toDateTime(%(last)s) AND block_id = %(id)s",
+            {"first": int(seconds.min()), "last": int(seconds.max()), "id": insert.block_id},
         )[0][0]
         return rows > 0
 
