@@ -92,7 +92,7 @@ def build_sinks(config: Config) -> tuple[list[Sink], dict[str, int]]:
     if config.clickhouse.url:
         from flowscope.exporters.clickhouse import ClickHouseSink
 
-        sinks.append(ClickHouseSink(config.clickhouse))
+        sinks.append(ClickHouseSink(config.clickhouse, data_dir=config.flowlog.directory))
     if config.grpc.enabled:
         from flowscope.exporters.grpc.server import GrpcSink
 

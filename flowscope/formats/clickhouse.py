@@ -366,15 +366,19 @@ def _address_bytes(text: str) -> bytes:
         return bytes(16)
 
 
+def time_seconds(table: str, frame: pd.DataFrame) -> np.ndarray:
+    """The `time` column of `frame`'s records in `table`: seconds since the epoch (a missing time is 0)."""
+    when = frame[TIME_SOURCE[table]]
+    return when.to_numpy(dtype="datetime64[s]", na_value=np.datetime64(0, "s")).astype("int64")
+
+
 def insert_columns(table: str, frame: pd.DataFrame, block_id: str) -> tuple[list[str], list[list[Any]]]:
     """The column names and columnar data of an INSERT of `frame`'s records into `table`."""
     names, data = [], []
-    when = frame[TIME_SOURCE[table]]
     for column in TABLES[table]:
         names.append(column.name)
         if column.name == "time":
-            seconds = when.to_numpy(dtype="datetime64[s]", na_value=np.datetime64(0, "s"))
-            data.append(seconds.astype("int64").tolist())
+            data.append(time_seconds(table, frame).tolist())
         elif column.name == "block_id":
             data.append([block_id] * len(frame))
         elif column.name.endswith("_addr"):

@@ -9,6 +9,8 @@ bounded queue, so a slow or dead sink never stalls the kernel readers or the oth
     bind(pipeline)  optional: the pipeline it is an output of, once, before open() (its source's node, probes)
     settled()       optional, for sinks that write later than write() returns (a buffer that waits for a
                     server): (written, lost) records since the last call; write() then only hands over
+    adopted()       optional, with settled(): records an earlier run left to this one (a disk spool), asked once
+                    after open(); they are settled like the records handed over
 
 What a sink could not write — its queue full, or its write failed — is counted in records (flow rows plus
 event rows) as loss of `sink:<name>`: produced = delivered + lost for every sink.
@@ -166,6 +168,10 @@ class SinkRunner:
             self._open_error = err
             self._opened.set()
             return
+        adopted = getattr(self.sink, "adopted", None)
+        if adopted is not None:
+            with self._lock:
+                self._pending += adopted()
         self._opened.set()
         try:
             while True:

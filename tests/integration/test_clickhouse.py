@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -16,12 +17,16 @@ import pytest
 
 from flowscope.analysis.clickhouse import ClickHouseReadError, read_clickhouse
 from flowscope.config import ClickHouseConfig
+from flowscope.coverage import Coverage
 from flowscope.exporters.clickhouse import ClickHouseError, ClickHouseSink, Insert
+from flowscope.exporters.clickhouse_spool import SPOOL_DIRECTORY, Spool
 from flowscope.filters import parse_filter
 from flowscope.pipeline.sink import records
 from flowscope.schema import FlowBatch
 from tests.integration.servers import ClickHouse, User
+from tests.integration.test_agent_flowlog import answering, status
 from tests.ui.scenario import shop_batches, write_replay
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -61,25 +66,41 @@ def read(server: ClickHouse, database: str, filter: str = "", table: str = "flow
     return read_clickhouse(url, filter=filter, table=table, password=WRITER.password)
 
 
-def run_agent(server: ClickHouse, database: str, tmp_path: Path, *extra: str, password: str = WRITER.password):
-    recording = write_replay(tmp_path / "shop.jsonl", SHOP)
+AGENT_ENVIRONMENT = {**os.environ, "FLOWSCOPE_FLOWLOG_ENABLED": "0"}  # ClickHouse is the only output
+
+
+def agent_argv(
+    server: ClickHouse, database: str, tmp_path: Path, *extra: str, password: str = WRITER.password,
+    batches: list[FlowBatch] = SHOP, name: str = "shop",
+) -> list[str]:  # fmt: skip
+    """`flowscope agent` replaying `batches` (as tmp_path/<name>.jsonl, status socket <name>.sock) into ClickHouse."""
+    recording = write_replay(tmp_path / f"{name}.jsonl", batches)
     secret = tmp_path / "password"
     secret.write_text(password + "\n")
-    return subprocess.run(
-        [FLOWSCOPE, "agent", "--replay", str(recording), "--exit-at-end", "--status-socket", str(tmp_path / "a.sock"),
-         "--clickhouse", server.url(WRITER, database=database, password=False),
-         "--clickhouse-password-file", str(secret), "--clickhouse-batch-age", "0", *extra],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "FLOWSCOPE_FLOWLOG_ENABLED": "0"},
-    )  # fmt: skip
+    return [
+        FLOWSCOPE, "agent", "--replay", str(recording), "--status-socket", str(tmp_path / f"{name}.sock"),
+        "--clickhouse", server.url(WRITER, database=database, password=False),
+        "--clickhouse-password-file", str(secret), "--clickhouse-batch-age", "0", *extra,
+    ]  # fmt: skip
+
+
+def run_agent(server: ClickHouse, database: str, tmp_path: Path, *extra: str, **choices):
+    argv = agent_argv(server, database, tmp_path, "--exit-at-end", *extra, **choices)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=AGENT_ENVIRONMENT)
+
+
+def assert_stored(server: ClickHouse, database: str, batches: list[FlowBatch]) -> None:
+    """The server holds exactly the records of `batches`, each once, with every column as replayed."""
+    for kind in ("flows", "events"):
+        stored = in_order(read(server, database, table=kind), kind)
+        expected = in_order(everything(batches, kind), kind)
+        pd.testing.assert_frame_equal(stored, expected, check_dtype=True, obj=kind)
 
 
 def test_the_agent_writes_exactly_the_replayed_records(server, database, tmp_path):
     result = run_agent(server, database, tmp_path)
     assert result.returncode == 0, result.stderr
-    for kind in ("flows", "events"):
-        stored = in_order(read(server, database, table=kind), kind)
-        expected = in_order(everything(SHOP, kind), kind)
-        pd.testing.assert_frame_equal(stored, expected, check_dtype=True)
+    assert_stored(server, database, SHOP)
     assert len(read(server, database)) == 22 and len(read(server, database, table="events")) == 11
 
 
@@ -129,7 +150,7 @@ def test_a_wrong_password_is_one_sentence_and_a_non_zero_exit(server, database, 
 def test_a_bad_url_is_one_sentence(tmp_path, url, message):
     result = subprocess.run(
         [FLOWSCOPE, "agent", "--clickhouse", url, "--status-socket", str(tmp_path / "a.sock")],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "FLOWSCOPE_FLOWLOG_ENABLED": "0"},
+        capture_output=True, text=True, timeout=60, env=AGENT_ENVIRONMENT,
     )  # fmt: skip
     assert (result.returncode, result.stderr) == (1, f"flowscope agent: {message}\n")
 
@@ -274,3 +295,138 @@ def test_query_answers_from_clickhouse_what_it_answers_from_the_recording(server
         "NETFILTER_DROP,192.0.2.80,12,720",
         "NETFILTER_DROP,shop/checkout,12,720",
     ]
+
+
+# ---- the disk spool (--clickhouse-spool-size) -----------------------------------------------------------
+
+
+def records_of(batches: list[FlowBatch]) -> int:
+    return sum(records(b) for b in batches)
+
+
+def spool_files(data: Path) -> list[str]:
+    return sorted(p.name for p in (data / SPOOL_DIRECTORY).iterdir())
+
+
+def stopped_line(batches: list[FlowBatch], clickhouse_lost: int = 0) -> str:
+    """The agent's last line: its intervals, and the losses the recording carries plus ClickHouse's."""
+    recorded = Coverage()
+    for batch in batches:
+        recorded.merge(batch.coverage)
+    lost = {name: count.lost for name, count in recorded.sources.items() if count.lost}
+    if clickhouse_lost:
+        lost["sink:clickhouse"] = clickhouse_lost
+    return f"flowscope: agent stopped after {len(batches)} intervals; lost {lost or 'nothing'}"
+
+
+def test_a_stopped_server_spools_then_every_row_arrives_once(server, database, tmp_path):
+    sink = ClickHouseSink(settings(server, database, spool_size=1 << 30), data_dir=str(tmp_path))
+    sink.open()
+    write_all(sink, SHOP[:2])
+    server.stop()
+    try:
+        write_all(sink, SHOP[2:4])  # the server is gone: every insert waits on disk, none in memory
+        health = sink.health()
+        assert (health["state"], health["rows_buffered"], health["spool"]["rows"]) == ("degraded", 0, 11)
+        assert len(spool_files(tmp_path)) == 4 and records_of(SHOP[2:4]) == 11
+        assert sink.settled() == (records_of(SHOP[:2]), 0)
+    finally:
+        server.start_again()
+    sink._next_attempt = 0.0  # the backoff has passed (the test does not wait for it)
+    write_all(sink, SHOP[4:])
+    assert spool_files(tmp_path) == [] and sink.health()["spool"]["rows"] == 0
+    sink.close()
+    assert sink.settled() == (records_of(SHOP[2:]), 0)
+    assert_stored(server, database, SHOP)
+
+
+def test_a_spool_file_already_written_is_not_written_again(server, database, tmp_path):
+    """A kill between an insert and the removal of its file: the next start finds its block_id stored."""
+    first = ClickHouseSink(settings(server, database))
+    first.open()
+    first.write(SHOP[0])
+    first.close()
+    spool = Spool(tmp_path / SPOOL_DIRECTORY, 1 << 30)
+    spool.open()
+    spool.add("flows", SHOP[0].flows, read_block_id(server, database))
+    again = ClickHouseSink(settings(server, database, spool_size=1 << 30), data_dir=str(tmp_path))
+    again.open()
+    assert again.adopted() == len(SHOP[0].flows) == 4
+    again.write(SHOP[1])
+    again.close()
+    assert again.settled() == (4 + records_of(SHOP[1:2]), 0) and spool_files(tmp_path) == []
+    assert_stored(server, database, SHOP[:2])
+
+
+def test_a_spool_that_a_killed_agent_left_is_written_at_the_next_start(server, database, tmp_path):
+    data = tmp_path / "data"
+    spooling = ["--data-dir", str(data), "--clickhouse-spool-size", "64MiB"]
+    sock = tmp_path / "first.sock"
+    server.kill()
+    try:
+        with open(tmp_path / "first.log", "w") as log:
+            first = subprocess.Popen(
+                agent_argv(server, database, tmp_path, *spooling, batches=SHOP[:4], name="first"),
+                stdout=subprocess.DEVNULL, stderr=log, env=AGENT_ENVIRONMENT,
+            )  # fmt: skip
+        try:
+            spooled = lambda: status(sock)["sinks"]["clickhouse"]["health"]["spool"]["rows"]  # noqa: E731
+            wait_for(lambda: answering(sock) and spooled() == records_of(SHOP[:4]) == 25, what="four intervals spooled")
+            first.kill()
+        finally:
+            first.kill()
+            first.wait()
+    finally:
+        server.start_again()
+    assert len(spool_files(data)) == 8  # a flows and an events insert per interval
+    result = run_agent(server, database, tmp_path, *spooling, batches=SHOP[4:], name="second")
+    assert result.returncode == 0, result.stderr
+    assert "25 rows in 8 file(s) that an earlier run left in" in result.stderr
+    assert result.stderr.splitlines()[-1] == stopped_line(SHOP[4:])
+    assert spool_files(data) == []
+    assert_stored(server, database, SHOP)
+
+
+def test_an_overflowing_spool_counts_its_loss_exactly(server, database, tmp_path):
+    # The spool holds the last interval's two inserts and no more: their files' sizes, as the disk has them.
+    reference = Spool(tmp_path / "reference", 1 << 30)
+    reference.open()
+    for kind in ("flows", "events"):
+        reference.add(kind, getattr(SHOP[4], kind), uuid.uuid4().hex)
+    limit = sum(path.stat().st_size for path in (tmp_path / "reference").iterdir())
+    sink = ClickHouseSink(settings(server, database, spool_size=limit), data_dir=str(tmp_path))
+    sink.open()
+    server.kill()
+    try:
+        write_all(sink, SHOP)  # 33 records in 10 inserts while the server is gone; the spool keeps the last two
+        assert sink.health()["spool"]["rows"] == records_of(SHOP[4:]) == 8
+        assert sink.settled() == (0, 33 - 8)
+    finally:
+        server.start_again()
+    sink._next_attempt = 0.0
+    sink.write(FlowBatch.empty(SHOP[4].time_end, SHOP[4].time_end))
+    sink.close()
+    assert sink.settled() == (8, 0) and sink.rows_dropped == 25
+    assert_stored(server, database, SHOP[4:])
+
+
+def test_a_corrupt_spool_file_is_one_sentence_and_counted(server, database, tmp_path):
+    data = tmp_path / "data"
+    spool = Spool(data / SPOOL_DIRECTORY, 1 << 30)
+    spool.open()
+    spool.add("flows", SHOP[0].flows, uuid.uuid4().hex)
+    spool.add("events", SHOP[0].events, uuid.uuid4().hex)
+    broken = spool.entries[0].path
+    broken.write_bytes(broken.read_bytes()[:200])  # a disk that lost its tail
+    result = run_agent(server, database, tmp_path, "--data-dir", str(data), "--clickhouse-spool-size", "64MiB",
+                       batches=SHOP[1:])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    (sentence,) = [line for line in result.stderr.splitlines() if broken.name in line]
+    assert sentence.startswith(
+        f"flowscope: ClickHouse: 4 flows rows dropped: the spool file {broken} cannot be read (not a readable "
+        "Parquet file ("
+    ), sentence
+    assert result.stderr.splitlines()[-1] == stopped_line(SHOP[1:], clickhouse_lost=4)
+    assert spool_files(data) == []
+    assert_stored(server, database, [replace(SHOP[0], flows=SHOP[0].flows.iloc[:0]), *SHOP[1:]])
