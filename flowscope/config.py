@@ -666,14 +666,31 @@ def _where(
 
 
 SECRETS = (("clickhouse", "password"),)
+SECRET_URLS = (("clickhouse", "url"),)  # a password in them is left out
+
+
+def url_without_password(url: str) -> str:
+    """`url` with the password of its user part left out (scheme://user:secret@host/... -> scheme://user@host/...)."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    user, at, host = rest[:end].rpartition("@")
+    if not at or ":" not in user:
+        return url
+    return f"{scheme}://{user.partition(':')[0]}@{host}{rest[end:]}"
 
 
 def as_yaml(config: Config) -> str:
-    """The effective configuration as a file that `--config` reads back, secrets left out (null)."""
+    """The effective configuration as a file that `--config` reads back, secrets left out (null, and a password
+    in a URL)."""
     import yaml
 
     data = config.model_dump(mode="json")
     for section, key in SECRETS:
         if data[section][key] is not None:
             data[section][key] = None
+    for section, key in SECRET_URLS:
+        if data[section][key] is not None:
+            data[section][key] = url_without_password(data[section][key])
     return yaml.safe_dump(data, sort_keys=False)

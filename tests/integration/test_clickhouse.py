@@ -5,6 +5,7 @@ pandas."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -128,13 +129,49 @@ def test_the_rollups_equal_the_raw_rows_sums(server, database, tmp_path):
 
 
 def test_a_wrong_password_is_one_sentence_and_a_non_zero_exit(server, database, tmp_path):
-    result = run_agent(server, database, tmp_path, password="wrong")
+    result = run_agent(server, database, tmp_path, password="wrong-hunter2")
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == (
         f"flowscope agent: ClickHouse at clickhouse://flowscope@127.0.0.1:{server.tcp_port}/{database} refused user "
         "'flowscope': Wrong password for user flowscope; check the user and --clickhouse-password-file."
     )
-    assert "s3cret" not in result.stderr and "Traceback" not in result.stderr
+    assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
+
+
+def server_logs(server: ClickHouse) -> str:
+    return "".join((server.root / name).read_text(errors="replace") for name in ("log", "err", "stdout"))
+
+
+def test_the_password_shows_nowhere_the_agent_writes_or_ps_reads(server, database, tmp_path):
+    """The right password, given in its file: the agent's command line and environment (what ps shows), its
+    stderr, its status and the server's logs never hold it (the server's logs are read before and after)."""
+    logged_before = server_logs(server)
+    assert WRITER.password not in logged_before
+    with open(tmp_path / "agent.log", "w") as log:
+        agent = subprocess.Popen(
+            agent_argv(server, database, tmp_path), stdout=subprocess.DEVNULL, stderr=log, env=AGENT_ENVIRONMENT
+        )
+    try:
+        sock = tmp_path / "shop.sock"
+        written = lambda: status(sock)["sinks"]["clickhouse"]["health"]["rows_written"]  # noqa: E731
+        wait_for(lambda: answering(sock) and written() == 33, what="every record written")
+        shown = Path(f"/proc/{agent.pid}/cmdline").read_bytes() + Path(f"/proc/{agent.pid}/environ").read_bytes()
+        answer = json.dumps(status(sock))
+    finally:
+        agent.terminate()
+        agent.wait(60)
+    assert agent.returncode == 0, (tmp_path / "agent.log").read_text()
+    stderr = (tmp_path / "agent.log").read_text()
+    assert stderr.splitlines()[-1] == stopped_line(SHOP)
+    assert str(tmp_path / "password") in shown.decode()  # the file's name: that is what ps shows
+    for where, text in (
+        ("ps", shown.decode()),
+        ("stderr", stderr),
+        ("status", answer),
+        ("server", server_logs(server)),
+    ):
+        assert WRITER.password not in text, where
+    assert_stored(server, database, SHOP)
 
 
 @pytest.mark.parametrize(
