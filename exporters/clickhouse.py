@@ -5,7 +5,9 @@ path (the sink's own thread).
 Outages: an insert that fails stays in a bounded buffer (--clickhouse-buffer-rows) and is retried with
 backoff (1 s doubling to 60 s); past the buffer the oldest inserts are dropped and counted as loss of
 `sink:clickhouse`. Every insert carries a `block_id`: one whose outcome is unknown (the connection broke while
-it was sent) is looked up by it before it is sent again, so an outage never writes a row twice. The sink
+it was sent) is looked up by it before it is sent again, its rows counted by second (an insert spanning two days
+is two parts, and one may be written without the other): only the rows not stored are sent, so an outage never
+writes a row twice nor loses one uncounted. The sink
 settles records only when ClickHouse has them (or they are dropped): produced = delivered + lost counts rows
 that are really stored.
 
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from flowscope.config import ClickHouseConfig
@@ -323,8 +326,9 @@ class ClickHouseSink:
                     self._outage(err)
                     return
             try:
-                if not (insert.maybe_written and self._stored(insert)):
-                    self._insert(insert)
+                missing, unknown = self._unstored(insert) if insert.maybe_written else (insert.frame, 0)
+                if len(missing):
+                    self._insert(insert, missing)
             except Exception as err:
                 if is_network_error(err):
                     insert.maybe_written = True
@@ -341,7 +345,10 @@ class ClickHouseSink:
                 self._settle_lost(insert.rows, insert.table, why)
                 continue
             self._done(insert)
-            self._settle_written(insert)
+            self._settle_written(insert.rows - unknown)
+            if unknown:
+                why = "an insert of unknown outcome was stored in part and the rest cannot be told apart"
+                self._settle_lost(unknown, insert.table, why)
             self._backoff = RETRY_FIRST
             if self.outage_since is None and self.state != "ok":  # the refusals are over
                 self.state, self.detail = "ok", ""
@@ -353,30 +360,48 @@ class ClickHouseSink:
         self._next_attempt = self._clock() + self._backoff
         self._backoff = min(self._backoff * 2, RETRY_MAX)
 
-    def _insert(self, insert: Insert) -> None:
+    def _insert(self, insert: Insert, frame: pd.DataFrame) -> None:
         assert self.layout is not None
-        names, data = insert_columns(insert.table, insert.frame, insert.block_id)
+        names, data = insert_columns(insert.table, frame, insert.block_id)
         target = self.layout.table(insert.table)
         self._client.execute(f"INSERT INTO {target} ({', '.join(names)}) VALUES", data, columnar=True)
 
-    def _stored(self, insert: Insert) -> bool:
-        """Whether an insert sent before an outage arrived (all of it: one insert is one block). On a cluster
-        it is sent again instead: a shard may have it and another not, and the replicated tables drop a
-        block they already have (the Distributed table splits the same rows into the same blocks)."""
+    def _unstored(self, insert: Insert) -> tuple[pd.DataFrame, int]:
+        """The rows of an insert sent before an outage that did not arrive, and how many rows arrived only in
+        part (lost: which of them are stored cannot be told). The server writes an insert as one part per
+        partition (a day), each whole or not at all: an insert spanning two days may be half written. So its
+        rows are counted by second (`time`) under its block_id: a second with all its rows stored is done, one
+        with none is sent again, one with some (a part split otherwise) is counted as lost, the rest stored.
+
+        On a cluster it is sent again whole instead: a shard may have it and another not, and the replicated
+        tables drop a block they already have (the Distributed table splits the same rows into the same
+        blocks)."""
         assert self.layout is not None
         if self.layout.cluster:
-            return False
+            return insert.frame, 0
         seconds = time_seconds(insert.table, insert.frame)  # the primary key's range: not a scan of the table
-        rows = self._client.execute(
-            f"SELECT count() FROM {self.layout.table(insert.table)} WHERE time >= toDateTime(%(first)s) "
-            "AND time <= toDateTime(%(last)s) AND block_id = %(id)s",
-            {"first": int(seconds.min()), "last": int(seconds.max()), "id": insert.block_id},
-        )[0][0]
-        return rows > 0
+        stored = dict(
+            self._client.execute(
+                f"SELECT toUInt32(time) AS second, count() FROM {self.layout.table(insert.table)} "
+                "WHERE time >= toDateTime(%(first)s) AND time <= toDateTime(%(last)s) AND block_id = %(id)s "
+                "GROUP BY second",
+                {"first": int(seconds.min()), "last": int(seconds.max()), "id": insert.block_id},
+            )
+        )
+        if not stored:
+            return insert.frame, 0
+        expected = pd.Series(seconds).value_counts()
+        unknown = sum(max(int(expected.get(second, 0)) - count, 0) for second, count in stored.items())
+        resend = ~np.isin(seconds, np.fromiter(stored, dtype="int64", count=len(stored)))
+        log.info(
+            "ClickHouse: an insert of unknown outcome (%d %s rows) was stored in part: %d rows are sent again",
+            insert.rows, insert.table, int(resend.sum()),
+        )  # fmt: skip
+        return insert.frame[resend], unknown
 
-    def _settle_written(self, insert: Insert) -> None:
-        self._written += insert.rows
-        self.rows_written += insert.rows
+    def _settle_written(self, rows: int) -> None:
+        self._written += rows
+        self.rows_written += rows
 
     def _settle_lost(self, rows: int, table: str, why: str) -> None:
         self._lost += rows

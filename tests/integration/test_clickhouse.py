@@ -231,6 +231,32 @@ def test_an_insert_of_unknown_outcome_is_looked_up_not_sent_twice(server, databa
     assert sink.settled()[0] == records(SHOP[0]) + len(SHOP[0].flows)  # settled as written: it was
 
 
+def test_an_insert_of_unknown_outcome_half_written_sends_the_rest_once(server, database):
+    """An insert spanning two days is two parts (a partition per day): the connection may break with one of them
+    written. The lookup finds 4 of its 9 rows, sends the other 5 once and settles all 9 as written."""
+    sink = ClickHouseSink(settings(server, database))
+    sink.open()
+    next_day = SHOP[1].flows.assign(
+        time_start=SHOP[1].flows["time_start"] + pd.Timedelta(days=1),
+        time_end=SHOP[1].flows["time_end"] + pd.Timedelta(days=1),
+    )
+    both = pd.concat([SHOP[0].flows, next_day], ignore_index=True)
+    assert len(both) == 9 and both["time_end"].dt.day.nunique() == 2
+    whole = Insert("flows", both)
+    first_day = ClickHouseSink(settings(server, database))  # writes the first day's part under the same id
+    first_day.open()
+    first_day._inserts.append(Insert("flows", SHOP[0].flows, block_id=whole.block_id))
+    first_day.close()
+    assert first_day.settled() == (4, 0) and len(read(server, database)) == 4
+    whole.maybe_written = True
+    sink._inserts.append(whole)
+    sink.write(FlowBatch.empty(SHOP[2].time_start, SHOP[2].time_end))
+    sink.close()
+    assert sink.settled() == (9, 0)
+    assert server.query(f"SELECT count(), uniqExact(block_id) FROM `{database}`.flows") == "9\t1\n"
+    pd.testing.assert_frame_equal(in_order(read(server, database), "flows"), in_order(both, "flows"), check_dtype=True)
+
+
 def read_block_id(server: ClickHouse, database: str) -> str:
     return server.query(f"SELECT any(block_id) FROM `{database}`.flows").strip()
 
