@@ -1,8 +1,11 @@
 """The ClickHouse sink without a server: a fake client (it records every statement and can be down or refuse)
 and the sink's injectable clock. Inserts are cut by rows and by age, the retries back off 1 s doubling to 60 s
-and back to 1 s once the server answers, and an insert of unknown outcome sends only the rows not stored."""
+and back to 1 s once the server answers, an insert of unknown outcome sends only the rows not stored, and the
+URL's TLS options reach clickhouse-driver's Client as its arguments."""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import pandas as pd
 import pytest
@@ -10,7 +13,9 @@ from clickhouse_driver import errors
 
 from flowscope.config import ClickHouseConfig
 from flowscope.exporters import clickhouse as sink_module
-from flowscope.exporters.clickhouse import REFUSALS_MAX, ClickHouseSink, Insert
+from flowscope.exporters.clickhouse import REFUSALS_MAX, ClickHouseError, ClickHouseSink, Insert
+from flowscope.formats import clickhouse as formats
+from flowscope.formats.clickhouse import ConnectionSettingsError, connection
 from flowscope.schema import FlowBatch
 from tests.ui.scenario import shop_batches
 
@@ -228,3 +233,93 @@ def test_on_a_cluster_an_insert_of_unknown_outcome_is_sent_again_whole(clock, se
     sink._inserts.append(two_seconds())
     sink.write(empty())
     assert server.lookups == [] and [rows for _, _, rows in server.inserts] == [9] and sink.settled() == (9, 0)
+
+
+# ---- TLS and the URL's options ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("clickhouse://w@db/flows", ("db", 9000, "w", "flows", False, {})),
+        ("clickhouses://w@db/flows", ("db", 9440, "w", "flows", True, {})),
+        ("clickhouse://w@db/flows?secure=1", ("db", 9440, "w", "flows", True, {})),
+        ("clickhouse://w@db:9441/flows?secure=true", ("db", 9441, "w", "flows", True, {})),
+        ("clickhouse://w@db/flows?secure", ("db", 9440, "w", "flows", True, {})),
+        ("clickhouse://w@db:9000/flows?secure=0", ("db", 9000, "w", "flows", False, {})),
+        (
+            "clickhouses://w@db/flows?verify=0&ca_certs=%2Fetc%2Fssl%2Fch.pem",
+            ("db", 9440, "w", "flows", True, {"verify": "0", "ca_certs": "/etc/ssl/ch.pem"}),
+        ),
+        ("clickhouse://db", ("db", 9000, "default", "flowscope", False, {})),
+    ],
+)
+def test_the_url_gives_the_connection(url, expected):
+    target = connection(ClickHouseConfig(url=url, password="pw"))
+    assert (target.host, target.port, target.user, target.database, target.secure, target.options) == expected
+    assert target.password == "pw"
+    assert target.shown == f"clickhouse{'s' if expected[4] else ''}://{expected[2]}@db:{expected[1]}/{expected[3]}"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            "clickhouse://w:pw@db/flows?secuer=1",
+            "--clickhouse 'clickhouse://w@db/flows?secuer=1': unknown option 'secuer' (known: ca_certs, secure, "
+            "verify).",
+        ),
+        (
+            "clickhouse://w@db/flows?secure=on",
+            "--clickhouse 'clickhouse://w@db/flows?secure=on': secure=on is not 1 or 0.",
+        ),
+        (
+            "clickhouse://w@db/flows?ca_certs=/ca.pem",
+            "--clickhouse 'clickhouse://w@db/flows?ca_certs=/ca.pem': verify and ca_certs are for TLS; use "
+            "clickhouses:// or add secure=1.",
+        ),
+    ],
+)
+def test_a_url_option_flowscope_does_not_know_is_one_sentence(url, message):
+    with pytest.raises(ConnectionSettingsError) as raised:
+        connection(ClickHouseConfig(url=url))
+    assert str(raised.value) == message
+
+
+class RecordingClient:
+    made: ClassVar[list[tuple[tuple, dict]]] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        RecordingClient.made.append((args, kwargs))
+
+
+@pytest.mark.parametrize(
+    ("url", "tls"),
+    [
+        ("clickhouse://w@db:9000/flows", {}),
+        ("clickhouses://w@db/flows", {"secure": True, "verify": True}),
+        ("clickhouse://w@db/flows?secure=1&verify=0", {"secure": True, "verify": False}),
+        (
+            "clickhouses://w@db/flows?ca_certs=/etc/ssl/ch.pem",
+            {"secure": True, "verify": True, "ca_certs": "/etc/ssl/ch.pem"},
+        ),
+    ],
+)
+def test_the_connection_gives_the_client_its_arguments(monkeypatch, url, tls):
+    import clickhouse_driver
+
+    monkeypatch.setattr(clickhouse_driver, "Client", RecordingClient)
+    RecordingClient.made = []
+    formats.client(connection(ClickHouseConfig(url=url, password="pw")), timeout=7.0)
+    ((args, kwargs),) = RecordingClient.made
+    port = 9000 if url.startswith("clickhouse://w@db:9000") else 9440
+    assert args == ("db",)
+    assert kwargs == {
+        "port": port, "user": "w", "password": "pw", "database": "default", "connect_timeout": 7.0,
+        "send_receive_timeout": 30.0, "settings": {"insert_distributed_sync": 1}, "client_name": "flowscope", **tls,
+    }  # fmt: skip
+
+
+def test_a_bad_url_is_an_error_before_the_sink_starts():
+    with pytest.raises(ClickHouseError, match=r"^--clickhouse 'clickhouse://w@db/x\?tls=1': unknown option 'tls'"):
+        ClickHouseSink(ClickHouseConfig(url="clickhouse://w:pw@db/x?tls=1"))
