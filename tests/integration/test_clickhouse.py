@@ -262,20 +262,22 @@ def read_block_id(server: ClickHouse, database: str) -> str:
 
 
 def test_an_overflowing_buffer_counts_its_loss_exactly(server, database):
+    """Inserts of (flows, events) rows per interval: (4, 2), (5, 3), (4, 1), (4, 2), (5, 3). Past 10 rows the oldest
+    go: what stays is the newest that fit, the last interval's two inserts and the events of the one before."""
     sink = ClickHouseSink(settings(server, database, buffer_rows=10))
     sink.open()
     server.kill()
     try:
         write_all(sink, SHOP)  # 22 flow rows and 11 event rows while the server is gone; the buffer holds 10
-        held = sink.health()["rows_buffered"]
+        assert sink.health()["rows_buffered"] == 10 == len(SHOP[3].events) + records(SHOP[4])
+        assert sink.settled() == (0, 23) and sink.rows_dropped == 23
     finally:
         server.start_again()
     sink._next_attempt = 0.0
     sink.close()
-    written, lost = sink.settled()
-    assert written + lost == sum(records(b) for b in SHOP) == 33
-    assert written == held <= 10
-    assert len(read(server, database)) + len(read(server, database, table="events")) == written
+    assert sink.settled() == (10, 0)  # produced 33 = delivered 10 + lost 23
+    assert (sink.rows_written, sink.rows_dropped) == (10, 23)
+    assert_stored(server, database, [replace(SHOP[3], flows=SHOP[3].flows.iloc[:0]), SHOP[4]])
 
 
 def test_a_refused_insert_is_retried_then_dropped_and_counted(server, database):
