@@ -13,7 +13,7 @@ Tables, in the database of the URL (default `flowscope`):
                          bytes, drops, retransmits, resets (SummingMergeTree, kept by a materialized view;
                          read it with sum() ... GROUP BY: parts merge when they please)
     drops_1m             per minute, node, reason and the flow's two ends: dropped packets and bytes
-    schema_versions      the migrations applied
+    schema_versions      the migrations applied (on a cluster replicated to every server)
 
 With a cluster (`--clickhouse-cluster NAME`) every statement runs ON CLUSTER, the tables above are
 Distributed over `<name>_local` ReplicatedMergeTree tables (ZooKeeper path
@@ -351,11 +351,18 @@ def migrations(layout: Layout) -> list[tuple[int, list[str]]]:
 
 
 def bootstrap(layout: Layout) -> list[str]:
-    """What exists before any migration: the database and the table that records which ran."""
+    """What exists before any migration: the database and the table that records which ran. On a cluster that
+    table is one ReplicatedMergeTree with a replica on every server of every shard (one ZooKeeper path, replica
+    `{shard}-{replica}`), so that whichever server an agent connects to knows every version applied."""
+    engine = "MergeTree()"
+    if layout.cluster:
+        engine = (
+            f"ReplicatedMergeTree('/clickhouse/flowscope/{layout.database}/schema_versions', '{{shard}}-{{replica}}')"
+        )
     return [
         f"CREATE DATABASE IF NOT EXISTS {quote_name(layout.database)}{layout.on_cluster()}",
         f"CREATE TABLE IF NOT EXISTS {layout.table('schema_versions')}{layout.on_cluster()} "
-        "(version UInt32, applied DateTime) ENGINE = MergeTree() ORDER BY version",
+        f"(version UInt32, applied DateTime) ENGINE = {engine} ORDER BY version",
     ]
 
 

@@ -128,6 +128,25 @@ def test_the_rollups_equal_the_raw_rows_sums(server, database, tmp_path):
     assert drops == "NETFILTER_DROP\t12\t720\nNO_SOCKET\t1\t74\nTCP_INVALID_SEQUENCE\t2\t2000\n"
 
 
+def test_a_second_start_finds_the_schema_versions_and_does_not_run_version_1_again(server, database):
+    first = ClickHouseSink(settings(server, database))
+    first.open()
+    first.close()
+    q = f"`{database}`"
+    applied = server.query(f"SELECT version, applied FROM {q}.schema_versions")
+    assert applied.startswith("1\t") and applied.count("\n") == 1
+    # a table of version 1 gone: running version 1 again would create it again (CREATE TABLE IF NOT EXISTS)
+    server.query(f"DROP TABLE {q}.drops_1m_mv")
+    server.query(f"DROP TABLE {q}.drops_1m")
+    again = ClickHouseSink(settings(server, database))
+    again.open()
+    again.write(SHOP[0])
+    again.close()
+    assert again.settled() == (records(SHOP[0]), 0)
+    assert server.query(f"SELECT version, applied FROM {q}.schema_versions") == applied
+    assert server.query(f"EXISTS TABLE {q}.drops_1m") == "0\n" and server.query(f"EXISTS TABLE {q}.flows") == "1\n"
+
+
 def test_a_wrong_password_is_one_sentence_and_a_non_zero_exit(server, database, tmp_path):
     result = run_agent(server, database, tmp_path, password="wrong-hunter2")
     assert result.returncode == 1
