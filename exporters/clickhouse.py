@@ -136,7 +136,14 @@ class ClickHouseSink:
                 self._gathering[table].append(frame)
         if self._gathered_since is None and (len(batch.flows) or len(batch.events)):
             self._gathered_since = self._clock()
-        if self._gathered_rows() >= self.config.batch_rows or self._gathered_age() >= self.config.batch_age:
+        if self._gathered_rows() >= self.config.batch_rows:
+            self._cut()
+        self.idle()
+
+    def idle(self) -> None:
+        """What time alone moves on (after each write, and when no batch came for a while: a replay that ended,
+        a source that stalls): rows gathered batch_age seconds go out, and a retry whose backoff has passed."""
+        if self._gathered_since is not None and self._gathered_age() >= self.config.batch_age:
             self._cut()
         self._make_room()
         self._send()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -17,6 +18,7 @@ import pandas as pd
 import pytest
 
 from flowscope.analysis.clickhouse import ClickHouseReadError, read_clickhouse
+from flowscope.analysis.flowlog import read_flowlog
 from flowscope.config import ClickHouseConfig
 from flowscope.coverage import Coverage
 from flowscope.exporters.clickhouse import ClickHouseError, ClickHouseSink, Insert
@@ -24,7 +26,7 @@ from flowscope.exporters.clickhouse_spool import SPOOL_DIRECTORY, Spool
 from flowscope.filters import parse_filter
 from flowscope.pipeline.sink import records
 from flowscope.schema import FlowBatch
-from tests.integration.servers import ClickHouse, User
+from tests.integration.servers import ClickHouse, User, free_port
 from tests.integration.test_agent_flowlog import answering, status
 from tests.ui.scenario import shop_batches, write_replay
 from tests.waiting import wait_for
@@ -401,6 +403,51 @@ def stopped_line(batches: list[FlowBatch], clickhouse_lost: int = 0) -> str:
     if clickhouse_lost:
         lost["sink:clickhouse"] = clickhouse_lost
     return f"flowscope: agent stopped after {len(batches)} intervals; lost {lost or 'nothing'}"
+
+
+def test_a_server_down_at_start_is_waited_for_and_the_same_run_writes_every_row_once(tmp_path):
+    """The agent replays with its ClickHouse server not yet started and the flow log on: the flow log has every
+    record while ClickHouse waits; the server then starts and, with no batch coming any more (the replay ended),
+    the same run writes every row exactly once, and the flow log and the agent's losses never notice."""
+    later = ClickHouse(tmp_path / "clickhouse", users=[User("default"), WRITER], tcp_port=free_port())
+    (tmp_path / "clickhouse").mkdir()
+    database = f"fs_{uuid.uuid4().hex[:12]}"
+    data = tmp_path / "data"
+    environment = {**os.environ, "FLOWSCOPE_FLOWLOG_ENABLED": "1"}
+    sock = tmp_path / "shop.sock"
+    with open(tmp_path / "agent.log", "w") as log:
+        agent = subprocess.Popen(
+            agent_argv(later, database, tmp_path, "--data-dir", str(data), "--flowlog-rotate-size", "1"),
+            stdout=subprocess.DEVNULL, stderr=log, env=environment,
+        )  # fmt: skip
+    try:
+        sinks = lambda: status(sock)["sinks"]  # noqa: E731
+        wait_for(lambda: answering(sock) and status(sock)["source_ended"], what="the replay to end")
+        agent.send_signal(signal.SIGHUP)  # the flow log completes the file it writes: its records settle
+        counts = lambda name: tuple(sinks()[name][c] for c in ("produced", "delivered", "lost", "pending"))  # noqa: E731
+        wait_for(lambda: counts("flowlog") == (33, 33, 0, 0), what="the flow log to have every record")
+        assert counts("grpc") == (33, 33, 0, 0) and counts("clickhouse") == (0, 0, 0, 33)
+        health = sinks()["clickhouse"]["health"]
+        assert (health["state"], health["rows_buffered"], health["rows_dropped"]) == ("degraded", 33, 0)
+        later.start()
+        try:
+            written = lambda: sinks()["clickhouse"]["health"]["rows_written"]  # noqa: E731
+            wait_for(lambda: written() == 33, 150, "the waiting rows written (the retry backoff reaches 31 s)")
+            assert sinks()["clickhouse"]["health"]["state"] == "ok" and counts("clickhouse")[1:] == (33, 0, 0)
+            agent.terminate()
+            assert agent.wait(60) == 0, (tmp_path / "agent.log").read_text()
+            stderr = (tmp_path / "agent.log").read_text()
+            assert "is unreachable" in stderr and "is back after" in stderr
+            assert stderr.splitlines()[-1] == stopped_line(SHOP)  # no sink lost anything
+            assert_stored(later, database, SHOP)
+        finally:
+            later.stop()
+    finally:
+        agent.kill()
+        agent.wait()
+    for kind in ("flows", "events"):
+        logged = in_order(read_flowlog(data, records=kind), kind)
+        pd.testing.assert_frame_equal(logged, in_order(everything(SHOP, kind), kind), obj=kind)
 
 
 def test_a_stopped_server_spools_then_every_row_arrives_once(server, database, tmp_path):

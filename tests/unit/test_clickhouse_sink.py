@@ -152,6 +152,30 @@ def test_close_sends_what_is_still_gathered(clock, server):
     assert server.inserts == [(0.0, "flows", 4), (0.0, "events", 2)] and sink.settled() == (6, 0)
 
 
+def test_without_new_batches_idle_sends_rows_of_batch_age_and_retries(clock, server):
+    """The runner calls idle() when no batch comes (a replay that ended): rows still go out at their age, and a
+    server that was down is retried at its backoff."""
+    sink = make_sink(clock, batch_rows=1000, batch_age=5)
+    sink.write(SHOP[0])
+    clock.now = 4.9
+    sink.idle()
+    assert server.inserts == []
+    clock.now = 5.0
+    sink.idle()
+    assert server.inserts == [(5.0, "flows", 4), (5.0, "events", 2)] and sink.settled() == (6, 0)
+    server.down = True
+    sink.write(SHOP[1])
+    clock.now = 10.0
+    sink.idle()  # cut at its age, sent: the server is down (retry at 11)
+    server.down = False
+    clock.now = 10.9
+    sink.idle()
+    assert len(server.inserts) == 2
+    clock.now = 11.0
+    sink.idle()
+    assert server.inserts[2:] == [(11.0, "flows", 5), (11.0, "events", 3)] and sink.settled() == (8, 0)
+
+
 # ---- retries and their backoff ---------------------------------------------------------------------------
 
 
