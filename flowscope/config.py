@@ -207,7 +207,10 @@ class FlowLogConfig(Section):
     """The agent's embedded history: rotating Parquet files of flows and events."""
 
     enabled: bool = option(True, "write the Parquet flow log")
-    directory: str = option("/var/lib/flowscope", "directory of the flow log's files", flag="--data-dir", metavar="DIR")
+    directory: str = option(
+        "/var/lib/flowscope", "the agent's data directory: the flow log's files, the ClickHouse spool",
+        flag="--data-dir", metavar="DIR",
+    )  # fmt: skip
     rotate_size: ByteSize = option(
         ByteSize(64 << 20), "start a new file past this size (e.g. 64MiB)", flag="--flowlog-rotate-size",
         metavar="SIZE", gt=0,
@@ -264,6 +267,11 @@ class ClickHouseConfig(Section):
     buffer_rows: int = option(
         2_000_000, "rows held while the server is unreachable; past them the oldest are dropped and counted",
         flag="--clickhouse-buffer-rows", metavar="N", gt=0,
+    )  # fmt: skip
+    spool_size: ByteSize = option(
+        ByteSize(0), "disk for the inserts that wait for an unreachable server (and those past the buffer), under "
+        "the data dir's clickhouse-spool/; they survive a restart; past the size the oldest are dropped and counted "
+        "(e.g. 1GiB; 0: memory only)", flag="--clickhouse-spool-size", metavar="SIZE", ge=0,
     )  # fmt: skip
     queue: int = option(64, "batches the ClickHouse writer's queue holds before it counts losses", gt=0)
 
@@ -658,14 +666,31 @@ def _where(
 
 
 SECRETS = (("clickhouse", "password"),)
+SECRET_URLS = (("clickhouse", "url"),)  # a password in them is left out
+
+
+def url_without_password(url: str) -> str:
+    """`url` with the password of its user part left out (scheme://user:secret@host/... -> scheme://user@host/...)."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    user, at, host = rest[:end].rpartition("@")
+    if not at or ":" not in user:
+        return url
+    return f"{scheme}://{user.partition(':')[0]}@{host}{rest[end:]}"
 
 
 def as_yaml(config: Config) -> str:
-    """The effective configuration as a file that `--config` reads back, secrets left out (null)."""
+    """The effective configuration as a file that `--config` reads back, secrets left out (null, and a password
+    in a URL)."""
     import yaml
 
     data = config.model_dump(mode="json")
     for section, key in SECRETS:
         if data[section][key] is not None:
             data[section][key] = None
+    for section, key in SECRET_URLS:
+        if data[section][key] is not None:
+            data[section][key] = url_without_password(data[section][key])
     return yaml.safe_dump(data, sort_keys=False)

@@ -92,7 +92,7 @@ def build_sinks(config: Config) -> tuple[list[Sink], dict[str, int]]:
     if config.clickhouse.url:
         from flowscope.exporters.clickhouse import ClickHouseSink
 
-        sinks.append(ClickHouseSink(config.clickhouse))
+        sinks.append(ClickHouseSink(config.clickhouse, data_dir=config.flowlog.directory))
     if config.grpc.enabled:
         from flowscope.exporters.grpc.server import GrpcSink
 
@@ -148,7 +148,10 @@ def run_agent(args: argparse.Namespace) -> int:
         pipeline.run(stop)
         if pipeline.source_ended and not config.replay.exit_at_end:
             log.info("the recording ended; the outputs stay up until the agent is stopped")
-            stop.wait()
+            # with a timeout: a signal another thread took (its handler runs on this thread only when this thread
+            # runs Python) is acted on within a second; an endless wait() could miss SIGHUP and SIGTERM for ever
+            while not stop.wait(1.0):
+                pass
     except StatusError as err:
         raise UsageError(str(err)) from None
     finally:

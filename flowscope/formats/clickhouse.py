@@ -13,7 +13,7 @@ Tables, in the database of the URL (default `flowscope`):
                          bytes, drops, retransmits, resets (SummingMergeTree, kept by a materialized view;
                          read it with sum() ... GROUP BY: parts merge when they please)
     drops_1m             per minute, node, reason and the flow's two ends: dropped packets and bytes
-    schema_versions      the migrations applied
+    schema_versions      the migrations applied (on a cluster replicated to every server)
 
 With a cluster (`--clickhouse-cluster NAME`) every statement runs ON CLUSTER, the tables above are
 Distributed over `<name>_local` ReplicatedMergeTree tables (ZooKeeper path
@@ -41,7 +41,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 import pandas as pd
 
-from flowscope.config import ClickHouseConfig
+from flowscope.config import ClickHouseConfig, url_without_password
 from flowscope.filters import Filter, IPNetwork, Term
 from flowscope.schema import EVENT_COLUMNS, FLOW_COLUMNS, TEXT, UTC_TIME, conform
 
@@ -120,20 +120,43 @@ class Connection:
         return f"{scheme}://{self.user}@{self.host}:{self.port}/{self.database}"
 
 
+URL_OPTIONS = {"secure", "verify", "ca_certs"}  # ?secure=1 (TLS), verify=0 (no certificate check), ca_certs=FILE
+TRUE, FALSE = {"1", "true", "yes"}, {"0", "false", "no"}
+
+
 def connection(config: ClickHouseConfig) -> Connection:
     """The connection the settings describe; raises ConnectionSettingsError for a URL that does not parse."""
     url = config.url or ""
     parts = urlsplit(url)
     if parts.scheme not in ("clickhouse", "clickhouses") or not parts.hostname:
         raise ConnectionSettingsError(
-            f"--clickhouse {_without_password(url)!r} is not a URL like clickhouse://USER@HOST:9000/DATABASE."
+            f"--clickhouse {url_without_password(url)!r} is not a URL like clickhouse://USER@HOST:9000/DATABASE."
+        )
+    shown = url_without_password(url)
+    options = {
+        unquote(name): unquote(value)
+        for name, _, value in (
+            pair.partition("=") if "=" in pair else (pair, "=", "1") for pair in parts.query.split("&")
+        )
+        if name
+    }
+    unknown = sorted(set(options) - URL_OPTIONS)
+    if unknown:  # a misspelt secure=1 would send the password in the clear
+        raise ConnectionSettingsError(
+            f"--clickhouse {shown!r}: unknown option {unknown[0]!r} (known: {', '.join(sorted(URL_OPTIONS))})."
+        )
+    for name in ("secure", "verify"):
+        if name in options and options[name].lower() not in TRUE | FALSE:
+            raise ConnectionSettingsError(f"--clickhouse {shown!r}: {name}={options[name]} is not 1 or 0.")
+    secure = parts.scheme == "clickhouses" or options.pop("secure", "0").lower() in TRUE
+    if not secure and {"verify", "ca_certs"} & set(options):
+        raise ConnectionSettingsError(
+            f"--clickhouse {shown!r}: verify and ca_certs are for TLS; use clickhouses:// or add secure=1."
         )
     try:
-        port = parts.port or (9440 if parts.scheme == "clickhouses" else 9000)
+        port = parts.port or (9440 if secure else 9000)  # the native protocol's TLS port when secure
     except ValueError:
-        raise ConnectionSettingsError(f"--clickhouse {_without_password(url)!r}: the port is not a number.") from None
-    options = dict(pair.split("=", 1) if "=" in pair else (pair, "1") for pair in parts.query.split("&") if pair)
-    secure = parts.scheme == "clickhouses" or options.pop("secure", "0").lower() in ("1", "true", "yes")
+        raise ConnectionSettingsError(f"--clickhouse {shown!r}: the port is not a number.") from None
     password = config.password
     if password is None and config.password_file:
         try:
@@ -152,13 +175,6 @@ def connection(config: ClickHouseConfig) -> Connection:
     )
 
 
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return url.replace(f":{parts.password}@", "@", 1)
-
-
 def client(target: Connection, timeout: float = 10.0, numpy: bool = False) -> Any:
     """A clickhouse-driver Client; `numpy`: columnar SELECTs return numpy arrays (for reading)."""
     from clickhouse_driver import Client
@@ -170,7 +186,7 @@ def client(target: Connection, timeout: float = 10.0, numpy: bool = False) -> An
     if target.secure:
         tls = {
             "secure": True,
-            "verify": target.options.get("verify", "1").lower() not in ("0", "false", "no"),
+            "verify": target.options.get("verify", "1").lower() in TRUE,
             **({"ca_certs": target.options["ca_certs"]} if "ca_certs" in target.options else {}),
         }
     return Client(
@@ -335,11 +351,18 @@ def migrations(layout: Layout) -> list[tuple[int, list[str]]]:
 
 
 def bootstrap(layout: Layout) -> list[str]:
-    """What exists before any migration: the database and the table that records which ran."""
+    """What exists before any migration: the database and the table that records which ran. On a cluster that
+    table is one ReplicatedMergeTree with a replica on every server of every shard (one ZooKeeper path, replica
+    `{shard}-{replica}`), so that whichever server an agent connects to knows every version applied."""
+    engine = "MergeTree()"
+    if layout.cluster:
+        engine = (
+            f"ReplicatedMergeTree('/clickhouse/flowscope/{layout.database}/schema_versions', '{{shard}}-{{replica}}')"
+        )
     return [
         f"CREATE DATABASE IF NOT EXISTS {quote_name(layout.database)}{layout.on_cluster()}",
         f"CREATE TABLE IF NOT EXISTS {layout.table('schema_versions')}{layout.on_cluster()} "
-        "(version UInt32, applied DateTime) ENGINE = MergeTree() ORDER BY version",
+        f"(version UInt32, applied DateTime) ENGINE = {engine} ORDER BY version",
     ]
 
 
@@ -366,15 +389,19 @@ def _address_bytes(text: str) -> bytes:
         return bytes(16)
 
 
+def time_seconds(table: str, frame: pd.DataFrame) -> np.ndarray:
+    """The `time` column of `frame`'s records in `table`: seconds since the epoch (a missing time is 0)."""
+    when = frame[TIME_SOURCE[table]]
+    return when.to_numpy(dtype="datetime64[s]", na_value=np.datetime64(0, "s")).astype("int64")
+
+
 def insert_columns(table: str, frame: pd.DataFrame, block_id: str) -> tuple[list[str], list[list[Any]]]:
     """The column names and columnar data of an INSERT of `frame`'s records into `table`."""
     names, data = [], []
-    when = frame[TIME_SOURCE[table]]
     for column in TABLES[table]:
         names.append(column.name)
         if column.name == "time":
-            seconds = when.to_numpy(dtype="datetime64[s]", na_value=np.datetime64(0, "s"))
-            data.append(seconds.astype("int64").tolist())
+            data.append(time_seconds(table, frame).tolist())
         elif column.name == "block_id":
             data.append([block_id] * len(frame))
         elif column.name.endswith("_addr"):

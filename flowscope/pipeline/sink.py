@@ -9,6 +9,10 @@ bounded queue, so a slow or dead sink never stalls the kernel readers or the oth
     bind(pipeline)  optional: the pipeline it is an output of, once, before open() (its source's node, probes)
     settled()       optional, for sinks that write later than write() returns (a buffer that waits for a
                     server): (written, lost) records since the last call; write() then only hands over
+    adopted()       optional, with settled(): records an earlier run left to this one (a disk spool), asked once
+                    after open(); they are settled like the records handed over
+    idle()          optional, on the sink's thread, when no batch came for IDLE_SECONDS (a source that ended or
+                    stalls): what waits for time or for a server goes on (batch ages, retries)
 
 What a sink could not write — its queue full, or its write failed — is counted in records (flow rows plus
 event rows) as loss of `sink:<name>`: produced = delivered + lost for every sink.
@@ -50,6 +54,7 @@ def records(batch: FlowBatch) -> int:
     return len(batch.flows) + len(batch.events)
 
 
+IDLE_SECONDS = 1.0  # a sink with idle() is called this long after its last batch, and as often after that
 _REOPEN = object()  # a queue item: reopen the sink's files
 _STOP = object()  # a queue item: no more batches
 
@@ -166,14 +171,25 @@ class SinkRunner:
             self._open_error = err
             self._opened.set()
             return
+        adopted = getattr(self.sink, "adopted", None)
+        if adopted is not None:
+            with self._lock:
+                self._pending += adopted()
         self._opened.set()
+        idle = getattr(self.sink, "idle", None)
         try:
             while True:
-                item = self._queue.get()
+                try:
+                    item = self._queue.get(timeout=IDLE_SECONDS if idle is not None else None)
+                except queue.Empty:
+                    self._call("idle")
+                    self._take_settled()
+                    continue
                 if item is _STOP:
                     break
                 if item is _REOPEN:
                     self._call("reopen")
+                    self._take_settled()  # the files it completed (no batch may come to settle them)
                     continue
                 assert isinstance(item, FlowBatch)
                 self._write(item)

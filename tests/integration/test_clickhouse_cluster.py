@@ -82,3 +82,29 @@ def test_rows_written_through_the_distributed_table_land_on_both_shards(cluster)
     assert second.query(
         "SELECT engine FROM system.tables WHERE database = 'flowscope_cluster' AND name = 'flows_local'"
     ) == ("ReplicatedMergeTree\n")
+
+
+def test_every_server_of_the_cluster_knows_the_schema_versions(cluster):
+    """schema_versions is replicated to every server: an agent that starts on the other shard finds version 1
+    applied and does not apply it again."""
+    first, second = cluster
+    database = "flowscope_versions"
+    sink = ClickHouseSink(ClickHouseConfig(url=first.url(database=database), cluster=CLUSTER, batch_age=0))
+    sink.open()
+    sink.close()
+    query = f"SELECT version FROM {database}.schema_versions"
+    for server in cluster:
+        wait_for(lambda s=server: s.query(query) == "1\n", 60, "schema_versions replicated to every server")
+    applied = first.query(f"SELECT version, applied FROM {database}.schema_versions")
+    again = ClickHouseSink(ClickHouseConfig(url=second.url(database=database), cluster=CLUSTER, batch_age=0))
+    again.open()
+    again.write(SHOP[0])
+    again.close()
+    assert again.settled() == (records(SHOP[0]), 0)
+    for server in cluster:
+        wait_for(lambda s=server: s.query(f"SELECT version, applied FROM {database}.schema_versions") == applied, 60,
+                 "one row of version 1, the first start's, on every server")  # fmt: skip
+    assert (
+        second.query(f"SELECT engine FROM system.tables WHERE database = '{database}' AND name = 'schema_versions'")
+        == "ReplicatedMergeTree\n"
+    )

@@ -157,3 +157,35 @@ def test_a_bad_flag_is_one_sentence_from_the_parser():
         "flowscope agent: argument --flowlog-rotate-size: 'huge' is not a size (e.g. 64MiB, 1GB, 4096); "
         "see `flowscope agent --help`.\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "printed"),
+    [
+        ("clickhouse://writer:hunter2@db:9000/flows", "clickhouse://writer@db:9000/flows"),
+        ("clickhouses://writer:p%40ss:w@rd@db/flows?secure=1", "clickhouses://writer@db/flows?secure=1"),
+        ("clickhouse://writer@db:9000/flows", "clickhouse://writer@db:9000/flows"),
+        ("clickhouse://db/a:b@c", "clickhouse://db/a:b@c"),  # an @ in the path is no user part
+    ],
+)
+def test_the_printed_config_leaves_out_a_password_in_the_clickhouse_url(url, printed):
+    config = Config.model_validate({"clickhouse": {"url": url, "password": "hunter3"}})
+    text = as_yaml(config)
+    assert "hunter" not in text and "p%40ss" not in text
+    assert load_yaml(text)["clickhouse"]["url"] == printed and load_yaml(text)["clickhouse"]["password"] is None
+
+
+def load_yaml(text: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def test_agent_print_config_leaves_out_a_password_in_the_clickhouse_url():
+    result = subprocess.run(
+        [FLOWSCOPE, "agent", "--clickhouse", "clickhouse://writer:hunter2@db:9000/flows", "--print-config"],
+        capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
+    assert load_yaml(result.stdout)["clickhouse"]["url"] == "clickhouse://writer@db:9000/flows"

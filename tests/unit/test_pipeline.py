@@ -246,3 +246,38 @@ def test_a_live_source_is_read_until_the_duration_with_the_last_interval_cut_sho
 def test_two_sinks_of_one_name_are_refused():
     with pytest.raises(ValueError, match="same name"):
         Pipeline(ListSource([]), [Recorder("x"), Recorder("x")])
+
+
+class Deferred(Recorder):
+    """A sink that settles what it was handed only in idle() (as the ClickHouse sink writes a server that came
+    back while no batch comes)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.held = self.written_count = 0
+
+    def write(self, batch: FlowBatch) -> None:
+        super().write(batch)
+        self.held += records(batch)
+
+    def idle(self) -> None:
+        self.calls.append(("idle", threading.current_thread().name))
+        self.written_count, self.held = self.written_count + self.held, 0
+
+    def settled(self) -> tuple[int, int]:
+        written, self.written_count = self.written_count, 0
+        return written, 0
+
+
+def test_a_sink_with_idle_is_called_on_its_thread_while_no_batch_comes(monkeypatch):
+    from flowscope.pipeline import sink as sink_module
+
+    monkeypatch.setattr(sink_module, "IDLE_SECONDS", 0.05, raising=False)
+    sink = Deferred("out")
+    pipeline = Pipeline(ListSource(SHOP), [sink])
+    run(pipeline)  # the source ended: no batch comes any more
+    delivered = lambda: pipeline.status()["sinks"]["out"]["delivered"]  # noqa: E731
+    wait_for(lambda: delivered() == sum(RECORDS) == 33, what="what idle() settled counted as delivered")
+    wait_for(lambda: [c for c in sink.calls if c[0] == "idle"][1:], what="idle() called again")
+    assert {thread for call, thread in sink.calls if call == "idle"} == {"flowscope-sink-out"}
+    assert sink_counts(pipeline.close(), "out") == (33, 33, 0)
