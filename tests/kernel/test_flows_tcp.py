@@ -33,6 +33,7 @@ from tests.kernel.tc_flows import (
 )
 
 MTU_FRAME = 1514
+FIN, SYN = 0x01, 0x02
 TRANSFER = 3_000_000
 TCP_HEADER = 32  # 20 bytes and the timestamps option, on every segment of an established Linux connection
 
@@ -53,7 +54,13 @@ def tcp_run(lab: Lab, tmp_path: Path, version: int, segmentation: str, transport
         result = run.stop()  # the sender returned after the FIN exchange: nothing of the connection is in flight
     assert pcap.dropped == 0, "the packet capture dropped packets: it is no ground truth"
     truth = pcap.tcp_packets()
-    return a, b, result, truth[truth["src_ip"].isin({a, b}) & truth["dst_ip"].isin({a, b})]
+    truth = truth[truth["src_ip"].isin({a, b}) & truth["dst_ip"].isin({a, b})]
+    # a capture that missed the start or the end of the connection is no ground truth either: say which
+    ends = {(src, flags & mask) for src, flags in zip(truth["src_ip"], truth["flags"], strict=True)
+            for mask in (SYN, FIN) if flags & mask}  # fmt: skip
+    missing = {(a, SYN), (b, SYN), (a, FIN), (b, FIN)} - ends
+    assert not missing, f"the packet capture lacks {sorted(missing)} (SYN {SYN}, FIN {FIN}): it is no ground truth"
+    return a, b, result, truth
 
 
 def capture_totals(truth, a: str) -> dict[tuple, tuple[int, int]]:
