@@ -69,7 +69,8 @@ def read(server: ClickHouse, database: str, filter: str = "", table: str = "flow
     return read_clickhouse(url, filter=filter, table=table, password=WRITER.password)
 
 
-AGENT_ENVIRONMENT = {**os.environ, "FLOWSCOPE_FLOWLOG_ENABLED": "0"}  # ClickHouse is the only output
+# ClickHouse and the gRPC API (on the test's own sockets: another agent may hold /run/flowscope's) are the outputs
+AGENT_ENVIRONMENT = {**os.environ, "FLOWSCOPE_FLOWLOG_ENABLED": "0"}
 
 
 def agent_argv(
@@ -82,6 +83,7 @@ def agent_argv(
     secret.write_text(password + "\n")
     return [
         FLOWSCOPE, "agent", "--replay", str(recording), "--status-socket", str(tmp_path / f"{name}.sock"),
+        "--grpc-socket", str(tmp_path / f"{name}-api.sock"), "--hubble-socket", str(tmp_path / f"{name}-hubble.sock"),
         "--clickhouse", server.url(WRITER, database=database, password=False),
         "--clickhouse-password-file", str(secret), "--clickhouse-batch-age", "0", *extra,
     ]  # fmt: skip
@@ -207,7 +209,8 @@ def test_the_password_shows_nowhere_the_agent_writes_or_ps_reads(server, databas
 )
 def test_a_bad_url_is_one_sentence(tmp_path, url, message):
     result = subprocess.run(
-        [FLOWSCOPE, "agent", "--clickhouse", url, "--status-socket", str(tmp_path / "a.sock")],
+        [FLOWSCOPE, "agent", "--clickhouse", url, "--status-socket", str(tmp_path / "a.sock"), "--grpc-socket",
+         str(tmp_path / "api.sock"), "--hubble-socket", str(tmp_path / "hubble.sock")],
         capture_output=True, text=True, timeout=60, env=AGENT_ENVIRONMENT,
     )  # fmt: skip
     assert (result.returncode, result.stderr) == (1, f"flowscope agent: {message}\n")

@@ -79,6 +79,7 @@ def stored(tmp_path_factory) -> ClickHouse:
     recording = write_replay(root / "shop.jsonl", SHOP)
     result = subprocess.run(
         [FLOWSCOPE, "agent", "--replay", str(recording), "--exit-at-end", "--status-socket", str(root / "a.sock"),
+         "--grpc-socket", str(root / "api.sock"), "--hubble-socket", str(root / "hubble.sock"),
          "--clickhouse", server.url(database="flowscope"), "--clickhouse-batch-age", "0"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "FLOWSCOPE_FLOWLOG_ENABLED": "0"},
     )  # fmt: skip

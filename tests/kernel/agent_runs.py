@@ -60,7 +60,10 @@ def agent_with_udp_traffic(
 ) -> tuple[dict, str]:
     """udp_traffic_through an agent process in namespace a (--interval 0.5), stopped with SIGTERM."""
     sock = tmp_path / "agent.sock"
-    argv = [FLOWSCOPE, "agent", "-i", "fstcA", "--interval", "0.5", "--status-socket", str(sock), *agent_args]
+    # the test's own sockets: another agent may hold /run/flowscope's
+    argv = [FLOWSCOPE, "agent", "-i", "fstcA", "--interval", "0.5", "--status-socket", str(sock),
+            "--grpc-socket", str(tmp_path / "api.sock"), "--hubble-socket", str(tmp_path / "hubble.sock"),
+            *agent_args]  # fmt: skip
     return udp_traffic_through(
         hosts,
         lambda: hosts.a.popen(*argv, stderr=subprocess.PIPE, env=env),
