@@ -83,6 +83,28 @@ def child(flow_map_size: int, flowlog: str | None) -> None:
     print(json.dumps({"intervals": intervals, "coverage": coverage.to_dict(), **start, **logged}), flush=True)
 
 
+def under_traffic(
+    pid: int, flows: int, warmup: float, window: float, pcap: Path | None
+) -> tuple[dict[str, int], float, dict[str, int]]:
+    """The process's memory before the traffic, then with `flows` flows replayed from `pcap` (None: idle) its
+    CPU share over `window` seconds after `warmup`, and its memory at the end."""
+    idle = lab.process_status(pid)
+    replay = None
+    try:
+        if pcap is not None:
+            loops = int(warmup + window) + 2  # one loop over the N flows takes one second
+            replay = lab.tcpreplay(pcap, pps=flows, loops=loops)
+        time.sleep(warmup)
+        cpu_before, wall_before = lab.cpu_seconds(pid), time.monotonic()
+        time.sleep(window)
+        cpu_after, wall_after = lab.cpu_seconds(pid), time.monotonic()
+        return idle, round((cpu_after - cpu_before) / (wall_after - wall_before), 3), lab.process_status(pid)
+    finally:
+        if replay is not None:
+            replay.terminate()
+            replay.wait()
+
+
 def measure(
     flows: int, flow_map_size: int, warmup: float, window: float, pcap: Path | None, flowlog: Path | None
 ) -> dict:
@@ -95,23 +117,11 @@ def measure(
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
     )
-    replay = None
     try:
         if agent.stdout is None or agent.stdout.readline().strip() != "ready":
             raise RuntimeError("the agent process did not start")
-        idle = lab.process_status(agent.pid)
-        if pcap is not None:
-            loops = int(warmup + window) + 2  # one loop over the N flows takes one second
-            replay = lab.tcpreplay(pcap, pps=flows, loops=loops)
-        time.sleep(warmup)
-        cpu_before, wall_before = lab.cpu_seconds(agent.pid), time.monotonic()
-        time.sleep(window)
-        cpu_after, wall_after = lab.cpu_seconds(agent.pid), time.monotonic()
-        memory = lab.process_status(agent.pid)
+        idle, cpu_share, memory = under_traffic(agent.pid, flows, warmup, window, pcap)
     finally:
-        if replay is not None:
-            replay.terminate()
-            replay.wait()
         agent.send_signal(signal.SIGTERM)
         output, _ = agent.communicate(timeout=30)
     report = json.loads(output.strip().splitlines()[-1])
@@ -122,7 +132,7 @@ def measure(
         "flows": flows,
         "output": "flow log" if flowlog else "none",
         "flow_map_size": flow_map_size,
-        "cpu_share": round((cpu_after - cpu_before) / (wall_after - wall_before), 3),
+        "cpu_share": cpu_share,
         "rss_mb": round(memory["VmRSS"] / 2**20, 1),
         "peak_rss_mb": round(memory["VmHWM"] / 2**20, 1),
         "rss_before_traffic_mb": round(idle["VmRSS"] / 2**20, 1),
@@ -163,28 +173,18 @@ def measure_command(flows: int, flow_map_size: int, warmup: float, window: float
          str(state / "status.sock")],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    replay = None
     try:
         if agent.stderr is None or "agent running" not in agent.stderr.readline():
             raise RuntimeError("flowscope agent did not start")
-        idle = lab.process_status(agent.pid)
-        replay = lab.tcpreplay(pcap, pps=flows, loops=int(warmup + window) + 2)
-        time.sleep(warmup)
-        cpu_before, wall_before = lab.cpu_seconds(agent.pid), time.monotonic()
-        time.sleep(window)
-        cpu_after, wall_after = lab.cpu_seconds(agent.pid), time.monotonic()
-        memory = lab.process_status(agent.pid)
+        idle, cpu_share, memory = under_traffic(agent.pid, flows, warmup, window, pcap)
     finally:
-        if replay is not None:
-            replay.terminate()
-            replay.wait()
         agent.send_signal(signal.SIGTERM)
         _, errors = agent.communicate(timeout=60)
     result = {
         "flows": flows,
         "output": "flowscope agent (flow log, gRPC API)",
         "flow_map_size": flow_map_size,
-        "cpu_share": round((cpu_after - cpu_before) / (wall_after - wall_before), 3),
+        "cpu_share": cpu_share,
         "rss_mb": round(memory["VmRSS"] / 2**20, 1),
         "peak_rss_mb": round(memory["VmHWM"] / 2**20, 1),
         "rss_before_traffic_mb": round(idle["VmRSS"] / 2**20, 1),

@@ -23,13 +23,12 @@ import pandas as pd
 from flowscope.coverage import Coverage
 from flowscope.formats import parquet
 from flowscope.formats.jsonl import ReplayError
-from flowscope.pipeline.sink import SinkError
+from flowscope.pipeline.sink import PARTIAL_PREFIX, writable_directory
 from flowscope.schema import EVENT_COLUMNS, FLOW_COLUMNS, FlowBatch, empty_frame
 
 log = logging.getLogger(__name__)
 
 SPOOL_DIRECTORY = "clickhouse-spool"  # under the data dir
-PARTIAL_PREFIX = ".partial-"
 FILE_NAME = re.compile(r"^(\d{12})-(flows|events)-(\d+)-([0-9a-f]{32})\.parquet$")
 _EPOCH = pd.Timestamp(0, tz="UTC")  # the interval a spool file's one batch claims (nothing reads it)
 
@@ -60,16 +59,9 @@ class Spool:
     def open(self) -> int:
         """Creates the directory, removes what a crash left half-written and takes over the files an earlier
         run spooled; returns their records."""
-        try:
-            self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-            probe = self.directory / f"{PARTIAL_PREFIX}probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as err:
-            raise SinkError(
-                f"cannot write the ClickHouse spool in {self.directory} ({err.strerror}); choose a writable "
-                "--data-dir or --clickhouse-spool-size 0."
-            ) from None
+        writable_directory(
+            self.directory, "the ClickHouse spool", "choose a writable --data-dir or --clickhouse-spool-size 0"
+        )
         for path in sorted(self.directory.iterdir()):
             if path.name.startswith(PARTIAL_PREFIX):
                 path.unlink(missing_ok=True)

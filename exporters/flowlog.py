@@ -26,12 +26,10 @@ import pandas as pd
 
 from flowscope.config import FlowLogConfig
 from flowscope.formats import parquet
-from flowscope.pipeline.sink import SinkError, records
+from flowscope.pipeline.sink import PARTIAL_PREFIX, SinkError, records, writable_directory
 from flowscope.schema import FlowBatch
 
 log = logging.getLogger(__name__)
-
-PARTIAL_PREFIX = ".partial-"
 
 
 @dataclass
@@ -59,15 +57,7 @@ class FlowLogSink:
     # ---- the sink's life ---------------------------------------------------------------------------------
 
     def open(self) -> None:
-        try:
-            self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-            probe = self.directory / f"{PARTIAL_PREFIX}probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as err:
-            raise SinkError(
-                f"cannot write the flow log in {self.directory} ({err.strerror}); choose a writable --data-dir."
-            ) from None
+        writable_directory(self.directory, "the flow log", "choose a writable --data-dir")
         stale = [p for p in self.directory.iterdir() if p.name.startswith(PARTIAL_PREFIX)]
         for path in stale:
             path.unlink(missing_ok=True)

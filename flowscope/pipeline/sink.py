@@ -21,10 +21,12 @@ event rows) as loss of `sink:<name>`: produced = delivered + lost for every sink
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from flowscope.coverage import SourceCount
@@ -35,6 +37,20 @@ log = logging.getLogger(__name__)
 
 class SinkError(RuntimeError):
     """An output cannot start as configured; the message is one sentence saying what to do."""
+
+
+PARTIAL_PREFIX = ".partial-"  # a file an output is still writing: renamed when whole, removed at the next start
+
+
+def writable_directory(directory: Path, what: str, remedy: str) -> None:
+    """Creates `directory` (0750) and proves it writable, or raises the SinkError naming `what` and `remedy`."""
+    try:
+        directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        probe = directory / f"{PARTIAL_PREFIX}probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise SinkError(f"cannot write {what} in {directory} ({err.strerror}); {remedy}.") from None
 
 
 @runtime_checkable
