@@ -350,6 +350,31 @@ def test_the_filter_language_selects_in_sql_what_it_selects_in_pandas(server, da
             pd.testing.assert_frame_equal(stored, expected, obj=f"{kind} for {text!r}")
 
 
+@pytest.mark.parametrize(
+    ("since", "until", "flows", "events"),
+    [
+        ("2025-03-01T12:00:04Z", "2025-03-01T12:00:08Z", 13, 6),  # the intervals ending at 04, 06 and 08
+        ("2025-03-01T12:00:04.5Z", None, 18, 6),  # to the second: 04.3's event is in, as the row's time is 04
+        (None, "2025-03-01T12:00:03.9Z", 4, 5),
+        ("2025-03-01T12:00:11Z", None, 0, 0),
+    ],
+)
+def test_since_and_until_select_the_seconds_of_the_rows_times(server, database, tmp_path, since, until, flows, events):
+    assert run_agent(server, database, tmp_path).returncode == 0
+    url = server.url(WRITER, database=database, password=False)
+    for kind, count in (("flows", flows), ("events", events)):
+        frame = everything(SHOP, kind)
+        seconds = frame["time_end" if kind == "flows" else "time"].dt.floor("s")
+        chosen = pd.Series(True, index=frame.index)
+        if since is not None:
+            chosen &= seconds >= pd.Timestamp(since).floor("s")
+        if until is not None:
+            chosen &= seconds <= pd.Timestamp(until).floor("s")
+        stored = read_clickhouse(url, since=since, until=until, table=kind, password=WRITER.password)
+        assert len(stored) == int(chosen.sum()) == count, kind
+        pd.testing.assert_frame_equal(in_order(stored, kind), in_order(frame[chosen], kind), obj=kind)
+
+
 def test_reading_an_unreachable_server_is_one_sentence(server, database):
     url = f"clickhouse://flowscope@127.0.0.1:1/{database}"
     with pytest.raises(ClickHouseReadError, match=r"^cannot reach ClickHouse at clickhouse://flowscope@127.0.0.1:1/"):
