@@ -144,3 +144,30 @@ def test_every_query_returns_rows_on_a_current_clickhouse(tmp_path):
             assert rows.strip(), f"{where} returned no rows on ClickHouse 26"
     (totals,) = [sql for where, sql in queries() if where.startswith("flows.json Totals")]
     assert current.query(as_grafana_sends(totals, "flowscope", {}), "TSV").bytes().decode() == "22\t1120\t1281388\t15\n"
+
+
+def test_the_service_map_gives_the_node_graph_its_frames(stored):
+    """Grafana's node graph reads a nodes frame (id, title, mainstat) and an edges frame (id, source, target,
+    mainstat); every edge joins two nodes, and together they are the recording's workload pairs and bytes."""
+    sql = {where.rsplit(" ", 1)[1]: sql for where, sql in queries() if where.startswith("service-map.json")}
+
+    def frame(ref_id: str) -> pd.DataFrame:
+        text = stored.query(as_grafana_sends(sql[ref_id], "flowscope", {}) + " FORMAT TabSeparatedWithNames")
+        header, *rows = [line.split("\t") for line in text.splitlines()]
+        return pd.DataFrame(rows, columns=header)
+
+    nodes, edges = frame("nodes"), frame("edges")
+    assert (list(nodes.columns), list(edges.columns)) == (
+        ["id", "title", "mainstat"],
+        ["id", "source", "target", "mainstat"],
+    )
+    assert set(edges["source"]) | set(edges["target"]) <= set(nodes["id"]) and nodes["id"].is_unique
+    flows = pd.concat([b.flows for b in SHOP])
+
+    def end(side: str) -> pd.Series:
+        known = flows[f"{side}_workload"].notna() & (flows[f"{side}_workload"] != "")
+        return (flows[f"{side}_namespace"] + "/" + flows[f"{side}_workload"]).where(known, "unknown")
+
+    pairs = flows.assign(source=end("src"), target=end("dst")).groupby(["source", "target"])["bytes"].sum()
+    got = edges.assign(mainstat=edges["mainstat"].astype(int)).set_index(["source", "target"])["mainstat"]
+    assert got.sort_index().to_dict() == {k: int(v) for k, v in pairs.sort_index().items()}
