@@ -11,7 +11,14 @@ from typing import IO, Any
 
 import pandas as pd
 
-from flowscope.cli.options import UsageError, add_config_file, add_settings, config_from, positive_int
+from flowscope.cli.options import (
+    UsageError,
+    add_config_file,
+    add_settings,
+    add_time_range,
+    config_from,
+    positive_int,
+)
 from flowscope.display import MISSING, missing, named_endpoint
 from flowscope.filters import FilterError, parse_filter
 from flowscope.formats.jsonl import format_time, record_lines
@@ -74,8 +81,7 @@ def register(commands: Any) -> None:
     which.add_argument("--last", type=positive_int, metavar="N", help="the last N (default 20 without --follow)")
     which.add_argument("--first", type=positive_int, metavar="N", help="the first N the server holds")
     which.add_argument("--all", action="store_true", help="every record the server holds")
-    which.add_argument("--since", metavar="TIME", help="from TIME: 5m, 1h30m ago, or RFC 3339 (2025-03-01T12:00:00Z)")
-    which.add_argument("--until", metavar="TIME", help="up to TIME (same forms as --since)")
+    add_time_range(which)
     filters = observe.add_argument_group("filters")
     for flag, (field, side) in FILTER_FLAGS.items():
         names = [SHORT[flag], flag] if flag in SHORT else [flag]

@@ -92,6 +92,12 @@ def _shown(setting: Setting) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def add_time_range(group: argparse._ArgumentGroup) -> None:
+    """--since and --until, as observe and query take them (hubble's forms)."""
+    group.add_argument("--since", metavar="TIME", help="from TIME: 5m, 1h30m ago, or RFC 3339 (2025-03-01T12:00:00Z)")
+    group.add_argument("--until", metavar="TIME", help="up to TIME (same forms as --since)")
+
+
 def add_config_file(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", metavar="FILE", help="YAML settings (flags and FLOWSCOPE_* variables override them)"

@@ -9,7 +9,15 @@ from typing import Any
 
 import pandas as pd
 
-from flowscope.cli.options import DEST_PREFIX, UsageError, add_config_file, add_settings, config_from, positive_int
+from flowscope.cli.options import (
+    DEST_PREFIX,
+    UsageError,
+    add_config_file,
+    add_settings,
+    add_time_range,
+    config_from,
+    positive_int,
+)
 from flowscope.filters import FilterError, parse_filter
 
 EPILOG = """\
@@ -49,8 +57,7 @@ def register(commands: Any) -> None:
     )
     add_settings(query, "client", title="a running agent or relay (--server)")
     which = query.add_argument_group("which flows and how")
-    which.add_argument("--since", metavar="TIME", help="from TIME: 5m, 1h30m ago, or RFC 3339 (2025-03-01T12:00:00Z)")
-    which.add_argument("--until", metavar="TIME", help="up to TIME (same forms as --since)")
+    add_time_range(which)
     which.add_argument(
         "--filter", default="", metavar="TERMS", help="filter language terms (see `flowscope top --help`)"
     )
