@@ -38,7 +38,8 @@ def read_clickhouse(
     password_file: str | None = None,
 ) -> pd.DataFrame:
     """The flows (or, with table="events", the events) of `url`'s database between `since` and `until` (UTC,
-    inclusive, to the second of the interval's end) that `filter` selects, in time order."""
+    inclusive: a flow whose interval meets the range, an event whose time lies in it, as read_flowlog takes
+    them) that `filter` selects, in time order."""
     if table not in ("flows", "events"):
         raise ValueError(f"table is flows or events, not {table!r}")
     settings = ClickHouseConfig(url=url, password=password, password_file=password_file)

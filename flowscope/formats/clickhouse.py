@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import socket
 from collections.abc import Mapping, Sequence
@@ -491,12 +492,20 @@ class Where:
 
 
 def where(filter: Filter, table: str, since: pd.Timestamp | None = None, until: pd.Timestamp | None = None) -> Where:
-    """The SQL of `filter` over `table`, and of a time range: the same records filters.Filter selects."""
+    """The SQL of `filter` over `table`, and of a time range: the same records filters.Filter selects, and the
+    same range read_flowlog takes (a flow whose interval meets [since, until], an event whose time lies in it;
+    to the nanosecond). `time` (the end, to the second: the sorting key's first column) bounds what is read."""
     clause = Where(table, [], {})
+    end, start = ("time_end_ns", "time_start_ns") if table == "flows" else ("time_ns", "time_ns")
     if since is not None:
-        clause.clauses.append(f"time >= toDateTime({clause.bind(int(pd.Timestamp(since).timestamp()))})")
+        since = pd.Timestamp(since)
+        clause.clauses.append(f"time >= toDateTime({clause.bind(math.floor(since.timestamp()))})")
+        clause.clauses.append(f"{end} IS NULL OR {end} >= {clause.bind(since.value)}")
     if until is not None:
-        clause.clauses.append(f"time <= toDateTime({clause.bind(int(pd.Timestamp(until).timestamp()))})")
+        until = pd.Timestamp(until)
+        clause.clauses.append(f"{start} IS NULL OR {start} <= {clause.bind(until.value)}")
+        if table == "events":  # an event's time is its end: the key bounds it (a flow's end may come later)
+            clause.clauses.append(f"time <= toDateTime({clause.bind(math.floor(until.timestamp()))})")
     for term in filter.terms:
         clause.clauses.append(_term_sql(term, table, clause))
     return clause
