@@ -152,8 +152,20 @@ class ProbesConfig(Section):
         "/run/flowscope", "directory of flowscope's state (the tc qdiscs it created, per network namespace)",
         flag="--state-dir", metavar="DIR",
     )  # fmt: skip
+    host_root: str = option(
+        "", "where a container has the node's lib/modules and usr/src (e.g. /host): kernel headers are looked for "
+        "there first, symlinks resolved under it, then in the container's own /lib/modules and /usr/src; empty: "
+        "only those", flag="--host-root", metavar="DIR",
+    )  # fmt: skip
 
     _pages = field_validator("ring_pages", "perf_pages")(_power_of_two)
+
+    @field_validator("host_root")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if value and not value.startswith("/"):
+            raise ValueError("must be an absolute directory such as /host, or empty")
+        return value
 
 
 class IdentityConfig(Section):
