@@ -10,6 +10,7 @@ import base64
 import importlib
 import inspect
 import json
+import os
 import pkgutil
 import re
 import subprocess
@@ -22,6 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from flowscope.config import BY_ENV, ENV_PREFIX
 from tests.helm.chart import CHART, ROOT, find, manifests, render_text, renderer
 from tests.kernel.image import SMALLEST
 
@@ -127,19 +129,32 @@ PARSED = {"7d": 604800.0, "1GiB": 1 << 30, "15s": 15.0}
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_the_agent_accepts_every_key_the_chart_writes(render, value_set: str, tmp_path: Path) -> None:
-    files = config_files(render(value_set))
+    docs = render(value_set)
+    files = config_files(docs)
+    # the FLOWSCOPE_* variables of the agent's container, in the config file's keys
+    agent_env = find(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]
+    variables = {e["name"]: e["value"] for e in agent_env if e["name"].startswith(ENV_PREFIX)}
+    assert variables == {"FLOWSCOPE_HOST_ROOT": "/host"}
     for name, text in files.items():
         written = yaml.safe_load(text)
         path = tmp_path / name
         path.write_text(yaml.safe_dump(written))
+        environ = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
+        if name == "agent.yaml":
+            environ |= variables
         result = subprocess.run(
-            [FLOWSCOPE, "agent", "--print-config", "--config", str(path)], capture_output=True, text=True, timeout=60
-        )
+            [FLOWSCOPE, "agent", "--print-config", "--config", str(path)], capture_output=True, text=True, timeout=60,
+            env=environ,
+        )  # fmt: skip
         assert result.returncode == 0, f"{name}: {result.stderr}"
         printed = leaves(yaml.safe_load(result.stdout))
         for key, value in leaves(written).items():
             expected = PARSED.get(value, value) if isinstance(value, str) else value
             assert printed.get(key, "absent") == expected, f"{name}: {'.'.join(key)}"
+        if name == "agent.yaml":
+            assert {BY_ENV[v].path: printed.get(BY_ENV[v].path) for v in variables} == {
+                ("probes", "host_root"): "/host"
+            }
 
 
 def test_the_chart_wires_the_agent_to_its_probes_and_secrets(render) -> None:
@@ -155,18 +170,29 @@ def test_the_chart_wires_the_agent_to_its_probes_and_secrets(render) -> None:
     container = pod["containers"][0]
     assert (pod["hostNetwork"], pod["hostPID"], pod["terminationGracePeriodSeconds"]) == (True, True, 30)
     assert container["readinessProbe"]["httpGet"] == {"host": "127.0.0.1", "port": 9465, "path": "/healthz"}
-    assert container["env"][0] == {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+    assert container["env"] == [
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "FLOWSCOPE_HOST_ROOT", "value": "/host"},
+    ]
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": [*SMALLEST, "SYS_PTRACE"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
-    host_paths = {path: volumes[name]["hostPath"]["path"] for path, name in mounts.items()
-                  if "hostPath" in volumes[name]}  # fmt: skip
+    host_paths = {path: (volumes[name]["hostPath"]["path"], volumes[name]["hostPath"]["type"])
+                  for path, name in mounts.items() if "hostPath" in volumes[name]}  # fmt: skip
+    # the node's kernel headers under /host, beside the image's own /lib/modules and /usr/src (its fallback), and
+    # made empty where the node has none, so that the pod starts there too
     assert host_paths == {
-        "/sys/fs/bpf": "/sys/fs/bpf", "/sys/kernel/tracing": "/sys/kernel/tracing",
-        "/sys/kernel/debug": "/sys/kernel/debug", "/sys/fs/cgroup/unified": "/sys/fs/cgroup/unified",
-        "/lib/modules": "/lib/modules", "/usr/src": "/usr/src", "/var/lib/flowscope": "/var/lib/flowscope",
-        "/var/cache/flowscope": "/var/cache/flowscope", "/run/flowscope": "/run/flowscope",
+        "/sys/fs/bpf": ("/sys/fs/bpf", "DirectoryOrCreate"),
+        "/sys/kernel/tracing": ("/sys/kernel/tracing", "Directory"),
+        "/sys/kernel/debug": ("/sys/kernel/debug", "Directory"),
+        "/sys/fs/cgroup/unified": ("/sys/fs/cgroup/unified", "Directory"),
+        "/host/lib/modules": ("/lib/modules", "DirectoryOrCreate"), "/host/usr/src": ("/usr/src", "DirectoryOrCreate"),
+        "/var/lib/flowscope": ("/var/lib/flowscope", "DirectoryOrCreate"),
+        "/var/cache/flowscope": ("/var/cache/flowscope", "DirectoryOrCreate"),
+        "/run/flowscope": ("/run/flowscope", "DirectoryOrCreate"),
     }  # fmt: skip
+    read_only = {m["mountPath"] for m in container["volumeMounts"] if m.get("readOnly")}
+    assert {"/host/lib/modules", "/host/usr/src"} <= read_only
     secret = volumes[mounts["/etc/flowscope/clickhouse"]]["secret"]
     assert secret["items"] == [{"key": "password", "path": "password"}]
 
