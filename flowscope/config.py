@@ -84,6 +84,15 @@ def _label_selector(value: str | None) -> str | None:
     return value
 
 
+_NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")  # RFC 1123 label, as Kubernetes names namespaces
+
+
+def _namespace_name(value: str | None) -> str | None:
+    if value is not None and not _NAMESPACE.match(value):
+        raise ValueError("is not a namespace's name (lower case letters, digits and '-', at most 63)")
+    return value
+
+
 _PORT_NAME = re.compile(r"^(?=.*[a-z])(?!.*--)[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")  # IANA_SVC_NAME
 
 
@@ -429,6 +438,10 @@ class RelayConfig(Section):
         4244, "the flow API's TCP port on the discovered agents' pod IPs: a number, or the name of the agents' "
         "container port (e.g. grpc)", flag="--discover-port", metavar="PORT",
     )  # fmt: skip
+    discover_namespace: str | None = option(
+        None, "find the agents' pods in this namespace only (what a Role there grants: list + watch of its pods); "
+        "default: in every namespace", flag="--discover-namespace", metavar="NAMESPACE",
+    )  # fmt: skip
     sort_window: int = option(
         100000, "records held to merge the agents' streams in time order (past it the oldest go early)",
         flag="--sort-window", metavar="N", gt=0,
@@ -444,6 +457,7 @@ class RelayConfig(Section):
 
     _durations = field_validator("drain_timeout", "backoff", mode="before")(seconds)
     _selector = field_validator("discover_selector")(_label_selector)
+    _namespace = field_validator("discover_namespace")(_namespace_name)
     _port = field_validator("discover_port", mode="before")(_port_or_name)
 
 

@@ -1,7 +1,7 @@
 """The Helm chart, rendered with the value sets the README shows and more: every object valid against the
 Kubernetes OpenAPI schemas of current releases, every config key the chart writes accepted by the agent, the
-ClusterRole exactly what the code's Kubernetes API calls need, the password only in its Secret, and the rules
-and dashboards of deploy/ shipped whole."""
+agents' ClusterRole and the relay's Role exactly what the code's Kubernetes API calls need, the password only in
+its Secret, and the rules and dashboards of deploy/ shipped whole."""
 
 from __future__ import annotations
 
@@ -231,6 +231,8 @@ def test_a_relay_without_peers_discovers_the_release_agent_pods_by_their_port_na
         "app.kubernetes.io/component": "agent",
     }  # fmt: skip
     assert selector.items() <= agent["metadata"]["labels"].items()  # the agents' pods, and only theirs
+    daemonset = find(docs, "DaemonSet", "-agent")["metadata"]["namespace"]
+    assert relay["relay"]["discover_namespace"] == daemonset == "flowscope"  # in the release's namespace only
     relay_pod = find(docs, "Deployment", "-relay")["spec"]["template"]["metadata"]["labels"]
     assert not selector.items() <= relay_pod.items()
     assert relay["relay"]["discover_port"] == "grpc"
@@ -300,10 +302,11 @@ def granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
     }
 
 
-def rules_of_source(path: Path) -> set[tuple[str, str, str]]:
-    """(group, resource, verb) of the KubernetesSource the module at `path` makes: its `resources=` (default:
-    every one of flowscope.enrich.kube.RESOURCES), each listed with the list function RESOURCES names and
-    watched (kube.py's reflectors list, then watch)."""
+def rules_of_source(path: Path) -> tuple[set[tuple[str, str, str]], str]:
+    """(group, resource, verb) of the KubernetesSource the module at `path` makes, and the scope they need
+    ("cluster" or "namespace"): its `resources=` (default: every one of flowscope.enrich.kube.RESOURCES), each
+    listed with the list function RESOURCES names (kube.NAMESPACED's, in one namespace, when it passes
+    `namespace=`) and watched (kube.py's reflectors list, then watch)."""
     from flowscope.enrich import kube
 
     calls = [
@@ -315,21 +318,34 @@ def rules_of_source(path: Path) -> set[tuple[str, str, str]]:
     assert len(calls) == 1, f"{path}: {len(calls)} KubernetesSource calls"
     given = [ast.literal_eval(k.value) for k in calls[0].keywords if k.arg == "resources"]
     resources = given[0] if given else tuple(kube.RESOURCES)
+    namespaced = any(k.arg == "namespace" for k in calls[0].keywords)
+    functions = [kube.NAMESPACED[r] if namespaced else kube.RESOURCES[r][1] for r in resources]
+    assert all(("_namespaced_" in f) == namespaced for f in functions), functions
     methods = api_methods()
-    return {(*methods[kube.RESOURCES[r][1]], verb) for r in resources for verb in ("list", "watch")}
+    rules = {(*methods[function], verb) for function in functions for verb in ("list", "watch")}
+    return rules, "namespace" if namespaced else "cluster"
 
 
-def test_the_cluster_roles_are_exactly_what_the_code_calls(render) -> None:
+def test_the_roles_are_exactly_what_the_code_calls(render) -> None:
     docs = render("discovery")
-    agent = granted(find(docs, "ClusterRole", "fs-flowscope"))
-    relay = granted(find(docs, "ClusterRole", "-relay"))
+    agent_role, relay_role = find(docs, "ClusterRole", "fs-flowscope"), find(docs, "Role", "-relay")
+    agent, relay = granted(agent_role), granted(relay_role)
     derived = rules_from_code()
     assert ("", "pods", "watch") in derived and ("apps", "replicasets", "list") in derived  # the scan finds calls
     assert agent | relay == derived  # every call the code makes is granted, nothing else
-    assert agent == rules_of_source(ROOT / "flowscope" / "enrich" / "__init__.py")  # the identity source
-    assert relay == rules_of_source(ROOT / "exporters" / "grpc" / "relay.py") == {
-        ("", "pods", "list"), ("", "pods", "watch"),
-    }  # fmt: skip
+    # the identity source: every namespace's objects (and nodes), so a ClusterRole
+    assert rules_of_source(ROOT / "flowscope" / "enrich" / "__init__.py") == (agent, "cluster")
+    # the relay's discovery: the agents' pods in its own namespace, so a Role there
+    assert rules_of_source(ROOT / "exporters" / "grpc" / "relay.py") == (relay, "namespace")
+    assert relay_role["metadata"]["namespace"] == "flowscope"
+    # and exactly these: list + watch (what a reflector does), no get (the code reads no object by name)
+    assert agent_role["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes", "pods", "services"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch"]},
+    ]
+    assert relay_role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"] == ["fs-flowscope"]
 
 
 def test_the_relay_has_its_own_service_account_bound_to_its_role_only(render) -> None:
@@ -341,13 +357,17 @@ def test_the_relay_has_its_own_service_account_bound_to_its_role_only(render) ->
     assert (relay_pod["serviceAccountName"], relay_pod["automountServiceAccountToken"]) == ("fs-flowscope-relay", True)
     assert agent_pod["serviceAccountName"] == "fs-flowscope"
     bindings = {
-        d["roleRef"]["name"]: [(s["kind"], s["name"], s["namespace"]) for s in d["subjects"]]
+        (d["kind"], d["metadata"].get("namespace"), d["roleRef"]["kind"], d["roleRef"]["name"]): [
+            (s["kind"], s["name"], s["namespace"]) for s in d["subjects"]
+        ]
         for d in docs
-        if d["kind"] == "ClusterRoleBinding"
+        if d["kind"] in ("ClusterRoleBinding", "RoleBinding")
     }
     assert bindings == {
-        "fs-flowscope": [("ServiceAccount", "fs-flowscope", "flowscope")],
-        "fs-flowscope-relay": [("ServiceAccount", "fs-flowscope-relay", "flowscope")],
+        ("ClusterRoleBinding", None, "ClusterRole", "fs-flowscope"): [("ServiceAccount", "fs-flowscope", "flowscope")],
+        ("RoleBinding", "flowscope", "Role", "fs-flowscope-relay"): [
+            ("ServiceAccount", "fs-flowscope-relay", "flowscope")
+        ],
     }
 
 
@@ -355,6 +375,7 @@ def test_a_relay_given_its_peers_gets_no_role_and_no_token(render) -> None:
     docs = render("relay")
     assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"] == ["fs-flowscope"]
     assert [d["roleRef"]["name"] for d in docs if d["kind"] == "ClusterRoleBinding"] == ["fs-flowscope"]
+    assert [d for d in docs if d["kind"] in ("Role", "RoleBinding")] == []
     account = find(docs, "ServiceAccount", "-relay")
     pod = find(docs, "Deployment", "-relay")["spec"]["template"]["spec"]
     assert (account["automountServiceAccountToken"], pod["automountServiceAccountToken"]) == (False, False)
