@@ -128,13 +128,20 @@ def _nearest(candidates: list[_Candidate], release: str) -> _Candidate:
     return min(candidates, key=distance)  # the first of equals: the node's before this system's own
 
 
+def _made_of(stamp: Path) -> tuple[Path | None, ...]:
+    """The trees a merged tree's stamp names, resolved: an earlier stamp's /lib/modules/RELEASE/build is the
+    /usr/src tree a candidate names now (so an upgrade does not remake a tree another process may be reading)."""
+    lines = stamp.read_text().split("\n")[:2]
+    return tuple(Path(line).resolve() if line else None for line in lines)
+
+
 def _merge(candidate: _Candidate, cache_dir: Path) -> Path:
     """One tree of symlinks: the source headers overlaid with the generated ones (idempotent; made again when
     the cached one is of other trees, e.g. the image's headers of the same release as the node's)."""
     target = cache_dir / candidate.release
     stamp = target / ".flowscope-complete"
-    made_of = f"{candidate.build}\n{candidate.source or ''}\n"
-    if stamp.exists() and stamp.read_text() == made_of:
+    trees = (candidate.build, candidate.source)
+    if stamp.exists() and _made_of(stamp) == tuple(tree.resolve() if tree else None for tree in trees):
         return target
     if target.exists():
         shutil.rmtree(target)
@@ -142,7 +149,7 @@ def _merge(candidate: _Candidate, cache_dir: Path) -> Path:
     for tree in (candidate.source, candidate.build):
         if tree is not None:
             subprocess.run(["cp", "-asf", f"{tree}/.", str(target)], check=True, capture_output=True)
-    stamp.write_text(made_of)
+    stamp.write_text(f"{candidate.build}\n{candidate.source or ''}\n")
     return target
 
 

@@ -78,6 +78,20 @@ def test_merged_tree_is_reused(tmp_path: Path) -> None:
     assert second.path == first.path and marker.read_text() == "kept"
 
 
+def test_a_tree_merged_by_an_earlier_flowscope_is_kept(tmp_path: Path) -> None:
+    """Its stamp names the lib/modules links, not the trees they lead to: the same trees, so not made again."""
+    own, cache = tmp_path / "own", tmp_path / "cache"
+    debian_headers(own, "6.1.0-57-amd64")
+    symlink(own / "lib/modules/6.1.0-57-amd64/build", "../../../usr/src/linux-headers-6.1.0-57-amd64")
+    symlink(own / "lib/modules/6.1.0-57-amd64/source", "../../../usr/src/linux-headers-6.1.0-57-common")
+    earlier = make_tree(cache / "6.1.0-57-amd64", {"marker": "kept"})
+    (earlier / ".flowscope-complete").write_text(
+        f"{own}/lib/modules/6.1.0-57-amd64/build\n{own}/lib/modules/6.1.0-57-amd64/source\n"
+    )
+    headers = find_headers("6.18.0", cache_dir=cache, own_root=own)
+    assert headers.path == earlier and (earlier / "marker").read_text() == "kept"
+
+
 def test_closest_minor_wins_within_the_major(tmp_path: Path) -> None:
     own = tmp_path / "own"
     debian_headers(own, "6.1.0-56-amd64")
