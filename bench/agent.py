@@ -27,6 +27,9 @@ from bench import lab
 
 def child(flow_map_size: int, flowlog: str | None) -> None:
     """The agent process: runs until SIGTERM, then prints its figures as JSON on stdout."""
+    from flowscope.pipeline.memory import return_freed_memory, trim_heap
+
+    return_freed_memory()  # as every flowscope command does, before pandas loads pyarrow
     from flowscope.config import IdentityConfig
     from flowscope.coverage import Coverage
     from flowscope.enrich import build_enricher
@@ -71,6 +74,7 @@ def child(flow_map_size: int, flowlog: str | None) -> None:
             )
             coverage.merge(batch.coverage)
             del batch  # not alive through the next drain, as in the agent's pipeline
+            trim_heap()
     finally:
         enricher.close()
         source.close()
