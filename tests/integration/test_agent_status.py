@@ -3,7 +3,7 @@ log: /healthz is 200 "ok" while every output writes and 503 with the failing out
 cannot write; /status counts every record of the replay (each source's and each output's produced = delivered +
 lost); the API answers the same on a loopback TCP port (port 0: the port the agent took, which it logs) as on
 its unix socket; `agent status` shows the same numbers as a table and as JSON; the logs are JSON objects with
---log-format json and plain text lines by default."""
+--log-format json (a start that fails included: its one sentence) and plain text lines by default."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.replay_agent import SHOP_RECORDS, STOPPED, ReplayAgent, run_flowscope
+from tests.integration.replay_agent import SHOP, SHOP_RECORDS, STOPPED, ReplayAgent, run_flowscope
+from tests.ui.scenario import write_replay
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -216,3 +217,17 @@ def test_json_logs_are_one_object_a_line_and_text_logs_are_not(tmp_path: Path):
         f"flowscope: status API on {agent.status_socket}",
         f"flowscope: {STOPPED}",
     ]
+
+
+def test_an_agent_that_cannot_start_says_why_in_one_json_line_with_json_logs(tmp_path: Path):
+    (tmp_path / "file").write_text("")
+    recording = write_replay(tmp_path / "shop.jsonl", SHOP)
+    argv = ("agent", "--replay", str(recording), "--data-dir", str(tmp_path / "file" / "log"), "--status-socket",
+            str(tmp_path / "a.sock"), "--exit-at-end")  # fmt: skip
+    why = f"cannot write the flow log in {tmp_path}/file/log (Not a directory); choose a writable --data-dir."
+    text, logged = run_flowscope(*argv), run_flowscope(*argv, "--log-format", "json")
+    assert (text.returncode, text.stderr) == (1, f"flowscope agent: {why}\n")
+    assert logged.returncode == 1
+    (line,) = logged.stderr.splitlines()  # before: the sentence as text, the one line a collector could not parse
+    entry = json.loads(line)
+    assert (entry["level"], entry["logger"], entry["message"]) == ("error", "flowscope", why)
