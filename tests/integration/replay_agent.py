@@ -46,6 +46,18 @@ def run_flowscope(*argv: str, timeout: float = 60.0) -> subprocess.CompletedProc
     return subprocess.run([FLOWSCOPE, *argv], capture_output=True, text=True, timeout=timeout, env=ENVIRONMENT)
 
 
+def status(sock: Path) -> dict:
+    """GET /status from the agent's status socket, as a dict."""
+    return json.loads(fetch(str(sock))[1])
+
+
+def answering(sock: Path) -> bool:
+    try:
+        return fetch(str(sock))[0] == 200
+    except Exception:
+        return False
+
+
 @dataclass
 class ReplayAgent:
     process: subprocess.Popen
@@ -71,15 +83,12 @@ class ReplayAgent:
         return fetch(str(self.status_socket), path)
 
     def status(self) -> dict:
-        return json.loads(self.fetch()[1])
+        return status(self.status_socket)
 
     def answering(self) -> bool:
         if self.process.poll() is not None:
             raise AssertionError(f"the agent exited {self.process.returncode}: {self.stderr()}")
-        try:
-            return self.fetch()[0] == 200
-        except Exception:
-            return False
+        return answering(self.status_socket)
 
     def wait_replayed(self) -> None:
         wait_for(lambda: self.answering() and self.status()["source_ended"], what="the replay to end")
