@@ -52,6 +52,11 @@ class Coverage:
     def sinks(self) -> dict[str, SourceCount]:
         return {n.removeprefix(SINK_PREFIX): c for n, c in self.sources.items() if n.startswith(SINK_PREFIX)}
 
+    def without_sinks(self) -> Coverage:
+        """A copy of the data path's counts only (no `sink:<name>`)."""
+        return Coverage({n: SourceCount(c.produced, c.delivered, c.lost) for n, c in self.sources.items()
+                         if not n.startswith(SINK_PREFIX)})  # fmt: skip
+
     def unbalanced(self) -> list[str]:
         """Sources whose produced count differs from delivered + lost (a bug in accounting)."""
         return [name for name, count in self.sources.items() if not count.balanced]

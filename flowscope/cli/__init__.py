@@ -67,7 +67,18 @@ def _main(argv: list[str] | None) -> int:
     try:
         return args.run(args)
     except (UsageError, LoaderError, TcError, ReplayError, IdentityConfigError, ConfigError, SinkError) as err:
-        print(f"flowscope {args.command}: {err}", file=sys.stderr)
-        return 1
+        return _failed(args.command, err)
     except BrokenPipeError:
         return 0
+
+
+def _failed(command: str, err: Exception) -> int:
+    """A command's error, one sentence on stderr: a JSON log line where the command logs JSON (`--log-format
+    json`, for collectors that parse every line), else `flowscope COMMAND: sentence`."""
+    from flowscope.cli.agent import JsonLogFormatter
+
+    if any(isinstance(handler.formatter, JsonLogFormatter) for handler in logging.getLogger().handlers):
+        logging.getLogger("flowscope").error("%s", err)
+    else:
+        print(f"flowscope {command}: {err}", file=sys.stderr)
+    return 1

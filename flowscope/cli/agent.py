@@ -145,6 +145,7 @@ def run_agent(args: argparse.Namespace) -> int:
             "agent running on %s: %s -> %s", source.node, ", ".join(p.name for p in source.probes() if p.active),
             ", ".join(s.name for s in sinks),
         )  # fmt: skip
+        log.info("status API on %s", " and ".join(server.addresses))
         pipeline.run(stop)
         if pipeline.source_ended and not config.replay.exit_at_end:
             log.info("the recording ended; the outputs stay up until the agent is stopped")
@@ -206,9 +207,14 @@ def status_lines(status: dict[str, Any]) -> list[str]:
         lines.append(f"  {name:<22} {counts['produced']:>12,} {counts['delivered']:>12,} {counts['lost']:>10,}")
     lines.append("sinks         produced / delivered / lost, queue")
     for name, sink in status["sinks"].items():
-        state = sink["health"].get("state", "?")
+        health = sink["health"]
+        # why it is not ok: its last write's exception, else what it says itself (the flow log's error,
+        # ClickHouse's detail: a sink that catches its own failures raises nothing)
+        why = sink["error"] or health.get("error") or health.get("detail")
         lines.append(
             f"  {name:<22} {sink['produced']:>12,} {sink['delivered']:>12,} {sink['lost']:>10,}  "
-            f"{sink['queued']}/{sink['capacity']}  {state}" + (f": {sink['error']}" if sink["error"] else "")
+            f"{sink['queued']}/{sink['capacity']}  {health.get('state', '?')}"
+            + (f", {sink['pending']:,} pending" if sink["pending"] else "")
+            + (f": {why}" if why else "")
         )
     return lines

@@ -117,8 +117,10 @@ class Pipeline:
         """One batch through identity to every sink, with the sinks' settled counts in its coverage."""
         if self.enricher is not None:
             batch = self.enricher.enrich(batch)
-        coverage = Coverage()  # the source's batch stays as it was: the sinks' counts go on a copy
-        coverage.merge(batch.coverage)
+        # The source's batch stays as it was: the sinks' counts go on a copy. `sink:<name>` is this pipeline's
+        # outputs' own: a recording's (the outputs of the run that made it) is left out, else a replay through an
+        # output of the same name would add the two runs' counts up.
+        coverage = batch.coverage.without_sinks()
         self._settle(coverage)
         batch = replace(batch, coverage=coverage)
         with self._lock:

@@ -105,6 +105,16 @@ class StatusServer:
         tcp = [s for s in self._servers if s.address_family != socket.AF_UNIX]
         return tcp[0].server_address[1] if tcp else None
 
+    @property
+    def addresses(self) -> list[str]:
+        """Where it answers: the socket's path, then the TCP address as bound (port 0 asks for a free port)."""
+        shown = [self.socket_path]
+        for server in self._servers:
+            if server.address_family != socket.AF_UNIX:
+                host, port = server.server_address[:2]
+                shown.append(f"[{host}]:{port}" if server.address_family == socket.AF_INET6 else f"{host}:{port}")
+        return shown
+
     def close(self) -> None:
         for server in self._servers:
             server.shutdown()

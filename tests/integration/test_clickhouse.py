@@ -26,8 +26,8 @@ from flowscope.exporters.clickhouse_spool import SPOOL_DIRECTORY, Spool
 from flowscope.filters import parse_filter
 from flowscope.pipeline.sink import records
 from flowscope.schema import FlowBatch
+from tests.integration.replay_agent import answering, status
 from tests.integration.servers import ClickHouse, User, free_port
-from tests.integration.test_agent_flowlog import answering, status
 from tests.ui.scenario import shop_batches, write_replay
 from tests.waiting import wait_for
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -28,6 +29,7 @@ from tests.integration.grpc_agents import (
     run_flowscope,
 )
 from tests.ui.scenario import shop_batches, write_replay
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -67,8 +69,6 @@ def shop_agent(tmp_path_factory):
     with Agent.start(directory, write_replay(directory / "shop.jsonl", BATCHES), "--speed", "0") as agent:
         client = agent.client()
         total = len(FLOWS) + len(EVENTS)
-        from tests.waiting import wait_for
-
         wait_for(lambda: client.status().seen == total, 60, "the agent serving the whole recording")
         yield agent
         client.close()
@@ -222,6 +222,44 @@ def test_observe_and_status_as_a_user_runs_them(shop_agent):
     assert gone.returncode == 1 and gone.stderr.startswith(
         f"flowscope status: no flowscope server answers on unix://{shop_agent.socket}.absent"
     )
+
+
+def test_status_shows_a_fresh_agents_replay_as_a_table_and_as_the_apis_json(tmp_path):
+    shop = write_replay(tmp_path / "shop.jsonl", BATCHES)
+    with Agent.start(tmp_path, shop) as agent:  # its own: no other test's followers in its counts
+        client = agent.client()
+        try:
+            wait_for(lambda: client.status().seen == 33, 60, "the agent serving the whole recording")
+        finally:
+            client.close()
+        server = ("--server", f"unix://{agent.socket}")
+        table, shown = run_flowscope("status", *server), run_flowscope("status", *server, "-o", "json")
+    assert (table.returncode, table.stderr, shown.returncode, shown.stderr) == (0, "", 0, "")
+    lines = table.stdout.splitlines()
+    assert re.fullmatch(r"node          agent \(flowscope \S+\), up \d+ s", lines.pop(1)), lines
+    assert re.fullmatch(r"records       33 buffered of 65,536 \(0\.1%\), 33 seen, [\d,]+\.\d/s", lines.pop(1)), lines
+    # the output's count settles into the interval after the one it wrote, and the replay has ended: some
+    sink = re.fullmatch(r"  sink:grpc +(\d+) +(\d+) +0", lines.pop(-2))
+    assert sink and sink[1] == sink[2] and int(sink[1]) <= 33, lines
+    assert lines == [
+        f"health        SERVING (via unix://{agent.socket})",
+        "clients       0 following; 0 records lost to slow clients",
+        "probes        replay",
+        "sources       produced / delivered / lost",
+        "  event_ring                       13           11          2",
+        "  tc_flows                         22           22          0",
+    ]
+    status = json.loads(shown.stdout)
+    # the API's JSON mapping (as `hubble status -o json`): 64-bit integers as strings, zeros left out
+    assert {name: status[name] for name in ("health", "node", "seen", "buffered", "capacity", "probes")} == {
+        "health": "SERVING", "node": "agent", "seen": "33", "buffered": "33", "capacity": "65536",
+        "probes": [{"name": "replay", "active": True, "hook": f"file {shop}"}],
+    }  # fmt: skip
+    assert "clients" not in status and int(status["uptime_ns"]) > 0
+    assert {name: status["sources"][name] for name in ("event_ring", "tc_flows")} == {
+        "event_ring": {"produced": "13", "delivered": "11", "lost": "2"},
+        "tc_flows": {"produced": "22", "delivered": "22"},
+    }
 
 
 @pytest.mark.parametrize("sigint", ["default", "ignored"])
