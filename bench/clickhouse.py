@@ -5,7 +5,10 @@
    CPU-second of the writing process (and of the server), side by side with what a user would do by hand:
    clickhouse-client inserting the same rows from TabSeparated text (its native, compiled path).
 2. Lag: from handing an interval to the sink to its rows being queryable, with --clickhouse-batch-age 0
-   (every interval inserted at once) and at the default 5 s.
+   (every interval inserted at once) and at the default 5 s; and end to end through `flowscope agent`
+   itself (real probes on the lab's fsb0a, tcpreplay keeping 10k flows active, its default outputs and
+   ClickHouse): from an interval's last packet to its rows queryable, the drain, identity and the
+   pipeline's hand-over included.
 3. read_clickhouse of 1M rows into the typed DataFrame.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -154,6 +158,64 @@ def lag(server: ClickHouse, database: str, batch_age: float, intervals: int = 12
             "median_s": round(float(np.median(lags)), 3) if lags else None}  # fmt: skip
 
 
+def agent_lag(scratch: Path, seconds: float = 12.0, flows: int = 10_000) -> dict:
+    """Seconds from an interval's last packet (the latest time_end stored) to its rows being queryable, through
+    `flowscope agent` with --clickhouse-batch-age 0: polled every 20 ms with the native client, one figure per
+    interval that appears (the first is left out: it may have appeared before polling began)."""
+    from clickhouse_driver import Client
+    from clickhouse_driver.errors import Error as ClickHouseError
+
+    with lab.lab(), lab.udp_sink():  # the lab's namespace: the server's loopback is the agent's
+        server = ClickHouse(scratch / "agent-lag").start()
+        agent = None
+        try:
+            state = scratch / "agent-state"
+            state.mkdir()
+            agent = subprocess.Popen(
+                [str(Path(sys.executable).with_name("flowscope")), "agent", "-i", lab.VETH_CLIENT,
+                 "--clickhouse", server.url(database="bench_agent_lag"), "--clickhouse-batch-age", "0",
+                 "--data-dir", str(state / "data"), "--state-dir", str(state), "--grpc-socket",
+                 str(state / "api.sock"), "--hubble-socket", str(state / "hubble.sock"), "--status-socket",
+                 str(state / "status.sock")],
+                stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            said = []
+            for line in agent.stderr or ():  # ClickHouse's set-up may log first
+                said.append(line)
+                if "agent running" in line:
+                    break
+            else:
+                raise RuntimeError(f"flowscope agent did not start: {''.join(said).strip()}")
+            replay = lab.tcpreplay(lab.write_udp_flows_pcap(scratch / "lag.pcap", flows), pps=flows,
+                                   loops=int(seconds) + 4)  # fmt: skip
+            client = Client(host="127.0.0.1", port=server.tcp_port, database="bench_agent_lag")
+            latest, lags = None, []
+            deadline = time.monotonic() + seconds
+            try:
+                while time.monotonic() < deadline:
+                    try:
+                        value = client.execute("SELECT max(time_end_ns) FROM flows")[0][0]
+                    except ClickHouseError:  # the tables are made as the agent starts
+                        value = None
+                    now = time.time_ns()
+                    if value and value != latest:
+                        if latest is not None:
+                            lags.append(round((now - value) / 1e9, 3))
+                        latest = value
+                    time.sleep(0.02)
+            finally:
+                replay.terminate()
+                replay.wait()
+                client.disconnect()
+        finally:
+            if agent is not None:
+                agent.terminate()
+                agent.wait(timeout=60)
+            server.stop()
+    return {"flows": flows, "intervals": len(lags), "lags_s": lags,
+            "median_s": round(float(np.median(lags)), 3) if lags else None}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=10)
@@ -176,6 +238,8 @@ def main() -> None:
         lab.log(f"clickhouse: read_clickhouse {read['rows']:,} rows in {read['wall_s']} s")
         lags = [lag(server, f"bench_lag_{n}", age) for n, age in enumerate((0.0, 5.0))]
         lab.log("clickhouse: lag " + ", ".join(f"batch age {x['batch_age_s']:g} s: {x['median_s']} s" for x in lags))
+        through_agent = agent_lag(scratch)
+        lab.log(f"clickhouse: lag through flowscope agent, last packet to queryable: {through_agent['median_s']} s")
         result = {
             "server": server.query("SELECT version()").strip(),
             "sink": sink,
@@ -183,6 +247,7 @@ def main() -> None:
             "ratio_sink_to_client": round(sink["rows_per_s"] / by_hand["rows_per_s"], 3),
             "read": read,
             "lag": lags,
+            "agent_lag": through_agent,
             "elapsed_s": round(time.monotonic() - started, 1),
         }
         lab.save("clickhouse", result)

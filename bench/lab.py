@@ -89,12 +89,12 @@ def create_lab() -> None:
         run(*ip, "neigh", "replace", peer_v6, "lladdr", peer_mac, "dev", veth, "nud", "permanent")
 
 
-def enter_client_netns() -> None:
-    """Moves this thread (and the processes it starts from now on) into fsbench-a."""
-    fd = os.open(f"/run/netns/{NETNS_CLIENT}", os.O_RDONLY)
+def enter_netns(path: str) -> None:
+    """Moves this thread (and the processes it starts from now on) into the network namespace at `path`."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         if _libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {NETNS_CLIENT} failed")
+            raise OSError(ctypes.get_errno(), f"setns into {path} failed")
     finally:
         os.close(fd)
 
@@ -104,7 +104,7 @@ LAB_LOCK = Path("/run/lock/flowscope-bench.lock")
 
 @contextmanager
 def lab() -> Iterator[None]:
-    """Creates the lab, enters its client namespace, and removes it afterwards (even on failure). The lab's
+    """Creates the lab, enters its client namespace, and leaves and removes it afterwards (even on failure). The lab's
     names are fixed, so a second benchmark process waits here until the first one's lab is gone."""
     if os.geteuid() != 0:
         raise SystemExit("the benchmarks load BPF programs and create network namespaces; run them as root.")
@@ -115,10 +115,14 @@ def lab() -> Iterator[None]:
             log(f"another benchmark holds the lab ({LAB_LOCK}); waiting for it")
             fcntl.flock(lock, fcntl.LOCK_EX)
         create_lab()
+        own = f"/proc/{os.getpid()}/task/{threading.get_native_id()}/ns/net"
+        back = os.open(own, os.O_RDONLY)  # held open: the namespace this thread comes back to
         try:
-            enter_client_netns()
+            enter_netns(f"/run/netns/{NETNS_CLIENT}")
             yield
         finally:
+            enter_netns(f"/proc/self/fd/{back}")
+            os.close(back)
             delete_lab()
 
 

@@ -859,6 +859,17 @@ def clickhouse(data: dict) -> list[str]:
             ],
         ),
     ]
+    through = data.get("agent_lag")
+    if through and through["lags_s"]:
+        out += [
+            "End to end through `flowscope agent` itself (probes on fsb0a, tcpreplay keeping"
+            f" {through['flows']:,} flows active,",
+            "its default outputs and ClickHouse with --clickhouse-batch-age 0), from an interval's last packet to",
+            f"its rows queryable: median **{_n(through['median_s'], 3)} s** over {through['intervals']} intervals"
+            f" ({', '.join(f'{v:.2f}' for v in through['lags_s'])});",
+            "the 1-s interval's drain, identity, the pipeline's hand-over and the insert are in it.",
+            "",
+        ]
     return out
 
 
