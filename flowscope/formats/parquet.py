@@ -23,7 +23,7 @@ import pandas as pd
 
 from flowscope.coverage import Coverage
 from flowscope.formats.jsonl import ReplayError
-from flowscope.schema import EVENT_COLUMNS, FLOW_COLUMNS, UTC_TIME, FlowBatch, conform, empty_frame
+from flowscope.schema import CATEGORY, EVENT_COLUMNS, FLOW_COLUMNS, UTC_TIME, FlowBatch, conform, empty_frame
 
 PARQUET_MAGIC = b"PAR1"
 RECORD_KINDS = ("flow", "event", "interval")
@@ -162,12 +162,15 @@ _PANDAS_TYPES: dict[Any, Any] = {}  # Arrow type -> pandas nullable type, filled
 
 
 def typed_frame(table: Any, columns: dict[str, str]) -> pd.DataFrame:
-    """A table's rows as a frame of `columns`, typed as the schema (absent columns null)."""
+    """A table's rows as a frame of `columns`, typed as `columns` say (absent columns null). A categorical
+    column comes from the table's dictionary (read with read_dictionary=, or encoded here) without a Python
+    string per row."""
     if table.num_rows == 0:
         return empty_frame(columns)
-    if not _PANDAS_TYPES:
-        import pyarrow as pa
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
+    if not _PANDAS_TYPES:
         _PANDAS_TYPES.update({pa.string(): pd.StringDtype(), pa.large_string(): pd.StringDtype()})
         _PANDAS_TYPES.update(
             {pa.from_numpy_dtype(np.dtype(t.lower())): pd.api.types.pandas_dtype(t) for t in _ARROW_INTEGERS}
@@ -178,6 +181,8 @@ def typed_frame(table: Any, columns: dict[str, str]) -> pd.DataFrame:
         column = table.column(name)
         if columns[name] == "object":
             data[name] = np.array([None if v is None else dict(v) for v in column.to_pylist()], dtype=object)
+        elif columns[name] == CATEGORY:
+            data[name] = (column if pa.types.is_dictionary(column.type) else pc.dictionary_encode(column)).to_pandas()
         else:
             data[name] = column.to_pandas(types_mapper=_PANDAS_TYPES.get)
     return conform(pd.DataFrame(data), columns)
