@@ -151,10 +151,12 @@ def categorical(values: pd.Series) -> pd.Categorical:
     return pd.Categorical.from_codes(recode[codes], dtype=dtype)
 
 
-def conform(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+def conform(frame: pd.DataFrame, columns: dict[str, str], copy: bool = True) -> pd.DataFrame:
     """Returns `frame` with exactly the schema's columns, in order and dtype; absent columns are null.
 
     Columns that are not in the schema are kept after the schema's own (add columns, never rename).
+    copy=False: the result holds the frame's own arrays where their dtype is right, for a frame the caller
+    drops (a reader's, whose rows would otherwise be held twice).
     """
     n = len(frame)
     # Arrays, not Series: the frame is built from them positionally, where Series would each be reindexed
@@ -182,7 +184,7 @@ def conform(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
     for name in frame.columns:
         if name not in columns:
             out[name] = frame[name].array
-    return pd.DataFrame(out, index=pd.RangeIndex(n))
+    return pd.DataFrame(out, index=pd.RangeIndex(n), copy=copy)
 
 
 def flows_frame(frame: pd.DataFrame) -> pd.DataFrame:

@@ -113,14 +113,15 @@ def read_flowlog(
         except (OSError, pa.ArrowException) as err:
             raise ReplayError(f"{file}: row group {group}: {str(err).splitlines()[0]}.") from None
         tables.append(prefilter(chosen, _records_of(table, kind, pc), records))
-    frame = typed_frame(pa.concat_tables(tables, promote_options="default"), columns) if tables else None
-    return _selected(frame if frame is not None else empty_frame(columns), records, utc(since), utc(until), chosen)
+    return _selected(typed_frame(tables, columns), records, utc(since), utc(until), chosen)
 
 
 def _records_of(table: Any, kind: str, pc: Any) -> Any:
-    """The rows of one record kind of a row group: a zero-copy slice when they are contiguous (the flow log
-    writes an interval's flows, then its events, then its interval row), else a filtered copy."""
+    """The rows of one record kind of a row group, without the record column: a zero-copy slice when they are
+    contiguous (the flow log writes an interval's flows, then its events, then its interval row), else a
+    filtered copy."""
     rows = pc.indices_nonzero(pc.equal(table.column("record"), kind))
+    table = table.drop_columns(["record"])
     if len(rows) == 0:
         return table.slice(0, 0)
     first, last = rows[0].as_py(), rows[-1].as_py()
@@ -128,7 +129,8 @@ def _records_of(table: Any, kind: str, pc: Any) -> Any:
 
 
 def _selected(frame: pd.DataFrame, records: Records, start: Any, end: Any, chosen: Any) -> pd.DataFrame:
-    """The records in [start, end] that the filter passes, in time order, typed as the schema."""
+    """The records in [start, end] of a frame of the reader's own (dropped after: its arrays are reused) that
+    the filter passes, in time order, typed as the readers type them."""
     if records == "flows":
         keep = _in_range(frame["time_end"], frame["time_start"], start, end) & chosen.flows_mask(frame)
         order, columns = ["time_start", "time_end"], READ_FLOW_COLUMNS
@@ -138,7 +140,7 @@ def _selected(frame: pd.DataFrame, records: Records, start: Any, end: Any, chose
     frame = frame if keep.all() else frame[keep]  # indexing copies every column: only when rows go
     if not _in_order(frame, order):  # a log's row groups come in time order: most reads are sorted already
         frame = frame.sort_values(order, kind="stable")
-    return conform(frame.reset_index(drop=True), columns)
+    return conform(frame.reset_index(drop=True), columns, copy=False)
 
 
 def _in_order(frame: pd.DataFrame, order: list[str]) -> bool:

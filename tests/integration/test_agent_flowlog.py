@@ -17,6 +17,7 @@ import pytest
 from flowscope.analysis.flowlog import read_flowlog
 from flowscope.formats import parquet
 from flowscope.pipeline.status import fetch
+from flowscope.schema import as_read
 from tests.ui.scenario import shop_batches, write_replay
 from tests.waiting import wait_for
 
@@ -32,7 +33,7 @@ ENVIRONMENT = {**os.environ, "FLOWSCOPE_GRPC_ENABLED": "false"}  # the flow log 
 def everything(kind: str) -> pd.DataFrame:
     frame = pd.concat([getattr(b, kind) for b in SHOP], ignore_index=True)
     order = ["time_start", "time_end"] if kind == "flows" else ["time"]
-    return frame.sort_values(order, kind="stable").reset_index(drop=True)
+    return as_read(frame.sort_values(order, kind="stable"), kind)
 
 
 def start_agent(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
@@ -104,7 +105,7 @@ def test_a_sigkill_leaves_a_log_that_reads_and_the_next_start_clears_the_partial
     assert len(names) == 5 and names[0].startswith(".partial-")
     frame = read_flowlog(tmp_path / "log")
     expected = everything("flows")
-    pd.testing.assert_frame_equal(frame, expected[expected["time_start"] < SHOP[4].time_start].reset_index(drop=True))
+    pd.testing.assert_frame_equal(frame, as_read(expected[expected["time_start"] < SHOP[4].time_start], "flows"))
     again, _ = start_agent(tmp_path, "--exit-at-end")
     assert again.wait(timeout=120) == 0
     assert "removed 1 partial file(s)" in again.stderr.read()
