@@ -84,6 +84,15 @@ def _label_selector(value: str | None) -> str | None:
     return value
 
 
+_NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")  # RFC 1123 label, as Kubernetes names namespaces
+
+
+def _namespace_name(value: str | None) -> str | None:
+    if value is not None and not _NAMESPACE.match(value):
+        raise ValueError("is not a namespace's name (lower case letters, digits and '-', at most 63)")
+    return value
+
+
 _PORT_NAME = re.compile(r"^(?=.*[a-z])(?!.*--)[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")  # IANA_SVC_NAME
 
 
@@ -152,8 +161,20 @@ class ProbesConfig(Section):
         "/run/flowscope", "directory of flowscope's state (the tc qdiscs it created, per network namespace)",
         flag="--state-dir", metavar="DIR",
     )  # fmt: skip
+    host_root: str = option(
+        "", "where a container has the node's lib/modules and usr/src (e.g. /host): kernel headers are looked for "
+        "there first, symlinks resolved under it, then in the container's own /lib/modules and /usr/src; empty: "
+        "only those", flag="--host-root", metavar="DIR",
+    )  # fmt: skip
 
     _pages = field_validator("ring_pages", "perf_pages")(_power_of_two)
+
+    @field_validator("host_root")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if value and not value.startswith("/"):
+            raise ValueError("must be an absolute directory such as /host, or empty")
+        return value
 
 
 class IdentityConfig(Section):
@@ -417,6 +438,10 @@ class RelayConfig(Section):
         4244, "the flow API's TCP port on the discovered agents' pod IPs: a number, or the name of the agents' "
         "container port (e.g. grpc)", flag="--discover-port", metavar="PORT",
     )  # fmt: skip
+    discover_namespace: str | None = option(
+        None, "find the agents' pods in this namespace only (what a Role there grants: list + watch of its pods); "
+        "default: in every namespace", flag="--discover-namespace", metavar="NAMESPACE",
+    )  # fmt: skip
     sort_window: int = option(
         100000, "records held to merge the agents' streams in time order (past it the oldest go early)",
         flag="--sort-window", metavar="N", gt=0,
@@ -432,6 +457,7 @@ class RelayConfig(Section):
 
     _durations = field_validator("drain_timeout", "backoff", mode="before")(seconds)
     _selector = field_validator("discover_selector")(_label_selector)
+    _namespace = field_validator("discover_namespace")(_namespace_name)
     _port = field_validator("discover_port", mode="before")(_port_or_name)
 
 

@@ -18,10 +18,10 @@ as the latest let out are not late.
 An agent that goes or comes back is announced in-band (node notices) and shown by ServerStatus/GetNodes.
 
 The agents are the `--peer` list, or the pods a label selector finds through the Kubernetes API (list + watch,
-as the identity source does): every pod of the selection that is not terminated and has an IP is an agent at
-IP:--discover-port (a number, or the name of the pod's container port), named by its node until it answers. A
-pod that goes takes its agent out of the merge and of GetNodes; one that comes (again) brings it in, and an
-address seen before resumes after its last record.
+as the identity source does; in every namespace, or in --discover-namespace alone): every pod of the selection
+that is not terminated and has an IP is an agent at IP:--discover-port (a number, or the name of the pod's
+container port), named by its node until it answers. A pod that goes takes its agent out of the merge and of
+GetNodes; one that comes (again) brings it in, and an address seen before resumes after its last record.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class RelaySource:
 
             self.discovery = KubernetesSource(
                 AgentPods(config.discover_port, self.set_peers), kubeconfig, resources=("pods",),
-                label_selector=config.discover_selector,
+                label_selector=config.discover_selector, namespace=config.discover_namespace,
             )  # fmt: skip
         self.set_peers({address: address for address in config.peers})
 
@@ -202,7 +202,9 @@ class RelaySource:
             return [ProbeStatus("relay", True, agents)]
         health = self.discovery.health()
         error = health["resources"]["pods"]["last_error"]
-        return [ProbeStatus("relay", True, f"{agents} (pods {self.config.discover_selector}: {health['state']})",
+        where = f" in {self.config.discover_namespace}" if self.config.discover_namespace else ""
+        pods = f"pods {self.config.discover_selector}{where}"
+        return [ProbeStatus("relay", True, f"{agents} ({pods}: {health['state']})",
                             error if health["state"] != "synced" and error else "")]  # fmt: skip
 
     def nodes(self) -> list[NodeInfo]:

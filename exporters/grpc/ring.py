@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -118,9 +118,8 @@ class Api(Protocol):
 
 @dataclass
 class Chunk:
-    """One interval's records as they came (a FlowBatch), with its losses and the sequence number of its first
-    record; the ring dropped its first `start` records in time order (ties in the batch's order), marked in
-    `dropped` by record (flow rows, then event rows numbered after them)."""
+    """One interval's records (a FlowBatch: as they came, or the part the ring kept), with its losses and the
+    sequence number of the interval's first record."""
 
     seq: int
     node: str
@@ -128,8 +127,6 @@ class Chunk:
     notices: list[Notice]
     end: int  # nanoseconds: every record of the interval is at or before it
     records: int
-    start: int = 0
-    dropped: np.ndarray | None = None  # bool per record; None: none dropped
     _views: dict[str, View] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -140,14 +137,16 @@ class Chunk:
                 view = self._views[api.name] = api.view(self)
             return view
 
-    def retained(self, view: View, positions: np.ndarray) -> np.ndarray:
-        """The positions of `view` whose records are still in the ring. By record, not by time: records that
-        share the time of the cut are kept or dropped as counted, and an API's rows of one record go together."""
-        dropped = self.dropped  # one read: the ring's thread replaces it whole
-        if dropped is None:
-            return positions
-        rows = view.order[positions]
-        return positions[~dropped[rows if view.sources is None else view.sources[rows]]]
+    def kept(self, dropped: np.ndarray) -> Chunk:
+        """This chunk without the records marked in `dropped` (flow rows, then event rows numbered after them):
+        a copy, so that the ring holds no more than it counts while followers still send the whole chunk."""
+        flows = len(self.batch.flows)
+        batch = replace(
+            self.batch,
+            flows=self.batch.flows[~dropped[:flows]].reset_index(drop=True),
+            events=self.batch.events[~dropped[flows:]].reset_index(drop=True),
+        )
+        return Chunk(self.seq, self.node, batch, self.notices, self.end, self.records - int(dropped.sum()))
 
 
 def batch_notices(batch: FlowBatch) -> list[Notice]:
@@ -317,16 +316,15 @@ class Ring:
     def _trim(self) -> None:
         while self.buffered > self.capacity and self.chunks:
             oldest = self.chunks[0]
-            held = oldest.records - oldest.start
             excess = self.buffered - self.capacity
-            if excess >= held:
+            if excess >= oldest.records:
                 self.chunks.popleft()
-                self.buffered -= held
+                self.buffered -= oldest.records
                 continue
+            # its first records in time order go (ties in the batch's order); readers holding it keep it whole
             dropped = np.zeros(oldest.records, dtype=bool)
-            dropped[record_order(oldest.batch)[: oldest.start + excess]] = True
-            oldest.dropped = dropped  # before start, which readers do not use for this
-            oldest.start += excess
+            dropped[record_order(oldest.batch)[:excess]] = True
+            self.chunks[0] = oldest.kept(dropped)
             self.buffered -= excess
 
     def announce(self, notice: NodeNotice) -> None:
@@ -369,7 +367,6 @@ class Ring:
         for chunk in chunks if query.first else reversed(chunks):
             view = chunk.view(api)
             positions = view.select(query.filters)
-            positions = chunk.retained(view, positions)
             if query.since is not None:
                 positions = positions[view.times[positions] >= query.since]
             if query.until is not None:

@@ -8,6 +8,8 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
+from flowscope.pipeline.memory import return_freed_memory
+
 if TYPE_CHECKING:
     from flowscope.cli.options import ArgumentParser
 
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     _interrupt_on_sigint_and_sigterm()
+    return_freed_memory()
     from flowscope.cli.options import UsageError
 
     parser = build_parser()

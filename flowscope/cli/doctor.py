@@ -26,7 +26,8 @@ def probes_summary(probes: list[ProbeStatus]) -> list[dict[str, object]]:
     ]
 
 
-def doctor_report() -> dict[str, Any]:
+def doctor_report(host_root: str = "") -> dict[str, Any]:
+    """What `doctor` reports of the kernel, the headers (the node's under `host_root` first) and the probes."""
     import platform
 
     from flowscope.kernel.features import probe_features
@@ -38,7 +39,7 @@ def doctor_report() -> dict[str, Any]:
     features = probe_features(with_program_types=root)
     report: dict[str, Any] = {"kernel": platform.release(), "root": root, "features": features.to_dict()}
     try:
-        headers = find_headers()
+        headers = find_headers(host_root=host_root)
         report["headers"] = {"path": str(headers.path), "exact": headers.exact, "description": headers.description}
     except HeadersError as err:
         report["headers"] = {"error": str(err)}
@@ -48,7 +49,7 @@ def doctor_report() -> dict[str, Any]:
     except LoaderError as err:
         report["bcc"] = None
         report["bcc_error"] = str(err)
-    options = LoadOptions()
+    options = LoadOptions(host_root=host_root)
     statuses = plan_families(features, options)
     report["events_transport"] = "ring buffer" if features.ringbuf else "perf buffer"
     report["drop_reasons"] = drop_reasons_note(features.btf)
@@ -97,8 +98,9 @@ def _load_check(options: Any) -> tuple[str, dict[str, Any] | None]:
 def run_doctor(args: argparse.Namespace) -> int:
     from flowscope.enrich.report import identity_lines, identity_report
 
-    report = doctor_report()
-    report["identity"] = identity_report(config_from(args).identity)
+    config = config_from(args)
+    report = doctor_report(config.probes.host_root)
+    report["identity"] = identity_report(config.identity)
     if args.output == "json":
         print(json.dumps(report, indent=2))
         return 0

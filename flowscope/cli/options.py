@@ -138,6 +138,7 @@ def load_options(config: Config) -> Any:
         tcp_map_size=probes.tcp_map_size,
         tcp_events_per_second=probes.tcp_events_rate,
         prefer_kprobes=probes.prefer_kprobes,
+        host_root=probes.host_root,
     )
 
 

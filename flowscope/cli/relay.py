@@ -21,7 +21,8 @@ examples:
       --tls-cert relay.pem --tls-key relay-key.pem
   hubble observe --server unix:///run/flowscope/hubble.sock --last 5   (the last 5 of all agents merged)
   hubble list nodes --server unix:///run/flowscope/hubble.sock
-  flowscope relay --discover-selector app.kubernetes.io/name=flowscope --discover-port 4244 --tls-ca ca.pem
+  flowscope relay --discover-selector app.kubernetes.io/name=flowscope --discover-port 4244 --tls-ca ca.pem \\
+      --discover-namespace flowscope
       (in a pod: the agents' pods through the Kubernetes API; --kubeconfig FILE outside the cluster)
 """
 

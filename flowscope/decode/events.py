@@ -122,7 +122,7 @@ def event_rows(
             "reset_reason": _object(names.reset_reason_names(events["reason"]), reset),
         }
     )
-    return conform(frame, EVENT_COLUMNS)
+    return conform(frame, EVENT_COLUMNS, copy=False)
 
 
 def family_events(drain: KernelDrain, kinds: tuple[int, ...]) -> np.ndarray:

@@ -245,9 +245,10 @@ def flow_frame(
             "resets": nullable(rows.resets, "resets" in measured, "UInt64"),
             "rtt_us": nullable(rows.rtt_us, rows.rtt_known, "UInt32"),
             "cgroup_id": nullable(rows.cgroup_id, rows.cgroup_id != 0, "UInt64"),
-        }
+        },
+        copy=False,  # the arrays are this frame's alone (`rows` is the caller's to drop): not copied twice
     )
-    return conform(frame, FLOW_COLUMNS)
+    return conform(frame, FLOW_COLUMNS, copy=False)
 
 
 def flows_from_map(

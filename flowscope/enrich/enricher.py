@@ -33,7 +33,7 @@ from flowscope.enrich.ipindex import ANSWER_AMBIGUOUS, ANSWER_NONE, ANSWER_UNCLA
 from flowscope.enrich.model import NodeMeta, PodMeta
 from flowscope.enrich.node import NodeScanner, NodeView
 from flowscope.enrich.sockets import LOCAL_SOCKET_KINDS, Keys, SocketTable, TextColumns, TupleHashes, epoch_seconds
-from flowscope.schema import FlowBatch
+from flowscope.schema import FlowBatch, null_column
 
 # The identity columns that come from the resolved identity (pid and comm come from the socket).
 _TABLE_FIELDS = ("namespace", "pod", "workload", "workload_kind", "container", "node", "labels")
@@ -132,6 +132,7 @@ class _Identities:
         self.rows: list[Row] = []
         self.tables: list[_OwnerTable] = []
         self._strings: dict[int, pd.api.extensions.ExtensionArray] = {}
+        self._nulls: pd.api.extensions.ExtensionArray | None = None
 
     def code(self, key: Hashable, row: Row) -> int:
         code = self._codes.get(key)
@@ -163,6 +164,11 @@ class _Identities:
         return np.concatenate([own, *(table.columns[index] for table in self.tables)])
 
     def strings(self, index: int, positions: np.ndarray) -> pd.api.extensions.ExtensionArray:
+        if not (positions >= 0).any():
+            # a column of nulls (nobody's identity known): every such column of the frame shares one
+            if self._nulls is None or len(self._nulls) != len(positions):
+                self._nulls = null_column("string", len(positions))
+            return self._nulls.copy()
         if index not in self._strings:  # both sides of the frame take from the same table
             self._strings[index] = pd.array(self._values(index), dtype="string")
         return self._strings[index].take(positions, allow_fill=True)
@@ -277,10 +283,12 @@ class Enricher:
                     todo = todo | (existing == "none").fillna(False).to_numpy(dtype=bool)
                 if todo.any():
                     sides[side] = (todo, self._resolve_side(frame, side, todo, resolver, local))
-        out = frame.copy(deep=False)
+        written: dict[str, Any] = {}
         for side, (todo, state) in sides.items():
-            self._write_side(out, side, todo, state, identities)
-        return out
+            written.update(self._side_columns(frame, side, todo, state, identities))
+        # one new frame sharing the columns it does not write: assigning a column at a time copies each again
+        columns = {name: written.get(name, frame[name].array) for name in frame.columns}
+        return pd.DataFrame(columns, index=frame.index, copy=False)
 
     def _forget_changed_owners(self) -> None:
         """Drops the identities of owners the catalogs changed since the last frame (catalog locks held)."""
@@ -307,9 +315,10 @@ class Enricher:
         resolver.processes_of_cgroups(state, todo, cgroup)
         return state
 
-    def _write_side(
-        self, out: pd.DataFrame, side: str, todo: np.ndarray, state: _Side, identities: _Identities
-    ) -> None:
+    def _side_columns(
+        self, frame: pd.DataFrame, side: str, todo: np.ndarray, state: _Side, identities: _Identities
+    ) -> dict[str, Any]:
+        """The identity columns of one side, new arrays: the rows in `todo` resolved, the others as they were."""
         whole = bool(todo.all())
         rows = slice(None) if whole else np.flatnonzero(todo)
         sources = state.source[rows]
@@ -327,14 +336,16 @@ class Enricher:
         columns["identity_source"] = pd.array(SOURCES, dtype="string").take(sources)
         columns["pid"] = pd.arrays.IntegerArray(pid_values, pid_values < 0)
         columns["comm"] = _text_column(state.comm[rows])
+        written = {}
         for name, values in columns.items():
             column = f"{side}_{name}"
             if whole:
-                out[column] = values
+                written[column] = values
             else:
-                merged = out[column].array.copy()
+                merged = frame[column].array.copy()
                 merged[rows] = values
-                out[column] = merged
+                written[column] = merged
+        return written
 
     # ---- identity rows ---------------------------------------------------------------------------------------
 

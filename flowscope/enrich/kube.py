@@ -50,6 +50,8 @@ RESOURCES: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "replicasets": ("AppsV1Api", "list_replica_set_for_all_namespaces", parse_controller),
     "jobs": ("BatchV1Api", "list_job_for_all_namespaces", parse_controller),
 }
+# resource -> its list function in one namespace (a KubernetesSource with a namespace: the relay's agent pods)
+NAMESPACED: dict[str, str] = {"pods": "list_namespaced_pod"}
 LIST_PAGE = 500
 CONNECT_TIMEOUT = 5.0
 LIST_READ_TIMEOUT = 60.0
@@ -130,6 +132,8 @@ class _Reflector:
 
     def _run(self) -> None:
         api_class, function, _ = RESOURCES[self.resource]
+        if self.source.namespace is not None:
+            function = NAMESPACED[self.resource]
         with client.ApiClient(self.source.configuration) as api_client:
             list_function = getattr(getattr(client, api_class)(api_client), function)
             while not self.source.stopping.is_set():
@@ -315,13 +319,19 @@ class KubernetesSource:
         resources: tuple[str, ...] = tuple(RESOURCES),
         watch_seconds: tuple[int, int] = WATCH_SECONDS,
         label_selector: str | None = None,
+        namespace: str | None = None,
     ) -> None:
+        """`label_selector` and `namespace` (for the resources of NAMESPACED) narrow what is listed and watched,
+        as the API server selects: the relay's agent pods, with a Role in their namespace instead of a ClusterRole."""
         self.catalog = catalog
         self.kubeconfig = kubeconfig
         self.configuration = client_configuration(kubeconfig)
         self.watch_seconds = watch_seconds
+        self.namespace = namespace
         # Only the objects with these labels (the relay's agent pods), as the API server selects them.
-        self.selection = {"label_selector": label_selector} if label_selector else {}
+        self.selection: dict[str, str] = {"label_selector": label_selector} if label_selector else {}
+        if namespace is not None:
+            self.selection["namespace"] = namespace
         self.stopping = threading.Event()
         self.reflectors = {resource: _Reflector(self, resource) for resource in resources}
 

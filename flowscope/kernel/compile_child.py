@@ -186,7 +186,7 @@ def compile_and_load(options: LoadOptions) -> CompiledModule:
     require_privileges()
     features = probe_features()
     try:
-        headers = find_headers()
+        headers = find_headers(host_root=options.host_root)
     except HeadersError as err:
         raise LoaderError(str(err)) from None
     statuses = plan_families(features, options)

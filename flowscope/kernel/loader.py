@@ -54,6 +54,7 @@ class LoadOptions:
     families: set[str] | None = None  # restrict to these families (None: all that can run)
     prefer_kprobes: bool = False  # run each family's kprobe variant where it can run, instead of the tracepoints
     object_cache: str | None = str(bpf_object.CACHE_DIR)  # where compiled probes are kept (None: always compile)
+    host_root: str = ""  # where the node's lib/modules and usr/src are mounted, looked at first for headers
 
 
 def probes_dir() -> Path:

@@ -27,6 +27,7 @@ from flowscope.coverage import SINK_PREFIX, Coverage
 from flowscope.enrich import Enricher
 from flowscope.formats.jsonl import format_time
 from flowscope.kernel.catalog import ProbeStatus
+from flowscope.pipeline.memory import trim_heap
 from flowscope.pipeline.sink import Sink, SinkRunner
 from flowscope.pipeline.source import BatchSource
 from flowscope.schema import FlowBatch
@@ -106,6 +107,7 @@ class Pipeline:
         for batch in batches(self.source, stop, duration):
             self.publish(batch)
             del batch  # not held through the next drain
+            trim_heap()
             if count is not None and self.intervals >= count:
                 break
         else:

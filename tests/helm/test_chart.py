@@ -1,7 +1,7 @@
 """The Helm chart, rendered with the value sets the README shows and more: every object valid against the
 Kubernetes OpenAPI schemas of current releases, every config key the chart writes accepted by the agent, the
-ClusterRole exactly what the code's Kubernetes API calls need, the password only in its Secret, and the rules
-and dashboards of deploy/ shipped whole."""
+agents' ClusterRole and the relay's Role exactly what the code's Kubernetes API calls need, the password only in
+its Secret, and the rules and dashboards of deploy/ shipped whole."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import base64
 import importlib
 import inspect
 import json
+import os
 import pkgutil
 import re
 import subprocess
@@ -22,6 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from flowscope.config import BY_ENV, ENV_PREFIX
 from tests.helm.chart import CHART, ROOT, find, manifests, render_text, renderer
 from tests.kernel.image import SMALLEST
 
@@ -127,19 +129,32 @@ PARSED = {"7d": 604800.0, "1GiB": 1 << 30, "15s": 15.0}
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_the_agent_accepts_every_key_the_chart_writes(render, value_set: str, tmp_path: Path) -> None:
-    files = config_files(render(value_set))
+    docs = render(value_set)
+    files = config_files(docs)
+    # the FLOWSCOPE_* variables of the agent's container, in the config file's keys
+    agent_env = find(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]
+    variables = {e["name"]: e["value"] for e in agent_env if e["name"].startswith(ENV_PREFIX)}
+    assert variables == {"FLOWSCOPE_HOST_ROOT": "/host"}
     for name, text in files.items():
         written = yaml.safe_load(text)
         path = tmp_path / name
         path.write_text(yaml.safe_dump(written))
+        environ = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
+        if name == "agent.yaml":
+            environ |= variables
         result = subprocess.run(
-            [FLOWSCOPE, "agent", "--print-config", "--config", str(path)], capture_output=True, text=True, timeout=60
-        )
+            [FLOWSCOPE, "agent", "--print-config", "--config", str(path)], capture_output=True, text=True, timeout=60,
+            env=environ,
+        )  # fmt: skip
         assert result.returncode == 0, f"{name}: {result.stderr}"
         printed = leaves(yaml.safe_load(result.stdout))
         for key, value in leaves(written).items():
             expected = PARSED.get(value, value) if isinstance(value, str) else value
             assert printed.get(key, "absent") == expected, f"{name}: {'.'.join(key)}"
+        if name == "agent.yaml":
+            assert {BY_ENV[v].path: printed.get(BY_ENV[v].path) for v in variables} == {
+                ("probes", "host_root"): "/host"
+            }
 
 
 def test_the_chart_wires_the_agent_to_its_probes_and_secrets(render) -> None:
@@ -155,18 +170,29 @@ def test_the_chart_wires_the_agent_to_its_probes_and_secrets(render) -> None:
     container = pod["containers"][0]
     assert (pod["hostNetwork"], pod["hostPID"], pod["terminationGracePeriodSeconds"]) == (True, True, 30)
     assert container["readinessProbe"]["httpGet"] == {"host": "127.0.0.1", "port": 9465, "path": "/healthz"}
-    assert container["env"][0] == {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+    assert container["env"] == [
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "FLOWSCOPE_HOST_ROOT", "value": "/host"},
+    ]
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": [*SMALLEST, "SYS_PTRACE"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
-    host_paths = {path: volumes[name]["hostPath"]["path"] for path, name in mounts.items()
-                  if "hostPath" in volumes[name]}  # fmt: skip
+    host_paths = {path: (volumes[name]["hostPath"]["path"], volumes[name]["hostPath"]["type"])
+                  for path, name in mounts.items() if "hostPath" in volumes[name]}  # fmt: skip
+    # the node's kernel headers under /host, beside the image's own /lib/modules and /usr/src (its fallback), and
+    # made empty where the node has none, so that the pod starts there too
     assert host_paths == {
-        "/sys/fs/bpf": "/sys/fs/bpf", "/sys/kernel/tracing": "/sys/kernel/tracing",
-        "/sys/kernel/debug": "/sys/kernel/debug", "/sys/fs/cgroup/unified": "/sys/fs/cgroup/unified",
-        "/lib/modules": "/lib/modules", "/usr/src": "/usr/src", "/var/lib/flowscope": "/var/lib/flowscope",
-        "/var/cache/flowscope": "/var/cache/flowscope", "/run/flowscope": "/run/flowscope",
+        "/sys/fs/bpf": ("/sys/fs/bpf", "DirectoryOrCreate"),
+        "/sys/kernel/tracing": ("/sys/kernel/tracing", "Directory"),
+        "/sys/kernel/debug": ("/sys/kernel/debug", "Directory"),
+        "/sys/fs/cgroup/unified": ("/sys/fs/cgroup/unified", "Directory"),
+        "/host/lib/modules": ("/lib/modules", "DirectoryOrCreate"), "/host/usr/src": ("/usr/src", "DirectoryOrCreate"),
+        "/var/lib/flowscope": ("/var/lib/flowscope", "DirectoryOrCreate"),
+        "/var/cache/flowscope": ("/var/cache/flowscope", "DirectoryOrCreate"),
+        "/run/flowscope": ("/run/flowscope", "DirectoryOrCreate"),
     }  # fmt: skip
+    read_only = {m["mountPath"] for m in container["volumeMounts"] if m.get("readOnly")}
+    assert {"/host/lib/modules", "/host/usr/src"} <= read_only
     secret = volumes[mounts["/etc/flowscope/clickhouse"]]["secret"]
     assert secret["items"] == [{"key": "password", "path": "password"}]
 
@@ -205,6 +231,8 @@ def test_a_relay_without_peers_discovers_the_release_agent_pods_by_their_port_na
         "app.kubernetes.io/component": "agent",
     }  # fmt: skip
     assert selector.items() <= agent["metadata"]["labels"].items()  # the agents' pods, and only theirs
+    daemonset = find(docs, "DaemonSet", "-agent")["metadata"]["namespace"]
+    assert relay["relay"]["discover_namespace"] == daemonset == "flowscope"  # in the release's namespace only
     relay_pod = find(docs, "Deployment", "-relay")["spec"]["template"]["metadata"]["labels"]
     assert not selector.items() <= relay_pod.items()
     assert relay["relay"]["discover_port"] == "grpc"
@@ -274,10 +302,11 @@ def granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
     }
 
 
-def rules_of_source(path: Path) -> set[tuple[str, str, str]]:
-    """(group, resource, verb) of the KubernetesSource the module at `path` makes: its `resources=` (default:
-    every one of flowscope.enrich.kube.RESOURCES), each listed with the list function RESOURCES names and
-    watched (kube.py's reflectors list, then watch)."""
+def rules_of_source(path: Path) -> tuple[set[tuple[str, str, str]], str]:
+    """(group, resource, verb) of the KubernetesSource the module at `path` makes, and the scope they need
+    ("cluster" or "namespace"): its `resources=` (default: every one of flowscope.enrich.kube.RESOURCES), each
+    listed with the list function RESOURCES names (kube.NAMESPACED's, in one namespace, when it passes
+    `namespace=`) and watched (kube.py's reflectors list, then watch)."""
     from flowscope.enrich import kube
 
     calls = [
@@ -289,21 +318,34 @@ def rules_of_source(path: Path) -> set[tuple[str, str, str]]:
     assert len(calls) == 1, f"{path}: {len(calls)} KubernetesSource calls"
     given = [ast.literal_eval(k.value) for k in calls[0].keywords if k.arg == "resources"]
     resources = given[0] if given else tuple(kube.RESOURCES)
+    namespaced = any(k.arg == "namespace" for k in calls[0].keywords)
+    functions = [kube.NAMESPACED[r] if namespaced else kube.RESOURCES[r][1] for r in resources]
+    assert all(("_namespaced_" in f) == namespaced for f in functions), functions
     methods = api_methods()
-    return {(*methods[kube.RESOURCES[r][1]], verb) for r in resources for verb in ("list", "watch")}
+    rules = {(*methods[function], verb) for function in functions for verb in ("list", "watch")}
+    return rules, "namespace" if namespaced else "cluster"
 
 
-def test_the_cluster_roles_are_exactly_what_the_code_calls(render) -> None:
+def test_the_roles_are_exactly_what_the_code_calls(render) -> None:
     docs = render("discovery")
-    agent = granted(find(docs, "ClusterRole", "fs-flowscope"))
-    relay = granted(find(docs, "ClusterRole", "-relay"))
+    agent_role, relay_role = find(docs, "ClusterRole", "fs-flowscope"), find(docs, "Role", "-relay")
+    agent, relay = granted(agent_role), granted(relay_role)
     derived = rules_from_code()
     assert ("", "pods", "watch") in derived and ("apps", "replicasets", "list") in derived  # the scan finds calls
     assert agent | relay == derived  # every call the code makes is granted, nothing else
-    assert agent == rules_of_source(ROOT / "flowscope" / "enrich" / "__init__.py")  # the identity source
-    assert relay == rules_of_source(ROOT / "exporters" / "grpc" / "relay.py") == {
-        ("", "pods", "list"), ("", "pods", "watch"),
-    }  # fmt: skip
+    # the identity source: every namespace's objects (and nodes), so a ClusterRole
+    assert rules_of_source(ROOT / "flowscope" / "enrich" / "__init__.py") == (agent, "cluster")
+    # the relay's discovery: the agents' pods in its own namespace, so a Role there
+    assert rules_of_source(ROOT / "exporters" / "grpc" / "relay.py") == (relay, "namespace")
+    assert relay_role["metadata"]["namespace"] == "flowscope"
+    # and exactly these: list + watch (what a reflector does), no get (the code reads no object by name)
+    assert agent_role["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes", "pods", "services"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch"]},
+    ]
+    assert relay_role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"] == ["fs-flowscope"]
 
 
 def test_the_relay_has_its_own_service_account_bound_to_its_role_only(render) -> None:
@@ -315,13 +357,17 @@ def test_the_relay_has_its_own_service_account_bound_to_its_role_only(render) ->
     assert (relay_pod["serviceAccountName"], relay_pod["automountServiceAccountToken"]) == ("fs-flowscope-relay", True)
     assert agent_pod["serviceAccountName"] == "fs-flowscope"
     bindings = {
-        d["roleRef"]["name"]: [(s["kind"], s["name"], s["namespace"]) for s in d["subjects"]]
+        (d["kind"], d["metadata"].get("namespace"), d["roleRef"]["kind"], d["roleRef"]["name"]): [
+            (s["kind"], s["name"], s["namespace"]) for s in d["subjects"]
+        ]
         for d in docs
-        if d["kind"] == "ClusterRoleBinding"
+        if d["kind"] in ("ClusterRoleBinding", "RoleBinding")
     }
     assert bindings == {
-        "fs-flowscope": [("ServiceAccount", "fs-flowscope", "flowscope")],
-        "fs-flowscope-relay": [("ServiceAccount", "fs-flowscope-relay", "flowscope")],
+        ("ClusterRoleBinding", None, "ClusterRole", "fs-flowscope"): [("ServiceAccount", "fs-flowscope", "flowscope")],
+        ("RoleBinding", "flowscope", "Role", "fs-flowscope-relay"): [
+            ("ServiceAccount", "fs-flowscope-relay", "flowscope")
+        ],
     }
 
 
@@ -329,6 +375,7 @@ def test_a_relay_given_its_peers_gets_no_role_and_no_token(render) -> None:
     docs = render("relay")
     assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"] == ["fs-flowscope"]
     assert [d["roleRef"]["name"] for d in docs if d["kind"] == "ClusterRoleBinding"] == ["fs-flowscope"]
+    assert [d for d in docs if d["kind"] in ("Role", "RoleBinding")] == []
     account = find(docs, "ServiceAccount", "-relay")
     pod = find(docs, "Deployment", "-relay")["spec"]["template"]["spec"]
     assert (account["automountServiceAccountToken"], pod["automountServiceAccountToken"]) == (False, False)

@@ -1,8 +1,8 @@
-"""`flowscope relay --discover-selector`: the agents are the pods of a label selector, listed and watched through
-the Kubernetes API (the local server of test_k8s_apiserver, driven by the real client). Real agents serve on
-loopback addresses that stand for pod IPs (127.0.0.2-5, one API port, found by its container port's name): a
-pod added, removed or replaced changes the relay's agents, GetNodes names them, and the follower gets every
-record of every agent once."""
+"""`flowscope relay --discover-selector`: the agents are the pods of a label selector (in --discover-namespace),
+listed and watched through the Kubernetes API (the local server of test_k8s_apiserver, driven by the real
+client). Real agents serve on loopback addresses that stand for pod IPs (127.0.0.2-5, one API port, found by
+its container port's name): a pod added, removed or replaced changes the relay's agents, GetNodes names them,
+and the follower gets every record of every agent once."""
 
 from __future__ import annotations
 
@@ -47,13 +47,15 @@ def test_agent_pods_added_removed_and_replaced_are_the_relays_agents(tmp_path):
     api.add("pods", pod("flowscope", "web", "127.0.0.9", node="a", labels={"app.kubernetes.io/name": "flowscope"}))
     # a pod of the selection whose container names no port grpc (an older agent) is no agent either
     api.add("pods", agent_pod("agent-old", "127.0.0.6", "d", port, port_name="api"))
+    # nor one of another namespace (another release's agents): the relay reads its own namespace's pods only
+    api.add("pods", pod("elsewhere", "agent-e", "127.0.0.7", node="e", labels=SELECTOR, ports={"grpc": port}))
     agents = {"a": start_agent("a", "127.0.0.2"), "b": start_agent("b", "127.0.0.3")}
     selector = ",".join(f"{k}={v}" for k, v in SELECTOR.items())
     kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
     relay = Agent.start(
-        tmp_path, None, "--discover-selector", selector, "--discover-port", "grpc", "--kubeconfig",
-        str(kubeconfig), "--relay-interval", "0.1", "--backoff", "0.1", "--drain-timeout", "1", name="relay",
-        command="relay",
+        tmp_path, None, "--discover-selector", selector, "--discover-port", "grpc", "--discover-namespace",
+        "flowscope", "--kubeconfig", str(kubeconfig), "--relay-interval", "0.1", "--backoff", "0.1",
+        "--drain-timeout", "1", name="relay", command="relay",
     )  # fmt: skip
     got: list[pb.GetFlowsResponse] = []
     client = relay.client()
@@ -101,6 +103,8 @@ def test_agent_pods_added_removed_and_replaced_are_the_relays_agents(tmp_path):
     assert not any(r.HasField("lost") for r in got)
     lists = api.requests_for("pods", watch=False)
     assert lists and all(r["query"]["labelSelector"] == selector for r in lists)
+    # list_namespaced_pod: /api/v1/namespaces/flowscope/pods, what a Role in that namespace grants
+    assert {r["namespace"] for r in lists + api.requests_for("pods", watch=True)} == {"flowscope"}
 
 
 def test_discovery_with_an_unusable_kubeconfig_is_one_sentence(tmp_path):

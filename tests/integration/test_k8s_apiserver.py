@@ -2,9 +2,10 @@
 
 No Kubernetes API server can run here, so the identity tests drive the real `kubernetes` client against
 this one. It implements what a reflector relies on: lists with a resourceVersion (and limit/continue
-pages), watches that stream JSON lines from a resourceVersion (chunked HTTP), BOOKMARK events when asked
-for, `410 Gone` for versions older than the compacted history (as an ERROR event on a watch, as an HTTP
-status on an expired continue token), bearer-token authentication, and going away entirely (unreachable).
+pages), watches that stream JSON lines from a resourceVersion (chunked HTTP), both of every namespace or of
+one, with a label selector or not, BOOKMARK events when asked for, `410 Gone` for versions older than the
+compacted history (as an ERROR event on a watch, as an HTTP status on an expired continue token), bearer-token
+authentication, and going away entirely (unreachable).
 The tests at the bottom check the server against the client library's own Watch helper.
 """
 
@@ -15,10 +16,12 @@ import ctypes
 import json
 import os
 import queue
+import re
 import socket
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,6 +37,8 @@ RESOURCES = {
     "/apis/apps/v1/replicasets": ("replicasets", "ReplicaSet", "apps/v1"),
     "/apis/batch/v1/jobs": ("jobs", "Job", "batch/v1"),
 }
+# /api/v1/namespaces/NS/pods: the same resources, in one namespace (list_namespaced_pod)
+NAMESPACED_PATH = re.compile(r"^(?P<group>/api/v1|/apis/[^/]+/v1)/namespaces/(?P<namespace>[^/]+)(?P<resource>/[^/]+)$")
 _END = object()  # queue item: end this watch stream
 CLONE_NEWNET = 0x40000000
 
@@ -74,8 +79,10 @@ class FakeApiServer:
         self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {r[0]: {} for r in RESOURCES.values()}
         self.history: dict[str, list[tuple[int, str, dict[str, Any]]]] = {r[0]: [] for r in RESOURCES.values()}
         self.compacted: dict[str, int] = {r[0]: 0 for r in RESOURCES.values()}
-        # resource -> open watches: (their feed, whether they asked for bookmarks, their label selector)
-        self.watchers: dict[str, list[tuple[queue.Queue[Any], bool, str]]] = {r[0]: [] for r in RESOURCES.values()}
+        # resource -> open watches: (their feed, whether they asked for bookmarks, what they select)
+        self.watchers: dict[str, list[tuple[queue.Queue[Any], bool, Selection]]] = {
+            r[0]: [] for r in RESOURCES.values()
+        }
         self.requests: list[dict[str, Any]] = []
         self.answering = threading.Event()  # cleared: requests are taken but not answered (a hung API)
         self.answering.set()
@@ -140,8 +147,8 @@ class FakeApiServer:
             else:
                 self.objects[resource][_key(obj)] = obj
             self.history[resource].append((self.version, kind, obj))
-            for watcher, _, selector in self.watchers[resource]:
-                seen = _as_selected(kind, before, obj, selector)
+            for watcher, _, selection in self.watchers[resource]:
+                seen = _as_selected(kind, before, obj, selection)
                 if seen is not None:
                     watcher.put(json.dumps({"type": seen, "object": obj}))
             return obj
@@ -196,10 +203,21 @@ class FakeApiServer:
             return [r for r in self.requests if r["resource"] == resource and r["watch"] == watch]
 
 
-def _as_selected(kind: str, before: dict[str, Any] | None, obj: dict[str, Any], selector: str) -> str | None:
-    """The event a watch with `selector` sees of a change (None: nothing), as the API server sends it: an object
+@dataclass(frozen=True)
+class Selection:
+    """What a list or watch asks for: the objects of its label selector, in its namespace (None: in all)."""
+
+    selector: str = ""
+    namespace: str | None = None
+
+    def __call__(self, obj: dict[str, Any]) -> bool:
+        return (self.namespace is None or _key(obj)[0] == self.namespace) and selects(self.selector, obj)
+
+
+def _as_selected(kind: str, before: dict[str, Any] | None, obj: dict[str, Any], selection: Selection) -> str | None:
+    """The event a watch of `selection` sees of a change (None: nothing), as the API server sends it: an object
     that comes to match is ADDED, one that stops matching is DELETED."""
-    was, now = before is not None and selects(selector, before), selects(selector, obj)
+    was, now = before is not None and selection(before), selection(obj)
     if kind == "DELETED":
         return kind if was or (before is None and now) else None
     if now:
@@ -263,12 +281,14 @@ def _handler_for(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             url = urlparse(self.path)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-            target = RESOURCES.get(url.path)
+            scoped = NAMESPACED_PATH.match(url.path)
+            namespace = scoped["namespace"] if scoped else None
+            target = RESOURCES.get(scoped["group"] + scoped["resource"] if scoped else url.path)
             watch = query.get("watch") in ("true", "1", "True")
             with api.lock:
                 api.requests.append(
-                    {"resource": target[0] if target else url.path, "watch": watch, "query": query,
-                     "authorization": self.headers.get("Authorization")}
+                    {"resource": target[0] if target else url.path, "namespace": namespace, "watch": watch,
+                     "query": query, "authorization": self.headers.get("Authorization")}
                 )  # fmt: skip
             while not api.answering.wait(0.05):
                 if api._server is None:
@@ -279,12 +299,13 @@ def _handler_for(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             if target is None:
                 self._json(404, _status(404, "NotFound", f"the server could not find {url.path}"))
                 return
+            selection = Selection(query.get("labelSelector", ""), namespace)
             if watch:
-                self._watch(target, query)
+                self._watch(target, query, selection)
             else:
-                self._list(target, query)
+                self._list(target, query, selection)
 
-        def _list(self, target: tuple[str, str, str], query: dict[str, str]) -> None:
+        def _list(self, target: tuple[str, str, str], query: dict[str, str], selection: Selection) -> None:
             resource, kind, api_version = target
             with api.lock:
                 if "continue" in query:
@@ -296,7 +317,7 @@ def _handler_for(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                 else:
                     version, offset = api.version, 0
                 items = [api.objects[resource][k] for k in sorted(api.objects[resource])]
-                items = [obj for obj in items if selects(query.get("labelSelector", ""), obj)]
+                items = [obj for obj in items if selection(obj)]
             limit = int(query.get("limit", 0)) or len(items) or 1
             page = items[offset : offset + limit]
             metadata: dict[str, Any] = {"resourceVersion": str(version)}
@@ -309,12 +330,11 @@ def _handler_for(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             self.wfile.flush()
 
-        def _watch(self, target: tuple[str, str, str], query: dict[str, str]) -> None:
+        def _watch(self, target: tuple[str, str, str], query: dict[str, str], selection: Selection) -> None:
             resource = target[0]
             bookmarks = query.get("allowWatchBookmarks") in ("true", "1", "True")
             timeout = float(query.get("timeoutSeconds", 1800))
             feed: queue.Queue[Any] = queue.Queue()
-            selector = query.get("labelSelector", "")
             with api.lock:
                 since = int(query.get("resourceVersion") or 0)
                 if since and since < api.compacted[resource]:
@@ -324,13 +344,13 @@ def _handler_for(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                     feed.put(_END)
                 elif since:
                     for version, kind, obj in api.history[resource]:
-                        if version > since and selects(selector, obj):
+                        if version > since and selection(obj):
                             feed.put(json.dumps({"type": kind, "object": obj}))
                 else:  # no version: the current state as ADDED events first
                     for obj in api.objects[resource].values():
-                        if selects(selector, obj):
+                        if selection(obj):
                             feed.put(json.dumps({"type": "ADDED", "object": obj}))
-                api.watchers[resource].append((feed, bookmarks, selector))
+                api.watchers[resource].append((feed, bookmarks, selection))
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Transfer-Encoding", "chunked")
@@ -529,3 +549,29 @@ def test_a_label_selector_selects_in_lists_and_watches(api, tmp_path):
         if len(seen) == 2:
             watcher.stop()
     assert seen == [("ADDED", "web"), ("DELETED", "agent")]
+
+
+def test_a_namespaced_list_and_watch_see_that_namespace_only(api, tmp_path):
+    from kubernetes import watch
+
+    api.add("pods", pod("flowscope", "agent-a", "10.203.9.1", labels={"app": "agent"}))
+    api.add("pods", pod("shop", "agent-b", "10.203.9.2", labels={"app": "agent"}))
+    core = _client(api, tmp_path)
+    listed = core.list_namespaced_pod("flowscope", label_selector="app=agent")
+    assert [(p.metadata.namespace, p.metadata.name) for p in listed.items] == [("flowscope", "agent-a")]
+    seen = []
+    watcher = watch.Watch()
+
+    def feed() -> None:
+        while api.open_watches("pods") == 0:
+            threading.Event().wait(0.01)
+        api.add("pods", pod("shop", "agent-c", "10.203.9.3", labels={"app": "agent"}))  # another namespace's
+        api.add("pods", pod("flowscope", "agent-d", "10.203.9.4", labels={"app": "agent"}))
+
+    threading.Thread(target=feed, daemon=True).start()
+    for event in watcher.stream(core.list_namespaced_pod, "flowscope", label_selector="app=agent",
+                                resource_version=listed.metadata.resource_version, timeout_seconds=5):  # fmt: skip
+        seen.append((event["type"], event["raw_object"]["metadata"]["name"]))
+        watcher.stop()
+    assert seen == [("ADDED", "agent-d")]
+    assert [(r["namespace"], r["watch"]) for r in api.requests_for("pods", watch=True)] == [("flowscope", True)]

@@ -76,7 +76,8 @@ def test_the_container_has_the_charts_mounts(daemonset: dict, tmp_path: Path) ->
     mounts = {m["destination"]: m for m in chart_mounts(daemonset, {}, tmp_path)}
     assert mounts["/tmp"] == bind(tmp_path / "emptydir-tmp", "/tmp")  # the chart's emptyDir, nothing of the test's
     assert mounts["/sys/fs/bpf"] == bind("/sys/fs/bpf", "/sys/fs/bpf")
-    assert mounts["/lib/modules"] == bind("/lib/modules", "/lib/modules", "ro")
+    assert mounts["/host/lib/modules"] == bind("/lib/modules", "/host/lib/modules", "ro")  # beside the image's own
+    assert "/lib/modules" not in mounts and "/usr/src" not in mounts
     assert "/etc/flowscope/agent.yaml" not in mounts  # the ConfigMap: the tests give flags
 
 

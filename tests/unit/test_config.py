@@ -105,6 +105,15 @@ def test_unreadable_and_non_utf8_files(tmp_path):
         ({"FLOWSCOPE_INTERVAL": "fast"}, "FLOWSCOPE_INTERVAL='fast' is not a number."),
         ({"FLOWSCOPE_PERF_BUFFER": "maybe"}, "FLOWSCOPE_PERF_BUFFER='maybe' is not true or false."),
         (
+            {"FLOWSCOPE_DISCOVER_NAMESPACE": "Flow_Scope"},
+            "FLOWSCOPE_DISCOVER_NAMESPACE='Flow_Scope' is not a namespace's name (lower case letters, digits and '-', "
+            "at most 63).",
+        ),
+        (
+            {"FLOWSCOPE_HOST_ROOT": "host"},
+            "FLOWSCOPE_HOST_ROOT='host' must be an absolute directory such as /host, or empty.",
+        ),
+        (
             {"FLOWSCOPE_FLOWMAPSIZE": "1"},
             "FLOWSCOPE_FLOWMAPSIZE is not a flowscope setting; unset it (`flowscope agent --help` lists them).",
         ),

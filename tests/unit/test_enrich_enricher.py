@@ -297,3 +297,12 @@ def test_renumbered_owners_are_named_again(world, monkeypatch):
     assert catalog.ips.epoch == epoch + 1
     assert [enriched.loc[0, "src_pod"], enriched.loc[1, "src_pod"], enriched.loc[2, "src_node"]] == [
         pd.NA, "payments-0", "node-a"]  # fmt: skip
+
+
+def test_identity_columns_nobody_resolved_share_buffers_but_are_written_alone(world):
+    enricher, _ = world
+    frame = enricher.enrich(flow_batch(tcp("198.51.100.1", 4000, "198.51.100.2", 443))).flows
+    assert sides(frame, 0, "src") == sides(frame, 0, "dst") == (None,) * 8 + ("none",)
+    frame.loc[0, "src_pod"] = "web-1"
+    assert sides(frame, 0, "src")[:3] == (None, "web-1", None)
+    assert sides(frame, 0, "dst") == (None,) * 8 + ("none",)

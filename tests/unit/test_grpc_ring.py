@@ -8,7 +8,7 @@ import pandas as pd
 
 from flowscope.exporters.grpc.hubble import HubbleApi
 from flowscope.exporters.grpc.own import OwnApi
-from flowscope.exporters.grpc.ring import Api, Query, Ring
+from flowscope.exporters.grpc.ring import Api, Follower, Query, Ring
 from flowscope.filters import FilterSet, parse_filter
 from flowscope.proto.flowscope.v1 import flowscope_pb2 as pb
 from flowscope.proto.hubble.observer import observer_pb2 as observer
@@ -93,9 +93,12 @@ def test_the_ring_keeps_exactly_the_last_records_and_counts_what_it_dropped():
     state = ring.state()
     assert (state["seen"], state["buffered"], state["capacity"]) == (16, 10, 10)
     assert state["seen"] - state["buffered"] == 6  # evicted: the first chunk whole, 2 of the second
-    assert [(c.seq, c.records, c.start) for c in ring.chunks] == [(4, 5, 2), (9, 3, 0), (12, 4, 0)]
-    # of the second chunk (flows 4, 6, 8 then events 5, 7) the ring dropped record 4 (flow row 0) and 5 (event 0)
-    assert ring.chunks[0].dropped.tolist() == [True, False, False, True, False]
+    assert [(c.seq, c.records) for c in ring.chunks] == [(4, 3), (9, 3), (12, 4)]
+    # of the second chunk (flows 4, 6, 8 then events 5, 7) the ring dropped record 4 (flow row 0) and 5 (event 0),
+    # and holds no more rows than it counts (a copy of the rest: the interval's batch itself can go)
+    assert ring.chunks[0].batch.flows["src_port"].tolist() == [1006, 1008]
+    assert ring.chunks[0].batch.events["src_port"].tolist() == [1007]
+    assert sum(len(c.batch.flows) + len(c.batch.events) for c in ring.chunks) == state["buffered"]
     assert own_records(ring, Query()) == [
         ("flow", 6), ("event", 7), ("flow", 8), ("event", 9), ("flow", 10), ("event", 11), ("flow", 12),
         ("flow", 13), ("event", 14), ("flow", 15),
@@ -140,10 +143,10 @@ def test_a_chunk_larger_than_the_ring_is_cut_to_its_last_records():
     assert numbers(ring, Query()) == [2, 3, 4]
     ring.add(batch([5], []), "node-a")  # the cut chunk is cut further
     assert (ring.state()["seen"], ring.state()["buffered"]) == (6, 3)
-    assert [(c.records, c.start) for c in ring.chunks] == [(5, 3), (1, 0)]
+    assert [c.records for c in ring.chunks] == [2, 1]
     assert numbers(ring, Query()) == [3, 4, 5]
     ring.add(batch([6, 7], []), "node-a")  # and then dropped whole
-    assert [(c.records, c.start) for c in ring.chunks] == [(1, 0), (2, 0)]
+    assert [c.records for c in ring.chunks] == [1, 2]
     assert numbers(ring, Query(number=10)) == [5, 6, 7]
 
 
@@ -173,3 +176,13 @@ def test_hubble_drops_both_verdicts_of_a_flow_the_ring_dropped():
         ring.add(some_dropped, "node-a")
         assert numbers(ring, Query(number=10), HubbleApi()) == want, capacity
         assert numbers(ring, Query(number=10)) == [3 - k for k in range(capacity)][::-1], capacity
+
+
+def test_a_follower_gets_the_whole_chunk_that_the_ring_cuts():
+    ring = Ring(3, client_queue=100)
+    follower = Follower(OwnApi(), Query(follow=True), limit=100)
+    ring.followers.append(follower)
+    ring.add(batch([0, 2, 3], [1, 4]), "node-a")
+    sent = [item for item in follower.take(0) if item.positions is not None]
+    assert [len(item.positions) for item in sent] == [5]
+    assert [len(c.batch.flows) + len(c.batch.events) for c in ring.chunks] == [3]

@@ -88,3 +88,15 @@ def test_records_after_the_last_interval_form_a_batch() -> None:
 def test_bad_lines_name_the_line(line: str, message: str) -> None:
     with pytest.raises(ReplayError, match=message):
         list(read_batches([line]))
+
+
+def test_columns_of_nulls_share_buffers_but_are_written_alone() -> None:
+    # conform fills the absent columns from one array of nulls per dtype; writing one of them leaves the rest
+    frame = flows_frame(pd.DataFrame({"src_ip": ["10.0.0.1", "10.0.0.2"], "packets": [1, 2]}))
+    frame.loc[1, "src_pod"] = "web-1"
+    frame.loc[0, "src_pid"] = 7
+    assert frame["src_pod"].fillna("-").tolist() == ["-", "web-1"]
+    assert frame["dst_pod"].isna().tolist() == [True, True]
+    assert frame["src_namespace"].isna().tolist() == [True, True]
+    assert frame["src_pid"].fillna(-1).tolist() == [7, -1]
+    assert frame["dst_pid"].isna().tolist() == [True, True]

@@ -100,7 +100,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{/* The relay's config file: its agents are relay.peers, or else the agent pods of this release, found
-     through the Kubernetes API at their container port named grpc. */}}
+     through the Kubernetes API in the release's namespace at their container port named grpc. */}}
 {{- define "flowscope.relayConfig" -}}
 {{- $grpc := dict "address" (printf "0.0.0.0:%d" (int .Values.relay.port)) "socket" "/run/flowscope/flowscope.sock" "hubble_socket" "/run/flowscope/hubble.sock" -}}
 {{- if .Values.relay.tls.enabled -}}
@@ -118,7 +118,7 @@ app.kubernetes.io/component: {{ .component }}
   "relay" (dict "peers" .Values.relay.peers) -}}
 {{- if not .Values.relay.peers -}}
 {{- $selector := printf "app.kubernetes.io/name=%s,app.kubernetes.io/instance=%s,app.kubernetes.io/component=agent" .Chart.Name .Release.Name -}}
-{{- $_ := set $managed "relay" (dict "discover_selector" $selector "discover_port" "grpc") -}}
+{{- $_ := set $managed "relay" (dict "discover_selector" $selector "discover_port" "grpc" "discover_namespace" .Release.Namespace) -}}
 {{- end -}}
 {{- toYaml (mergeOverwrite $managed (deepCopy .Values.relay.config)) -}}
 {{- end -}}
