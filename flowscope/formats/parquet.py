@@ -164,7 +164,7 @@ _PANDAS_TYPES: dict[Any, Any] = {}  # Arrow type -> pandas nullable type, filled
 def typed_frame(tables: list[Any], columns: dict[str, str]) -> pd.DataFrame:
     """The rows of `tables` (Arrow tables, in order) as a frame of `columns`, typed as `columns` say (absent
     columns null). The list is emptied and each column's Arrow buffers are let go as soon as the column is
-    converted, so the Arrow copy of the rows shrinks as the frame grows (36M flows: an 8.0 GiB frame, a 13.4
+    converted, so the Arrow copy of the rows shrinks as the frame grows (36M flows: an 8.0 GiB frame, a ~13.5
     GiB peak). A categorical column comes from the tables' dictionaries (read with read_dictionary=, or
     encoded here) without a Python string per row."""
     import pyarrow as pa
