@@ -904,31 +904,33 @@ def grpc_api(data: dict) -> list[str]:
 def flowlog(data: dict) -> list[str]:
     written, reads = data["written"], data["reads"]
     rows = [
-        ["written", f"{_n(written['write_rows_per_s'])} rows/s ({_n(written['write_rows_per_cpu_s'])} per CPU-second)"],
-        [
-            "on disk",
-            f"{written['bytes_per_flow']} bytes per flow ({written['files']} files, "
-            f"{written['bytes'] / 2**20:.1f} MiB)",
-        ],
-    ]
+        ["written", f"{_n(written['write_rows_per_s'])} rows/s ({_n(written['write_rows_per_cpu_s'])} per CPU-second)",
+         "", ""],
+        ["on disk", f"{written['bytes_per_flow']} bytes per flow ({written['files']} files, "
+         f"{written['bytes'] / 2**20:.1f} MiB)", "", ""],
+    ]  # fmt: skip
     for name, what in (("all", "read all"), ("one_minute", "read one minute"), ("one_namespace", "read one namespace")):
         read = reads[name]
-        rows.append([what, f"{_n(read['rows'])} rows from {_n(read['row_groups'])} row groups in {read['seconds']} s"])
-    rows.append(["one hour (36M rows), read all", f"{data['hour_read_s']} s, extrapolated from {data['minutes']} min"])
-    rows.append(["peak RSS of the reading process", f"{_n(data['peak_rss_mb'])} MB"])
+        rows.append([
+            what, f"{_n(read['rows'])} rows from {_n(read['row_groups'])} row groups in **{read['seconds']} s** "
+            f"({read['cpu_seconds']} CPU-s)", f"{_n(read['frame_mb'])} MiB", f"{_n(read['peak_rss_mb'])} MiB",
+        ])  # fmt: skip
     return [
         "10,000 flows per 1-s interval shaped like a cluster's (400 pods in 20 namespaces and 60 workloads,",
         "identity on both ends, new counters every interval) through the agent's flow-log sink with its defaults",
         f"(5-minute files, a row group per interval), then `read_flowlog` over them: {data['minutes']} minutes,",
-        f"{_n(written['rows'])} rows.",
+        f"{_n(written['rows'])} rows, measured (not extrapolated).",
         "",
-        *_table(["figure", "value"], rows),
+        *_table(["figure", "value", "frame", "peak RSS of the read"], rows),
         "A time range opens only its row groups (a file's name carries its range, a row group's statistics its",
-        "own), so reading a minute costs the same in a log of any length. A filter (the filter language of",
-        "`top`) is applied after the rows are read: it saves memory, not reading time; translating it into Arrow",
-        "expressions that skip rows before they become pandas columns is not done. The reader's first version",
-        "took 34 s for these 6M rows (it looked up the file's schema for every column of every row group and",
-        "filtered each row group three times).",
+        "own), so reading a minute costs the same in a log of any length. The filter (the filter language of",
+        "`top`) is pushed down: its terms run over each row group's Arrow table (text over the column's",
+        "dictionary), and only the rows they pass become pandas columns; the filter, applied again in pandas,",
+        "stays the definition (labels are matched there only). Identity and enum text comes out as categoricals",
+        "straight from the Parquet dictionaries, addresses as text. The peak RSS is the process's, reset before",
+        "each read, so it includes what the process held already. Before (10 minutes, 6M rows, every column",
+        "text as strings, the filter applied after reading): read all 11.65 s, one namespace 11.34 s, the hour",
+        "extrapolated at 69.9 s, peak RSS 6,283 MB; the reader's first version took 34 s for those 6M rows.",
         "",
     ]
 

@@ -32,7 +32,7 @@ BENCHMARKS = {
     "agent": 180,  # seven runs: idle; 10k and 100k flows, each without and with the flow log and as `flowscope agent`
     "top_refresh": 45,  # written by the TUI's engineers (bench/top_refresh.py); run when present
     "clickhouse": 150,
-    "flowlog": 120,
+    "flowlog": 420,  # one hour of 10k flows/s written (36M rows), then read: about 4 minutes here
     "jsonl": 40,
     "alternatives": 150,
     "prometheus": 120,

@@ -15,7 +15,9 @@ deny filter does.
 
 A filter is parsed once (`parse_filter`) into terms whose values are already normalised; evaluating it on a
 flows or events DataFrame is columnar: comparisons over whole columns, and where a value needs parsing
-(CIDR, name prefix) the work is done once per distinct value of the column, never once per row.
+(CIDR, name prefix) the work is done once per distinct value of the column, never once per row. The terms
+read their columns through `Columns`, so the same matchers also run over an Arrow table before it becomes a
+frame (flowscope.formats.prefilter, the flow log's pushdown); labels, Python dicts, only from a frame.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import re
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -36,6 +38,7 @@ FrameKind = Literal["flows", "events"]
 Side = Literal["src", "dst"]
 
 SIDED_FIELDS = ("pod", "namespace", "workload", "label", "ip", "port", "node")
+OBJECT_FIELDS = ("label",)  # matched on Python objects (a side's labels), which only a frame holds
 UNSIDED_FIELDS = ("observer", "protocol", "direction", "verdict", "reason", "ifname", "type")
 FIELDS = SIDED_FIELDS + UNSIDED_FIELDS
 
@@ -97,15 +100,18 @@ class Term:
     negated: bool
 
     def mask(self, frame: pd.DataFrame, kind: FrameKind) -> Mask:
+        return self.matches(FrameColumns(frame), kind)
+
+    def matches(self, columns: Columns, kind: FrameKind) -> Mask:
         if self.field in SIDED_FIELDS:
             sides: tuple[Side, ...] = (self.side,) if self.side else ("src", "dst")
-            matched = np.zeros(len(frame), dtype=bool)
+            matched = np.zeros(columns.rows, dtype=bool)
             for side in sides:
-                matched |= _SIDED_MATCHERS[self.field](frame, side, self.values)
+                matched |= _SIDED_MATCHERS[self.field](columns, side, self.values)
             if self.field == "node" and self.side is None:
-                matched |= _text_isin(frame, "node", self.values)  # the node that observed it
+                matched |= columns.isin("node", self.values)  # the node that observed it
         else:
-            matched = _UNSIDED_MATCHERS[self.field](frame, kind, self.values)
+            matched = _UNSIDED_MATCHERS[self.field](columns, kind, self.values)
         return ~matched if self.negated else matched
 
 
@@ -129,9 +135,10 @@ class Filter:
         return events if not self.terms else events[self.events_mask(events)]
 
     def _mask(self, frame: pd.DataFrame, kind: FrameKind) -> Mask:
+        columns = FrameColumns(frame)
         mask = np.ones(len(frame), dtype=bool)
         for term in self.terms:
-            mask &= term.mask(frame, kind)
+            mask &= term.matches(columns, kind)
         return mask
 
     def __bool__(self) -> bool:
@@ -370,64 +377,96 @@ _VALUE_PARSERS: dict[str, Callable[[str], object]] = {
 }
 
 
+# --- the columns a term reads -----------------------------------------------------------------------------
+
+
+class Columns(Protocol):
+    """Whole columns by name, whatever holds them; an absent column is all null."""
+
+    @property
+    def rows(self) -> int: ...
+
+    def isin(self, name: str, values: Iterable[str]) -> Mask:
+        """Rows whose text is one of `values` (null: False)."""
+        ...
+
+    def by_distinct(self, name: str, matches: Callable[[np.ndarray], Mask]) -> Mask:
+        """`matches` evaluated once per distinct non-null text (an object array) and spread over the rows
+        (null: False)."""
+        ...
+
+    def integers(self, name: str, missing: int) -> np.ndarray:
+        """An integer column as int64, `missing` for null."""
+        ...
+
+    def objects(self, name: str) -> Sequence[object] | None:
+        """A column of Python objects (labels), None when absent."""
+        ...
+
+
+@dataclass(frozen=True)
+class FrameColumns:
+    """The columns of a pandas frame."""
+
+    frame: pd.DataFrame
+
+    @property
+    def rows(self) -> int:
+        return len(self.frame)
+
+    def isin(self, name: str, values: Iterable[str]) -> Mask:
+        if name not in self.frame.columns:
+            return np.zeros(self.rows, dtype=bool)
+        return self.frame[name].isin(list(values)).to_numpy(dtype=bool, na_value=False, copy=True)
+
+    def by_distinct(self, name: str, matches: Callable[[np.ndarray], Mask]) -> Mask:
+        if name not in self.frame.columns:
+            return np.zeros(self.rows, dtype=bool)
+        codes, uniques = pd.factorize(self.frame[name], use_na_sentinel=True)
+        return spread(matches, np.asarray(uniques, dtype=object), codes)
+
+    def integers(self, name: str, missing: int) -> np.ndarray:
+        if name not in self.frame.columns:
+            return np.full(self.rows, missing, dtype=np.int64)
+        return self.frame[name].to_numpy(dtype=np.int64, na_value=missing)
+
+    def objects(self, name: str) -> Sequence[object] | None:
+        return self.frame[name].array if name in self.frame.columns else None
+
+
+def spread(matches: Callable[[np.ndarray], Mask], distinct: np.ndarray, codes: np.ndarray) -> Mask:
+    """`matches` of the distinct values, spread over the rows by their codes (code -1, null: False)."""
+    if len(distinct) == 0:
+        return np.zeros(len(codes), dtype=bool)
+    return np.append(matches(distinct), False)[codes]
+
+
 # --- column matchers: whole-column operations returning a bool mask -----------------------------------------
 
 
-def _column(frame: pd.DataFrame, name: str) -> pd.Series | None:
-    return frame[name] if name in frame.columns else None
-
-
-def _text_isin(frame: pd.DataFrame, name: str, values: Iterable[str]) -> Mask:
-    column = _column(frame, name)
-    if column is None:
-        return np.zeros(len(frame), dtype=bool)
-    return column.isin(list(values)).to_numpy(dtype=bool, na_value=False, copy=True)
-
-
-def _by_distinct(column: pd.Series, matches: Callable[[np.ndarray], Mask]) -> Mask:
-    """Evaluates `matches` once per distinct non-null value of the column and spreads it over the rows."""
-    codes, uniques = pd.factorize(column, use_na_sentinel=True)
-    if len(uniques) == 0:
-        return np.zeros(len(column), dtype=bool)
-    per_unique = np.append(matches(np.asarray(uniques, dtype=object)), False)  # code -1 (null) -> False
-    return per_unique[codes]
-
-
-def _counter(frame: pd.DataFrame, name: str) -> np.ndarray:
-    column = _column(frame, name)
-    if column is None:
-        return np.zeros(len(frame), dtype=np.int64)
-    return column.to_numpy(dtype=np.int64, na_value=0)
-
-
-def _match_pod(frame: pd.DataFrame, side: Side, values: tuple) -> Mask:
-    pods = _column(frame, f"{side}_pod")
-    result = np.zeros(len(frame), dtype=bool)
-    if pods is None:
-        return result
+def _match_pod(columns: Columns, side: Side, values: tuple) -> Mask:
+    result = np.zeros(columns.rows, dtype=bool)
     for namespace, prefix in values:
-        matched = _by_distinct(pods, lambda names, p=prefix: np.array([name.startswith(p) for name in names]))
+        matched = columns.by_distinct(
+            f"{side}_pod", lambda names, p=prefix: np.array([name.startswith(p) for name in names], dtype=bool)
+        )
         if namespace is not None:
-            matched &= _text_isin(frame, f"{side}_namespace", [namespace])
+            matched &= columns.isin(f"{side}_namespace", [namespace])
         result |= matched
     return result
 
 
-def _match_workload(frame: pd.DataFrame, side: Side, values: tuple) -> Mask:
-    result = np.zeros(len(frame), dtype=bool)
+def _match_workload(columns: Columns, side: Side, values: tuple) -> Mask:
+    result = np.zeros(columns.rows, dtype=bool)
     for namespace, name in values:
-        matched = _text_isin(frame, f"{side}_workload", [name])
+        matched = columns.isin(f"{side}_workload", [name])
         if namespace is not None:
-            matched &= _text_isin(frame, f"{side}_namespace", [namespace])
+            matched &= columns.isin(f"{side}_namespace", [namespace])
         result |= matched
     return result
 
 
-def _match_ip(frame: pd.DataFrame, side: Side, values: tuple) -> Mask:
-    column = _column(frame, f"{side}_ip")
-    if column is None:
-        return np.zeros(len(frame), dtype=bool)
-
+def _match_ip(columns: Columns, side: Side, values: tuple) -> Mask:
     def matches(addresses: np.ndarray) -> Mask:
         parsed = [_ip_value(address) for address in addresses]  # once per distinct address
         versions = np.array([version if value is not None else 0 for version, value in parsed], dtype=np.uint8)
@@ -437,7 +476,7 @@ def _match_ip(frame: pd.DataFrame, side: Side, values: tuple) -> Mask:
             result |= network.contains(versions, words[:, 0], words[:, 1])
         return result
 
-    return _by_distinct(column, matches)
+    return columns.by_distinct(f"{side}_ip", matches)
 
 
 def _ip_value(text: str) -> tuple[int, int | None]:
@@ -448,24 +487,21 @@ def _ip_value(text: str) -> tuple[int, int | None]:
         return version, None
 
 
-def _match_port(frame: pd.DataFrame, side: Side, values: tuple) -> Mask:
-    column = _column(frame, f"{side}_port")
-    if column is None:
-        return np.zeros(len(frame), dtype=bool)
-    ports = column.to_numpy(dtype=np.int64, na_value=-1)
-    result = np.zeros(len(frame), dtype=bool)
+def _match_port(columns: Columns, side: Side, values: tuple) -> Mask:
+    ports = columns.integers(f"{side}_port", -1)
+    result = np.zeros(columns.rows, dtype=bool)
     for low, high in values:
         result |= (ports >= low) & (ports <= high)
     return result
 
 
-def _match_label(frame: pd.DataFrame, side: Side, values: tuple) -> Mask:
-    column = _column(frame, f"{side}_labels")
-    result = np.zeros(len(frame), dtype=bool)
+def _match_label(columns: Columns, side: Side, values: tuple) -> Mask:
+    column = columns.objects(f"{side}_labels")
+    result = np.zeros(columns.rows, dtype=bool)
     if column is None:
         return result
     verdicts: dict[int, bool] = {}  # by the labels' identity: the rows of one pod share one dict
-    for row, labels in enumerate(column.array):
+    for row, labels in enumerate(column):
         if not isinstance(labels, dict):
             continue
         known = verdicts.get(id(labels))
@@ -489,14 +525,14 @@ def _selects(selector: tuple[Requirement, ...], labels: dict) -> bool:
     return True
 
 
-def _match_side_text(name: str) -> Callable[[pd.DataFrame, Side, tuple], Mask]:
-    def match(frame: pd.DataFrame, side: Side, values: tuple) -> Mask:
-        return _text_isin(frame, f"{side}_{name}", values)
+def _match_side_text(name: str) -> Callable[[Columns, Side, tuple], Mask]:
+    def match(columns: Columns, side: Side, values: tuple) -> Mask:
+        return columns.isin(f"{side}_{name}", values)
 
     return match
 
 
-_SIDED_MATCHERS: dict[str, Callable[[pd.DataFrame, Side, tuple], Mask]] = {
+_SIDED_MATCHERS: dict[str, Callable[[Columns, Side, tuple], Mask]] = {
     "pod": _match_pod,
     "namespace": _match_side_text("namespace"),
     "workload": _match_workload,
@@ -507,17 +543,17 @@ _SIDED_MATCHERS: dict[str, Callable[[pd.DataFrame, Side, tuple], Mask]] = {
 }
 
 
-def _match_verdict(frame: pd.DataFrame, kind: FrameKind, values: tuple) -> Mask:
+def _match_verdict(columns: Columns, kind: FrameKind, values: tuple) -> Mask:
     if kind == "events":
-        dropped = _text_isin(frame, "kind", ["drop"])
+        dropped = columns.isin("kind", ["drop"])
         forwarded = ~dropped
     else:
-        drops = _counter(frame, "drop_packets")
+        drops = columns.integers("drop_packets", 0)
         dropped = drops > 0
         # Not dropped is forwarded: a row of counters only (the retransmits or RTT of a flow whose packets no
         # hook counted) was seen and not dropped; a row of passed and dropped packets is both.
-        forwarded = (drops == 0) | (_counter(frame, "packets") > drops)
-    result = np.zeros(len(frame), dtype=bool)
+        forwarded = (drops == 0) | (columns.integers("packets", 0) > drops)
+    result = np.zeros(columns.rows, dtype=bool)
     if "dropped" in values:
         result |= dropped
     if "forwarded" in values:
@@ -525,32 +561,31 @@ def _match_verdict(frame: pd.DataFrame, kind: FrameKind, values: tuple) -> Mask:
     return result
 
 
-def _match_type(frame: pd.DataFrame, kind: FrameKind, values: tuple) -> Mask:
+def _match_type(columns: Columns, kind: FrameKind, values: tuple) -> Mask:
     if kind == "events":
-        return _text_isin(frame, "kind", values)
+        return columns.isin("kind", values)
     # A flow row is a "flow" record and also carries the drops, retransmits and resets of its interval.
-    result = np.full(len(frame), "flow" in values, dtype=bool)
+    result = np.full(columns.rows, "flow" in values, dtype=bool)
     for event_kind, counter in (("drop", "drop_packets"), ("retransmit", "retransmits"), ("reset", "resets")):
         if event_kind in values:
-            result |= _counter(frame, counter) > 0
+            result |= columns.integers(counter, 0) > 0
     return result
 
 
-def _match_unsided_text(name: str) -> Callable[[pd.DataFrame, FrameKind, tuple], Mask]:
-    def match(frame: pd.DataFrame, kind: FrameKind, values: tuple) -> Mask:
-        return _text_isin(frame, name, values)
+def _match_unsided_text(name: str) -> Callable[[Columns, FrameKind, tuple], Mask]:
+    def match(columns: Columns, kind: FrameKind, values: tuple) -> Mask:
+        return columns.isin(name, values)
 
     return match
 
 
-def _match_observer(frame: pd.DataFrame, kind: FrameKind, values: tuple) -> Mask:
-    column = _column(frame, "node")
-    if column is None:
-        return np.zeros(len(frame), dtype=bool)
-    return _by_distinct(column, lambda nodes: np.array([any(p.match(n) for p in values) for n in nodes], dtype=bool))
+def _match_observer(columns: Columns, kind: FrameKind, values: tuple) -> Mask:
+    return columns.by_distinct(
+        "node", lambda nodes: np.array([any(p.match(n) for p in values) for n in nodes], dtype=bool)
+    )
 
 
-_UNSIDED_MATCHERS: dict[str, Callable[[pd.DataFrame, FrameKind, tuple], Mask]] = {
+_UNSIDED_MATCHERS: dict[str, Callable[[Columns, FrameKind, tuple], Mask]] = {
     "observer": _match_observer,
     "protocol": _match_unsided_text("protocol"),
     "direction": _match_unsided_text("direction"),

@@ -98,6 +98,25 @@ EVENT_COLUMNS: dict[str, str] = {
 # Counter columns whose null means "no probe measured this" (see module docstring).
 FLOW_COUNTERS = ("packets", "bytes", "drop_packets", "drop_bytes", "retransmits", "resets")
 
+# The readers of recorded records (flowscope.analysis: read_flowlog, read_capture, read_clickhouse, read_grpc)
+# give the schema's columns with the text of few distinct values — identity, the enums, the kernel's names:
+# every text column but the addresses, whose number has no bound — as pandas categoricals. Their categories
+# are the values present, sorted, so the same records give the same dtypes from every reader.
+CATEGORY = "category"
+STR = "str"  # the categories' dtype: pandas' default text
+ADDRESS_COLUMNS = ("src_ip", "dst_ip")
+
+
+def read_columns(columns: dict[str, str]) -> dict[str, str]:
+    """`columns` as the readers type them: identity and enum text categorical."""
+    return {
+        name: CATEGORY if dtype == TEXT and name not in ADDRESS_COLUMNS else dtype for name, dtype in columns.items()
+    }
+
+
+READ_FLOW_COLUMNS = read_columns(FLOW_COLUMNS)
+READ_EVENT_COLUMNS = read_columns(EVENT_COLUMNS)
+
 
 def empty_frame(columns: dict[str, str]) -> pd.DataFrame:
     # A copy of a frame built once per schema: building 45 typed columns takes ~6 ms, copying them 0.2.
@@ -106,7 +125,30 @@ def empty_frame(columns: dict[str, str]) -> pd.DataFrame:
 
 @functools.cache
 def _empty_template(columns: tuple[tuple[str, str], ...]) -> pd.DataFrame:
-    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in columns})
+    return pd.DataFrame(
+        {name: pd.Series(categorical(pd.Series(dtype=TEXT)) if dtype == CATEGORY else pd.Series(dtype=dtype))
+         for name, dtype in columns}
+    )  # fmt: skip
+
+
+def categorical(values: pd.Series) -> pd.Categorical:
+    """Text (or a categorical) as a categorical whose categories are the values present, sorted: the same
+    values give the same dtype whatever their source (a Parquet dictionary holds values a filter left out).
+    Columnar: the rows are recoded through their codes, only the distinct values are compared."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        codes, categories = values.cat.codes.to_numpy(), values.cat.categories
+    else:
+        codes, categories = pd.factorize(values, use_na_sentinel=True)
+    present = np.bincount(codes[codes >= 0], minlength=len(categories)) > 0
+    kept = np.asarray(categories, dtype=object)[present]
+    order = np.argsort(kept, kind="stable")
+    canonical = isinstance(values.dtype, pd.CategoricalDtype) and categories.dtype == STR
+    if canonical and present.all() and (order == np.arange(len(kept))).all():
+        return values.array  # already so
+    recode = np.full(len(categories) + 1, -1, dtype=np.int64)  # the last entry: code -1 (null) stays -1
+    recode[np.flatnonzero(present)[order]] = np.arange(len(kept))
+    dtype = pd.CategoricalDtype(pd.Index(kept[order], dtype=STR))
+    return pd.Categorical.from_codes(recode[codes], dtype=dtype)
 
 
 def null_column(dtype: str, n: int) -> pd.api.extensions.ExtensionArray:
@@ -130,6 +172,9 @@ def conform(frame: pd.DataFrame, columns: dict[str, str], *, copy: bool = True) 
     for name, dtype in columns.items():
         if name in frame.columns:
             series = frame[name]
+            if dtype == CATEGORY:
+                out[name] = categorical(series)
+                continue
             if dtype == UTC_TIME:
                 series = pd.to_datetime(series, utc=True).astype(UTC_TIME)
             elif str(series.dtype) != dtype:
@@ -137,6 +182,8 @@ def conform(frame: pd.DataFrame, columns: dict[str, str], *, copy: bool = True) 
             out[name] = series.array
         elif dtype == "object":
             out[name] = np.full(n, None, dtype=object)  # broadcasting None through pandas would give NaN
+        elif dtype == CATEGORY:
+            out[name] = categorical(pd.Series(null_column(TEXT, n)))
         else:
             # One per dtype, copied: text columns share its immutable buffers (100k rows: 0.8 MB a column),
             # numbers get arrays of their own.
@@ -155,6 +202,11 @@ def flows_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 def events_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return conform(frame, EVENT_COLUMNS)
+
+
+def as_read(frame: pd.DataFrame, records: str) -> pd.DataFrame:
+    """A frame of flows or events (`records`) typed as the readers give it (READ_FLOW_COLUMNS, READ_EVENT_COLUMNS)."""
+    return conform(frame, READ_FLOW_COLUMNS if records == "flows" else READ_EVENT_COLUMNS)
 
 
 @dataclass

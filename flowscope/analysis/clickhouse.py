@@ -1,5 +1,5 @@
-"""pandas over the ClickHouse flow store: the same typed DataFrame as the other readers, with the filter
-language translated to SQL (flowscope.formats.clickhouse.where: parameters bound, never pasted)."""
+"""pandas over the ClickHouse flow store: the same typed DataFrame as the other readers (schema.as_read), with
+the filter language translated to SQL (flowscope.formats.clickhouse.where: parameters bound, never pasted)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from flowscope.formats.clickhouse import (
     select_expressions,
     where,
 )
+from flowscope.schema import as_read
 
 
 class ClickHouseReadError(RuntimeError):
@@ -72,4 +73,4 @@ def read_clickhouse(
         raise ClickHouseReadError(f"ClickHouse at {target.shown}: {first_line(err)}.") from None
     finally:
         connected.disconnect()
-    return frame_from_columns(table, data)
+    return as_read(frame_from_columns(table, data), table)

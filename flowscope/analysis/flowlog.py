@@ -1,18 +1,21 @@
 """pandas over the flow log (or one Parquet capture): `read_flowlog(path, since=, until=, filter=)` returns the
-same typed DataFrame as the other readers (the columns and dtypes of flowscope.schema), reading only the files
-and row groups whose time range meets [since, until] — a file's name carries its range, a row group's time
-statistics its own — and only the columns of the records asked for."""
+same typed DataFrame as the other readers (the columns of flowscope.schema, typed as schema.read_columns: the
+identity and enum text categorical), reading only the files and row groups whose time range meets [since,
+until] — a file's name carries its range, a row group's time statistics its own —, only the columns of the
+records asked for, the text of few values as the Parquet dictionaries it is stored in, and converting to pandas
+only the rows that the filter's terms, evaluated in Arrow first (flowscope.formats.prefilter), pass."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 
 from flowscope.filters import parse_filter
 from flowscope.formats.jsonl import ReplayError
-from flowscope.schema import EVENT_COLUMNS, FLOW_COLUMNS, conform, empty_frame
+from flowscope.schema import CATEGORY, READ_EVENT_COLUMNS, READ_FLOW_COLUMNS, conform, empty_frame
 
 Records = Literal["flows", "events"]
 
@@ -91,31 +94,34 @@ def read_flowlog(
     import pyarrow.parquet as pq
 
     from flowscope.formats.parquet import typed_frame
+    from flowscope.formats.prefilter import prefilter
 
     chosen = parse_filter(filter)
-    columns = FLOW_COLUMNS if records == "flows" else EVENT_COLUMNS
+    columns = READ_FLOW_COLUMNS if records == "flows" else READ_EVENT_COLUMNS
     kind = "flow" if records == "flows" else "event"
     tables = []
     wanted: dict[Path, list[str]] = {}
     handles: dict[Path, Any] = {}
     for file, group in planned_reads(path, since, until):
         if file not in handles:
-            handles[file] = pq.ParquetFile(file)
-            names = set(handles[file].schema_arrow.names)
+            names = set(pq.ParquetFile(file).schema_arrow.names)
             wanted[file] = ["record", *(name for name in columns if name in names)]
+            categorical = [name for name in wanted[file] if columns.get(name) == CATEGORY]
+            handles[file] = pq.ParquetFile(file, read_dictionary=categorical)
         try:
             table = handles[file].read_row_group(group, columns=wanted[file])
         except (OSError, pa.ArrowException) as err:
             raise ReplayError(f"{file}: row group {group}: {str(err).splitlines()[0]}.") from None
-        tables.append(_records_of(table, kind, pc))
-    frame = typed_frame(pa.concat_tables(tables, promote_options="default"), columns) if tables else None
-    return _selected(frame if frame is not None else empty_frame(columns), records, utc(since), utc(until), chosen)
+        tables.append(prefilter(chosen, _records_of(table, kind, pc), records))
+    return _selected(typed_frame(tables, columns), records, utc(since), utc(until), chosen)
 
 
 def _records_of(table: Any, kind: str, pc: Any) -> Any:
-    """The rows of one record kind of a row group: a zero-copy slice when they are contiguous (the flow log
-    writes an interval's flows, then its events, then its interval row), else a filtered copy."""
+    """The rows of one record kind of a row group, without the record column: a zero-copy slice when they are
+    contiguous (the flow log writes an interval's flows, then its events, then its interval row), else a
+    filtered copy."""
     rows = pc.indices_nonzero(pc.equal(table.column("record"), kind))
+    table = table.drop_columns(["record"])
     if len(rows) == 0:
         return table.slice(0, 0)
     first, last = rows[0].as_py(), rows[-1].as_py()
@@ -123,16 +129,33 @@ def _records_of(table: Any, kind: str, pc: Any) -> Any:
 
 
 def _selected(frame: pd.DataFrame, records: Records, start: Any, end: Any, chosen: Any) -> pd.DataFrame:
-    """The records in [start, end] that the filter passes, in time order, typed as the schema."""
+    """The records in [start, end] of a frame of the reader's own (dropped after: its arrays are reused) that
+    the filter passes, in time order, typed as the readers type them."""
     if records == "flows":
-        inside = _in_range(frame["time_end"], frame["time_start"], start, end)
-        frame = chosen.flows(frame[inside])
-        order, columns = ["time_start", "time_end"], FLOW_COLUMNS
+        keep = _in_range(frame["time_end"], frame["time_start"], start, end) & chosen.flows_mask(frame)
+        order, columns = ["time_start", "time_end"], READ_FLOW_COLUMNS
     else:
-        inside = _in_range(frame["time"], frame["time"], start, end)
-        frame = chosen.events(frame[inside])
-        order, columns = ["time"], EVENT_COLUMNS
-    return conform(frame.sort_values(order, kind="stable").reset_index(drop=True), columns)
+        keep = _in_range(frame["time"], frame["time"], start, end) & chosen.events_mask(frame)
+        order, columns = ["time"], READ_EVENT_COLUMNS
+    frame = frame if keep.all() else frame[keep]  # indexing copies every column: only when rows go
+    if not _in_order(frame, order):  # a log's row groups come in time order: most reads are sorted already
+        frame = frame.sort_values(order, kind="stable")
+    return conform(frame.reset_index(drop=True), columns, copy=False)
+
+
+def _in_order(frame: pd.DataFrame, order: list[str]) -> bool:
+    """Whether the rows are sorted by the `order` columns (times, none null) as a stable sort leaves them."""
+    keys = [frame[name] for name in order]
+    if len(frame) < 2:
+        return True
+    if any(key.hasnans for key in keys):
+        return False  # a sort puts them last
+    ascending, tied = np.zeros(len(frame) - 1, dtype=bool), np.ones(len(frame) - 1, dtype=bool)
+    for key in keys:
+        step = np.diff(key.to_numpy(dtype="datetime64[ns]").view(np.int64))
+        ascending |= tied & (step > 0)
+        tied &= step == 0
+    return bool((ascending | tied).all())
 
 
 def _in_range(ends: pd.Series, starts: pd.Series, since: pd.Timestamp | None, until: pd.Timestamp | None) -> Any:
@@ -154,7 +177,7 @@ def read_capture(
     if is_parquet(str(path)):
         return read_flowlog(path, since, until, filter, records)
     batches = list(open_replay(str(path)))
-    columns = FLOW_COLUMNS if records == "flows" else EVENT_COLUMNS
+    columns = READ_FLOW_COLUMNS if records == "flows" else READ_EVENT_COLUMNS
     frames = [getattr(batch, records) for batch in batches if len(getattr(batch, records))]
     frame = pd.concat(frames, ignore_index=True) if frames else empty_frame(columns)
     return _selected(frame, records, utc(since), utc(until), parse_filter(filter))

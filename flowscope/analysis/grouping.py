@@ -26,6 +26,8 @@ def text_column(frame: pd.DataFrame, name: str) -> np.ndarray:
     if name not in frame.columns:
         return np.full(len(frame), "", dtype=object)
     column = frame[name]
+    if isinstance(column.dtype, pd.CategoricalDtype):  # the readers' identity text: a string per category, shared
+        return np.append(np.asarray(column.cat.categories, dtype=object), "")[column.cat.codes.to_numpy()]
     if not isinstance(column.dtype, pd.StringDtype):
         column = column.astype("string")
     return column.to_numpy(dtype=object, na_value="")

@@ -1,12 +1,14 @@
 """pandas over a running flowscope server: `read_grpc(server, since=, until=, filter=)` asks an agent or relay
-for the records of its ring (no follow) and returns them as a typed DataFrame: the columns and dtypes of
-flowscope.schema, as a flow log or a capture reads."""
+for the records of its ring (no follow) and returns them as a typed DataFrame: the columns of flowscope.schema,
+typed as the other readers type them (schema.as_read), as a flow log or a capture reads."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 import pandas as pd
+
+from flowscope.schema import as_read
 
 
 def read_grpc(
@@ -28,4 +30,4 @@ def read_grpc(
         messages = [getattr(r, kind) for r in responses if r.WhichOneof("response") == kind]
     finally:
         connection.close()
-    return codec.flows_from(messages) if kind == "flow" else codec.events_from(messages)
+    return as_read(codec.flows_from(messages) if kind == "flow" else codec.events_from(messages), records)

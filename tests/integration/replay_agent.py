@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from flowscope.pipeline.status import fetch
+from flowscope.schema import as_read
 from tests.ui.scenario import shop_batches, write_replay
 from tests.waiting import wait_for
 
@@ -39,7 +40,7 @@ def everything(kind: str) -> pd.DataFrame:
     """The shop recording's flows (or events) in time order, as read_flowlog returns them."""
     frame = pd.concat([getattr(b, kind) for b in SHOP], ignore_index=True)
     order = ["time_start", "time_end"] if kind == "flows" else ["time"]
-    return frame.sort_values(order, kind="stable").reset_index(drop=True)
+    return as_read(frame.sort_values(order, kind="stable").reset_index(drop=True), kind)
 
 
 def run_flowscope(*argv: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

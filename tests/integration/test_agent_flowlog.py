@@ -11,6 +11,7 @@ import pytest
 
 from flowscope.analysis.flowlog import read_flowlog
 from flowscope.formats import parquet
+from flowscope.schema import as_read
 from tests.integration.replay_agent import SHOP, STOPPED, ReplayAgent, everything, run_flowscope
 from tests.ui.scenario import write_replay
 from tests.waiting import wait_for
@@ -49,7 +50,7 @@ def test_a_sigkill_leaves_a_log_that_reads_and_the_next_start_clears_the_partial
     assert len(names) == 5 and names[0].startswith(".partial-")
     frame = read_flowlog(tmp_path / "log")
     expected = everything("flows")
-    pd.testing.assert_frame_equal(frame, expected[expected["time_start"] < SHOP[4].time_start].reset_index(drop=True))
+    pd.testing.assert_frame_equal(frame, as_read(expected[expected["time_start"] < SHOP[4].time_start], "flows"))
     with ReplayAgent.start(tmp_path, "--exit-at-end") as again:
         assert again.process.wait(timeout=120) == 0
     assert "removed 1 partial file(s)" in again.stderr()

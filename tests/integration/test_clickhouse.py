@@ -25,7 +25,7 @@ from flowscope.exporters.clickhouse import ClickHouseError, ClickHouseSink, Inse
 from flowscope.exporters.clickhouse_spool import SPOOL_DIRECTORY, Spool
 from flowscope.filters import parse_filter
 from flowscope.pipeline.sink import records
-from flowscope.schema import FlowBatch
+from flowscope.schema import FlowBatch, as_read
 from tests.integration.replay_agent import answering, status
 from tests.integration.servers import ClickHouse, User, free_port
 from tests.ui.scenario import shop_batches, write_replay
@@ -60,8 +60,9 @@ def everything(batches: list[FlowBatch], kind: str) -> pd.DataFrame:
 
 
 def in_order(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """The records in one order, typed as the readers give them (the recording's batches are typed as the stream)."""
     keys = ["time_end", "src_ip", "src_port", "dst_ip", "dst_port", "ifname"] if kind == "flows" else ["time", "kind"]
-    return frame.sort_values(keys, kind="stable", na_position="first").reset_index(drop=True)
+    return as_read(frame.sort_values(keys, kind="stable", na_position="first"), kind)
 
 
 def read(server: ClickHouse, database: str, filter: str = "", table: str = "flows") -> pd.DataFrame:

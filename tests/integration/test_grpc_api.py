@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from flowscope.proto import codec
 from flowscope.proto.client import ClientError, request
 from flowscope.proto.flowscope.v1 import flowscope_pb2 as pb
+from flowscope.schema import as_read
 from tests.integration.grpc_agents import (
     ENVIRONMENT,
     FLOWSCOPE,
@@ -287,10 +288,10 @@ def test_read_grpc_gives_the_typed_frame_of_the_recording(shop_agent):
     from flowscope.analysis import read_grpc
 
     flows = read_grpc(f"unix://{shop_agent.socket}", filter="protocol=tcp")
-    want = FLOWS[FLOWS["protocol"] == "TCP"].sort_values("time_end", kind="stable").reset_index(drop=True)
-    pd.testing.assert_frame_equal(flows, want)
+    want = FLOWS[FLOWS["protocol"] == "TCP"].sort_values("time_end", kind="stable")
+    pd.testing.assert_frame_equal(flows, as_read(want, "flows"))
     events = read_grpc(f"unix://{shop_agent.socket}", records="events", since=BATCHES[2].time_start)
-    pd.testing.assert_frame_equal(events, EVENTS[EVENTS["time"] >= BATCHES[2].time_start].reset_index(drop=True))
+    pd.testing.assert_frame_equal(events, as_read(EVENTS[EVENTS["time"] >= BATCHES[2].time_start], "events"))
     with pytest.raises(ClientError, match='bad filter term "prot=tcp"'):
         read_grpc(f"unix://{shop_agent.socket}", filter="prot=tcp")
 

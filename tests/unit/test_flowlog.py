@@ -13,6 +13,7 @@ from flowscope.config import FlowLogConfig
 from flowscope.exporters.flowlog import FlowLogSink
 from flowscope.formats import parquet
 from flowscope.pipeline.sink import SinkError, records
+from flowscope.schema import as_read
 from tests.ui.scenario import shop_batches
 
 SHOP = shop_batches()  # 5 two-second intervals from 2025-03-01T12:00:00Z, 22 flows and 11 events
@@ -48,8 +49,8 @@ def test_the_log_reads_back_every_record_and_settles_when_a_file_is_complete(tmp
     assert sink.settled() == (33, 0)
     (name,) = [p.name for p in tmp_path.iterdir()]
     assert name == "flows_20250301T120000.000000000Z_20250301T120010.000000000Z.parquet"
-    pd.testing.assert_frame_equal(read_flowlog(tmp_path), everything("flows"))
-    pd.testing.assert_frame_equal(read_flowlog(tmp_path, records="events"), everything("events"))
+    pd.testing.assert_frame_equal(read_flowlog(tmp_path), as_read(everything("flows"), "flows"))
+    pd.testing.assert_frame_equal(read_flowlog(tmp_path, records="events"), as_read(everything("events"), "events"))
 
 
 def test_rotation_by_age_and_by_size_and_sighup(tmp_path):
@@ -149,7 +150,7 @@ def test_a_time_range_reads_only_its_row_groups_and_rows(tmp_path):
     frame = read_flowlog(tmp_path, since=since, until=until)
     flows = everything("flows")
     inside = (flows["time_end"] >= pd.Timestamp(since)) & (flows["time_start"] <= pd.Timestamp(until))
-    pd.testing.assert_frame_equal(frame, flows[inside].reset_index(drop=True))
+    pd.testing.assert_frame_equal(frame, as_read(flows[inside], "flows"))
     assert 0 < len(frame) < 22
 
 
@@ -161,6 +162,6 @@ def test_the_filter_language_selects_what_top_selects(tmp_path):
     from flowscope.filters import parse_filter
 
     chosen = parse_filter("namespace=shop verdict=dropped")
-    expected = chosen.flows(everything("flows")).reset_index(drop=True)
+    expected = as_read(chosen.flows(everything("flows")), "flows")
     pd.testing.assert_frame_equal(read_flowlog(tmp_path, filter="namespace=shop verdict=dropped"), expected)
     assert len(expected) > 0
