@@ -332,8 +332,10 @@ class ClickHouseSink:
                 except Exception as err:
                     self._outage(err)
                     return
+            missing, unknown = insert.frame, 0
             try:
-                missing, unknown = self._unstored(insert) if insert.maybe_written else (insert.frame, 0)
+                if insert.maybe_written:
+                    missing, unknown = self._unstored(insert)
                 if len(missing):
                     self._insert(insert, missing)
             except Exception as err:
@@ -348,8 +350,10 @@ class ClickHouseSink:
                     self._refused(err)
                     return
                 self._done(insert)
+                # of an insert of unknown outcome, what the lookup found stored is written all the same
+                self._settle_written(insert.rows - len(missing) - unknown)
                 why = f"ClickHouse refused the insert {insert.refusals} times: {first_line(err)}"
-                self._settle_lost(insert.rows, insert.table, why)
+                self._settle_lost(len(missing) + unknown, insert.table, why)
                 continue
             self._done(insert)
             self._settle_written(insert.rows - unknown)

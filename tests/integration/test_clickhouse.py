@@ -282,6 +282,34 @@ def test_an_insert_of_unknown_outcome_half_written_sends_the_rest_once(server, d
     pd.testing.assert_frame_equal(in_order(read(server, database), "flows"), in_order(both, "flows"), check_dtype=True)
 
 
+def test_an_insert_of_unknown_outcome_half_written_then_refused_settles_what_was_stored(server, database):
+    """The lookup finds 4 of the insert's 9 rows stored; the other 5 are refused until the insert is dropped: 4
+    written, 5 lost (not all 9 lost: the 4 are in the table)."""
+    from flowscope.exporters.clickhouse import REFUSALS_MAX
+
+    sink = ClickHouseSink(settings(server, database))
+    sink.open()
+    next_day = SHOP[1].flows.assign(
+        time_start=SHOP[1].flows["time_start"] + pd.Timedelta(days=1),
+        time_end=SHOP[1].flows["time_end"] + pd.Timedelta(days=1),
+    )
+    whole = Insert("flows", pd.concat([SHOP[0].flows, next_day], ignore_index=True), maybe_written=True)
+    first_day = ClickHouseSink(settings(server, database))
+    first_day.open()
+    first_day._inserts.append(Insert("flows", SHOP[0].flows, block_id=whole.block_id))
+    first_day.close()
+    # reads still answer, inserts are refused: the table behind a view, which takes no insert
+    server.query(f"RENAME TABLE `{database}`.flows TO `{database}`.flows_stored")
+    server.query(f"CREATE VIEW `{database}`.flows AS SELECT * FROM `{database}`.flows_stored")
+    sink._inserts.append(whole)
+    for _attempt in range(REFUSALS_MAX):
+        sink._next_attempt = 0.0
+        sink.write(FlowBatch.empty(SHOP[2].time_start, SHOP[2].time_end))
+    assert sink.settled() == (4, 5) and (sink.rows_written, sink.rows_dropped) == (4, 5)
+    sink.close()
+    assert server.query(f"SELECT count() FROM `{database}`.flows_stored") == "4\n"
+
+
 def read_block_id(server: ClickHouse, database: str) -> str:
     return server.query(f"SELECT any(block_id) FROM `{database}`.flows").strip()
 
