@@ -144,8 +144,10 @@ def _read(args: argparse.Namespace, since: pd.Timestamp | None, until: pd.Timest
 
 def _print(answer: pd.DataFrame, output: str) -> None:
     if output == "json":
+        if answer.empty:  # no line at all (pandas writes an empty one)
+            return
         text = answer.to_json(orient="records", lines=True, date_format="iso", date_unit="ns")
-        sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
     elif output == "csv":
         answer.to_csv(sys.stdout, index=False)
     elif answer.empty:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,23 +22,30 @@ FLOWS, COUNT, PAYLOAD = 12, 40, 200
 pytestmark = pytest.mark.timeout(300)
 
 
+def terminate(agent: subprocess.Popen) -> None:
+    agent.send_signal(signal.SIGTERM)
+
+
+def logs_lab_traffic_losing_nothing(
+    hosts: Any, tmp_path: Path, start: Callable[[], subprocess.Popen], stop: Callable[[subprocess.Popen], None]
+) -> None:
+    """The agent `start` runs (status socket tmp_path/agent.sock, flow log under tmp_path/log) logs the lab's
+    traffic exactly and says at its stop that it lost nothing."""
+    errors = assert_agent_logs_lab_traffic(
+        hosts, start, stop, tmp_path / "agent.sock", tmp_path / "log", flows=FLOWS, count=COUNT, payload=PAYLOAD
+    )
+    assert "lost nothing" in errors.splitlines()[-1], errors
+
+
 def test_the_agent_logs_the_lab_traffic_exactly(tc_lab: Lab, tmp_path: Path) -> None:
     hosts = two_hosts(tc_lab)
     sock = tmp_path / "agent.sock"
     argv = [FLOWSCOPE, "agent", "-i", "fstcA", "--interval", "0.5", "--status-socket", str(sock)]
     argv += ["--data-dir", str(tmp_path / "log")]
     environment = {**os.environ, "FLOWSCOPE_GRPC_ENABLED": "0"}
-    errors = assert_agent_logs_lab_traffic(
-        hosts,
-        lambda: hosts.a.popen(*argv, stderr=subprocess.PIPE, env=environment),
-        lambda agent: agent.send_signal(signal.SIGTERM),
-        sock,
-        tmp_path / "log",
-        flows=FLOWS,
-        count=COUNT,
-        payload=PAYLOAD,
+    logs_lab_traffic_losing_nothing(
+        hosts, tmp_path, lambda: hosts.a.popen(*argv, stderr=subprocess.PIPE, env=environment), terminate
     )
-    assert "lost nothing" in errors.splitlines()[-1], errors
 
 
 def test_with_its_default_outputs_every_output_gets_every_record(tc_lab: Lab, tmp_path: Path) -> None:
@@ -52,19 +61,9 @@ def test_with_its_default_outputs_every_output_gets_every_record(tc_lab: Lab, tm
         # between two intervals, when neither output is writing one (a record being written is in no count)
         wait_for(lambda: len(set(handed(status(sock)).values())) == 1, 30, "both outputs to settle an interval")
         before_stop.append(status(sock))
-        agent.send_signal(signal.SIGTERM)
+        terminate(agent)
 
-    errors = assert_agent_logs_lab_traffic(
-        hosts,
-        lambda: hosts.a.popen(*argv, stderr=subprocess.PIPE),
-        stop,
-        sock,
-        tmp_path / "log",
-        flows=FLOWS,
-        count=COUNT,
-        payload=PAYLOAD,
-    )
-    assert "lost nothing" in errors.splitlines()[-1], errors
+    logs_lab_traffic_losing_nothing(hosts, tmp_path, lambda: hosts.a.popen(*argv, stderr=subprocess.PIPE), stop)
     sinks = before_stop[0]["sinks"]
     assert sorted(sinks) == ["flowlog", "grpc"]
     counts = {

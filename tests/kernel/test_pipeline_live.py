@@ -14,6 +14,7 @@ import pandas as pd
 
 from flowscope.analysis.flowlog import read_flowlog
 from flowscope.formats.jsonl import read_batches
+from flowscope.schema import as_read
 from tests.kernel.lab import Lab
 from tests.kernel.tc_flows import flow_totals, start_sink, two_hosts, udp_frame, udp_id
 from tests.waiting import wait_for
@@ -67,4 +68,5 @@ def test_a_hung_output_loses_only_its_own_records(tc_lab: Lab, tmp_path: Path) -
 
 
 def read_flowlog_order(flows: pd.DataFrame) -> pd.DataFrame:
-    return flows.sort_values(["time_start", "time_end"], kind="stable").reset_index(drop=True)
+    """Flows in the order and dtypes read_flowlog gives them."""
+    return as_read(flows.sort_values(["time_start", "time_end"], kind="stable").reset_index(drop=True), "flows")

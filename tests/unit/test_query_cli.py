@@ -18,6 +18,14 @@ def test_json_lines_of_the_top_talkers(capsys):
     ]  # namespaces have no address fallback: the ends outside the cluster are left out
 
 
+@pytest.mark.parametrize(("output", "printed"), [("json", ""), ("csv", "drop_reason,drop_packets,drop_bytes\n"),
+                                                ("table", "(no flows)\n")])  # fmt: skip
+def test_an_empty_answer(capsys, output, printed):
+    # JSON lines: no line at all (an empty line is not a JSON document)
+    assert main(["query", "drops", "--file", LOG, "--filter", "reason=NO_SUCH_REASON", "-o", output]) == 0
+    assert capsys.readouterr().out == printed
+
+
 def test_the_flow_log_directory_is_the_default_source(tmp_path, capsys):
     import shutil
 
