@@ -211,7 +211,10 @@ def as_read(frame: pd.DataFrame, records: str) -> pd.DataFrame:
 
 @dataclass
 class FlowBatch:
-    """One interval of the stream: its flows (the FlowBatch proper), its events, and its loss accounting."""
+    """One interval of the stream: its flows (the FlowBatch proper), its events, and its loss accounting.
+
+    Every sink is handed the same batch, so none writes into its frames: a sink that changes rows works on a
+    copy (as the Hubble view's verdict rows do)."""
 
     time_start: pd.Timestamp
     time_end: pd.Timestamp

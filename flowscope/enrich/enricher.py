@@ -286,9 +286,13 @@ class Enricher:
         written: dict[str, Any] = {}
         for side, (todo, state) in sides.items():
             written.update(self._side_columns(frame, side, todo, state, identities))
-        # one new frame sharing the columns it does not write: assigning a column at a time copies each again
-        columns = {name: written.get(name, frame[name].array) for name in frame.columns}
-        return pd.DataFrame(columns, index=frame.index, copy=False)
+        if not written:
+            return frame.copy(deep=False)
+        # The columns it does not write are shared with `frame` as copy-on-write views (a write to either frame
+        # copies first); the written ones are new. Assigning a column at a time would copy each again.
+        kept = frame.drop(columns=list(written))
+        out = pd.concat([kept, pd.DataFrame(written, index=frame.index, copy=False)], axis=1)
+        return out[list(frame.columns)]
 
     def _forget_changed_owners(self) -> None:
         """Drops the identities of owners the catalogs changed since the last frame (catalog locks held)."""

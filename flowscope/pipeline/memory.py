@@ -17,13 +17,17 @@ import os
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter; setting it also turns the threshold's rise off
 MMAP_THRESHOLD = 128 * 1024  # glibc's own initial value
-_LIBC = ctypes.CDLL(None)
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None)  # the C library the interpreter runs on
+except (OSError, TypeError):  # a statically linked interpreter, or no dlopen(NULL)
+    _LIBC = None
 
 
 def return_freed_memory() -> bool:
-    """Keeps batch-sized blocks out of the heap and Arrow on the system allocator, for this process and its
-    children; to be called before pandas is imported (which loads pyarrow). Returns whether the C library took
-    the threshold (one other than glibc may have no mallopt)."""
+    """Keeps batch-sized blocks out of the heap (this process) and Arrow on the system allocator (this process
+    and its children, unless ARROW_DEFAULT_MEMORY_POOL says otherwise); to be called before pandas is imported
+    (which loads pyarrow). Returns whether the C library took the threshold (one other than glibc may have no
+    mallopt)."""
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # read once, as pyarrow loads (with pandas)
     mallopt = getattr(_LIBC, "mallopt", None)
     return mallopt is not None and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1

@@ -306,3 +306,14 @@ def test_identity_columns_nobody_resolved_share_buffers_but_are_written_alone(wo
     frame.loc[0, "src_pod"] = "web-1"
     assert sides(frame, 0, "src")[:3] == (None, "web-1", None)
     assert sides(frame, 0, "dst") == (None,) * 8 + ("none",)
+
+
+def test_the_enriched_frame_shares_the_columns_it_keeps_but_writes_to_it_are_its_own(world):
+    enricher, _ = world
+    batch = flow_batch(tcp("198.51.100.1", 4000, "198.51.100.2", 443))
+    enriched = enricher.enrich(batch).flows
+    enriched.loc[0, "packets"] = 99
+    enriched.loc[0, "protocol"] = "UDP"
+    assert (batch.flows.loc[0, "packets"], batch.flows.loc[0, "protocol"]) == (1, "TCP")
+    batch.flows.loc[0, "bytes"] = 7
+    assert enriched.loc[0, "bytes"] == 100
