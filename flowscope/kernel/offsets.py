@@ -311,12 +311,17 @@ def tcp_flags(btf: Btf | None, options: object) -> list[str]:
     return flags + raw_tracepoint_flags(btf, "tcp_receive_reset", "FS_TCP_RECEIVE_RESET", (sock,))
 
 
+# Where a retransmit is sent: __tcp_retransmit_skb (also called by the loss probe, past tcp_retransmit_skb).
+RETRANSMIT_FUNCTIONS = ("__tcp_retransmit_skb", "tcp_retransmit_skb")
+
+
 def tcp_kprobe_flags(btf: Btf | None, options: object) -> list[str]:
     btf = require_btf(btf)
     flags = structure_flags(btf) + _tcp_options(options) + ["-DFS_TCP_EVENTS_KPROBES"]
     sock, skb = Argument("SK", "struct sock *"), Argument("SKB", "struct sk_buff *")
     reason = Argument("REASON", "enum sk_rst_reason", required=False)
-    flags += kprobe_flags(btf, "tcp_retransmit_skb", "FS_KP_RETRANSMIT", (sock, Argument("SEGS", "int")))
+    retransmit = first_function(btf, RETRANSMIT_FUNCTIONS)
+    flags += [f"-DFS_KP_RETRANSMIT={retransmit}", *kprobe_flags(btf, retransmit, "FS_KP_RETRANSMIT", (sock, skb))]
     flags += kprobe_flags(btf, "tcp_rcv_established", "FS_KP_RCV_ESTABLISHED", (sock,))
     flags += kprobe_flags(btf, "tcp_reset", "FS_KP_RESET", (sock,))
     # Optional: static functions a compiler may inline, and IPv6 (sometimes a module).
