@@ -5,10 +5,15 @@
  * tcp_probe (the same place); sent resets come from tcp_v4_send_reset, tcp_v6_send_reset and
  * tcp_send_active_reset where the kernel has them (FS_KP_* defined from BTF).
  *
- * Retransmits: FS_KP_RETRANSMIT (__tcp_retransmit_skb, which the loss probe calls too; tcp_retransmit_skb
- * where the kernel has no such symbol) is probed at entry and at return, and a call counts only when it
- * returned 0, with the segments its skb then holds: what the tracepoint counts. Counted at entry, every
- * attempt would count, with the segments it was allowed to send (70 for 52 TcpRetransSegs on Linux 6.1).
+ * Retransmits: __tcp_retransmit_skb (FS_KP_RETRANSMIT, where the kernel has it as a function) sends a
+ * retransmit; tcp_retransmit_skb (FS_KP_RETRANSMIT_OUTER) calls it, the loss probe calls it directly. Both
+ * are probed at entry and at return, and a call counts only when it returned 0, with the segments its skb
+ * then holds: what the tracepoint counts. A compiler may inline __tcp_retransmit_skb into
+ * tcp_retransmit_skb and keep a copy for the loss probe (Debian's 6.1: a kprobe on __tcp_retransmit_skb
+ * alone saw none of 52 retransmits), so neither function alone sees every retransmit; a call of
+ * __tcp_retransmit_skb made by tcp_retransmit_skb (for the same socket and skb, in the same context) is
+ * left to its caller's return. Counted at entry, every attempt would count, with the segments it was
+ * allowed to send (70 for 52 TcpRetransSegs on Linux 6.1).
  */
 #include "flowscope.h"
 #include "fs_kernel.h"
@@ -19,9 +24,10 @@
 #endif
 
 /* A retransmit call in progress, from its entry to its return. The calls of one context form a stack:
- * a softirq may retransmit on another socket while the task it interrupted is inside a retransmit, and it
- * returns first. A context is a task (a task may move to another CPU during the call), or the CPU for the
- * idle tasks, which all have pid 0 (their softirqs do not move). */
+ * tcp_retransmit_skb calls __tcp_retransmit_skb, and a softirq may retransmit on another socket while the
+ * task it interrupted is inside a retransmit, and it returns first. A context is a task (a task may move
+ * to another CPU during the call), or the CPU for the idle tasks, which all have pid 0 (their softirqs do
+ * not move). */
 struct fs_retransmit_call_key {
     __u64 context;
     __u32 depth;
@@ -30,6 +36,8 @@ struct fs_retransmit_call_key {
 struct fs_retransmit_call {
     __u64 sk;
     __u64 skb;
+    __u32 outer; /* a call of tcp_retransmit_skb (else of __tcp_retransmit_skb) */
+    __u32 pad;
 };
 BPF_TABLE("lru_hash", __u64, __u32, fs_retransmit_depth, FLOWSCOPE_RETRANSMIT_CALLS);
 BPF_TABLE("lru_hash", struct fs_retransmit_call_key, struct fs_retransmit_call, fs_retransmit_calls,
@@ -41,27 +49,23 @@ static __always_inline __u64 fs_call_context(void)
     return pid_tgid ? pid_tgid : (1ULL << 63) | bpf_get_smp_processor_id();
 }
 
-int FS_CAT(kprobe__, FS_KP_RETRANSMIT)(struct pt_regs *ctx)
+static __always_inline void fs_retransmit_entry(__u32 outer, __u64 sk, __u64 skb)
 {
     struct fs_retransmit_call_key key = {.context = fs_call_context()};
     __u32 *depth = fs_retransmit_depth.lookup(&key.context);
     key.depth = depth ? *depth : 0;
-    struct fs_retransmit_call call = {
-        .sk = (__u64)FS_PARM(ctx, FS_KP_RETRANSMIT_ARG_SK),
-        .skb = (__u64)FS_PARM(ctx, FS_KP_RETRANSMIT_ARG_SKB),
-    };
+    struct fs_retransmit_call call = {.sk = sk, .skb = skb, .outer = outer};
     fs_retransmit_calls.update(&key, &call);
     __u32 deeper = key.depth + 1;
     fs_retransmit_depth.update(&key.context, &deeper);
-    return 0;
 }
 
-int FS_CAT(kretprobe__, FS_KP_RETRANSMIT)(struct pt_regs *ctx)
+static __always_inline void fs_retransmit_return(struct pt_regs *ctx, __u32 outer)
 {
     struct fs_retransmit_call_key key = {.context = fs_call_context()};
     __u32 *depth = fs_retransmit_depth.lookup(&key.context);
     if (!depth || *depth == 0)
-        return 0; /* its entry was not seen (the probes attached meanwhile) */
+        return; /* its entry was not seen (the probes attached meanwhile) */
     key.depth = *depth - 1;
     if (key.depth)
         fs_retransmit_depth.update(&key.context, &key.depth);
@@ -69,13 +73,51 @@ int FS_CAT(kretprobe__, FS_KP_RETRANSMIT)(struct pt_regs *ctx)
         fs_retransmit_depth.delete(&key.context);
     struct fs_retransmit_call *found = fs_retransmit_calls.lookup(&key);
     if (!found)
-        return 0;
+        return;
     struct fs_retransmit_call call = *found;
     fs_retransmit_calls.delete(&key);
-    if ((int)PT_REGS_RC(ctx) == 0) /* else nothing was sent again */
-        fs_tcp_retransmit(ctx, (const void *)call.sk, fs_tcp_skb_segments((const void *)call.skb));
+    if (call.outer != outer)
+        return; /* not this call's entry (a return probe the kernel missed): the stack is out of step */
+    if ((int)PT_REGS_RC(ctx) != 0)
+        return; /* nothing was sent again */
+    if (!outer && key.depth) {
+        struct fs_retransmit_call_key below = {.context = key.context, .depth = key.depth - 1};
+        struct fs_retransmit_call *caller = fs_retransmit_calls.lookup(&below);
+        if (caller && caller->outer && caller->sk == call.sk && caller->skb == call.skb)
+            return; /* tcp_retransmit_skb's own call: counted at its return */
+    }
+    fs_tcp_retransmit(ctx, (const void *)call.sk, fs_tcp_skb_segments((const void *)call.skb));
+}
+
+#ifdef FS_KP_RETRANSMIT
+int kprobe____tcp_retransmit_skb(struct pt_regs *ctx)
+{
+    fs_retransmit_entry(0, (__u64)FS_PARM(ctx, FS_KP_RETRANSMIT_ARG_SK),
+                        (__u64)FS_PARM(ctx, FS_KP_RETRANSMIT_ARG_SKB));
     return 0;
 }
+
+int kretprobe____tcp_retransmit_skb(struct pt_regs *ctx)
+{
+    fs_retransmit_return(ctx, 0);
+    return 0;
+}
+#endif
+
+#ifdef FS_KP_RETRANSMIT_OUTER
+int kprobe__tcp_retransmit_skb(struct pt_regs *ctx)
+{
+    fs_retransmit_entry(1, (__u64)FS_PARM(ctx, FS_KP_RETRANSMIT_OUTER_ARG_SK),
+                        (__u64)FS_PARM(ctx, FS_KP_RETRANSMIT_OUTER_ARG_SKB));
+    return 0;
+}
+
+int kretprobe__tcp_retransmit_skb(struct pt_regs *ctx)
+{
+    fs_retransmit_return(ctx, 1);
+    return 0;
+}
+#endif
 
 int kprobe__tcp_rcv_established(struct pt_regs *ctx)
 {

@@ -19,6 +19,8 @@ EXPECTED = {
     "kprobe__sk_skb_reason_drop",
     "kprobe____tcp_retransmit_skb",
     "kretprobe____tcp_retransmit_skb",
+    "kprobe__tcp_retransmit_skb",
+    "kretprobe__tcp_retransmit_skb",
     "kprobe__tcp_rcv_established",
     "kprobe__tcp_reset",
     "kprobe__tcp_v4_send_reset",
