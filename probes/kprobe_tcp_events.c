@@ -8,9 +8,10 @@
  * Retransmits: __tcp_retransmit_skb (FS_KP_RETRANSMIT, where the kernel has it as a function) sends a
  * retransmit; tcp_retransmit_skb (FS_KP_RETRANSMIT_OUTER) calls it, the loss probe calls it directly. Both
  * are probed at entry and at return, and a call counts only when it returned 0, with the segments its skb
- * then holds: what the tracepoint counts. A compiler may inline __tcp_retransmit_skb into
- * tcp_retransmit_skb and keep a copy for the loss probe (Debian's 6.1: a kprobe on __tcp_retransmit_skb
- * alone saw none of 52 retransmits), so neither function alone sees every retransmit; a call of
+ * then holds: what the tracepoint counts. A compiler may split __tcp_retransmit_skb and have
+ * tcp_retransmit_skb call its body past the entry (Debian's 6.1: GCC's __tcp_retransmit_skb.part.0; a
+ * kprobe on __tcp_retransmit_skb alone saw none of 52 retransmits), so neither function alone sees every
+ * retransmit; a call of
  * __tcp_retransmit_skb made by tcp_retransmit_skb (for the same socket and skb, in the same context) is
  * left to its caller's return. Counted at entry, every attempt would count, with the segments it was
  * allowed to send (70 for 52 TcpRetransSegs on Linux 6.1).

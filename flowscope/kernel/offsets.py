@@ -312,8 +312,8 @@ def tcp_flags(btf: Btf | None, options: object) -> list[str]:
 
 
 # Where a retransmit is sent: __tcp_retransmit_skb, called by tcp_retransmit_skb and by the loss probe; a
-# compiler may inline it into tcp_retransmit_skb (and keep a copy for the loss probe), so both are probed
-# where the kernel has them as functions (kprobe_tcp_events.c counts each retransmit once).
+# compiler may split it so that tcp_retransmit_skb skips its entry (6.1: __tcp_retransmit_skb.part.0), so
+# both are probed where the kernel has them as functions (kprobe_tcp_events.c counts each retransmit once).
 RETRANSMIT_FUNCTIONS = ("__tcp_retransmit_skb", "tcp_retransmit_skb")
 RETRANSMIT_DEFINES = ("FS_KP_RETRANSMIT", "FS_KP_RETRANSMIT_OUTER")
 
