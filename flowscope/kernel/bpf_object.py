@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
+import errno
 import fcntl
 import hashlib
 import json
@@ -54,7 +55,7 @@ PERF_EVENT_IOC_SET_BPF = 0x40042408
 PERF_ATTR_SIZE = 112
 PERF_FLAG_FD_CLOEXEC = 1 << 3
 _PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241, "ppc64le": 319, "s390x": 331, "riscv64": 241}
-KPROBE_PMU_TYPE = Path("/sys/bus/event_source/devices/kprobe/type")
+KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -79,7 +80,7 @@ class MapSpec:
 class ProgramSpec:
     name: str
     prog_type: int
-    attach: str  # "raw_tracepoint:<name>", "kprobe:<function>", "tracepoint:<category>:<name>", or "tc"
+    attach: str  # "raw_tracepoint:<name>", "kprobe:<function>", "kretprobe:<function>", "tracepoint:<c>:<name>", "tc"
     insns: bytes = field(repr=False)
 
 
@@ -117,9 +118,9 @@ def _text(code: bytes) -> str:
 
 def attach_point(function_name: str) -> tuple[int, str] | None:
     """(program type, attach point) of a function that BCC would attach by its name, else None."""
-    for prefix, kind in (("kprobe__", "kprobe"), ("raw_tracepoint__", "raw_tracepoint")):
+    for prefix, kind in (("kprobe__", "kprobe"), ("kretprobe__", "kretprobe"), ("raw_tracepoint__", "raw_tracepoint")):
         if function_name.startswith(prefix):
-            return PROG_TYPE[kind], f"{kind}:{function_name[len(prefix) :]}"
+            return PROG_TYPE["kprobe" if kind == "kretprobe" else kind], f"{kind}:{function_name[len(prefix) :]}"
     if function_name.startswith("tracepoint__"):
         category, _, name = function_name[len("tracepoint__") :].partition("__")
         return PROG_TYPE["tracepoint"], f"tracepoint:{category}:{name}"
@@ -236,6 +237,14 @@ def _perf_event_open(attr: bytes, cpu: int) -> int:
     return fd
 
 
+def _retprobe_config() -> int:
+    """The kprobe PMU's config bit that makes a return probe, as the PMU states it ("config:0")."""
+    field, _, bit = (KPROBE_PMU / "format" / "retprobe").read_text().strip().partition(":")
+    if field != "config" or not bit.isdigit():
+        raise OSError(errno.EINVAL, f"unexpected kprobe PMU retprobe format {field}:{bit}")
+    return 1 << int(bit)
+
+
 def _attach(program: ProgramSpec, prog_fd: int, tracefs: Path | None) -> int | None:
     """Attaches a program where its name says; returns the descriptor that keeps it attached (None: tc,
     which the agent attaches to interfaces itself)."""
@@ -246,12 +255,15 @@ def _attach(program: ProgramSpec, prog_fd: int, tracefs: Path | None) -> int | N
         if kind == "raw_tracepoint":
             name = ctypes.create_string_buffer(target.encode())
             return bpf_syscall.bpf(BPF_RAW_TRACEPOINT_OPEN, struct.pack("<QI", ctypes.addressof(name), prog_fd))
-        if kind == "kprobe":
+        if kind in ("kprobe", "kretprobe"):
             function = ctypes.create_string_buffer(target.encode())
-            pmu = int(KPROBE_PMU_TYPE.read_text())
-            # type, size, config (0: entry, not return), sample_period, sample_type, read_format, flags,
+            pmu = int((KPROBE_PMU / "type").read_text())
+            config = _retprobe_config() if kind == "kretprobe" else 0
+            # type, size, config (the retprobe bit, or 0: entry), sample_period, sample_type, read_format, flags,
             # wakeup_events, bp_type, config1 (the function's name), config2 (offset 0)
-            attr = struct.pack("<IIQQQQQIIQQ", pmu, PERF_ATTR_SIZE, 0, 1, 0, 0, 0, 1, 0, ctypes.addressof(function), 0)
+            attr = struct.pack(
+                "<IIQQQQQIIQQ", pmu, PERF_ATTR_SIZE, config, 1, 0, 0, 0, 1, 0, ctypes.addressof(function), 0
+            )
             event = _perf_event_open(attr, 0)
         elif kind == "tracepoint":
             if tracefs is None:

@@ -142,8 +142,9 @@ SKB_DROP_KPROBE = kprobe_variant(
 TCP_EVENTS_KPROBE = kprobe_variant(
     TCP_EVENTS,
     "kprobe_tcp_events.c",
-    "kprobes tcp_retransmit_skb, tcp_rcv_established, tcp_reset, tcp_v4/v6_send_reset, tcp_send_active_reset",
-    ("tcp_retransmit_skb", "tcp_rcv_established", "tcp_reset"),
+    "kprobes + kretprobes __tcp_retransmit_skb and tcp_retransmit_skb, kprobes tcp_rcv_established, tcp_reset, "
+    "tcp_v4/v6_send_reset, tcp_send_active_reset",
+    ("|".join(kernel_offsets.RETRANSMIT_FUNCTIONS), "tcp_rcv_established", "tcp_reset"),
     kernel_offsets.tcp_kprobe_flags,
 )
 SOCK_STATE_KPROBE = kprobe_variant(

@@ -311,12 +311,22 @@ def tcp_flags(btf: Btf | None, options: object) -> list[str]:
     return flags + raw_tracepoint_flags(btf, "tcp_receive_reset", "FS_TCP_RECEIVE_RESET", (sock,))
 
 
+# Where a retransmit is sent: __tcp_retransmit_skb, called by tcp_retransmit_skb and by the loss probe; a
+# compiler may split it so that tcp_retransmit_skb skips its entry (6.1: __tcp_retransmit_skb.part.0), so
+# both are probed where the kernel has them as functions (kprobe_tcp_events.c counts each retransmit once).
+RETRANSMIT_FUNCTIONS = ("__tcp_retransmit_skb", "tcp_retransmit_skb")
+RETRANSMIT_DEFINES = ("FS_KP_RETRANSMIT", "FS_KP_RETRANSMIT_OUTER")
+
+
 def tcp_kprobe_flags(btf: Btf | None, options: object) -> list[str]:
     btf = require_btf(btf)
     flags = structure_flags(btf) + _tcp_options(options) + ["-DFS_TCP_EVENTS_KPROBES"]
     sock, skb = Argument("SK", "struct sock *"), Argument("SKB", "struct sk_buff *")
     reason = Argument("REASON", "enum sk_rst_reason", required=False)
-    flags += kprobe_flags(btf, "tcp_retransmit_skb", "FS_KP_RETRANSMIT", (sock, Argument("SEGS", "int")))
+    first_function(btf, RETRANSMIT_FUNCTIONS)  # one at least
+    for function, prefix in zip(RETRANSMIT_FUNCTIONS, RETRANSMIT_DEFINES, strict=True):
+        if btf.has(function, (KIND_FUNC,)):
+            flags += [f"-D{prefix}", *kprobe_flags(btf, function, prefix, (sock, skb))]
     flags += kprobe_flags(btf, "tcp_rcv_established", "FS_KP_RCV_ESTABLISHED", (sock,))
     flags += kprobe_flags(btf, "tcp_reset", "FS_KP_RESET", (sock,))
     # Optional: static functions a compiler may inline, and IPv6 (sometimes a module).

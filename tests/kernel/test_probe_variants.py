@@ -17,7 +17,10 @@ BPF_PROG_TYPE_KPROBE = 2
 VARIANTS = [SKB_DROP_KPROBE, TCP_EVENTS_KPROBE, SOCK_STATE_KPROBE]
 EXPECTED = {
     "kprobe__sk_skb_reason_drop",
+    "kprobe____tcp_retransmit_skb",
+    "kretprobe____tcp_retransmit_skb",
     "kprobe__tcp_retransmit_skb",
+    "kretprobe__tcp_retransmit_skb",
     "kprobe__tcp_rcv_established",
     "kprobe__tcp_reset",
     "kprobe__tcp_v4_send_reset",
@@ -50,7 +53,7 @@ def test_kprobe_variants_compile_and_pass_the_verifier(monkeypatch: pytest.Monke
             bcc.lib.bpf_function_name(module.module, i).decode()
             for i in range(bcc.lib.bpf_num_functions(module.module))
         }
-        programs = {name for name in names if name.startswith("kprobe__")}
+        programs = {name for name in names if name.startswith(("kprobe__", "kretprobe__"))}
         assert programs == EXPECTED
         for name in sorted(programs):
             fd = module.load_func(name.encode(), bcc.BPF.KPROBE).fd

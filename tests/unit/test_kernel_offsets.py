@@ -16,6 +16,7 @@ from flowscope.kernel.offsets import (
     sock_flags,
     structure_flags,
     tcp_flags,
+    tcp_kprobe_flags,
 )
 from tests.unit.btf_builder import BtfBuilder
 
@@ -32,10 +33,17 @@ class Builder(BtfBuilder):
         return self._add(blob)
 
 
-def kernel(protocol_bits: int = 0, ipv6: bool = True, reasons: bool = True, consumed: bool = True) -> Btf:
+def kernel(
+    protocol_bits: int = 0,
+    ipv6: bool = True,
+    reasons: bool = True,
+    consumed: bool = True,
+    retransmit: tuple[str, ...] = ("__tcp_retransmit_skb", "tcp_retransmit_skb"),
+) -> Btf:
     """A kernel's BTF with what the probes read, at made-up offsets (bytes noted per member). Without
     `consumed`, its drop reasons are those of Linux 6.1 (no SKB_CONSUMED); without `reasons`, it predates
-    drop reasons (5.16), and frees dropped packets with kfree_skb(skb)."""
+    drop reasons (5.16), and frees dropped packets with kfree_skb(skb). `retransmit`: the functions of the
+    retransmit path it has (a compiler may inline __tcp_retransmit_skb)."""
     b = Builder()
     u8, u16, u32, u64 = b.int("u8", 1), b.int("u16", 2), b.int("u32", 4), b.int("u64", 8)
     byte_array = b.composite("in6_addr", 16, [])
@@ -88,6 +96,10 @@ def kernel(protocol_bits: int = 0, ipv6: bool = True, reasons: bool = True, cons
     trace("tcp_receive_reset", [sock_ptr])
     trace("inet_sock_set_state", [sock_ptr, int_, int_])
     b.func("tcp_set_state", b.func_proto([sock_ptr, int_]))
+    for name in retransmit:
+        b.func(name, b.func_proto([sock_ptr, skb_ptr, int_]))
+    b.func("tcp_rcv_established", b.func_proto([sock_ptr, skb_ptr]))
+    b.func("tcp_reset", b.func_proto([sock_ptr, skb_ptr]))
     if drop_reason:
         b.func("kfree_skb_reason", b.func_proto([skb_ptr, drop_reason]))
     else:
@@ -247,3 +259,23 @@ def test_a_kernel_without_drop_reasons_counts_drops_with_reason_unknown() -> Non
     assert drop_reasons_note(btf) == (
         "the kernel has no drop reasons (before Linux 5.17): drops are counted with reason unknown"
     )
+
+
+def test_the_retransmit_kprobes_take_each_function_of_the_retransmit_path_the_kernel_has() -> None:
+    """Both where both are functions (Debian's 6.1 inlines __tcp_retransmit_skb into tcp_retransmit_skb and
+    keeps a copy for the loss probe: neither alone sees every retransmit); either alone; neither: no variant."""
+    both = defines(tcp_kprobe_flags(kernel(), LoadOptions()))
+    assert {key: both[key] for key in both if key.startswith("FS_KP_RETRANSMIT")} == {
+        "FS_KP_RETRANSMIT": "",
+        "FS_KP_RETRANSMIT_ARG_SK": "1",
+        "FS_KP_RETRANSMIT_ARG_SKB": "2",
+        "FS_KP_RETRANSMIT_OUTER": "",
+        "FS_KP_RETRANSMIT_OUTER_ARG_SK": "1",
+        "FS_KP_RETRANSMIT_OUTER_ARG_SKB": "2",
+    }
+    outer = defines(tcp_kprobe_flags(kernel(retransmit=("tcp_retransmit_skb",)), LoadOptions()))
+    assert "FS_KP_RETRANSMIT_OUTER" in outer and "FS_KP_RETRANSMIT" not in outer
+    inner = defines(tcp_kprobe_flags(kernel(retransmit=("__tcp_retransmit_skb",)), LoadOptions()))
+    assert "FS_KP_RETRANSMIT" in inner and "FS_KP_RETRANSMIT_OUTER" not in inner
+    with pytest.raises(BtfError, match="none of the functions __tcp_retransmit_skb, tcp_retransmit_skb"):
+        tcp_kprobe_flags(kernel(retransmit=()), LoadOptions())
