@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flowscope.analysis.flowlog import read_capture, read_flowlog
+from flowscope.coverage import Coverage
 from flowscope.formats.parquet import read_recording
 from tests.integration.replay_agent import SHOP, STOPPED, ReplayAgent, everything, run_flowscope
 from tests.ui.scenario import write_replay
@@ -101,14 +103,23 @@ def test_a_parquet_recording_replays_through_capture_to_the_records_of_its_json_
 
 
 def test_a_replay_counts_its_own_outputs_not_those_of_the_run_that_made_the_recording(tmp_path):
-    recording = write_replay(tmp_path / "shop.jsonl", SHOP)
-    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
-    capture("--replay", str(recording), "-o", "jsonl", "--file", str(first))
-    assert sum(r["coverage"].get("sink:jsonl", {}).get("produced", 0) for r in of_type(lines(first), "interval")) > 0
-    capture("--replay", str(first), "-o", "jsonl", "--file", str(second))
-    # before: the first run's sink:jsonl counts in its interval lines were added to the second run's
-    (summary,) = of_type(lines(second), "summary")
-    assert summary["coverage"]["sink:jsonl"] == {"produced": 33, "delivered": 33, "lost": 0}
+    # a recording made by a run with outputs of its own: its intervals carry their sink:<name> counts
+    recorded_with_outputs = []
+    for batch in SHOP:
+        coverage = Coverage()
+        coverage.merge(batch.coverage)
+        coverage.add("sink:jsonl", 100, 90, 10)
+        coverage.add("sink:clickhouse", 100, 100, 0)
+        recorded_with_outputs.append(replace(batch, coverage=coverage))
+    recording = write_replay(tmp_path / "shop.jsonl", recorded_with_outputs)
+    capture("--replay", str(recording), "-o", "jsonl", "--file", str(tmp_path / "replayed.jsonl"))
+    # before: the recording's counts were added to this run's (sink:jsonl 533 produced, and a sink:clickhouse)
+    (summary,) = of_type(lines(tmp_path / "replayed.jsonl"), "summary")
+    assert summary["coverage"] == {
+        "event_ring": {"produced": 13, "delivered": 11, "lost": 2},
+        "sink:jsonl": {"produced": 33, "delivered": 33, "lost": 0},
+        "tc_flows": {"produced": 22, "delivered": 22, "lost": 0},
+    }
 
 
 def test_the_agent_replays_a_parquet_recording_into_its_flow_log_as_it_does_the_json_lines(tmp_path):
